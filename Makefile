@@ -1,0 +1,63 @@
+# rampiped: build, test and install.
+PYTHON ?= python3
+VENV   ?= .venv
+PREFIX ?= /opt/rampiped
+BINDIR ?= /usr/local/bin
+UNITDIR ?= /etc/systemd/system
+CONF   ?= /etc/rampipe.conf
+PYTEST_ARGS ?=
+
+# Debian packages the daemon and its tests call: rsync for write-back, acl/attr for the
+# manifest oracle, e2fsprogs for loop filesystems, fio for the benchmark, systemd-container and
+# debootstrap for the booted-systemd test, sqlite3 for inspection.
+DEB_PACKAGES = rsync acl attr e2fsprogs util-linux psmisc fio sqlite3 systemd-container debootstrap
+
+.PHONY: all venv deps test test-unit lint typecheck bench install uninstall clean
+
+all: venv
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+# Installs the Debian packages above when one of their commands is missing (needs root).
+deps:
+	@missing=""; for c in rsync setfacl getfattr mkfs.ext4 losetup fuser fio sqlite3 systemd-nspawn debootstrap; do \
+	  command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages (missing:$$missing)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
+	fi
+
+# All tiers. System tests need root; they run in a private mount namespace on loop filesystems.
+# RAMPIPED_TEST_MNTNS records the namespace's id so that the tests can check where they run.
+IN_PRIVATE_NS = unshare -m --propagation private -- sh -c 'RAMPIPED_TEST_MNTNS=$$(readlink /proc/self/ns/mnt) exec "$$@"' in-ns
+
+test: venv deps
+	$(IN_PRIVATE_NS) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check rampiped tests bench
+	$(VENV)/bin/ruff format --check rampiped tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+bench: venv deps
+	$(IN_PRIVATE_NS) $(VENV)/bin/python -m bench.run
+
+install:
+	sh packaging/install.sh install "$(PREFIX)" "$(BINDIR)" "$(UNITDIR)" "$(CONF)"
+
+uninstall:
+	sh packaging/install.sh uninstall "$(PREFIX)" "$(BINDIR)" "$(UNITDIR)" "$(CONF)"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

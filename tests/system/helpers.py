@@ -1,0 +1,206 @@
+"""Helpers of the system tier: loop filesystems, waiting with a deadline, mount tables and the
+manifest oracle (what a tree holds, as a dict that compares equal when nothing was lost)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LoopFs:
+    mountpoint: Path
+    device: str
+    image: Path
+
+
+@contextlib.contextmanager
+def make_loopfs(mountpoint: Path, size_mb: int = 256, fstype: str = "ext4") -> Iterator[LoopFs]:
+    """Create an image, attach it to a loop device, make a filesystem and mount it.
+
+    Everything is undone on exit, also when the body raised: the mounts below the mount point
+    are unmounted recursively and the loop device is detached."""
+    image = mountpoint.parent / (mountpoint.name + ".img")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    device = ""
+    for _ in range(20):  # another test may take the free device between find and attach
+        proc = subprocess.run(
+            ["losetup", "--find", "--show", str(image)], capture_output=True, text=True
+        )
+        if proc.returncode == 0:
+            device = proc.stdout.strip()
+            break
+    if not device:
+        raise RuntimeError(f"losetup --find --show {image} failed: {proc.stderr.strip()}")
+    try:
+        subprocess.run(
+            ["mkfs." + fstype, "-q", device]
+            if fstype.startswith("ext")
+            else ["mkfs." + fstype, device],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(["mount", device, str(mountpoint)], check=True, capture_output=True)
+        try:
+            yield LoopFs(mountpoint, device, image)
+        finally:
+            unmount_tree(mountpoint)
+    finally:
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+        with contextlib.suppress(OSError):
+            image.unlink()
+
+
+def unmount_tree(path: Path) -> None:
+    """Unmount everything at and below `path`, deepest first (never lazily)."""
+    for _ in range(3):
+        below = [m for m in mount_points() if m == str(path) or m.startswith(str(path) + "/")]
+        if not below:
+            return
+        for m in sorted(below, key=len, reverse=True):
+            subprocess.run(["umount", m], capture_output=True)
+
+
+def mountinfo() -> list[dict[str, str]]:
+    rows = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.split(" - ", 1)
+            a = left.split()
+            b = right.split()
+            rows.append(
+                {
+                    "id": a[0],
+                    "parent": a[1],
+                    "root": _unescape(a[3]),
+                    "mountpoint": _unescape(a[4]),
+                    "fstype": b[0],
+                    "source": b[1],
+                    "options": b[2] if len(b) > 2 else "",
+                }
+            )
+    return rows
+
+
+def _unescape(s: str) -> str:
+    return s.encode().decode("unicode_escape") if "\\" in s else s
+
+
+def mount_points() -> list[str]:
+    return [m["mountpoint"] for m in mountinfo()]
+
+
+def fstype_at(path: Path | str) -> str | None:
+    found = None
+    for m in mountinfo():
+        if m["mountpoint"] == str(path):
+            found = m["fstype"]
+    return found
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `cond` until it returns something truthy; fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def _xattrs(path: str) -> dict[str, str]:
+    out = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return out
+    for name in names:
+        if name.startswith("trusted.overlay."):
+            out[name] = "LEAKED"  # an overlay attribute on disk is a defect: make it show
+            continue
+        if name.startswith(("user.", "system.posix_acl", "security.", "trusted.")):
+            try:
+                out[name] = os.getxattr(path, name, follow_symlinks=False).hex()
+            except OSError:
+                pass
+    return out
+
+
+def manifest(root: Path | str, times: bool = True, dir_times: bool = False) -> dict[str, Any]:
+    """Everything a tree holds: for each relative path its type, mode, owner, size, content hash,
+    symlink target, xattrs (ACLs included), mtime and hard-link groups."""
+    root = str(root)
+    out: dict[str, Any] = {}
+    inodes: dict[tuple[int, int], str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            entry: dict[str, Any] = {
+                "mode": stat.S_IMODE(st.st_mode),
+                "uid": st.st_uid,
+                "gid": st.st_gid,
+                "xattrs": _xattrs(full),
+            }
+            if stat.S_ISDIR(st.st_mode):
+                entry["type"] = "dir"
+                if dir_times:
+                    entry["mtime"] = st.st_mtime_ns
+            elif stat.S_ISLNK(st.st_mode):
+                entry["type"] = "symlink"
+                entry["target"] = os.readlink(full)
+            elif stat.S_ISREG(st.st_mode):
+                entry["type"] = "file"
+                entry["size"] = st.st_size
+                with open(full, "rb") as f:
+                    entry["sha256"] = hashlib.sha256(f.read()).hexdigest()
+                if times:
+                    entry["mtime"] = st.st_mtime_ns
+                if st.st_nlink > 1:
+                    key = (st.st_dev, st.st_ino)
+                    entry["link_group"] = inodes.setdefault(key, rel)
+            elif stat.S_ISFIFO(st.st_mode):
+                entry["type"] = "fifo"
+            elif stat.S_ISCHR(st.st_mode):
+                entry["type"] = f"chr {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            else:
+                entry["type"] = "other"
+            out[rel] = entry
+    return out
+
+
+def diff_manifests(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Human-readable differences, empty when equal."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key not in a:
+            out.append(f"+ {key}: {b[key]}")
+        elif key not in b:
+            out.append(f"- {key}: {a[key]}")
+        elif a[key] != b[key]:
+            fields = {k for k in set(a[key]) | set(b[key]) if a[key].get(k) != b[key].get(k)}
+            out.append(
+                f"~ {key}: "
+                + ", ".join(f"{k}: {a[key].get(k)!r} != {b[key].get(k)!r}" for k in sorted(fields))
+            )
+    return out
