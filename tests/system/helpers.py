@@ -204,3 +204,21 @@ def diff_manifests(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
                 + ", ".join(f"{k}: {a[key].get(k)!r} != {b[key].get(k)!r}" for k in sorted(fields))
             )
     return out
+
+
+def drop_lone_link_groups(m: dict[str, Any]) -> dict[str, Any]:
+    """A copy of manifest `m` without hard-link groups that have a single member in the tree.
+
+    An overlay shows a disk file whose hard-link partner was copied up (and so separated from
+    it) with the disk inode's link count; written back, that file really has fewer links. The
+    groups that matter, two or more names sharing an inode, are kept."""
+    sizes: dict[str, int] = {}
+    for entry in m.values():
+        if "link_group" in entry:
+            sizes[entry["link_group"]] = sizes.get(entry["link_group"], 0) + 1
+    out = {}
+    for key, entry in m.items():
+        if sizes.get(entry.get("link_group", ""), 0) == 1:
+            entry = {k: v for k, v in entry.items() if k != "link_group"}
+        out[key] = entry
+    return out

@@ -1,0 +1,813 @@
+"""Writing an overlay upper layer back to disk, against the real kernel.
+
+Every change is made THROUGH a mounted overlay (the disk directory is the lower layer, reached
+through a private bind, as a pin does it); the merged view's manifest is the oracle. After the
+overlay is unmounted and its upper layer applied, the disk must show exactly that manifest,
+also after the kernel dropped its caches."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rampiped import sync
+from rampiped.sync import (
+    STASH_NAME,
+    CommandResult,
+    SyncError,
+    apply_journal,
+    apply_upper,
+    checkpoint,
+    discard_journal,
+    latest_generation,
+    overlay_options,
+    run_command,
+    verify_applied,
+)
+from tests.system.helpers import (
+    LoopFs,
+    diff_manifests,
+    drop_caches,
+    drop_lone_link_groups,
+    make_loopfs,
+    manifest,
+    unmount_tree,
+)
+
+pytestmark = pytest.mark.system
+
+UID = 1234
+
+
+def sh(*argv: str | Path) -> None:
+    subprocess.run([str(a) for a in argv], check=True, capture_output=True)
+
+
+def oracle(root: Path) -> dict[str, Any]:
+    return drop_lone_link_groups(manifest(root))
+
+
+def write(path: Path, text: str, mode: int | None = None, owner: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    if mode is not None:
+        os.chmod(path, mode)
+    if owner is not None:
+        os.chown(path, owner, owner)
+    return path
+
+
+@dataclass
+class Pin:
+    """A disk directory covered by an overlay the way rampiped pins one: lowerdir = a private
+    bind of the directory, upper and work on a tmpfs, the overlay mounted over the directory."""
+
+    disk: Path
+    staging: Path
+    ram: Path
+
+    @property
+    def upper(self) -> Path:
+        return self.ram / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.ram / "work"
+
+    def mount(self, ram_size: str = "256m") -> None:
+        self.staging.mkdir(exist_ok=True)
+        self.ram.mkdir(exist_ok=True)
+        sh("mount", "--bind", self.disk, self.staging)
+        sh("mount", "--make-private", self.staging)
+        sh("mount", "-t", "tmpfs", "-o", f"size={ram_size},mode=0700", "rp-test-ram", self.ram)
+        self.upper.mkdir()
+        self.work.mkdir()
+        st = os.stat(self.disk)  # the merged root shows the upper root's owner and mode
+        os.chown(self.upper, st.st_uid, st.st_gid)
+        os.chmod(self.upper, stat.S_IMODE(st.st_mode))
+        opts = overlay_options(str(self.staging), str(self.upper), str(self.work))
+        sh("mount", "-t", "overlay", "rp-test", "-o", opts, self.disk)
+
+    def unmount_overlay(self) -> None:
+        sh("umount", self.disk)
+        sh("umount", self.staging)
+
+    def cleanup(self) -> None:
+        unmount_tree(self.disk)
+        unmount_tree(self.staging)
+        unmount_tree(self.ram)
+
+
+@pytest.fixture
+def pin(loopfs: LoopFs, tmp_path: Path) -> Iterator[Pin]:
+    disk = loopfs.mountpoint / "data"
+    disk.mkdir()
+    p = Pin(disk, tmp_path / "staging", tmp_path / "ram")
+    try:
+        yield p
+    finally:
+        p.cleanup()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory outside the pinned tree that planted symlinks point at."""
+    d = tmp_path / "outside"
+    d.mkdir()
+    write(d / "victim", "must survive")
+    return d
+
+
+# --- the lower tree and the changes made through the overlay ---------------------------------
+
+
+def populate(root: Path, outside: Path) -> None:
+    write(root / "keep/file", "kept\n", 0o640, UID)
+    os.setxattr(root / "keep/file", "user.colour", b"blue")
+    write(root / "keep/sub/deep.txt", "deep\n")
+    os.symlink("/etc/hostname", root / "keep/link_abs")
+    os.mkfifo(root / "keep/fifo", 0o620)
+    write(root / "keep/hard1", "pair\n", 0o600)
+    os.link(root / "keep/hard1", root / "keep/hard2")
+    sh("setfacl", "-m", f"u:{UID}:rw", root / "keep/file")
+    (root / "acl").mkdir()
+    sh("setfacl", "-d", "-m", f"u:{UID}:rwx", root / "acl")
+    write(root / "acl/file", "acl\n")
+    sh("setfacl", "-m", f"u:{UID}:r", root / "acl/file")
+    write(root / "del/nested/a/b/file1", "1")
+    write(root / "del/nested/a/b/file2", "2")
+    write(root / "del/nested/a/keepme", "k")
+    write(root / "del/nested/gone/x/y", "y")
+    write(root / "opq/x", "old x")
+    write(root / "opq/y", "old y")
+    write(root / "opq/sub/z", "old z")
+    write(root / "d2f/inner/file", "in a dir that becomes a file")
+    write(root / "f2d", "a file that becomes a dir")
+    os.symlink("keep/file", root / "l2f")
+    write(root / "f2l", "a file that becomes a symlink")
+    write(root / "hl/base", "base", 0o644, UID)
+    write(root / "hl/pair1", "pair on disk", 0o644)
+    os.link(root / "hl/pair1", root / "hl/pair2")
+    for name in ("m_chmod", "m_chown", "m_utime", "m_xattr", "m_acl"):
+        write(root / "meta" / name, name, 0o644)
+    os.setxattr(root / "meta/m_xattr", "user.k", b"v1")
+    (root / "meta/dir_chmod").mkdir()
+    write(root / "meta/dir_chmod/f", "f")
+    write(root / "ren/old_name", "renamed file", 0o600, UID)
+    write(root / "rdir/tree/a", "a")
+    write(root / "rdir/tree/sub/b", "b")
+    os.setxattr(root / "rdir/tree", "user.dir", b"x")
+    write(root / "rr/t1/a", "a")
+    write(root / "rr/t1/sub/b", "b")
+    write(root / "rsub/moved/a", "a")
+    write(root / "rsub/moved/sub/b", "b")
+    write(root / "rdel/tree/a", "a")
+    write(root / "rdel/tree/b", "b")
+    write(root / "rdel/tree/sub/c", "c")
+    (root / "fifos").mkdir()
+    os.mkfifo(root / "fifos/old_fifo")
+    write(root / "swap/a/fa", "A")
+    write(root / "swap/b/fb", "B")
+    write(root / "nest/outer/inner/f", "inner")
+    write(root / "nest/outer/g", "outer")
+    write(root / "over/src/f", "src")
+    (root / "over/dst").mkdir()
+    write(root / "back/a/f", "back")
+    write(root / "content/append", "line1\n")
+    write(root / "content/overwrite", "same size A")
+    os.symlink(outside, root / "trap")
+
+
+def ch_nested_delete(m: Path) -> None:
+    os.unlink(m / "del/nested/a/b/file1")
+    sh("rm", "-rf", m / "del/nested/gone")
+
+
+def ch_opaque(m: Path) -> None:
+    sh("rm", "-rf", m / "opq")
+    (m / "opq").mkdir()
+    write(m / "opq/x", "new x")
+
+
+def ch_dir_to_file(m: Path) -> None:
+    sh("rm", "-rf", m / "d2f")
+    write(m / "d2f", "now a file")
+
+
+def ch_file_to_dir(m: Path) -> None:
+    os.unlink(m / "f2d")
+    (m / "f2d").mkdir()
+    write(m / "f2d/inner", "inside")
+
+
+def ch_symlink_to_file(m: Path) -> None:
+    os.unlink(m / "l2f")
+    write(m / "l2f", "was a symlink")
+
+
+def ch_file_to_symlink(m: Path) -> None:
+    os.unlink(m / "f2l")
+    os.symlink("keep/sub", m / "f2l")
+
+
+def ch_hard_links(m: Path) -> None:
+    os.link(m / "hl/base", m / "hl/base_link")  # to a disk file
+    write(m / "hl/new1", "new")
+    os.link(m / "hl/new1", m / "hl/new2")
+    os.chmod(m / "hl/pair1", 0o600)  # one name of a disk pair: copy-up separates them
+
+
+def ch_metadata(m: Path) -> None:
+    os.chmod(m / "meta/m_chmod", 0o600)
+    os.chown(m / "meta/m_chown", UID, UID)
+    os.utime(m / "meta/m_utime", ns=(1_000_000_000_123_456_789, 1_000_000_000_123_456_789))
+    os.setxattr(m / "meta/m_xattr", "user.k", b"v2")
+    sh("setfacl", "-m", f"u:{UID}:r", m / "meta/m_acl")
+    os.chmod(m / "meta/dir_chmod", 0o700)
+    os.chown(m / "meta/dir_chmod", UID, UID)
+
+
+def ch_file_rename(m: Path) -> None:
+    os.rename(m / "ren/old_name", m / "ren/new_name")
+
+
+def ch_dir_rename(m: Path) -> None:
+    os.rename(m / "rdir/tree", m / "rdir/tree_renamed")  # EXDEV without redirect_dir
+    write(m / "rdir/tree_renamed/added", "added")
+
+
+def ch_rename_renamed(m: Path) -> None:
+    os.rename(m / "rr/t1", m / "rr/t2")
+    os.rename(m / "rr/t2", m / "rr_t3")
+
+
+def ch_rename_into_new_subdir(m: Path) -> None:
+    (m / "rsub/newsub/deeper").mkdir(parents=True)
+    os.rename(m / "rsub/moved", m / "rsub/newsub/deeper/moved")
+
+
+def ch_fifo(m: Path) -> None:
+    os.mkfifo(m / "fifos/new_fifo", 0o640)
+    os.unlink(m / "fifos/old_fifo")
+
+
+def ch_new_deep_tree(m: Path) -> None:
+    for depth in range(6):
+        d = m / "new" / "/".join(f"l{i}" for i in range(depth + 1))
+        write(d / f"file{depth}", f"depth {depth}\n" * 100, 0o600, UID)
+    os.symlink("l0/l1", m / "new/shortcut")
+    sh("setfacl", "-m", f"u:{UID}:rx", m / "new/l0")
+
+
+def ch_delete_in_renamed(m: Path) -> None:
+    os.rename(m / "rdel/tree", m / "rdel/tree2")
+    os.unlink(m / "rdel/tree2/a")
+    sh("rm", "-rf", m / "rdel/tree2/sub")
+
+
+def ch_swap(m: Path) -> None:
+    os.rename(m / "swap/a", m / "swap/tmp")
+    os.rename(m / "swap/b", m / "swap/a")
+    os.rename(m / "swap/tmp", m / "swap/b")
+
+
+def ch_nested_renames(m: Path) -> None:
+    os.rename(m / "nest/outer", m / "nest/outer2")
+    os.rename(m / "nest/outer2/inner", m / "nest/inner_moved")
+
+
+def ch_rename_over_empty_dir(m: Path) -> None:
+    os.rename(m / "over/src", m / "over/dst")
+
+
+def ch_rename_back(m: Path) -> None:
+    os.rename(m / "back/a", m / "back/a2")
+    os.rename(m / "back/a2", m / "back/a")
+    write(m / "back/a/new", "new")
+
+
+def ch_content(m: Path) -> None:
+    with open(m / "content/append", "a") as f:
+        f.write("line2\n")
+    st = os.stat(m / "content/overwrite")
+    write(m / "content/overwrite", "same size B")  # same size, then the same mtime again
+    os.utime(m / "content/overwrite", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def ch_planted_symlink(m: Path) -> None:
+    os.unlink(m / "trap")
+    (m / "trap").mkdir()
+    write(m / "trap/victim", "inside the tree now")
+
+
+def ch_acl_inherit(m: Path) -> None:
+    write(m / "acl/newfile", "inherits the default ACL")
+    sh("setfacl", "-m", f"u:{UID}:rw", m / "acl/file")
+
+
+CHANGES: dict[str, Callable[[Path], None]] = {
+    name[3:]: fn for name, fn in globals().items() if name.startswith("ch_") and callable(fn)
+}
+
+
+def apply_and_check(pin: Pin, before: dict[str, Any], outside: Path) -> sync.ApplyResult:
+    result = apply_upper(str(pin.upper), str(pin.disk))
+    assert diff_manifests(before, oracle(pin.disk)) == []
+    drop_caches()
+    assert diff_manifests(before, oracle(pin.disk)) == []
+    assert (outside / "victim").read_text() == "must survive"
+    assert sorted(os.listdir(outside)) == ["victim"]
+    return result
+
+
+@pytest.mark.parametrize("change", ["all", *CHANGES])
+def test_apply_reproduces_the_merged_view(pin: Pin, outside: Path, change: str) -> None:
+    populate(pin.disk, outside)
+    original = oracle(pin.disk)
+    pin.mount()
+    for name, fn in CHANGES.items():
+        if change in ("all", name):
+            fn(pin.disk)
+    before = oracle(pin.disk)
+    assert diff_manifests(original, before) != []  # the change is visible in the merged view
+    upper_before = manifest(pin.upper)
+    pin.unmount_overlay()
+    result = apply_and_check(pin, before, outside)
+    assert manifest(pin.upper) == upper_before  # apply never writes into the layer
+    assert result.seconds > 0
+    if change == "all":
+        assert result.deleted > 0 and result.files > 10 and result.bytes > 0
+
+
+def test_redirects_as_the_kernel_writes_them(pin: Pin, outside: Path) -> None:
+    """The redirect values apply_upper relies on, as this kernel records them."""
+    populate(pin.disk, outside)
+    pin.mount()
+    ch_dir_rename(pin.disk)
+    ch_rename_renamed(pin.disk)
+    ch_rename_into_new_subdir(pin.disk)
+    ch_nested_renames(pin.disk)
+    pin.unmount_overlay()
+
+    def redirect(rel: str) -> bytes:
+        return os.getxattr(pin.upper / rel, "trusted.overlay.redirect")
+
+    assert redirect("rdir/tree_renamed") == b"tree"  # same directory: relative
+    assert redirect("rr_t3") == b"/rr/t1"  # the lower path, not the intermediate name
+    assert redirect("rsub/newsub/deeper/moved") == b"/rsub/moved"
+    assert redirect("nest/outer2") == b"outer"
+    assert redirect("nest/inner_moved") == b"/nest/outer/inner"
+    assert os.getxattr(pin.upper / "rsub/newsub", "trusted.overlay.opaque") == b"y"
+    wh = os.lstat(pin.upper / "rdir/tree")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+
+
+def test_applying_twice_changes_nothing_more(pin: Pin, outside: Path) -> None:
+    populate(pin.disk, outside)
+    pin.mount()
+    ch_metadata(pin.disk)
+    ch_nested_delete(pin.disk)
+    ch_opaque(pin.disk)
+    before = oracle(pin.disk)
+    pin.unmount_overlay()
+    apply_and_check(pin, before, outside)
+    # No directory was renamed: a second apply of the same layer is a plain repeat.
+    apply_and_check(pin, before, outside)
+
+
+# --- resuming and failing -----------------------------------------------------------------
+
+
+class PowerCut(BaseException):
+    """Stands for the process dying: no handler of ordinary exceptions runs."""
+
+
+def test_interrupted_apply_resumes_without_moving_twice(pin: Pin, outside: Path) -> None:
+    populate(pin.disk, outside)
+    pin.mount()
+    ch_swap(pin.disk)
+    ch_nested_renames(pin.disk)
+    ch_dir_rename(pin.disk)
+    before = oracle(pin.disk)
+    pin.unmount_overlay()
+
+    def cut(argv: list[str]) -> CommandResult:
+        if argv[1:] == ["--version"]:
+            return run_command(argv)
+        raise PowerCut
+
+    with pytest.raises(PowerCut):
+        apply_upper(str(pin.upper), str(pin.disk), runner=cut)
+    assert (pin.disk / STASH_NAME / "plan.json").exists()
+    # The swap already happened on disk: a fresh start would swap again.
+    assert (pin.disk / "swap/a/fb").exists()
+    apply_and_check(pin, before, outside)
+    assert not (pin.disk / STASH_NAME).exists()
+
+
+def test_a_leftover_of_another_layer_is_refused(pin: Pin, outside: Path, tmp_path: Path) -> None:
+    populate(pin.disk, outside)
+    pin.mount()
+    ch_swap(pin.disk)
+    pin.unmount_overlay()
+
+    def cut(argv: list[str]) -> CommandResult:
+        if argv[1:] == ["--version"]:
+            return run_command(argv)
+        raise PowerCut
+
+    with pytest.raises(PowerCut):
+        apply_upper(str(pin.upper), str(pin.disk), runner=cut)
+    half = manifest(pin.disk)
+    other = tmp_path / "other-layer"
+    write(other / "swap/new", "x")
+    with pytest.raises(SyncError, match="interrupted write-back of another layer"):
+        apply_upper(str(other), str(pin.disk))
+    assert manifest(pin.disk) == half
+
+
+def fake_rsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    script = bindir / "rsync"
+    script.write_text(f"#!/bin/sh\necho 'rsync: write failed: fake failure' >&2\nexit {code}\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+
+
+def test_rsync_failure_is_reported_and_renames_are_undone(
+    pin: Pin, outside: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    populate(pin.disk, outside)
+    original = oracle(pin.disk)
+    pin.mount()
+    ch_swap(pin.disk)
+    ch_dir_rename(pin.disk)
+    ch_rename_into_new_subdir(pin.disk)
+    before = oracle(pin.disk)
+    pin.unmount_overlay()
+    fake_rsync(tmp_path, monkeypatch, 12)
+    with pytest.raises(SyncError) as info:
+        apply_upper(str(pin.upper), str(pin.disk))
+    message = str(info.value)
+    assert "`rsync -aHAX --numeric-ids --ignore-times" in message
+    assert f"{pin.upper}/ {pin.disk}/`" in message
+    assert "exited with code 12 (error in the rsync protocol data stream" in message
+    assert "fake failure" in message
+    assert "moved back" in message
+    assert info.value.returncode == 12
+    # The renamed directories are where the layer expects them again: the same layer can be
+    # mounted over the directory, and shows the same merged view. Only the parents made for a
+    # move into a new directory stay (empty, and hidden under the layer's opaque directory).
+    assert diff_manifests(original, oracle(pin.disk)) == [
+        "+ rsub/newsub: {'mode': 448, 'uid': 0, 'gid': 0, 'xattrs': {}, 'type': 'dir'}",
+        "+ rsub/newsub/deeper: {'mode': 448, 'uid': 0, 'gid': 0, 'xattrs': {}, 'type': 'dir'}",
+    ]
+    assert not (pin.disk / STASH_NAME).exists()
+    pin.staging.mkdir(exist_ok=True)
+    sh("mount", "--bind", pin.disk, pin.staging)
+    opts = overlay_options(str(pin.staging), str(pin.upper), str(pin.work))
+    sh("mount", "-t", "overlay", "rp-test", "-o", opts, pin.disk)
+    assert diff_manifests(before, oracle(pin.disk)) == []
+    pin.unmount_overlay()
+    monkeypatch.undo()
+    apply_and_check(pin, before, outside)
+
+
+def test_rsync_missing_is_named(pin: Pin, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(pin.disk / "f", "x")
+    layer = pin.disk.parent / "layer"
+    write(layer / "g", "y")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(SyncError, match="rsync is not installed"):
+        apply_upper(str(layer), str(pin.disk))
+    assert sorted(os.listdir(pin.disk)) == ["f"]
+
+
+def test_disk_full_is_named_and_the_layer_untouched(tmp_path: Path, outside: Path) -> None:
+    with make_loopfs(tmp_path / "small", size_mb=8) as fs:
+        disk = fs.mountpoint / "data"
+        disk.mkdir()
+        write(disk / "big", "original\n")
+        write(disk / "other", "other\n")
+        p = Pin(disk, tmp_path / "staging", tmp_path / "ram")
+        try:
+            p.mount()
+            with open(disk / "big", "wb") as f:
+                f.write(os.urandom(16 * 1024 * 1024))
+            write(disk / "small-new", "fits")
+            p.unmount_overlay()
+            upper_before = manifest(p.upper)
+            with pytest.raises(SyncError) as info:
+                apply_upper(str(p.upper), str(disk))
+            message = str(info.value)
+            assert "the disk is full (No space left on device)" in message
+            assert "`rsync -aHAX" in message
+            assert manifest(p.upper) == upper_before
+            assert (disk / "big").read_text() == "original\n"  # never replaced by a partial
+            # rsync removed its temporary file; what fitted may have been written
+            assert set(os.listdir(disk)) - {"small-new"} == {"big", "other"}
+        finally:
+            p.cleanup()
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+def test_empty_layer_changes_nothing(pin: Pin, outside: Path) -> None:
+    populate(pin.disk, outside)
+    before = manifest(pin.disk, dir_times=True)
+    pin.mount()
+    pin.unmount_overlay()
+    assert os.listdir(pin.upper) == []
+    result = apply_upper(str(pin.upper), str(pin.disk))
+    assert (result.files, result.bytes, result.deleted) == (0, 0, 0)
+    assert diff_manifests(before, manifest(pin.disk, dir_times=True)) == []
+
+
+def test_missing_or_odd_layer_is_refused(pin: Pin, outside: Path, tmp_path: Path) -> None:
+    populate(pin.disk, outside)
+    before = manifest(pin.disk)
+    with pytest.raises(SyncError, match="does not exist"):
+        apply_upper(str(tmp_path / "nowhere"), str(pin.disk))
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    with pytest.raises(SyncError, match="not a directory"):
+        apply_upper(str(tmp_path / "link"), str(pin.disk))
+    write(tmp_path / "afile", "x")
+    with pytest.raises(SyncError, match="not a directory"):
+        apply_upper(str(tmp_path / "afile"), str(pin.disk))
+    with pytest.raises(SyncError, match="overlap"):
+        apply_upper(str(pin.disk / "keep"), str(pin.disk))
+    assert manifest(pin.disk) == before
+
+
+def whiteout(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def test_device_node_in_layer_is_refused_before_anything(
+    pin: Pin, outside: Path, tmp_path: Path
+) -> None:
+    populate(pin.disk, outside)
+    before = manifest(pin.disk)
+    layer = tmp_path / "layer"
+    whiteout(layer / "keep/file")  # would delete, if anything were applied
+    write(layer / "newfile", "x")
+    os.mknod(layer / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    with pytest.raises(SyncError, match=r"nothing was changed.*device node \(chardev 1:3\)"):
+        apply_upper(str(layer), str(pin.disk))
+    assert manifest(pin.disk) == before
+
+
+def test_metacopy_layer_is_refused(pin: Pin, outside: Path, tmp_path: Path) -> None:
+    populate(pin.disk, outside)
+    before = manifest(pin.disk)
+    layer = tmp_path / "layer"
+    write(layer / "keep/file", "")
+    os.setxattr(layer / "keep/file", "trusted.overlay.metacopy", b"")
+    with pytest.raises(SyncError, match="metacopy"):
+        apply_upper(str(layer), str(pin.disk))
+    assert manifest(pin.disk) == before
+
+
+def test_layer_of_another_directory_is_refused(pin: Pin, outside: Path, tmp_path: Path) -> None:
+    populate(pin.disk, outside)
+    before = manifest(pin.disk)
+    layer = tmp_path / "layer"
+    (layer / "moved").mkdir(parents=True)
+    os.setxattr(layer / "moved", "trusted.overlay.redirect", b"/no/such/dir")
+    whiteout(layer / "keep/file")
+    with pytest.raises(SyncError, match="came from 'no/such/dir'"):
+        apply_upper(str(layer), str(pin.disk))
+    assert manifest(pin.disk) == before
+
+
+def test_planted_symlinks_are_never_followed(pin: Pin, outside: Path, tmp_path: Path) -> None:
+    """A crafted layer (a tampered journal, say) against symlinks planted on disk: deletions
+    and copies stay inside the tree."""
+    write(outside / "sub/victim", "must survive")
+    os.symlink(outside, pin.disk / "trap_dir")
+    os.symlink(outside, pin.disk / "trap_opaque")
+    os.symlink(outside, pin.disk / "trap_whiteout")
+    os.symlink(outside, pin.disk / "trap_redirect_parent")
+    layer = tmp_path / "layer"
+    whiteout(layer / "trap_dir/victim")
+    write(layer / "trap_dir/planted", "x")
+    (layer / "trap_opaque").mkdir()
+    os.setxattr(layer / "trap_opaque", "trusted.overlay.opaque", b"y")
+    whiteout(layer / "trap_whiteout")
+    (layer / "trap_redirect_parent/sub").mkdir(parents=True)
+    write(layer / "trap_redirect_parent/sub/planted", "x")
+    apply_upper(str(layer), str(pin.disk))
+    assert sorted(os.listdir(outside)) == ["sub", "victim"]
+    assert (outside / "victim").read_text() == "must survive"
+    assert (outside / "sub/victim").read_text() == "must survive"
+    assert sorted(os.listdir(outside / "sub")) == ["victim"]
+    assert (pin.disk / "trap_dir").is_dir() and not (pin.disk / "trap_dir").is_symlink()
+    assert os.listdir(pin.disk / "trap_dir") == ["planted"]
+    assert os.listdir(pin.disk / "trap_opaque") == []
+    assert not os.path.lexists(pin.disk / "trap_whiteout")
+
+
+def test_redirect_through_a_planted_symlink_is_refused(
+    pin: Pin, outside: Path, tmp_path: Path
+) -> None:
+    os.symlink(outside, pin.disk / "trap")
+    layer = tmp_path / "layer"
+    (layer / "stolen").mkdir(parents=True)
+    os.setxattr(layer / "stolen", "trusted.overlay.redirect", b"/trap/sub")
+    (outside / "sub").mkdir()
+    with pytest.raises(SyncError, match="not a directory on disk"):
+        apply_upper(str(layer), str(pin.disk))
+    assert (outside / "sub").is_dir()
+
+
+def test_verify_reports_differences(pin: Pin, outside: Path) -> None:
+    populate(pin.disk, outside)
+    pin.mount()
+    ch_metadata(pin.disk)
+    ch_nested_delete(pin.disk)
+    ch_file_to_symlink(pin.disk)
+    pin.unmount_overlay()
+    problems = verify_applied(str(pin.upper), str(pin.disk))
+    text = "\n".join(problems)
+    assert "meta/m_chmod: mode 0o644 on disk, 0o600 in the layer" in text
+    assert f"meta/m_chown: uid 0 on disk, {UID} in the layer" in text
+    assert "del/nested/a/b/file1: deleted in the layer, still on disk (file)" in text
+    assert "del/nested/gone: deleted in the layer, still on disk (dir)" in text
+    assert "f2l: file on disk, symlink in the layer" in text
+    assert "meta/m_xattr: xattrs differ: ['user.k']" in text
+    apply_upper(str(pin.upper), str(pin.disk))
+    assert verify_applied(str(pin.upper), str(pin.disk)) == []
+
+
+# --- the checkpoint journal ------------------------------------------------------------------
+
+
+def test_journal_survives_a_power_cut(pin: Pin, outside: Path, loopfs: LoopFs) -> None:
+    journal = loopfs.mountpoint / "journal" / "data"
+    populate(pin.disk, outside)
+    pin.mount()
+    write(pin.disk / "new/unchanged", "written once\n" * 1000)
+    write(pin.disk / "new/changing", "first\n")
+    ch_dir_rename(pin.disk)
+    ch_nested_delete(pin.disk)
+    ch_metadata(pin.disk)
+    first = checkpoint(str(pin.upper), str(journal))
+    assert first.generation == 1
+    assert first.files > 0 and first.bytes >= len("written once\n" * 1000)
+    gen1 = Path(latest_generation(str(journal)) or "")
+    assert gen1 == journal / "gen-1"
+    ino_unchanged = os.lstat(gen1 / "new/unchanged").st_ino
+    ino_changing = os.lstat(gen1 / "new/changing").st_ino
+
+    write(pin.disk / "new/changing", "second, longer\n")
+    ch_swap(pin.disk)
+    ch_opaque(pin.disk)
+    ch_file_to_dir(pin.disk)
+    second = checkpoint(str(pin.upper), str(journal))
+    assert second.generation == 2
+    assert sorted(os.listdir(journal)) == ["gen-2"]
+    gen2 = journal / "gen-2"
+    assert os.lstat(gen2 / "new/unchanged").st_ino == ino_unchanged  # hard-linked, not copied
+    assert os.lstat(gen2 / "new/changing").st_ino != ino_changing
+    assert second.files < first.files + 4
+    # A faithful copy of the layer: whiteouts and overlay attributes kept.
+    wh = os.lstat(gen2 / "del/nested/gone")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    assert os.getxattr(gen2 / "rdir/tree_renamed", "trusted.overlay.redirect") == b"tree"
+    assert os.getxattr(gen2 / "opq", "trusted.overlay.opaque") == b"y"
+    at_checkpoint = oracle(pin.disk)
+
+    write(pin.disk / "after/lost", "written after the last checkpoint")
+    os.unlink(pin.disk / "keep/file")
+    # Power cut: the overlay and the RAM are gone, nothing was applied.
+    sh("umount", pin.disk)
+    sh("umount", pin.staging)
+    sh("umount", pin.ram)
+    # A checkpoint cut short: a partial generation that must be ignored.
+    partial = journal / "gen-3.tmp"
+    whiteout(partial / "keep/sub")
+    write(partial / "junk", "half written")
+
+    result = apply_journal(str(journal), str(pin.disk))
+    assert result is not None and result.files > 0
+    assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
+    drop_caches()
+    assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
+    assert os.listdir(journal) == []
+    assert apply_journal(str(journal), str(pin.disk)) is None
+
+
+def test_next_checkpoint_removes_a_partial_generation(pin: Pin, loopfs: LoopFs) -> None:
+    journal = loopfs.mountpoint / "journal"
+    write(pin.disk / "f", "x")
+    pin.mount()
+    write(pin.disk / "g", "y")
+    checkpoint(str(pin.upper), str(journal))
+    write(journal / "gen-2.tmp/junk", "half")
+    write(journal / "gen-7.tmp/junk", "half")
+    assert latest_generation(str(journal)) == str(journal / "gen-1")
+    result = checkpoint(str(pin.upper), str(journal))
+    assert result.generation == 2
+    assert sorted(os.listdir(journal)) == ["gen-2"]
+    assert (journal / "gen-2/g").read_text() == "y"
+    pin.unmount_overlay()
+    discard_journal(str(journal))
+    assert os.listdir(journal) == []
+    assert latest_generation(str(journal)) is None
+
+
+def test_journal_inside_the_pinned_tree_is_refused(pin: Pin, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="must not be inside the pinned directory"):
+        apply_journal(str(pin.disk / "journal"), str(pin.disk))
+    with pytest.raises(ValueError, match="must not be inside the pinned directory"):
+        apply_journal(str(pin.disk), str(pin.disk))
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    with pytest.raises(ValueError, match="must not be inside the layer"):
+        checkpoint(str(layer), str(layer / "journal"))
+
+
+def test_interrupted_journal_apply_resumes(pin: Pin, outside: Path, loopfs: LoopFs) -> None:
+    """A cut during the apply at start-up: the generation stays, and applying it again
+    finishes the job without moving renamed directories twice."""
+    journal = loopfs.mountpoint / "journal"
+    populate(pin.disk, outside)
+    pin.mount()
+    ch_swap(pin.disk)
+    ch_rename_renamed(pin.disk)
+    ch_delete_in_renamed(pin.disk)
+    checkpoint(str(pin.upper), str(journal))
+    at_checkpoint = oracle(pin.disk)
+    sh("umount", pin.disk)
+    sh("umount", pin.staging)
+    sh("umount", pin.ram)
+
+    def cut(argv: list[str]) -> CommandResult:
+        if argv[1:] == ["--version"]:
+            return run_command(argv)
+        raise PowerCut
+
+    with pytest.raises(PowerCut):
+        apply_journal(str(journal), str(pin.disk), runner=cut)
+    assert latest_generation(str(journal)) is not None
+    result = apply_journal(str(journal), str(pin.disk))
+    assert result is not None
+    assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
+    assert not (pin.disk / STASH_NAME).exists()
+
+
+def test_checkpoint_failure_keeps_the_last_generation(
+    pin: Pin, loopfs: LoopFs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = loopfs.mountpoint / "journal"
+    pin.mount()
+    write(pin.disk / "a", "a")
+    checkpoint(str(pin.upper), str(journal))
+    write(pin.disk / "b", "b")
+    fake_rsync(tmp_path, monkeypatch, 11)
+    with pytest.raises(SyncError, match=r"exited with code 11 \(error in file I/O"):
+        checkpoint(str(pin.upper), str(journal))
+    assert latest_generation(str(journal)) == str(journal / "gen-1")
+    pin.unmount_overlay()
+
+
+# --- small pieces ------------------------------------------------------------------------------
+
+
+def test_overlay_options() -> None:
+    assert overlay_options("/l", "/u", "/w") == (
+        "lowerdir=/l,upperdir=/u,workdir=/w,redirect_dir=on,index=off,metacopy=off,xino=off"
+    )
+    for bad in ("/a,b", "/a:b", "relative", "/a b"):
+        with pytest.raises(ValueError):
+            overlay_options(bad, "/u", "/w")
+
+
+def test_describe_exit() -> None:
+    assert sync.describe_exit(23).startswith("exited with code 23 (partial transfer")
+    assert sync.describe_exit(24) == (
+        "exited with code 24 (partial transfer due to vanished source files)"
+    )
+    assert sync.describe_exit(-9) == "was killed by SIGKILL"
+    err = SyncError.from_command(
+        "write-back", ["rsync", "a b"], CommandResult(11, "", "x\nNo space left on device (28)\n")
+    )
+    assert "`rsync 'a b'` exited with code 11" in str(err)
+    assert "the disk is full" in str(err)
+
+
+def test_run_command_reports_a_missing_program() -> None:
+    result = run_command(["/nonexistent/rsync", "--version"])
+    assert result.returncode == 127
+    assert "command not found" in result.stderr
