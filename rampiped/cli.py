@@ -1,0 +1,195 @@
+"""rampipectl: asks the running daemon over its control socket, or checks a configuration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from rampiped import __version__, config, control
+from rampiped.engine import format_bytes
+from rampiped.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    InvalidConfig,
+    RampipeError,
+    UsageError,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rampipectl", description="Control and inspect rampiped.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config",
+        help=f"configuration file (default {config.DEFAULT_PATH});"
+        " its runtime_dir locates the control socket",
+    )
+    where.add_argument("--socket", help="control socket path")
+    p.add_argument("--version", action="version", version=f"rampipectl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    s = sub.add_parser("status", help="what is pinned, RAM used, data not yet on disk")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s = sub.add_parser("sync", help="checkpoint every pin, or DIR, to disk now")
+    s.add_argument("dir", nargs="?")
+    s = sub.add_parser("pin", help="pin DIR now")
+    s.add_argument("dir")
+    s.add_argument("--mode", choices=["overlay", "copy"], default="overlay")
+    s = sub.add_parser("unpin", help="write DIR back to disk and unpin it")
+    s.add_argument("dir")
+    sub.add_parser("reload", help="reload the configuration (fails if it is invalid)")
+    s = sub.add_parser("check-config", help="validate a configuration file")
+    s.add_argument("path", nargs="?")
+    s = sub.add_parser("explain", help="why DIR is or is not pinned")
+    s.add_argument("dir")
+    return p
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    path = args.config or config.DEFAULT_PATH
+    try:
+        cfg = config.load(path)
+    except config.ConfigError:
+        if args.config:
+            raise
+        cfg = config.Config()  # the default file is broken or absent: the default socket
+    return cfg.control_socket
+
+
+def _abs(path: str) -> str:
+    import os
+
+    return os.path.abspath(path)
+
+
+def _request(args: argparse.Namespace, cmd: str, body: dict[str, Any] | None = None) -> Any:
+    response = control.call(_socket_path(args), cmd, body)
+    if not response.get("ok"):
+        code = response.get("code", EXIT_FAILURE)
+        err = RampipeError(str(response.get("error", "failed")))
+        err.exit_code = code if isinstance(code, int) else EXIT_FAILURE
+        raise err
+    return response.get("result")
+
+
+def _ago(iso: str | None) -> str:
+    return iso or "never"
+
+
+def print_status(st: dict[str, Any]) -> None:
+    ram = st.get("ram", {})
+    print(
+        f"rampiped {st.get('version')} (pid {st.get('pid')})"
+        + ("  DRY RUN" if st.get("dry_run") else "")
+        + ("  STOPPING" if st.get("stopping") else "")
+    )
+    print(
+        f"RAM used by pins: {format_bytes(ram.get('used_bytes', 0))} of"
+        f" {format_bytes(ram.get('max_bytes', 0))}"
+    )
+    pins = st.get("pins", [])
+    if pins:
+        print()
+        print(
+            f"{'PATH':<36} {'MODE':<8} {'STATE':<9} {'RATE/s':>8} {'RAM':>10} {'DIRTY':>10}"
+            "  LAST SYNC"
+        )
+        for p in pins:
+            last = p.get("last_sync")
+            sync_text = (
+                "never"
+                if not last
+                else (f"{last['time']} {'ok' if last['ok'] else 'FAILED'} {last['seconds']:.1f}s")
+            )
+            kind = "static" if p.get("static") else "adaptive"
+            print(
+                f"{p['path']:<36} {p['mode']:<8} {p['state']:<9} {p['rate']:>8.1f}"
+                f" {format_bytes(p['ram_bytes']):>10} {format_bytes(p['dirty_bytes']):>10}"
+                f"  {sync_text}  ({kind})"
+            )
+            if p.get("error"):
+                print(f"    {p['error']}")
+    else:
+        print("nothing pinned")
+    cands = [c for c in st.get("candidates", []) if not c.get("pinned")]
+    if cands:
+        print()
+        print("hottest candidates:")
+        for c in cands:
+            why = f"  ({c['blocked']})" if c.get("blocked") else ""
+            print(f"  {c['path']:<36} {c['rate']:>8.1f}/s{why}")
+
+
+def run(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        raise UsageError(parser.format_usage().strip() + "\nrampipectl: a COMMAND is required")
+    if args.command == "check-config":
+        path = args.path or args.config or config.DEFAULT_PATH
+        try:
+            config.load(path)
+        except config.ConfigError as exc:
+            raise InvalidConfig(str(exc)) from exc
+        print(f"{path}: valid")
+        return EXIT_OK
+    if args.command == "status":
+        st = _request(args, "status")
+        if args.json:
+            json.dump(st, sys.stdout, indent=2, sort_keys=True)
+            print()
+        else:
+            print_status(st)
+    elif args.command == "sync":
+        start = time.monotonic()
+        res = _request(args, "sync", {"path": _abs(args.dir)} if args.dir else {})
+        print(f"synced {len(res['synced'])} pins in {time.monotonic() - start:.1f} s")
+    elif args.command == "pin":
+        _request(args, "pin", {"path": _abs(args.dir), "mode": args.mode})
+        print(f"pinned {_abs(args.dir)} ({args.mode})")
+    elif args.command == "unpin":
+        res = _request(args, "unpin", {"path": _abs(args.dir)})
+        print(
+            f"unpinned {res['unpinned']}: wrote {res['files']} files,"
+            f" {format_bytes(res['bytes'])} in {res['seconds']:.1f} s"
+        )
+    elif args.command == "reload":
+        _request(args, "reload")
+        print("reloaded")
+    elif args.command == "explain":
+        res = _request(args, "explain", {"path": _abs(args.dir)})
+        for key, value in res.items():
+            print(f"{key}: {value}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The one place where errors become messages and exit statuses."""
+    try:
+        return run(argv)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    except InvalidConfig as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    except config.ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    except RampipeError as exc:
+        print(f"rampipectl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"rampipectl: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

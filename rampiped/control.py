@@ -1,0 +1,246 @@
+"""The control socket: one JSON object per line each way, protocol version in every message.
+
+Request:  {"v": 1, "cmd": "status", "args": {...}}
+Response: {"v": 1, "ok": true, "result": ...} or {"v": 1, "ok": false, "error": "...", "code": N}
+
+The server lives in the daemon's main loop (non-blocking, no threads). A command that takes time
+(sync, pin, unpin) is answered when its work is done; the loop keeps serving others meanwhile.
+Only root may connect: the socket is mode 0600 and the peer's uid is checked (SO_PEERCRED).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import logging
+import os
+import selectors
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rampiped.errors import EXIT_FAILURE, NotRunning, RampipeError
+
+PROTOCOL = 1
+MAX_REQUEST = 64 * 1024  # a request is a small JSON object; more is garbage or an attack
+IDLE_TIMEOUT = 10.0  # seconds a client may take to send its request line
+MAX_CLIENTS = 64
+
+log = logging.getLogger("rampiped")
+
+Reply = Callable[[dict[str, Any]], None]
+Handler = Callable[[str, dict[str, Any], Reply], None]
+
+
+def ok(result: Any = None) -> dict[str, Any]:
+    return {"v": PROTOCOL, "ok": True, "result": result}
+
+
+def error(message: str, code: int = EXIT_FAILURE) -> dict[str, Any]:
+    return {"v": PROTOCOL, "ok": False, "error": message, "code": code}
+
+
+class _Client:
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.inbuf = b""
+        self.outbuf = b""
+        self.since = now
+        self.answered = False  # a request was parsed; the reply may still be pending
+        self.closed = False
+
+
+class ControlServer:
+    def __init__(self, path: str, handler: Handler, selector: selectors.BaseSelector) -> None:
+        self.path = path
+        self.handler = handler
+        self.selector = selector
+        self.clients: dict[int, _Client] = {}
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            self._close(client)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(self.sock)
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def expire(self, now: float) -> None:
+        """Drop clients that sent nothing useful in time (slow or stuck writers)."""
+        for client in list(self.clients.values()):
+            if not client.answered and now - client.since > IDLE_TIMEOUT:
+                self._send(client, error("request timed out"))
+
+    def _accept(self, _mask: int) -> None:
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        if len(self.clients) >= MAX_CLIENTS:
+            sock.close()
+            return
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        client = _Client(sock, time.monotonic())
+        self.clients[sock.fileno()] = client
+        self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._io, client))
+        if uid != 0:
+            self._send(client, error("permission denied: the control socket is for root only"))
+
+    def _io(self, client: _Client, mask: int) -> None:
+        if mask & selectors.EVENT_READ and not client.closed:
+            self._read(client)
+        if mask & selectors.EVENT_WRITE and not client.closed:
+            self._flush(client)
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(client)
+            return
+        if not data:
+            if not client.answered:
+                self._close(client)
+            else:
+                # the client half-closed while its reply is pending: stop reading, answer later
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(client.sock)
+            return
+        if client.answered:
+            return  # one request per connection; ignore anything after it
+        client.inbuf += data
+        if b"\n" not in client.inbuf:
+            if len(client.inbuf) > MAX_REQUEST:
+                self._send(client, error(f"request larger than {MAX_REQUEST} bytes"))
+            return
+        line = client.inbuf.split(b"\n", 1)[0]
+        client.answered = True
+        if len(line) > MAX_REQUEST:
+            self._send(client, error(f"request larger than {MAX_REQUEST} bytes"))
+            return
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            self._send(client, error("not a JSON request"))
+            return
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            self._send(client, error("a request is an object with a 'cmd' string"))
+            return
+        if request.get("v") != PROTOCOL:
+            self._send(
+                client,
+                error(
+                    f"protocol version mismatch: daemon speaks {PROTOCOL},"
+                    f" client {request.get('v')!r}"
+                    " (restart the daemon after an upgrade)"
+                ),
+            )
+            return
+        args = request.get("args") or {}
+        if not isinstance(args, dict):
+            self._send(client, error("'args' must be an object"))
+            return
+        try:
+            self.handler(request["cmd"], args, functools.partial(self._send, client))
+        except Exception as exc:  # the daemon runs on whatever a request does
+            log.exception("control command %r failed", request["cmd"])
+            self._send(client, error(f"internal error: {exc}"))
+
+    def _send(self, client: _Client, response: dict[str, Any]) -> None:
+        if client.closed:
+            return
+        client.answered = True
+        client.outbuf += json.dumps(response).encode() + b"\n"
+        self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        while client.outbuf:
+            try:
+                n = client.sock.send(client.outbuf)
+            except (BlockingIOError, InterruptedError):
+                callback = functools.partial(self._io, client)
+                try:
+                    self.selector.modify(client.sock, selectors.EVENT_WRITE, callback)
+                except (KeyError, ValueError):
+                    self.selector.register(client.sock, selectors.EVENT_WRITE, callback)
+                return
+            except OSError:
+                self._close(client)
+                return
+            client.outbuf = client.outbuf[n:]
+        self._close(client)
+
+    def _close(self, client: _Client) -> None:
+        if client.closed:
+            return
+        client.closed = True
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(client.sock)
+        self.clients.pop(client.sock.fileno(), None)
+        client.sock.close()
+
+
+def call(
+    path: str, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = 600.0
+) -> dict[str, Any]:
+    """Send one request and wait for its response. Raises NotRunning when nobody listens."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise NotRunning(f"rampiped is not running (no daemon at {path})") from exc
+        except PermissionError as exc:
+            raise RampipeError(f"permission denied: {path} is for root only (use sudo)") from exc
+        except OSError as exc:
+            if exc.errno == errno.ENOTSOCK:
+                raise NotRunning(f"rampiped is not running ({path} is not a socket)") from exc
+            raise
+        sock.sendall(json.dumps({"v": PROTOCOL, "cmd": cmd, "args": args or {}}).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError as exc:
+                raise RampipeError(f"no answer from rampiped within {timeout:.0f}s") from exc
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        sock.close()
+    if not buf:
+        raise RampipeError("rampiped closed the connection without an answer")
+    try:
+        response = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError as exc:
+        raise RampipeError("rampiped sent an answer that is not JSON") from exc
+    if not isinstance(response, dict):
+        raise RampipeError("rampiped sent an answer that is not an object")
+    if response.get("v") != PROTOCOL and response.get("ok") is not False:
+        raise RampipeError(
+            f"protocol version mismatch: daemon speaks {response.get('v')!r},"
+            f" rampipectl {PROTOCOL} (restart the daemon after an upgrade)"
+        )
+    return response

@@ -1,0 +1,1003 @@
+"""The daemon: wiring, the main loop, signals, systemd notifications and reload.
+
+One loop owns the state. It waits on one selector for: the signal wake-up socket (handlers
+only record the signal), the monitor's "events ready" fd, the worker's "job done" fd and the
+control socket, with a timeout that makes the engine tick twice a second. Slow work (copies,
+rsync) runs in one worker thread, one job at a time, so the loop keeps answering `rampipectl`
+and the systemd watchdog while a sync runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import glob
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from rampiped import __version__, config, control, engine, mounts, pins, rates, sync
+from rampiped import log as logsetup
+from rampiped.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from rampiped.monitor import Monitor
+
+log = logging.getLogger("rampiped")
+
+TICK = 0.5  # seconds between engine decisions
+BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
+STOP_RETRIES = 3  # busy unpins retried at stop before a pin is left mounted
+EXTEND_EVERY = 5.0  # seconds between EXTEND_TIMEOUT_USEC messages during the final sync
+EXTEND_BY_USEC = 30_000_000
+
+
+@dataclass
+class Job:
+    kind: str  # pin | unpin | checkpoint
+    path: str
+    fn: Callable[[], Any]
+    replies: list[Callable[[Any, BaseException | None], None]] = field(default_factory=list)
+    reason: str = ""
+
+
+class Worker:
+    """One thread that runs jobs in order and reports each result through a pipe."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.done: queue.Queue[tuple[Job, Any, BaseException | None]] = queue.Queue()
+        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.pending = 0
+        self.thread = threading.Thread(target=self._run, name="rampiped-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.pending += 1
+        self.jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            result: Any = None
+            exc: BaseException | None = None
+            try:
+                result = job.fn()
+            except BaseException as e:  # reported to the loop, which decides
+                exc = e
+            self.done.put((job, result, exc))
+            with contextlib.suppress(BlockingIOError):
+                os.write(self.wfd, b"x")
+
+    def collect(self) -> list[tuple[Job, Any, BaseException | None]]:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.rfd, 4096):
+                pass
+        out: list[tuple[Job, Any, BaseException | None]] = []
+        while True:
+            try:
+                item = self.done.get_nowait()
+            except queue.Empty:
+                return out
+            self.pending -= 1
+            out.append(item)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=5)
+
+
+class Notifier:
+    """sd_notify, only when systemd asked for it; STATUS kept ASCII (sdnotify encodes latin-1)."""
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._notifier: Any = None
+        if self.enabled:
+            import sdnotify
+
+            self._notifier = sdnotify.SystemdNotifier(debug=False)
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        wd_pid = os.environ.get("WATCHDOG_PID", "")
+        self.watchdog = (
+            float(usec) / 1e6 / 2
+            if usec.isdigit() and int(usec) > 0 and (not wd_pid or wd_pid == str(os.getpid()))
+            else 0.0
+        )
+        self.last_watchdog = 0.0
+        self.last_status = ""
+
+    def send(self, *lines: str) -> None:
+        if self._notifier is not None:
+            text = "\n".join(lines).encode("ascii", "replace").decode("ascii")
+            self._notifier.notify(text)
+
+    def status(self, text: str) -> None:
+        if text != self.last_status:
+            self.last_status = text
+            self.send("STATUS=" + text)
+
+    def tick(self, now: float) -> None:
+        if self.watchdog and now - self.last_watchdog >= self.watchdog:
+            self.last_watchdog = now
+            self.send("WATCHDOG=1")
+
+
+class Daemon:
+    def __init__(self, cfg: config.Config, *, dry_run: bool = False) -> None:
+        self.cfg = cfg
+        self.dry_run = dry_run
+        self.started = time.monotonic()
+        self.selector = selectors.DefaultSelector()
+        self.notifier = Notifier()
+        self.total_ram = psutil.virtual_memory().total
+        self.rates = rates.RateTable(cfg.adaptive.half_life)
+        self.engine = engine.Engine(
+            cfg.adaptive, cfg.ram, cfg.sync, cfg.runtime_dir, cfg.journal_dir
+        )
+        self.monitor = Monitor()
+        self.worker = Worker()
+        self.children: set[int] = set()
+        self.pinmgr = pins.PinManager(
+            cfg.runtime_dir,
+            cfg.journal_dir,
+            ram_limit=self._ram_limit(cfg),
+            runner=self._run_command,
+            exclude_pids=lambda: set(self.children),
+        )
+        self.pending: dict[str, str] = {}  # path -> job kind queued or running
+        self.dry_pins: dict[str, float] = {}  # dry run: what would be pinned, since when
+        self.static_paths: dict[str, config.PinConfig] = {}
+        self.watched_fs: set[str] = set()
+        self.attributor = rates.Attributor((), ())
+        self.control: control.ControlServer | None = None
+        self.stopping = False
+        self.stop_attempts: dict[str, int] = {}
+        self.exit_code = EXIT_OK
+        self.want_reload = False
+        self.want_stop = False
+        self.overflow_until = 0.0
+        self.last_tick = 0.0
+        self.last_extend = 0.0
+        self.last_refusal: dict[str, str] = {}
+        self.facts_cache: dict[str, tuple[float, engine.CandidateFacts]] = {}
+        self.lost_events = 0
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _ram_limit(self, cfg: config.Config) -> int:
+        return cfg.ram.max.resolve(self.total_ram)
+
+    def _run_command(self, argv: list[str]) -> sync.CommandResult:
+        """Run a child whose writes must not count as load (the monitor ignores its pid)."""
+        try:
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace"
+            )
+        except FileNotFoundError:
+            return sync.CommandResult(127, "", f"{argv[0]}: command not found")
+        self.children.add(proc.pid)
+        self.monitor.ignore_pid(proc.pid)
+        try:
+            out, err = proc.communicate()
+        finally:
+            self.monitor.unignore_pid(proc.pid)
+            self.children.discard(proc.pid)
+        return sync.CommandResult(proc.returncode, out, err)
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.cfg
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+        self.sig_r, self.sig_w = socket.socketpair()
+        self.sig_r.setblocking(False)
+        self.sig_w.setblocking(False)
+        signal.set_wakeup_fd(self.sig_w.fileno(), warn_on_full_buffer=False)
+        self.selector.register(self.sig_r, selectors.EVENT_READ, lambda m: self._drain_signals())
+        self.selector.register(self.worker.rfd, selectors.EVENT_READ, lambda m: self._collect())
+        self.monitor.ignore_pid(os.getpid())
+        self.monitor.start()
+        self.selector.register(
+            self.monitor.fileno(),
+            selectors.EVENT_READ,
+            lambda m: self._drain_monitor(time.monotonic()),
+        )
+        if not self.dry_run:
+            os.makedirs(cfg.runtime_dir, mode=0o755, exist_ok=True)
+            os.makedirs(cfg.journal_dir, mode=0o700, exist_ok=True)
+            self.pinmgr.prepare_runtime()
+            for line in self.pinmgr.reconcile():  # before READY: adopt, finish, apply journals
+                log.info("%s", line)
+            for pin in list(self.pinmgr.pins.values()):
+                self._watch_pin(pin)
+            self.control = control.ControlServer(
+                cfg.control_socket, self._on_command, self.selector
+            )
+        self._apply_watch_roots(cfg)
+        self._apply_static_pins(cfg, wait=True)
+        mode = " (dry run: nothing is mounted)" if self.dry_run else ""
+        roots = ", ".join(f"{w.path} (depth {w.depth})" for w in cfg.adaptive.watch) or "none"
+        log.info(
+            "rampiped %s started%s: watching %s; %d pinned",
+            __version__,
+            mode,
+            roots if cfg.adaptive.enabled else "nothing (adaptive pinning off)",
+            len(self.pinmgr.pins),
+        )
+        self.notifier.send("READY=1", "STATUS=" + self.status_line())
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # record only; the loop acts (the wake-up fd gets the signal number too)
+        if signum == signal.SIGHUP:
+            self.want_reload = True
+        else:
+            self.want_stop = True
+
+    def _drain_signals(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self.sig_r.recv(4096):
+                pass
+
+    # -- watch roots and static pins ---------------------------------------------------------
+
+    def _apply_watch_roots(self, cfg: config.Config) -> None:
+        wanted: set[str] = set()
+        if cfg.adaptive.enabled:
+            for root in cfg.adaptive.watch:
+                if os.path.isdir(root.path):
+                    wanted.add(root.path)
+                else:
+                    log.warning(
+                        "watch root %s does not exist (yet): not watched; reload when it does",
+                        root.path,
+                    )
+        for path in sorted(wanted - self.watched_fs):
+            try:
+                self.monitor.add_filesystem(path)
+                self.watched_fs.add(path)
+            except OSError as exc:
+                log.error("cannot watch %s: %s", path, exc)
+        for path in sorted(self.watched_fs - wanted):
+            with contextlib.suppress(OSError, KeyError):
+                self.monitor.remove_filesystem(path)
+            self.watched_fs.discard(path)
+        self._rebuild_attributor(cfg)
+
+    def _rebuild_attributor(self, cfg: config.Config) -> None:
+        translate = {self.pinmgr.ram_side(p): p.path for p in self.pinmgr.pins.values()}
+        watch = cfg.adaptive.watch if cfg.adaptive.enabled else ()
+        self.attributor = rates.Attributor(
+            watch, cfg.adaptive.exclude, tuple(self.static_paths), translate
+        )
+
+    def _expand_static(self, cfg: config.Config) -> dict[str, config.PinConfig]:
+        out: dict[str, config.PinConfig] = {}
+        for pc in cfg.pins:
+            if glob.has_magic(pc.path):
+                matches = sorted(p for p in glob.glob(pc.path) if os.path.isdir(p))
+                if not matches:
+                    log.warning("static pin %s matches no directory", pc.path)
+            else:
+                matches = [pc.path]
+            for path in matches:
+                out.setdefault(os.path.normpath(path), pc)
+        return out
+
+    def _apply_static_pins(self, cfg: config.Config, *, wait: bool) -> None:
+        new = self._expand_static(cfg)
+        old = self.static_paths
+        self.static_paths = new
+        for path in sorted(set(old) - set(new)):
+            pin = self.pinmgr.pins.get(path)
+            if pin is not None and pin.origin == "static":
+                self._submit_unpin(pin, "no longer in the configuration")
+        for path, pc in sorted(new.items()):
+            if path in self.pinmgr.pins or path in self.pending:
+                continue
+            if pc.mode == "volatile":
+                log.error(
+                    "static pin %s: mode volatile is not supported by this version; not pinned",
+                    path,
+                )
+                continue
+            if self.dry_run:
+                log.info("would pin %s: static pin (%s)", path, pc.mode)
+                self.dry_pins[path] = time.monotonic()
+                continue
+            self._submit_pin(
+                path,
+                pc.mode,
+                "static",
+                "static pin",
+                sync_interval=pc.sync_interval,
+                max_size=pc.max_size,
+            )
+        self._rebuild_attributor(cfg)
+        if wait:  # at start: static pins exist before READY (units ordered after them)
+            while self.worker.pending:
+                self._collect(block=True)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def _submit_pin(
+        self,
+        path: str,
+        mode: str,
+        origin: str,
+        reason: str,
+        *,
+        sync_interval: float | None = None,
+        max_size: int | None = None,
+        reply: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> None:
+        self.pending[path] = "pin"
+        job = Job(
+            "pin",
+            path,
+            lambda: self.pinmgr.pin(
+                path, mode=mode, origin=origin, sync_interval=sync_interval, max_size=max_size
+            ),
+            reason=reason,
+        )
+        if reply:
+            job.replies.append(reply)
+        self.worker.submit(job)
+
+    def _submit_unpin(
+        self,
+        pin: pins.Pin,
+        reason: str,
+        reply: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> None:
+        if pin.busy:
+            if reply:
+                reply(None, RuntimeError(f"{pin.path} is busy with another operation"))
+            return
+        pin.busy = True
+        self.pending[pin.path] = "unpin"
+        self._unwatch_pin(pin)  # the monitor's fds must not keep the tmpfs busy
+        job = Job("unpin", pin.path, lambda: self.pinmgr.unpin(pin), reason=reason)
+        if reply:
+            job.replies.append(reply)
+        self.worker.submit(job)
+
+    def _submit_checkpoint(
+        self,
+        pin: pins.Pin,
+        reason: str,
+        reply: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> None:
+        if pin.busy:
+            if reply:
+                reply(None, RuntimeError(f"{pin.path} is busy with another operation"))
+            return
+        pin.busy = True
+        job = Job("checkpoint", pin.path, lambda: self.pinmgr.checkpoint(pin), reason=reason)
+        if reply:
+            job.replies.append(reply)
+        self.worker.submit(job)
+
+    def _collect(self, block: bool = False) -> None:
+        if block:
+            sel = selectors.DefaultSelector()
+            sel.register(self.worker.rfd, selectors.EVENT_READ)
+            sel.select(timeout=1.0)
+            sel.close()
+        for job, result, exc in self.worker.collect():
+            self._finish(job, result, exc)
+            for reply in job.replies:
+                reply(result, exc)
+
+    def _finish(self, job: Job, result: Any, exc: BaseException | None) -> None:
+        now = time.monotonic()
+        if job.kind == "pin":
+            self.pending.pop(job.path, None)
+            if exc is None:
+                pin = result
+                self._watch_pin(pin)
+                self.last_refusal.pop(job.path, None)
+                log.info("pinned %s: %s (%s)", job.path, job.reason, pin.mode)
+            else:
+                reason = str(exc)
+                self.engine.refused(job.path, now, reason)
+                level = logging.INFO if self.last_refusal.get(job.path) != reason else logging.DEBUG
+                self.last_refusal[job.path] = reason
+                if not isinstance(exc, pins.PinRefused):
+                    level = logging.ERROR
+                log.log(level, "not pinned: %s", reason)
+        elif job.kind == "unpin":
+            self.pending.pop(job.path, None)
+            pin = self.pinmgr.pins.get(job.path)
+            if exc is None:
+                rec: pins.SyncRecord = result
+                self.stop_attempts.pop(job.path, None)
+                log.info(
+                    "unpinned %s: %s; wrote %d files, %s in %.1f s",
+                    job.path,
+                    job.reason,
+                    rec.files,
+                    engine.format_bytes(rec.bytes),
+                    rec.seconds,
+                )
+                self._rebuild_attributor(self.cfg)
+                return
+            if pin is None:
+                log.error("unpin of %s failed: %s", job.path, exc)
+                return
+            pin.busy = False
+            self._watch_pin(pin)
+            pin.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, pin.backoff * 2))
+            pin.retry_at = now + pin.backoff
+            if isinstance(exc, pins.UnpinBusy):
+                holders_now = [str(h) for h in exc.holders]
+                level = logging.WARNING if holders_now != pin.holders else logging.DEBUG
+                pin.holders = holders_now
+                pin.error = str(exc)
+                log.log(
+                    level,
+                    "cannot unpin %s yet: %s; staying pinned, retrying in %s",
+                    job.path,
+                    exc,
+                    engine.format_duration(pin.backoff),
+                )
+            else:
+                pin.error = str(exc)
+                log.error(
+                    "write-back of %s failed, staying pinned (nothing lost), retrying in %s: %s",
+                    job.path,
+                    engine.format_duration(pin.backoff),
+                    exc,
+                )
+            if self.stopping:
+                self.stop_attempts[job.path] = self.stop_attempts.get(job.path, 0) + 1
+        elif job.kind == "checkpoint":
+            pin = self.pinmgr.pins.get(job.path)
+            if pin is not None:
+                pin.busy = False
+            if exc is not None:
+                log.error("checkpoint of %s failed: %s", job.path, exc)
+                return
+            rec = result
+            if rec.ok:
+                log.debug(
+                    "checkpoint of %s (%s): %d files, %s in %.2f s",
+                    job.path,
+                    job.reason,
+                    rec.files,
+                    engine.format_bytes(rec.bytes),
+                    rec.seconds,
+                )
+            else:
+                log.error(
+                    "checkpoint of %s failed (the last good one stays on disk): %s",
+                    job.path,
+                    rec.error,
+                )
+
+    def _watch_pin(self, pin: pins.Pin) -> None:
+        try:
+            self.monitor.add_filesystem(self.pinmgr.ram_side(pin))
+        except OSError as exc:
+            log.warning("cannot watch the RAM side of %s: %s", pin.path, exc)
+        self._rebuild_attributor(self.cfg)
+
+    def _unwatch_pin(self, pin: pins.Pin) -> None:
+        with contextlib.suppress(OSError, KeyError):
+            self.monitor.remove_filesystem(self.pinmgr.ram_side(pin))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        while True:
+            now = time.monotonic()
+            if self.want_stop and not self.stopping:
+                self._begin_stop()
+            if self.want_reload and not self.stopping:
+                self.want_reload = False
+                self.reload()
+            if self.stopping and self._stop_step(now):
+                break
+            timeout = max(0.0, self.last_tick + TICK - now)
+            for key, mask in self.selector.select(timeout):
+                key.data(mask)
+            now = time.monotonic()
+            if now - self.last_tick >= TICK:
+                self.last_tick = now
+                self._tick(now)
+        self.shutdown()
+        return self.exit_code
+
+    def _drain_monitor(self, now: float) -> None:
+        batch = self.monitor.drain()
+        for dirpath, count in batch.counts.items():
+            cand = self.attributor.candidate(dirpath)
+            if cand is not None:
+                self.rates.add(cand, count, now)
+        if batch.lost:
+            self.lost_events += batch.lost
+            self.overflow_until = now + self.cfg.adaptive.cool_for
+            log.warning(
+                "the kernel's fanotify queue overflowed (%d overflow events): some"
+                " writes were not seen; pinned directories are treated as hot",
+                batch.lost,
+            )
+
+    def _tick(self, now: float) -> None:
+        self._drain_monitor(now)
+        if self.control is not None:
+            self.control.expire(now)
+        self.notifier.tick(now)
+        if not self.stopping:
+            self._decide(now)
+            self.rates.prune(now)
+        self.notifier.status(self.status_line())
+
+    def _pin_infos(self, now: float) -> dict[str, engine.PinInfo]:
+        infos: dict[str, engine.PinInfo] = {}
+        for pin in list(self.pinmgr.pins.values()):
+            infos[pin.path] = engine.PinInfo(
+                path=pin.path,
+                static=pin.static,
+                state=pin.state,
+                ram_bytes=self.pinmgr.ram_bytes(pin),
+                pinned_at=pin.pinned_at,
+                last_sync=pin.last_sync_mono,
+                sync_interval=pin.sync_interval,
+                busy=pin.busy or now < pin.retry_at,
+            )
+        for path, _kind in self.pending.items():
+            if path not in infos:
+                infos[path] = engine.PinInfo(
+                    path=path,
+                    static=False,
+                    state="pinning",
+                    ram_bytes=0,
+                    pinned_at=now,
+                    last_sync=None,
+                    sync_interval=None,
+                    busy=True,
+                )
+        for path, since in self.dry_pins.items():
+            infos[path] = engine.PinInfo(
+                path=path,
+                static=path in self.static_paths,
+                state="pinned",
+                ram_bytes=0,
+                pinned_at=since,
+                last_sync=now,
+                sync_interval=0,
+                busy=False,
+            )
+        return infos
+
+    def _facts(self, path: str) -> engine.CandidateFacts:
+        now = time.monotonic()
+        cached = self.facts_cache.get(path)
+        if cached and now - cached[0] < 30:
+            return cached[1]
+        try:
+            is_dir = os.path.isdir(path) and not os.path.islink(path)
+            exists = os.path.lexists(path)
+        except OSError:
+            is_dir = exists = False
+        facts = engine.CandidateFacts(
+            exists=exists,
+            is_dir=is_dir,
+            is_mountpoint=False,
+            contains_mount=False,
+            fstype=None,
+            ram_estimate=0,
+        )
+        if is_dir:
+            limit = self._ram_limit(self.cfg) // max(1, self.cfg.adaptive.max_pins)
+            facts = engine.CandidateFacts(
+                exists=True,
+                is_dir=True,
+                is_mountpoint=mounts.is_mountpoint(path),
+                contains_mount=bool(mounts.mounts_below(path)),
+                fstype=mounts.fs_type(path),
+                ram_estimate=min(mounts.du(path), limit),
+            )
+        self.facts_cache[path] = (now, facts)
+        if len(self.facts_cache) > 1000:
+            self.facts_cache.clear()
+        return facts
+
+    def _decide(self, now: float) -> None:
+        vm = psutil.virtual_memory()
+        memory = engine.MemoryInfo(total=vm.total, available=vm.available)
+        snapshot = self.rates.snapshot(now)
+        for path in self.pinmgr.pins:  # a pin with no events still has a rate: 0
+            snapshot.setdefault(path, 0.0)
+        actions = self.engine.decide(
+            now,
+            snapshot,
+            self._pin_infos(now),
+            memory,
+            self._facts,
+            overflow=now < self.overflow_until,
+        )
+        for action in actions:
+            self._act(action, now)
+        # unpins asked for by hand, retried with backoff
+        for pin in list(self.pinmgr.pins.values()):
+            if pin.unpin_requested and not pin.busy and now >= pin.retry_at:
+                self._submit_unpin(pin, "asked by rampipectl")
+
+    def _act(self, action: engine.Action, now: float) -> None:
+        if isinstance(action, engine.Pin):
+            if self.dry_run:
+                log.info("would pin %s: %s (overlay)", action.path, action.reason)
+                self.dry_pins[action.path] = now
+                return
+            self._submit_pin(action.path, "overlay", "adaptive", action.reason)
+        elif isinstance(action, (engine.Unpin, engine.Evict)):
+            verb = "unpin" if isinstance(action, engine.Unpin) else "evict"
+            if self.dry_run:
+                log.info("would %s %s: %s", verb, action.path, action.reason)
+                self.dry_pins.pop(action.path, None)
+                return
+            pin = self.pinmgr.pins.get(action.path)
+            if pin is not None:
+                reason = action.reason if verb == "unpin" else "evicted: " + action.reason
+                self._submit_unpin(pin, reason)
+        elif isinstance(action, engine.Checkpoint):
+            pin = self.pinmgr.pins.get(action.path)
+            if pin is not None and not self.dry_run:
+                self._submit_checkpoint(pin, action.reason)
+
+    # -- reload ------------------------------------------------------------------------------
+
+    def reload(self) -> str | None:
+        """Validate, diff, apply. Returns None when applied, or the reason it was not."""
+        path = self.cfg.source or config.DEFAULT_PATH
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+        try:
+            try:
+                new = config.load(path)
+            except config.ConfigError as exc:
+                for line in str(exc).splitlines():
+                    log.error("%s", line)
+                log.error("reload refused: %s is invalid; the running configuration stays", path)
+                return str(exc)
+            old = self.cfg
+            for key in ("runtime_dir", "journal_dir"):
+                if getattr(new, key) != getattr(old, key):
+                    log.warning(
+                        "%s changed from %s to %s: takes effect at the next restart",
+                        key,
+                        getattr(old, key),
+                        getattr(new, key),
+                    )
+            new = _keep_dirs(new, old)
+            self.cfg = new
+            self.engine.reconfigure(
+                new.adaptive, new.ram, new.sync, new.runtime_dir, new.journal_dir
+            )
+            self.rates.set_half_life(new.adaptive.half_life, time.monotonic())
+            self.pinmgr.ram_limit = self._ram_limit(new)
+            self._apply_watch_roots(new)
+            self._apply_static_pins(new, wait=False)
+            log.info("reloaded %s", path)
+            return None
+        finally:
+            self.notifier.send("READY=1", "STATUS=" + self.status_line())
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def _begin_stop(self) -> None:
+        self.stopping = True
+        log.info("stopping: writing %d pins back", len(self.pinmgr.pins))
+        self.notifier.send("STOPPING=1", "STATUS=stopping: writing back to disk")
+        self.last_extend = 0.0
+
+    def _stop_step(self, now: float) -> bool:
+        """One step of the stop; True when there is nothing left to do."""
+        if now - self.last_extend >= EXTEND_EVERY:
+            self.last_extend = now
+            self.notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_BY_USEC}")
+        left = False
+        for pin in list(self.pinmgr.pins.values()):
+            if pin.busy:
+                left = True
+                continue
+            if self.stop_attempts.get(pin.path, 0) >= STOP_RETRIES:
+                continue
+            left = True
+            if now >= pin.retry_at:
+                self._submit_unpin(pin, "stopping")
+        if left or self.worker.pending:
+            return False
+        for pin in list(self.pinmgr.pins.values()):
+            self.exit_code = EXIT_FAILURE
+            log.critical(
+                "%s stays pinned: could not write it back (%s). Its data is safe in"
+                " RAM and visible at its path; the last checkpoint is on disk. Start"
+                " rampiped again to adopt it.",
+                pin.path,
+                pin.error or "busy",
+            )
+        return True
+
+    def shutdown(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        self.worker.stop()
+        self.monitor.stop()
+        log.info("stopped")
+
+    # -- status and control ------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        if self.dry_run:
+            return f"dry run: would have {len(self.dry_pins)} pins"
+        n = len(self.pinmgr.pins)
+        used = sum(self.pinmgr.ram_bytes(p) for p in self.pinmgr.pins.values())
+        return f"{n} pinned, {engine.format_bytes(used)} in RAM"
+
+    def status(self, now: float) -> dict[str, Any]:
+        pins_out: list[dict[str, Any]] = []
+        for pin in sorted(self.pinmgr.pins.values(), key=lambda p: p.path):
+            last = pin.last_sync
+            pins_out.append(
+                {
+                    "path": pin.path,
+                    "mode": pin.mode,
+                    "state": pin.state,
+                    "static": pin.static,
+                    "origin": pin.origin,
+                    "rate": round(self.rates.rate(pin.path, now), 3),
+                    "ram_bytes": self.pinmgr.ram_bytes(pin),
+                    "dirty_bytes": self.pinmgr.dirty_bytes(pin),
+                    "pinned_since": _iso(pin.pinned_wall),
+                    "last_sync": None
+                    if last is None
+                    else {
+                        "time": _iso(last.time),
+                        "ok": last.ok,
+                        "seconds": round(last.seconds, 3),
+                        "files": last.files,
+                        "bytes": last.bytes,
+                        "error": last.error,
+                    },
+                    "holders": pin.holders,
+                    "error": pin.error,
+                }
+            )
+        snapshot = self.rates.snapshot(now)
+        candidates = []
+        for path, rate in self.engine.top(now, snapshot, 10):
+            info = self.engine.explain(path, now)
+            candidates.append(
+                {
+                    "path": path,
+                    "rate": round(rate, 3),
+                    "pinned": path in self.pinmgr.pins,
+                    "blocked": info.get("blocked"),
+                }
+            )
+        used = sum(self.pinmgr.ram_bytes(p) for p in self.pinmgr.pins.values())
+        return {
+            "version": __version__,
+            "protocol": control.PROTOCOL,
+            "pid": os.getpid(),
+            "dry_run": self.dry_run,
+            "config": self.cfg.source,
+            "uptime_s": round(now - self.started, 1),
+            "stopping": self.stopping,
+            "ram": {
+                "max_bytes": self._ram_limit(self.cfg),
+                "used_bytes": used,
+                "available_bytes": psutil.virtual_memory().available,
+            },
+            "monitor": {"lost_events": self.lost_events, **self.monitor.stats()},
+            "pins": pins_out,
+            "candidates": candidates,
+        }
+
+    def _on_command(self, cmd: str, args: dict[str, Any], reply: control.Reply) -> None:
+        now = time.monotonic()
+        if cmd == "status":
+            reply(control.ok(self.status(now)))
+        elif cmd == "explain":
+            path = _arg_path(args)
+            reply(
+                control.ok(
+                    {
+                        "path": path,
+                        "rate": self.rates.rate(path, now),
+                        **self.engine.explain(path, now),
+                    }
+                )
+            )
+        elif cmd == "reload":
+            problem = self.reload()
+            reply(
+                control.ok("reloaded") if problem is None else control.error(problem, EXIT_CONFIG)
+            )
+        elif self.stopping:
+            reply(control.error("rampiped is stopping"))
+        elif cmd == "sync":
+            self._cmd_sync(args, reply)
+        elif cmd == "pin":
+            self._cmd_pin(args, reply)
+        elif cmd == "unpin":
+            self._cmd_unpin(args, reply)
+        else:
+            reply(control.error(f"unknown command {cmd!r}", EXIT_USAGE))
+
+    def _cmd_sync(self, args: dict[str, Any], reply: control.Reply) -> None:
+        path = args.get("path")
+        if path:
+            path = _arg_path(args)
+            if path not in self.pinmgr.pins:
+                reply(control.error(f"{path} is not pinned"))
+                return
+            targets = [self.pinmgr.pins[path]]
+        else:
+            targets = list(self.pinmgr.pins.values())
+        if not targets:
+            reply(control.ok({"synced": [], "failed": []}))
+            return
+        results: dict[str, str | None] = {}
+
+        def one(p: pins.Pin) -> Callable[[Any, BaseException | None], None]:
+            def done(result: Any, exc: BaseException | None) -> None:
+                if exc is None and result is not None and not result.ok:
+                    results[p.path] = result.error
+                else:
+                    results[p.path] = str(exc) if exc else None
+                if len(results) == len(targets):
+                    failed = {k: v for k, v in results.items() if v}
+                    body = {
+                        "synced": sorted(k for k, v in results.items() if not v),
+                        "failed": failed,
+                    }
+                    reply(
+                        control.ok(body)
+                        if not failed
+                        else control.error(
+                            "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
+                        )
+                    )
+
+            return done
+
+        for pin in targets:
+            if pin.busy:
+                one(pin)(None, RuntimeError("busy with another operation; try again"))
+            else:
+                self._submit_checkpoint(pin, "asked by rampipectl", reply=one(pin))
+
+    def _cmd_pin(self, args: dict[str, Any], reply: control.Reply) -> None:
+        path = _arg_path(args)
+        mode = args.get("mode") or "overlay"
+        if mode not in ("overlay", "copy"):
+            reply(control.error(f"mode must be overlay or copy, not {mode!r}", EXIT_USAGE))
+            return
+        if path in self.pinmgr.pins or path in self.pending:
+            reply(control.error(f"{path} is already pinned"))
+            return
+        refusal = self.engine.never_pin_reason(path)
+        if refusal:
+            reply(control.error(f"cannot pin {path}: {refusal}"))
+            return
+
+        def done(result: Any, exc: BaseException | None) -> None:
+            reply(
+                control.ok({"pinned": path, "mode": mode})
+                if exc is None
+                else control.error(str(exc))
+            )
+
+        self._submit_pin(path, mode, "manual", "asked by rampipectl", reply=done)
+
+    def _cmd_unpin(self, args: dict[str, Any], reply: control.Reply) -> None:
+        path = _arg_path(args)
+        pin = self.pinmgr.pins.get(path)
+        if pin is None:
+            reply(control.error(f"{path} is not pinned"))
+            return
+
+        def done(result: Any, exc: BaseException | None) -> None:
+            if exc is None:
+                reply(
+                    control.ok(
+                        {
+                            "unpinned": path,
+                            "files": result.files,
+                            "bytes": result.bytes,
+                            "seconds": round(result.seconds, 3),
+                        }
+                    )
+                )
+            else:
+                pin.unpin_requested = True  # keep trying in the background
+                reply(control.error(f"{exc} (rampiped keeps trying)"))
+
+        self._submit_unpin(pin, "asked by rampipectl", reply=done)
+
+
+def _arg_path(args: dict[str, Any]) -> str:
+    path = args.get("path")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError("a command's path must be absolute")
+    return os.path.normpath(path)
+
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(wall))
+
+
+def _keep_dirs(new: config.Config, old: config.Config) -> config.Config:
+    import dataclasses
+
+    return dataclasses.replace(new, runtime_dir=old.runtime_dir, journal_dir=old.journal_dir)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="rampiped",
+        description="Keeps write-hot directories in RAM and writes them back to disk, safely.",
+    )
+    p.add_argument(
+        "--config", default=config.DEFAULT_PATH, help="configuration file (default %(default)s)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="watch and log every decision; mount nothing"
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], type=str.lower
+    )
+    p.add_argument("--version", action="version", version=f"rampiped {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logsetup.setup(args.log_level)
+    if os.path.exists(args.config) or args.config != config.DEFAULT_PATH:
+        try:
+            cfg = config.load(args.config)
+        except config.ConfigError as exc:
+            for line in str(exc).splitlines():
+                log.error("%s", line)
+            log.error("not starting: %s is invalid", args.config)
+            return EXIT_CONFIG
+    else:
+        log.info("%s does not exist: running with the built-in defaults", args.config)
+        cfg = config.Config(source=args.config)
+    if os.geteuid() != 0:
+        log.error("rampiped needs root (fanotify, mounts)")
+        return EXIT_FAILURE
+    daemon = Daemon(cfg, dry_run=args.dry_run)
+    try:
+        daemon.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            log.error("rampiped needs root with CAP_SYS_ADMIN (fanotify, mounts)")
+        daemon.shutdown()
+        return EXIT_FAILURE
+    return daemon.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,616 @@
+"""The pin manager: the state machine of each pinned directory (DESIGN.md §4).
+
+    unpinned --pin--> pinning --> pinned --checkpoint--> pinned
+                         |           |
+                         |           +--unpin/evict/stop--> draining --> unpinned
+                         +--failure--> unpinned (rolled back, nothing lost)
+
+Runtime layout, per pin (id = a short hash of the path, stable across restarts):
+
+    <runtime_dir>/state.json          what is pinned, written atomically at every transition
+    <runtime_dir>/pins/<id>/ram       a tmpfs: overlay `upper` + `work`, or the copy in `data`
+    <runtime_dir>/pins/<id>/disk      a private bind of the directory on disk: the overlay's
+                                      lower layer, or where copy-mode checkpoints are written
+    <journal_dir>/<id>/pin.json       on disk, written before anything is mounted: which
+                                      directory the id belongs to, so a journal can be applied
+                                      after a power cut, when the runtime dir is gone
+    <journal_dir>/<id>/gen-N          overlay pins: the last complete checkpoint of the upper
+
+Operations here are slow (copies, rsync) and run in the daemon's worker thread; the table of
+pins is shared with the main loop under `lock`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rampiped import copymode, holders, mounts, sync
+from rampiped.engine import format_bytes
+
+log = logging.getLogger("rampiped")
+
+STATE_VERSION = 1
+SOURCE_PREFIX = "rampiped-"  # every mount rampiped makes carries "rampiped-<id>" as its source
+_COPIED_XATTR_PREFIXES = ("user.", "system.posix_acl_", "security.")
+
+
+class PinRefused(Exception):
+    """The directory cannot be pinned now; nothing was changed."""
+
+
+class UnpinBusy(Exception):
+    """The pin is in use and stays pinned; `holders` says by whom."""
+
+    def __init__(self, message: str, found: list[holders.Holder]) -> None:
+        super().__init__(message)
+        self.holders = found
+
+
+def pin_id(path: str) -> str:
+    return hashlib.sha256(path.encode()).hexdigest()[:12]
+
+
+@dataclass
+class SyncRecord:
+    time: float  # wall clock, for people
+    ok: bool
+    seconds: float
+    files: int = 0
+    bytes: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Pin:
+    path: str
+    id: str
+    mode: str  # overlay | copy
+    origin: str  # adaptive | static | manual
+    state: str  # pinning | pinned | draining
+    pinned_at: float  # monotonic
+    pinned_wall: float
+    sync_interval: float | None = None
+    last_sync: SyncRecord | None = None
+    last_sync_mono: float | None = None
+    last_ok_wall: float | None = None  # start of the last good checkpoint, or of the copy-in
+    busy: bool = False  # an operation runs on it in the worker
+    retry_at: float = 0.0  # monotonic: no unpin attempt before
+    backoff: float = 0.0
+    unpin_requested: bool = False
+    error: str | None = None
+    holders: list[str] = field(default_factory=list)
+
+    @property
+    def static(self) -> bool:
+        return self.origin != "adaptive"
+
+
+class PinManager:
+    def __init__(
+        self,
+        runtime_dir: str,
+        journal_dir: str,
+        *,
+        ram_limit: int,
+        runner: sync.Runner = sync.run_command,
+        exclude_pids: Callable[[], set[int]] = set,
+    ) -> None:
+        self.runtime_dir = runtime_dir
+        self.journal_dir = journal_dir
+        self.ram_limit = ram_limit  # size of each pin's tmpfs: the whole budget
+        self.runner = runner
+        self.exclude_pids = exclude_pids
+        self.pins: dict[str, Pin] = {}
+        self.lock = threading.RLock()
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def base(self, pid: str) -> str:
+        return os.path.join(self.runtime_dir, "pins", pid)
+
+    def ram(self, pid: str) -> str:
+        return os.path.join(self.base(pid), "ram")
+
+    def disk(self, pid: str) -> str:
+        return os.path.join(self.base(pid), "disk")
+
+    def upper(self, pid: str) -> str:
+        return os.path.join(self.ram(pid), "upper")
+
+    def data(self, pid: str) -> str:
+        return os.path.join(self.ram(pid), "data")
+
+    def journal(self, pid: str) -> str:
+        return os.path.join(self.journal_dir, pid)
+
+    def ram_side(self, pin: Pin) -> str:
+        """Where writes to the pin land in RAM (what the monitor watches)."""
+        return self.upper(pin.id) if pin.mode == "overlay" else self.data(pin.id)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        with self.lock:
+            doc = {
+                "version": STATE_VERSION,
+                "pins": {
+                    p.path: {
+                        "id": p.id,
+                        "mode": p.mode,
+                        "origin": p.origin,
+                        "state": p.state,
+                        "pinned_wall": p.pinned_wall,
+                        "sync_interval": p.sync_interval,
+                        "last_sync": asdict(p.last_sync) if p.last_sync else None,
+                    }
+                    for p in self.pins.values()
+                },
+            }
+        write_json_atomic(os.path.join(self.runtime_dir, "state.json"), doc)
+
+    def load_state(self) -> dict[str, Any]:
+        try:
+            with open(os.path.join(self.runtime_dir, "state.json")) as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.error("ignoring unreadable %s/state.json: %s", self.runtime_dir, exc)
+            return {}
+        pins = doc.get("pins") if isinstance(doc, dict) else None
+        return pins if isinstance(pins, dict) else {}
+
+    def _set_state(self, pin: Pin, state: str) -> None:
+        with self.lock:
+            pin.state = state
+        self.save_state()
+
+    def prepare_runtime(self) -> None:
+        """Give the pins' mounts a private parent: mounts made below it (RAM layers, staging
+        binds) then never propagate into other mount namespaces (under systemd `/` and `/run`
+        are shared, and every service namespace would get a copy of each)."""
+        pins_dir = os.path.join(self.runtime_dir, "pins")
+        os.makedirs(pins_dir, mode=0o700, exist_ok=True)
+        if not mounts.is_mountpoint(pins_dir):
+            mounts.mount_tmpfs(
+                pins_dir, size=1024 * 1024, mode=0o700, uid=0, gid=0, source="rampiped"
+            )
+        mounts.make_private(pins_dir)
+
+    # -- pinning -----------------------------------------------------------------------------
+
+    def check_pinnable(self, path: str) -> None:
+        """The preconditions, checked again right before acting (the engine decided earlier)."""
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            raise PinRefused(f"cannot pin {path}: {exc.strerror}") from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise PinRefused(f"cannot pin {path}: not a directory")
+        if mounts.is_mountpoint(path):
+            raise PinRefused(f"cannot pin {path}: it is a mount point")
+        below = mounts.mounts_below(path)
+        if below:
+            raise PinRefused(f"cannot pin {path}: {below[0].mountpoint} is mounted inside it")
+        found = holders.find_holders(path, exclude_pids=self.exclude_pids())
+        if found:
+            raise PinRefused(f"cannot pin {path}: in use by " + _holder_list(found))
+
+    def pin(
+        self,
+        path: str,
+        *,
+        mode: str,
+        origin: str,
+        sync_interval: float | None = None,
+        max_size: int | None = None,
+    ) -> Pin:
+        """Pin `path` (worker thread). Raises PinRefused with everything rolled back."""
+        if mode not in ("overlay", "copy"):
+            raise PinRefused(f"cannot pin {path}: mode {mode!r} is not supported")
+        with self.lock:
+            if path in self.pins:
+                raise PinRefused(f"{path} is already pinned")
+        self.check_pinnable(path)
+        if max_size is not None:
+            try:
+                copymode.check_fits(path, max_size)
+            except copymode.TooLarge as exc:
+                raise PinRefused(str(exc)) from exc
+        pid = pin_id(path)
+        now = time.monotonic()
+        pin = Pin(
+            path=path,
+            id=pid,
+            mode=mode,
+            origin=origin,
+            state="pinning",
+            pinned_at=now,
+            pinned_wall=time.time(),
+            sync_interval=sync_interval,
+        )
+        if mode == "copy":
+            pin.last_ok_wall = pin.pinned_wall  # the copy starts equal to the disk
+        os.makedirs(self.journal(pid), exist_ok=True)
+        write_json_atomic(
+            os.path.join(self.journal(pid), "pin.json"), {"path": path, "mode": mode, "id": pid}
+        )
+        with self.lock:
+            self.pins[path] = pin
+        self.save_state()
+        undo: list[Callable[[], None]] = []
+        try:
+            self._mount_layers(pin, undo)
+            if mode == "overlay":
+                self._mount_overlay(pin, undo)
+            else:
+                self._copy_and_bind(pin, undo)
+            late = self._disk_holders(pin)
+            if late:
+                raise PinRefused(
+                    f"cannot pin {path}: opened on disk during the pin by " + _holder_list(late)
+                )
+        except BaseException as exc:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception as undo_exc:  # keep undoing; report what is left
+                    log.error("rolling back the pin of %s: %s", path, undo_exc)
+            with self.lock:
+                self.pins.pop(path, None)
+            self.save_state()
+            if not os.path.ismount(self.ram(pid)):
+                shutil.rmtree(self.base(pid), ignore_errors=True)
+                if not sync.latest_generation(self.journal(pid)):
+                    shutil.rmtree(self.journal(pid), ignore_errors=True)
+            if isinstance(exc, PinRefused):
+                raise
+            if isinstance(exc, (OSError, mounts.MountError, sync.SyncError, copymode.CopyError)):
+                raise PinRefused(f"cannot pin {path}: {exc}") from exc
+            raise
+        self._set_state(pin, "pinned")
+        return pin
+
+    def _mount_layers(self, pin: Pin, undo: list[Callable[[], None]]) -> None:
+        ram, disk = self.ram(pin.id), self.disk(pin.id)
+        os.makedirs(ram, mode=0o700, exist_ok=True)
+        os.makedirs(disk, mode=0o700, exist_ok=True)
+        mounts.mount_tmpfs(
+            ram, size=self.ram_limit, mode=0o700, uid=0, gid=0, source=SOURCE_PREFIX + pin.id
+        )
+        undo.append(lambda: mounts.umount(ram))
+        # private before anything else is mounted: a shared bind would receive the overlay too
+        mounts.bind(pin.path, disk, private=True)
+        undo.append(lambda: mounts.umount(disk))
+
+    def _mount_overlay(self, pin: Pin, undo: list[Callable[[], None]]) -> None:
+        upper, work = self.upper(pin.id), os.path.join(self.ram(pin.id), "work")
+        os.mkdir(upper)
+        os.mkdir(work)
+        copy_root_attributes(pin.path, upper)  # the merged root shows the upper root's
+        mounts.mount_overlay(
+            pin.path,
+            lower=self.disk(pin.id),
+            upper=upper,
+            work=work,
+            features=sync.OVERLAY_FEATURES,
+            source=SOURCE_PREFIX + pin.id,
+        )
+        undo.append(lambda: mounts.umount(pin.path))
+
+    def _copy_and_bind(self, pin: Pin, undo: list[Callable[[], None]]) -> None:
+        ram, disk = self.ram(pin.id), self.disk(pin.id)
+        copymode.copy_in(disk, ram, pin_id=pin.id, runner=self.runner)
+        mounts.bind(self.data(pin.id), pin.path, private=False)
+        undo.append(lambda: mounts.umount(pin.path))
+
+    def _disk_holders(self, pin: Pin) -> list[holders.Holder]:
+        """Processes holding files of the directory on disk after the mount (they opened it in
+        the moment between the check and the mount): their writes would bypass RAM."""
+        disk_dev = os.stat(self.disk(pin.id)).st_dev
+        found = holders.find_holders(pin.path, exclude_pids=self.exclude_pids())
+        return [h for h in found if getattr(h, "dev", disk_dev) == disk_dev]
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint(self, pin: Pin) -> SyncRecord:
+        """Make the RAM side durable without unmounting (worker thread)."""
+        start = time.monotonic()
+        wall = time.time()
+        try:
+            if pin.mode == "overlay":
+                res = sync.checkpoint(self.upper(pin.id), self.journal(pin.id), runner=self.runner)
+                record = SyncRecord(wall, True, time.monotonic() - start, res.files, res.bytes)
+            else:
+                cres = copymode.checkpoint(
+                    self.ram(pin.id), self.disk(pin.id), pin_id=pin.id, runner=self.runner
+                )
+                if cres.unstable:
+                    log.warning(
+                        "checkpoint of %s: files that never held still, written as last seen: %s",
+                        pin.path,
+                        ", ".join(cres.unstable[:10]),
+                    )
+                record = SyncRecord(wall, True, time.monotonic() - start, cres.files, cres.bytes)
+        except (OSError, sync.SyncError, copymode.CopyError) as exc:
+            record = SyncRecord(wall, False, time.monotonic() - start, error=str(exc))
+        with self.lock:
+            pin.last_sync = record
+            if record.ok:
+                pin.last_sync_mono = start
+                pin.last_ok_wall = wall
+        self.save_state()
+        return record
+
+    # -- unpinning ---------------------------------------------------------------------------
+
+    def unpin(self, pin: Pin) -> SyncRecord:
+        """Write everything back, unmount and free the RAM (worker thread). Raises UnpinBusy
+        (still pinned, nothing lost) when someone uses the directory, and SyncError/OSError when
+        the write-back failed (still pinned: the overlay or bind is mounted again)."""
+        start = time.monotonic()
+        wall = time.time()
+        source = SOURCE_PREFIX + pin.id
+        if pin.mode == "copy":
+            # bulk copy while still mounted: the disk side is a private bind, well defined
+            copymode.final_sync(
+                self.ram(pin.id), self.disk(pin.id), pin_id=pin.id, runner=self.runner
+            )
+        found = [
+            h
+            for h in holders.find_holders(
+                pin.path, exclude_pids=self.exclude_pids(), mount_source=source
+            )
+        ]
+        if found:
+            raise UnpinBusy(f"{pin.path} is in use by " + _holder_list(found), found)
+        self._set_state(pin, "draining")
+        try:
+            mounts.umount(pin.path)
+        except mounts.MountBusy as exc:
+            self._set_state(pin, "pinned")
+            found = holders.find_holders(
+                pin.path, exclude_pids=self.exclude_pids(), mount_source=source
+            )
+            raise UnpinBusy(
+                f"{pin.path} is busy: " + (_holder_list(found) if found else "no holder found"),
+                found,
+            ) from exc
+        try:
+            if pin.mode == "overlay":
+                # through the journal: an apply cut short by a power loss is then replayed
+                # from disk at the next start (the RAM layer is gone by then)
+                sync.checkpoint(self.upper(pin.id), self.journal(pin.id), runner=self.runner)
+                res = sync.apply_journal(
+                    self.journal(pin.id), self.disk(pin.id), runner=self.runner
+                )
+                if res is None:
+                    raise sync.SyncError(f"the journal of {pin.path} vanished before its apply")
+                files, nbytes = res.files, res.bytes
+            else:
+                cres = copymode.final_sync(
+                    self.ram(pin.id), self.disk(pin.id), pin_id=pin.id, runner=self.runner
+                )
+                files, nbytes = cres.files, cres.bytes
+        except BaseException:
+            self._remount(pin)
+            raise
+        self._release(pin)
+        return SyncRecord(wall, True, time.monotonic() - start, files, nbytes)
+
+    def _remount(self, pin: Pin) -> None:
+        """After a failed write-back: show the RAM side again, so nothing written is hidden."""
+        try:
+            if pin.mode == "overlay":
+                work = os.path.join(self.ram(pin.id), "work")
+                mounts.mount_overlay(
+                    pin.path,
+                    lower=self.disk(pin.id),
+                    upper=self.upper(pin.id),
+                    work=work,
+                    features=sync.OVERLAY_FEATURES,
+                    source=SOURCE_PREFIX + pin.id,
+                )
+            else:
+                mounts.bind(self.data(pin.id), pin.path, private=False)
+        except Exception as exc:
+            log.critical(
+                "%s: write-back failed and the RAM copy could not be mounted again"
+                " (%s); the data is safe in %s",
+                pin.path,
+                exc,
+                self.ram_side(pin),
+            )
+        self._set_state(pin, "pinned")
+
+    def _release(self, pin: Pin) -> None:
+        mounts.umount(self.disk(pin.id))
+        mounts.umount(self.ram(pin.id))
+        shutil.rmtree(self.base(pin.id), ignore_errors=True)
+        sync.discard_journal(self.journal(pin.id))
+        shutil.rmtree(self.journal(pin.id), ignore_errors=True)
+        with self.lock:
+            self.pins.pop(pin.path, None)
+        self.save_state()
+
+    # -- start-up reconciliation ---------------------------------------------------------------
+
+    def reconcile(self) -> list[str]:
+        """Adopt pins that survived a daemon crash, finish or undo half-done steps, and apply
+        journals left by a power cut. Returns one line per thing done, for the log."""
+        done: list[str] = []
+        recorded = self.load_state()
+        known: dict[str, dict[str, Any]] = {}
+        for recorded_path, rec in recorded.items():
+            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+                known[rec["id"]] = dict(rec, path=recorded_path)
+        for meta in self._journal_metas():
+            known.setdefault(meta["id"], meta)
+        for entry in mounts.mountinfo():
+            if entry.source.startswith(SOURCE_PREFIX) and entry.mountpoint.startswith(
+                os.path.join(self.runtime_dir, "pins") + "/"
+            ):
+                pid = entry.source[len(SOURCE_PREFIX) :]
+                if pid not in known:
+                    done.append(f"found mounts of unknown pin {pid} (no record): left alone")
+        for pid, rec in known.items():
+            path, mode = rec.get("path"), rec.get("mode")
+            if not isinstance(path, str) or not isinstance(mode, str):
+                continue
+            if mode not in ("overlay", "copy"):
+                continue
+            try:
+                line = self._reconcile_one(pid, path, mode, rec)
+            except Exception as exc:
+                line = f"{path}: could not reconcile: {exc}"
+                log.error("%s", line)
+            if line:
+                done.append(line)
+        self.save_state()
+        return done
+
+    def _journal_metas(self) -> Iterator[dict[str, Any]]:
+        try:
+            names = sorted(os.listdir(self.journal_dir))
+        except FileNotFoundError:
+            return
+        for name in names:
+            try:
+                with open(os.path.join(self.journal_dir, name, "pin.json")) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and meta.get("id") == name:
+                yield meta
+
+    def _reconcile_one(self, pid: str, path: str, mode: str, rec: dict[str, Any]) -> str:
+        top = mounts.mount_at(path)
+        covered = top is not None and top.source == SOURCE_PREFIX + pid
+        ram_mounted = os.path.ismount(self.ram(pid))
+        disk_mounted = os.path.ismount(self.disk(pid))
+        state = rec.get("state")
+        if covered and ram_mounted and disk_mounted:
+            now = time.monotonic()
+            pin = Pin(
+                path=path,
+                id=pid,
+                mode=mode,
+                origin=str(rec.get("origin", "adaptive")),
+                state="pinned",
+                pinned_at=now,
+                pinned_wall=float(rec.get("pinned_wall") or time.time()),
+                sync_interval=rec.get("sync_interval"),
+            )
+            last = rec.get("last_sync")
+            if isinstance(last, dict):
+                with contextlib.suppress(TypeError):
+                    pin.last_sync = SyncRecord(**last)
+            with self.lock:
+                self.pins[path] = pin
+            return f"adopted {path} ({mode}, {pin.origin}), pinned before a restart"
+        if covered:
+            return f"{path}: covered by a pin mount without its RAM layers: left alone"
+        if ram_mounted:
+            # the overlay or bind is gone but the RAM layer is there: an unpin was cut short,
+            # or a pin never got as far as its mount
+            if mode == "overlay":
+                res = sync.apply_upper(self.upper(pid), path, runner=self.runner)
+                what = f"wrote {res.files} files, {format_bytes(res.bytes)}"
+            elif state == "draining":
+                cres = copymode.final_sync(
+                    self.ram(pid), self.disk(pid), pin_id=pid, runner=self.runner
+                )
+                what = f"wrote {cres.files} files, {format_bytes(cres.bytes)}"
+            else:
+                what = "the copy never served the directory: discarded"
+            if disk_mounted:
+                mounts.umount(self.disk(pid))
+            mounts.umount(self.ram(pid))
+            shutil.rmtree(self.base(pid), ignore_errors=True)
+            sync.discard_journal(self.journal(pid))
+            shutil.rmtree(self.journal(pid), ignore_errors=True)
+            return f"{path}: finished an interrupted {state or 'pin'}: {what}"
+        if disk_mounted:
+            mounts.umount(self.disk(pid))
+        shutil.rmtree(self.base(pid), ignore_errors=True)
+        if mode == "overlay":
+            res_j = sync.apply_journal(self.journal(pid), path, runner=self.runner)
+            shutil.rmtree(self.journal(pid), ignore_errors=True)
+            if res_j is not None:
+                return (
+                    f"{path}: applied the checkpoint journal left by a power cut or crash:"
+                    f" {res_j.files} files, {format_bytes(res_j.bytes)}"
+                )
+            return ""
+        shutil.rmtree(self.journal(pid), ignore_errors=True)
+        return f"{path}: RAM copy lost (power cut or reboot); the disk holds the last checkpoint"
+
+    # -- measurements ----------------------------------------------------------------------------
+
+    def ram_bytes(self, pin: Pin) -> int:
+        try:
+            st = os.statvfs(self.ram(pin.id))
+        except OSError:
+            return 0
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    def dirty_bytes(self, pin: Pin, limit: int = 200_000) -> int:
+        """Bytes in RAM changed since the last good checkpoint (not yet on disk)."""
+        since = pin.last_ok_wall or 0.0
+        total = 0
+        seen = 0
+        for dirpath, _dirnames, filenames in os.walk(self.ram_side(pin)):
+            for name in filenames:
+                seen += 1
+                if seen > limit:
+                    return total
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(dirpath, name))
+                    if st.st_ctime >= since:
+                        total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+        return total
+
+
+def _holder_list(found: list[holders.Holder]) -> str:
+    shown = "; ".join(str(h) for h in found[:5])
+    return shown + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+
+
+def copy_root_attributes(src: str, dst: str) -> None:
+    """Give `dst` the owner, mode, ACLs and xattrs of `src` (the overlay's merged root shows the
+    upper root's attributes, not the disk directory's)."""
+    st = os.lstat(src)
+    os.chown(dst, st.st_uid, st.st_gid)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    for name in os.listxattr(src, follow_symlinks=False):
+        if name.startswith(_COPIED_XATTR_PREFIXES):
+            with contextlib.suppress(OSError):
+                os.setxattr(
+                    dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False
+                )
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def write_json_atomic(path: str, doc: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,244 @@
+"""Runs the real daemon as a child process on a loop filesystem, reads its log, and talks to it
+with the real rampipectl. Writers are separate processes, outside the daemon's process tree."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.system.helpers import LoopFs, make_loopfs, mountinfo, unmount_tree, wait_for
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Env:
+    """A disk (loop ext4) with a watch root `data`, a journal dir, and a runtime tmpfs."""
+
+    tmp: Path
+    disk: LoopFs
+    data: Path
+    journal: Path
+    runtime: Path
+    config_path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def write_config(self, **overrides: Any) -> None:
+        cfg = {
+            "runtime_dir": str(self.runtime),
+            "journal_dir": str(self.journal),
+            "ram": {"max": "256M", "min_free": "64M"},
+            "sync": {"interval": 0},
+            "adaptive": {
+                "watch": [{"path": str(self.data), "depth": 1}],
+                "half_life": "1s",
+                "pin_above": 50,
+                "hot_for": "1s",
+                "unpin_below": 5,
+                "cool_for": "2s",
+                "max_pins": 4,
+            },
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}  # type: ignore[dict-item]
+            else:
+                cfg[key] = value
+        self.config = cfg
+        self.config_path.write_text(yaml.safe_dump(cfg))
+
+    def overlay_at(self, path: Path) -> bool:
+        return any(m["mountpoint"] == str(path) and m["fstype"] == "overlay" for m in mountinfo())
+
+    def mounted_at(self, path: Path) -> dict[str, str] | None:
+        found = None
+        for m in mountinfo():
+            if m["mountpoint"] == str(path):
+                found = m
+        return found
+
+    def ctl(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(VENV_BIN / "rampipectl"), "--config", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"rampipectl {' '.join(args)} exited {proc.returncode}: {proc.stderr}"
+            )
+        return proc
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.ctl("status", "--json", check=True).stdout)
+        return out
+
+
+class Daemon:
+    def __init__(self, env: Env, *extra: str) -> None:
+        self.env = env
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [
+                str(VENV_BIN / "rampiped"),
+                "--config",
+                str(env.config_path),
+                "--log-level",
+                "debug",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")
+            },
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_log(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+
+        def find() -> re.Match[str] | None:
+            for line in list(self.lines):
+                m = rx.search(line)
+                if m:
+                    return m
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited {self.proc.returncode} before logging"
+                    f" {pattern!r}:\n{self.log_text()}"
+                )
+            return None
+
+        try:
+            found: re.Match[str] = wait_for(find, timeout, f"log line {pattern!r}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- daemon log ---\n{self.log_text()}") from None
+        return found
+
+    def wait_ready(self) -> None:
+        self.wait_log(r"rampiped \S+ started")
+        if "--dry-run" not in self.proc.args:  # type: ignore[operator]
+            wait_for(
+                lambda: os.path.exists(self.env.runtime / "control.sock"), 10, "the control socket"
+            )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)
+
+
+@contextlib.contextmanager
+def make_env(tmp: Path, disk_mb: int = 256) -> Iterator[Env]:
+    with make_loopfs(tmp / "disk", size_mb=disk_mb) as disk:
+        runtime = tmp / "run"
+        runtime.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "mode=0755,size=64m", "rp-run", str(runtime)], check=True
+        )
+        data = disk.mountpoint / "data"
+        data.mkdir()
+        journal = disk.mountpoint / "journal"
+        env = Env(tmp, disk, data, journal, runtime / "rampiped", tmp / "rampipe.conf")
+        env.write_config()
+        try:
+            yield env
+        finally:
+            unmount_tree(tmp)
+
+
+@contextlib.contextmanager
+def running(env: Env, *extra: str) -> Iterator[Daemon]:
+    d = Daemon(env, *extra)
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.kill()
+
+
+WRITER = r"""
+import os, sys, time
+root, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+os.makedirs(root, exist_ok=True)
+n = 0
+start = time.monotonic()
+stop_file = os.path.join(os.path.dirname(root.rstrip('/')), '.stop-' + os.path.basename(root))
+print('ready', flush=True)
+while time.monotonic() - start < seconds and not os.path.exists(stop_file):
+    name = os.path.join(root, 'f%03d.log' % (n % 50))
+    with open(name, 'a') as f:
+        f.write('line %d\n' % n)
+    n += 1
+    due = start + n / rate
+    delay = due - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+print(n, flush=True)
+"""
+
+
+class Writer:
+    """A separate process appending lines at `rate` operations/s (each is open+write+close:
+    about three events)."""
+
+    def __init__(self, root: Path, rate: float, seconds: float = 600) -> None:
+        self.root = root
+        self.stop_file = root.parent / (".stop-" + root.name)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(root), str(rate), str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def stop(self) -> int:
+        self.stop_file.touch()
+        try:
+            assert self.proc.stdout is not None
+            out = self.proc.stdout.read()
+            self.proc.wait(30)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.stop_file.unlink()
+        return int(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

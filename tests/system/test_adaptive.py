@@ -1,0 +1,212 @@
+"""Adaptive pinning end to end: the real daemon, fanotify, overlay mounts and the write-back,
+on a loop ext4 in the test run's private mount namespace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.system.daemon_harness import Env, Writer, make_env, running
+from tests.system.helpers import diff_manifests, drop_caches, manifest, mount_points, wait_for
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    with make_env(tmp_path) as e:
+        yield e
+
+
+def seed(root: Path, files: int = 20) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (root / f"old{i}.log").write_text(f"old line {i}\n" * (i + 1))
+    (root / "sub").mkdir(exist_ok=True)
+    (root / "sub" / "deep.txt").write_text("deep\n")
+
+
+def test_hot_directory_is_pinned_cold_is_not_and_write_back_is_exact(env: Env) -> None:
+    hot, cold = env.data / "hot", env.data / "cold"
+    seed(hot)
+    seed(cold)
+    with running(env) as daemon:
+        writer = Writer(hot, rate=300)
+        light = Writer(cold, rate=1)
+        try:
+            wait_for(lambda: env.overlay_at(hot), 20, "the hot directory to be pinned")
+            m = daemon.wait_log(r"pinned (\S+): ([\d.]+) events/s > 50/s for 1s \(overlay\)")
+            assert m.group(1) == str(hot)
+            assert not env.overlay_at(cold)
+            st = env.status()
+            pinned = {p["path"]: p for p in st["pins"]}
+            assert pinned[str(hot)]["mode"] == "overlay"
+            assert pinned[str(hot)]["state"] == "pinned"
+            assert pinned[str(hot)]["rate"] > 50
+            for key in ("ram_bytes", "dirty_bytes", "pinned_since", "last_sync", "rate"):
+                assert key in pinned[str(hot)]
+            # writes keep counting after the pin (seen on the RAM side)
+            wait_for(lambda: env.status()["pins"][0]["dirty_bytes"] > 0, 10, "dirty bytes")
+            (hot / "sub" / "deep.txt").unlink()
+            (hot / "newdir").mkdir()
+            (hot / "newdir" / "x").write_text("x")
+        finally:
+            writer.stop()
+            light.stop()
+        before = manifest(hot)
+        assert env.overlay_at(hot), "unpinned before the load stopped"
+        m = daemon.wait_log(
+            r"unpinned (\S+): ([\d.]+) events/s < 5/s for 2s; wrote (\d+) files", timeout=30
+        )
+        assert m.group(1) == str(hot)
+        assert not env.overlay_at(hot)
+        assert not env.overlay_at(cold)
+    after = manifest(hot)
+    assert diff_manifests(before, after) == []
+    drop_caches()
+    assert diff_manifests(before, manifest(hot)) == []
+    assert not [m for m in mount_points() if m.startswith(str(env.runtime) + "/pins/")]
+
+
+def test_dry_run_mounts_nothing_and_logs_its_decisions(env: Env) -> None:
+    hot = env.data / "hot"
+    seed(hot)
+    mounts_before = mount_points()
+    with running(env, "--dry-run") as daemon:
+        writer = Writer(hot, rate=300)
+        try:
+            daemon.wait_log(rf"would pin {hot}: [\d.]+ events/s > 50/s for 1s")
+        finally:
+            writer.stop()
+        daemon.wait_log(rf"would unpin {hot}: ", timeout=30)
+        assert mount_points() == mounts_before
+        assert daemon.stop() == 0
+
+
+def test_holder_blocks_pin_until_it_exits(env: Env) -> None:
+    hot = env.data / "hot"
+    seed(hot)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; f = open(sys.argv[1], 'a'); print('ready', flush=True); sys.stdin.read()",
+            str(hot / "held.log"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with running(env) as daemon:
+            writer = Writer(hot, rate=300)
+            try:
+                daemon.wait_log(rf"not pinned: cannot pin {hot}: in use by pid {holder.pid}")
+                assert not env.overlay_at(hot)
+                cands = {c["path"]: c for c in env.status()["candidates"]}
+                assert str(holder.pid) in (cands[str(hot)]["blocked"] or "")
+                assert holder.stdin is not None
+                holder.stdin.close()
+                holder.wait(10)
+                wait_for(lambda: env.overlay_at(hot), 30, "the pin once the holder is gone")
+            finally:
+                writer.stop()
+            assert daemon.stop() == 0
+        assert not env.overlay_at(hot)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_holder_at_unpin_keeps_the_pin_until_it_exits(env: Env) -> None:
+    hot = env.data / "hot"
+    seed(hot)
+    with running(env) as daemon:
+        writer = Writer(hot, rate=300)
+        try:
+            wait_for(lambda: env.overlay_at(hot), 20, "the pin")
+        finally:
+            writer.stop()
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; f = open(sys.argv[1], 'a'); f.write('held\\n');"
+                " f.flush(); print('ready', flush=True); sys.stdin.read(); f.write('bye\\n')",
+                str(hot / "held.log"),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+            daemon.wait_log(rf"cannot unpin {hot} yet: .*pid {holder.pid}", timeout=30)
+            assert env.overlay_at(hot)
+            assert holder.stdin is not None
+            holder.stdin.close()
+            assert holder.wait(10) == 0
+        finally:
+            holder.kill()
+            holder.wait()
+        daemon.wait_log(rf"unpinned {hot}: ", timeout=60)
+    assert (hot / "held.log").read_text() == "held\nbye\n"
+
+
+def test_sigterm_while_pinned_writes_everything_back(env: Env) -> None:
+    hot = env.data / "hot"
+    seed(hot)
+    with running(env) as daemon:
+        assert env.ctl("pin", str(hot)).returncode == 0
+        assert env.overlay_at(hot)
+        (hot / "new.txt").write_text("written in RAM\n")
+        (hot / "old3.log").unlink()
+        before = manifest(hot)
+        assert daemon.stop(signal.SIGTERM) == 0
+        daemon.wait_log(r"unpinned .*: stopping; wrote")
+    assert not env.overlay_at(hot)
+    assert diff_manifests(before, manifest(hot)) == []
+
+
+def test_power_cut_after_checkpoint_applies_the_journal_at_next_start(env: Env) -> None:
+    hot = env.data / "hot"
+    seed(hot)
+    with running(env) as daemon:
+        assert env.ctl("pin", str(hot)).returncode == 0
+        (hot / "kept.txt").write_text("checkpointed\n")
+        (hot / "old1.log").unlink()
+        os.rename(hot / "sub", hot / "sub-renamed")
+        assert env.ctl("sync").returncode == 0
+        at_checkpoint = manifest(hot)
+        (hot / "lost.txt").write_text("after the checkpoint: inside the power-loss window\n")
+        daemon.kill()
+    # the power cut: RAM is gone, nothing was written back
+    subprocess.run(["umount", str(hot)], check=True)
+    for m in sorted(
+        (m for m in mount_points() if m.startswith(str(env.runtime) + "/")), key=len, reverse=True
+    ):
+        subprocess.run(["umount", m], check=True)
+    subprocess.run(["umount", str(env.runtime.parent)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "rp-run", str(env.runtime.parent)], check=True)
+    assert not env.overlay_at(hot)
+    with running(env) as daemon:
+        daemon.wait_log(r"applied the checkpoint journal")
+    drop_caches()
+    assert diff_manifests(at_checkpoint, manifest(hot)) == []
+
+
+def test_status_and_exit_codes(env: Env) -> None:
+    assert env.ctl("status").returncode == 3  # not running
+    with running(env):
+        st = env.status()
+        assert st["pins"] == [] and "candidates" in st and "ram" in st
+        bad = env.ctl("unpin", str(env.data / "nothing"))
+        assert bad.returncode == 1 and "is not pinned" in bad.stderr
+        assert env.ctl("pin", "/proc").returncode == 1
