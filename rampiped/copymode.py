@@ -1,0 +1,775 @@
+"""Copy mode: the data path of a pin whose directory is copied into RAM and bind-mounted back
+over its own path (DESIGN.md §4, "pin (copy mode)" and "checkpoint").
+
+Layout of a pin (the mounts are made by the pin manager):
+
+    <runtime>/pins/<id>/ram                 a tmpfs, source "rampiped-<id>"
+    <runtime>/pins/<id>/ram/data            the copy, bind-mounted over the original path
+    <runtime>/pins/<id>/ram/.rampiped-pin   sentinel: JSON {"id", "path"}, written last by copy_in
+    <runtime>/pins/<id>/disk                a private bind of the original directory
+
+What this module guarantees:
+
+- copy_in never returns a copy that missed a write: it compares a snapshot of the source taken
+  before each pass with one taken after it and copies again until a pass saw nothing change,
+  or refuses (CopyRace).
+- Nothing is ever deleted on disk from a source that is not the expected RAM copy: every pass
+  that deletes calls verify_source first (mounted tmpfs of this pin, sentinel naming it). An
+  empty or unmounted RAM directory has no sentinel, so it can never wipe the disk copy.
+- Every file lands on disk whole: a temporary name, fsync, rename (rsync --fsync, never
+  --inplace), then syncfs. A power cut leaves each file either as it was or as the last
+  checkpoint wrote it.
+- SQLite databases are never copied as bytes while they may change: they are read through
+  SQLite's online backup API inside one read transaction (a consistent snapshot, whatever the
+  journal mode), and their -wal/-shm/-journal files are never copied. Stale companions on disk
+  are settled by SQLite itself and removed *before* the new database is renamed into place,
+  because SQLite trusts any -wal or hot -journal it finds next to a database: a stale WAL
+  replayed onto a fresh copy silently rolls it back, a stale hot journal corrupts it (both
+  reproduced in tests/system/test_copymode.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import stat
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from rampiped import mounts
+from rampiped.engine import format_bytes
+from rampiped.errors import RampipeError
+from rampiped.sync import Runner, SyncError, run_command
+
+log = logging.getLogger(__name__)
+
+DATA = "data"
+SENTINEL = ".rampiped-pin"
+SOURCE_PREFIX = "rampiped-"
+SQLITE_HEADER = b"SQLite format 3\x00"
+# Files SQLite keeps next to a database: write-ahead log, its shared-memory index, rollback
+# journal. They belong to one particular database file and are never copied on their own.
+DB_COMPANIONS = ("-wal", "-shm", "-journal")
+# Temporary names of databases being written on disk; a crash can leave one behind, and the
+# next checkpoint's --delete removes it (it does not exist in RAM).
+_TMP_MARK = ".rampiped-tmp-"
+# A database holding a write lock longer than this is reported, not waited for forever.
+DB_LOCK_WAIT = 10.0
+# The smallest SQLite page; a database file is a whole number of pages.
+_MIN_PAGE = 512
+
+# (type, size, mtime_ns, ctime_ns, inode): any write, truncate, chmod, chown, rename-over or
+# replacement changes at least one of them. Since Linux 6.13 ext4, xfs, btrfs and tmpfs use
+# multigrain timestamps: once a time was read by stat, the next change gets a distinct one, so
+# a same-size overwrite right after our stat cannot hide behind a coarse clock tick.
+Stamp = tuple[str, int, int, int, int]
+Snapshot = Mapping[str, Stamp]
+
+
+class CopyError(RampipeError):
+    """A copy-mode operation could not be done; the message says why and what to do."""
+
+
+class TooLarge(CopyError):
+    pass
+
+
+class CopyRace(CopyError):
+    def __init__(self, message: str, paths: list[str]) -> None:
+        super().__init__(message)
+        self.paths = paths
+
+
+class UnsafeSource(CopyError):
+    """The RAM side is not the expected, filled RAM copy of this pin: syncing from it could
+    delete the disk copy."""
+
+
+class UnsafeTarget(CopyError):
+    """The disk side is not the pin's bind of the original directory."""
+
+
+class CheckpointIncomplete(CopyError):
+    """Everything else was written, but some databases could not be; `result` says what was."""
+
+    def __init__(self, message: str, result: CheckpointResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class NotVerified(CopyError):
+    """After a final sync the disk does not hold what RAM holds."""
+
+    def __init__(self, message: str, differences: list[str]) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    files: int  # regular files in the copy (names: a hard-linked file counts per name)
+    bytes: int  # as dir_size counts them: files (each inode once) and symlinks
+    seconds: float
+    attempts: int  # passes needed until one saw no change on disk
+    # The source as it was when the last pass ended: after the bind mount, changed_since(src,
+    # snapshot) names writes that reached the disk in between (they would be lost).
+    snapshot: Snapshot = field(repr=False, compare=False, default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    files: int  # regular files written (databases included)
+    bytes: int  # bytes of those files
+    deleted: int  # entries deleted on disk
+    seconds: float
+    unstable: list[str]  # changed during every attempt; on disk as last seen (whole)
+    databases: list[str]  # written through SQLite's backup API
+
+
+# -- sizes ------------------------------------------------------------------------------------
+
+
+def dir_size(path: str) -> int:
+    """Bytes the tree at `path` takes as a copy in tmpfs: the apparent size of regular files
+    (each inode once: rsync -H keeps hard links) and symlinks. Apparent, not allocated: rsync
+    without --sparse writes holes out in full. Symlinks are not followed."""
+    total = 0
+    seen: set[int] = set()
+    stack = [path]
+    while stack:
+        directory = stack.pop()
+        try:
+            it = os.scandir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed while we walked
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+                elif stat.S_ISREG(st.st_mode):
+                    if st.st_nlink > 1:
+                        if st.st_ino in seen:
+                            continue
+                        seen.add(st.st_ino)
+                    total += st.st_size
+                elif stat.S_ISLNK(st.st_mode):
+                    total += st.st_size
+    return total
+
+
+def check_fits(path: str, max_size: int | None) -> None:
+    """Raise TooLarge when the directory has grown past the pin's max_size."""
+    if max_size is None:
+        return
+    size = dir_size(path)
+    if size <= max_size:
+        return
+    have, limit = format_bytes(size), format_bytes(max_size)
+    if have == limit:  # 64.0 MiB is more than 64.0 MiB: show the bytes
+        have, limit = f"{have} ({size} bytes)", f"{limit} ({max_size} bytes)"
+    raise TooLarge(
+        f"{path} is {have}, more than max_size {limit}: not pinned "
+        "(raise max_size or clean the directory)"
+    )
+
+
+# -- snapshots --------------------------------------------------------------------------------
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "f"
+    if stat.S_ISDIR(mode):
+        return "d"
+    if stat.S_ISLNK(mode):
+        return "l"
+    if stat.S_ISFIFO(mode):
+        return "p"
+    return "o"
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    return (_kind(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def snapshot(root: str, paths: Iterable[str] | None = None) -> dict[str, Stamp]:
+    """The stamp of every entry below `root` (relative paths, "." for the root), or of the
+    given relative `paths` only. Entries that vanish while we look are left out."""
+    out: dict[str, Stamp] = {}
+    if paths is not None:
+        for rel in paths:
+            try:
+                out[rel] = _stamp(os.lstat(os.path.join(root, rel)))
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+        return out
+    out["."] = _stamp(os.lstat(root))
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with it:
+            for entry in it:
+                rel = rel_dir + "/" + entry.name if rel_dir else entry.name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out[rel] = _stamp(st)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(rel)
+    return out
+
+
+def _differences(before: Snapshot, after: Snapshot) -> list[str]:
+    return sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+
+
+def changed_since(root: str, before: Snapshot) -> list[str]:
+    """Relative paths below `root` that were created, removed or changed since `before`."""
+    return _differences(before, snapshot(root))
+
+
+# -- the RAM side -----------------------------------------------------------------------------
+
+
+def _require_pin_tmpfs(ram: str, pin_id: str, what: str) -> mounts.MountEntry:
+    entry = mounts.mount_at(ram)
+    if entry is None:
+        raise UnsafeSource(
+            f"{what}: {ram} is not a mount point (the RAM copy of pin {pin_id} is not mounted)"
+        )
+    expected = SOURCE_PREFIX + pin_id
+    if entry.fstype != "tmpfs" or entry.source != expected:
+        raise UnsafeSource(
+            f"{what}: {ram} is mounted from {entry.source!r} ({entry.fstype}), "
+            f"not the tmpfs {expected!r} of pin {pin_id}"
+        )
+    if os.stat(ram).st_dev != entry.dev:
+        raise UnsafeSource(f"{what}: {ram} does not resolve into the mount {expected!r}")
+    return entry
+
+
+def verify_source(ram: str, pin_id: str) -> None:
+    """Raise UnsafeSource unless `ram` is this pin's tmpfs, holding the sentinel that copy_in
+    writes last, and a `data` directory. Called before anything may delete on disk."""
+    what = f"refusing to sync from {ram}"
+    _require_pin_tmpfs(ram, pin_id, what)
+    sentinel = os.path.join(ram, SENTINEL)
+    try:
+        with open(sentinel, "rb") as f:
+            content = json.loads(f.read())
+    except FileNotFoundError:
+        raise UnsafeSource(f"{what}: no {SENTINEL} (the copy into RAM never completed)") from None
+    except (OSError, ValueError) as exc:
+        raise UnsafeSource(f"{what}: cannot read {sentinel}: {exc}") from None
+    if not isinstance(content, dict) or content.get("id") != pin_id:
+        raise UnsafeSource(f"{what}: {sentinel} names {content!r}, not pin {pin_id}")
+    data = os.path.join(ram, DATA)
+    try:
+        is_dir = stat.S_ISDIR(os.lstat(data).st_mode)
+    except FileNotFoundError:
+        is_dir = False
+    if not is_dir:
+        raise UnsafeSource(f"{what}: {data} is not a directory")
+
+
+def _verify_target(ram: str, disk: str) -> None:
+    """The disk side must be a mount (the pin's private bind): an unmounted `disk` is an empty
+    directory in the runtime dir, and a checkpoint written there would look fine and be lost."""
+    if mounts.mount_at(disk) is None:
+        raise UnsafeTarget(
+            f"refusing to write to {disk}: not a mount point (the disk side of the pin is gone)"
+        )
+    if os.stat(disk).st_dev == os.stat(ram).st_dev:
+        raise UnsafeTarget(f"refusing to write to {disk}: it is on the RAM filesystem")
+
+
+# -- small file operations --------------------------------------------------------------------
+
+
+def _fsync_path(path: str, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}{_TMP_MARK}{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _is_sqlite(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+
+
+def _databases(root: str, snap: Snapshot) -> set[str]:
+    """Regular files that are SQLite databases: a whole number of (>= 512 byte) pages and the
+    header. The size test spares reading every file's first bytes."""
+    found = set()
+    for rel, (kind, size, *_rest) in snap.items():
+        if (
+            kind == "f"
+            and size >= _MIN_PAGE
+            and size % _MIN_PAGE == 0
+            and _is_sqlite(os.path.join(root, rel))
+        ):
+            found.add(rel)
+    return found
+
+
+def _with_companions(databases: Iterable[str]) -> set[str]:
+    return {db + suffix for db in databases for suffix in ("", *DB_COMPANIONS)}
+
+
+def _exclude_pattern(rel: str) -> str:
+    """An rsync pattern that matches exactly the path `rel` below the transfer root.
+
+    rsync honours backslash escapes only in patterns holding a wildcard, so the last character
+    becomes a one-character class (which also is a wildcard) and every other wildcard or
+    backslash is escaped."""
+    body = "".join("\\" + c if c in "*?[\\" else c for c in rel[:-1])
+    return "/" + body + "[\\" + rel[-1] + "]"
+
+
+_STAT_LINES = {
+    "files": re.compile(r"^Number of regular files transferred: ([\d,.']+)", re.M),
+    "bytes": re.compile(r"^Total transferred file size: ([\d,.']+)", re.M),
+    "deleted": re.compile(r"^Number of deleted files: ([\d,.']+)", re.M),
+}
+
+
+def _rsync_stats(stdout: str) -> dict[str, int]:
+    out = {}
+    for key, pattern in _STAT_LINES.items():
+        m = pattern.search(stdout)
+        out[key] = int(re.sub(r"\D", "", m.group(1))) if m else 0
+    return out
+
+
+# --modify-window=-1: rsync's quick check (and whether it sets a directory's times) compares
+# whole seconds by default, so a same-size rewrite within the second of the last copy would be
+# skipped for good. -1 compares nanoseconds (receivers >= 3.1.3).
+_RSYNC = ("rsync", "-aHAX", "--numeric-ids", "--modify-window=-1")
+
+
+# -- copy in ----------------------------------------------------------------------------------
+
+
+def copy_in(
+    src: str,
+    ram: str,
+    *,
+    pin_id: str,
+    runner: Runner = run_command,
+    attempts: int = 3,
+    path: str | None = None,
+) -> CopyResult:
+    """Copy the directory `src` into `ram`/data with everything rsync -aHAX keeps, then write
+    the sentinel (naming `pin_id` and `path`, the original directory, default `src`).
+
+    A pass counts only when a snapshot of `src` taken after it equals the one taken before it;
+    otherwise the copy runs again (--delete: the target is this pin's own tmpfs, checked
+    first). After `attempts` passes that all saw changes: CopyRace, naming what changed."""
+    start = time.monotonic()
+    _require_pin_tmpfs(ram, pin_id, f"refusing to copy {src} into {ram}")
+    sentinel = os.path.join(ram, SENTINEL)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sentinel)  # a copy in progress is never a valid source
+    if not stat.S_ISDIR(os.lstat(src).st_mode):
+        raise CopyError(f"cannot copy {src} into RAM: not a directory")
+    data = os.path.join(ram, DATA)
+    os.makedirs(data, exist_ok=True)
+    # A database's temporary copy that a power cut left on disk is not brought into RAM; so the
+    # first checkpoint's --delete removes it from the disk.
+    leftovers = f"--exclude=.*{_TMP_MARK}*"
+    argv = [*_RSYNC, "--delete", leftovers, src.rstrip("/") + "/", data + "/"]
+    attempt = 0
+    while True:
+        attempt += 1
+        before = snapshot(src)
+        result = runner(argv)
+        if result.returncode not in (0, 24):  # 24: a file vanished, i.e. it changed: again
+            raise SyncError.from_command(f"copying {src} into RAM", argv, result)
+        after = snapshot(src)
+        changed = _differences(before, after)
+        if not changed and result.returncode == 0:
+            break
+        if attempt >= attempts:
+            shown = ", ".join(changed[:10]) + (
+                f" and {len(changed) - 10} more" if changed[10:] else ""
+            )
+            raise CopyRace(
+                f"{src} kept changing while it was copied into RAM ({attempts} passes); "
+                f"changed: {shown or '(files vanished)'}: not pinned (stop the writer, or pin "
+                "before it starts)",
+                changed,
+            )
+        log.info("copy of %s into RAM raced %d changes, copying again", src, len(changed))
+    _write_atomic(sentinel, json.dumps({"id": pin_id, "path": path or src}).encode())
+    files = sum(1 for s in after.values() if s[0] == "f")
+    size = sum({s[4]: s[1] for s in after.values() if s[0] in "fl"}.values())  # as dir_size
+    return CopyResult(files, size, time.monotonic() - start, attempt, after)
+
+
+# -- databases --------------------------------------------------------------------------------
+
+
+def _uri(path: str, **params: str) -> str:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + "?" + query
+
+
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
+class _LockWait(Exception):
+    pass
+
+
+def _backup(src: str, tmp: str) -> None:
+    """A consistent copy of the database `src` into the new file `tmp`, through SQLite.
+
+    The source is opened read-write, like any SQLite client does: a hot journal left by a crash
+    is rolled back first. Its read transaction is taken with a busy timeout, and the backup
+    copies every page within it (one step), so it sees one committed state whatever the
+    journal mode. The copy itself needs no journal: it becomes visible only by rename."""
+    deadline = time.monotonic() + DB_LOCK_WAIT
+
+    def give_up_when_stuck(status: int, remaining: int, total: int) -> None:
+        if status in (_SQLITE_BUSY, _SQLITE_LOCKED) and time.monotonic() > deadline:
+            raise _LockWait
+
+    source = sqlite3.connect(
+        _uri(src, mode="rw"), uri=True, timeout=DB_LOCK_WAIT, isolation_level=None
+    )
+    try:
+        source.execute("BEGIN")
+        source.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        target = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            target.execute("PRAGMA journal_mode=OFF")
+            target.execute("PRAGMA synchronous=OFF")
+            source.backup(target, pages=-1, progress=give_up_when_stuck, sleep=0.05)
+        finally:
+            target.close()
+        source.execute("COMMIT")
+    except _LockWait:
+        raise CopyError(
+            f"cannot checkpoint the database {src}: locked for more than {DB_LOCK_WAIT:g} s"
+        ) from None
+    finally:
+        source.close()
+    # A separate read that ignores companion files (immutable): the backup made none, and a
+    # WAL-mode header must not make this check create -wal/-shm next to the temporary file.
+    check = sqlite3.connect(_uri(tmp, mode="ro", immutable="1"), uri=True)
+    try:
+        verdict = check.execute("PRAGMA quick_check").fetchall()
+    finally:
+        check.close()
+    if verdict != [("ok",)]:
+        problems = "; ".join(str(row[0]) for row in verdict[:3])
+        raise CopyError(
+            f"not writing the database {src} to disk: its copy fails quick_check ({problems}); "
+            "the disk keeps the last good copy"
+        )
+
+
+def _copy_metadata(src: str, st: os.stat_result, dst: str) -> None:
+    """Owner, xattrs (ACLs included), mode and times of `src` onto the new file `dst`, as
+    rsync -aAX would. Inherited default ACLs of the disk directory are removed first."""
+    os.chown(dst, st.st_uid, st.st_gid)
+    wanted = {n: os.getxattr(src, n, follow_symlinks=False) for n in os.listxattr(src)}
+    for name in os.listxattr(dst):
+        if name not in wanted and name.startswith(("user.", "system.posix_acl_", "trusted.")):
+            os.removexattr(dst, name)
+    for name, value in wanted.items():
+        os.setxattr(dst, name, value)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def settle_database(path: str) -> list[str]:
+    """Make the database file `path` on disk whole on its own, then remove its companions.
+
+    A -wal or hot -journal next to a database is part of it; next to a different database (the
+    copy about to be renamed over it) it is poison: SQLite replays it without checking where it
+    came from. So SQLite itself first finishes what the companions hold (rolls back a hot
+    journal, checkpoints a WAL; both crash-safe by SQLite's design), and only then are they
+    removed, durably. A power cut at any point leaves a valid database. Returns the companions
+    that were there (all gone now)."""
+    present = [path + s for s in DB_COMPANIONS if os.path.lexists(path + s)]
+    if not present:
+        return []
+    if _is_sqlite(path):
+        try:
+            conn = sqlite3.connect(
+                _uri(path, mode="rw"), uri=True, timeout=DB_LOCK_WAIT, isolation_level=None
+            )
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                    if busy:
+                        raise CopyError(f"cannot settle {path}: another process uses it")
+            finally:
+                conn.close()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise CopyError(f"cannot settle {path}: {exc} (another process uses it)") from exc
+            log.warning("%s on disk cannot be opened (%s); replacing it anyway", path, exc)
+        except sqlite3.DatabaseError as exc:
+            log.warning("%s on disk is damaged (%s); replacing it anyway", path, exc)
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_path(path)
+    for companion in present:  # SQLite may have removed them already
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(companion)
+    _fsync_dir(os.path.dirname(path) or ".")
+    return present
+
+
+def _checkpoint_database(data: str, disk: str, rel: str) -> int | None:
+    """Write RAM's database `rel` to disk; the bytes written, or None when it vanished."""
+    src = os.path.join(data, rel)
+    dst = os.path.join(disk, rel)
+    try:
+        st = os.lstat(src)
+    except FileNotFoundError:
+        return None
+    directory, name = os.path.split(dst)
+    tmp = os.path.join(directory, f".{name}{_TMP_MARK}{secrets.token_hex(4)}")
+    try:
+        try:
+            _backup(src, tmp)
+        except sqlite3.OperationalError as exc:
+            if not os.path.exists(src):
+                return None  # deleted in RAM meanwhile: the next checkpoint deletes it on disk
+            raise CopyError(f"cannot checkpoint the database {src}: {exc}") from exc
+        _copy_metadata(src, st, tmp)
+        _fsync_path(tmp)
+        settle_database(dst)
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            shutil.rmtree(dst)  # RAM replaced a directory by this database
+        os.rename(tmp, dst)
+    finally:
+        for leftover in (tmp, *(tmp + s for s in DB_COMPANIONS)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+    _fsync_dir(directory)
+    return os.stat(dst).st_size
+
+
+# -- checkpoint -------------------------------------------------------------------------------
+
+
+def _restore_dir_times(data: str, disk: str, rels: Iterable[str]) -> None:
+    """Renaming a database into a directory changed its mtime on disk: put RAM's back."""
+    for rel in {os.path.dirname(r) for r in rels}:
+        try:
+            st = os.lstat(os.path.join(data, rel) if rel else data)
+            os.utime(
+                os.path.join(disk, rel) if rel else disk,
+                ns=(st.st_atime_ns, st.st_mtime_ns),
+                follow_symlinks=False,
+            )
+        except FileNotFoundError:
+            pass
+
+
+def checkpoint(
+    ram: str,
+    disk: str,
+    *,
+    pin_id: str,
+    runner: Runner = run_command,
+    stable_attempts: int = 3,
+) -> CheckpointResult:
+    """Make `disk` equal `ram`/data while applications keep writing into it.
+
+    1. rsync -aHAX --delete --fsync of everything but the databases and their companions
+       (temporary name + fsync + rename per file, never in place);
+    2. files whose stamp changed during the pass may be torn: copied again (only they), up to
+       `stable_attempts` times; those that never held still are reported in `unstable`;
+    3. each database through SQLite's backup API, settled and renamed into place;
+    4. syncfs on the disk's filesystem.
+    Raises UnsafeSource/UnsafeTarget before touching anything when a side is not what it must
+    be, sync.SyncError when rsync fails, CheckpointIncomplete when a database could not be
+    written (everything else was)."""
+    start = time.monotonic()
+    verify_source(ram, pin_id)
+    _verify_target(ram, disk)
+    data = os.path.join(ram, DATA)
+    before = snapshot(data)
+    databases = _databases(data, before)
+    excludes = [f"--exclude={_exclude_pattern(p)}" for p in sorted(_with_companions(databases))]
+    argv = [*_RSYNC, "--delete", "--fsync", "--stats", *excludes, data + "/", disk + "/"]
+    result = runner(argv)
+    if result.returncode not in (0, 24):  # 24: files deleted in RAM meanwhile, handled below
+        raise SyncError.from_command(f"checkpoint of {data} to {disk}", argv, result)
+    totals = _rsync_stats(result.stdout)
+
+    # Files that changed while rsync read them: their copy may mix old and new bytes.
+    after = snapshot(data)
+    changed = [p for p in _differences(before, after) if p != "."]
+    attempts = 0
+    while changed and attempts < stable_attempts:
+        attempts += 1
+        new_dbs = _databases(data, snapshot(data, changed)) - databases
+        databases |= new_dbs
+        skip = _with_companions(databases)
+        changed = [p for p in changed if p not in skip]
+        if not changed:
+            break
+        verify_source(ram, pin_id)  # --delete-missing-args deletes on disk
+        listing = os.path.join(ram, ".rampiped-redo")
+        with open(listing, "wb") as f:
+            f.write(b"\0".join(os.fsencode(p) for p in changed) + b"\0")
+        excludes = [f"--exclude={_exclude_pattern(p)}" for p in sorted(skip)]
+        first = snapshot(data, changed)
+        # --no-r: only the listed entries (-a would recurse into listed directories); -I:
+        # copy even when size and mtime look equal; a listed path gone from RAM is deleted.
+        argv = [
+            *_RSYNC, "--fsync", "--stats", "--no-r", "-I", "--delete-missing-args", "--force",
+            "--from0", f"--files-from={listing}", *excludes, data + "/", disk + "/",
+        ]  # fmt: skip
+        redo = runner(argv)
+        os.unlink(listing)
+        if redo.returncode not in (0, 24):
+            raise SyncError.from_command(
+                f"checkpoint of {data} to {disk} (changed files)", argv, redo
+            )
+        for key, value in _rsync_stats(redo.stdout).items():
+            totals[key] += value
+        second = snapshot(data, changed)
+        changed = [p for p in changed if first.get(p) != second.get(p)]
+    unstable = changed
+
+    written: list[str] = []
+    failures: list[str] = []
+    for rel in sorted(databases):
+        try:
+            size = _checkpoint_database(data, disk, rel)
+        except (CopyError, OSError, sqlite3.Error) as exc:
+            failures.append(str(exc))
+            continue
+        if size is not None:
+            written.append(rel)
+            totals["files"] += 1
+            totals["bytes"] += size
+    _restore_dir_times(data, disk, written)
+    mounts.syncfs(disk)
+    outcome = CheckpointResult(
+        files=totals["files"],
+        bytes=totals["bytes"],
+        deleted=totals["deleted"],
+        seconds=time.monotonic() - start,
+        unstable=unstable,
+        databases=written,
+    )
+    if failures:
+        raise CheckpointIncomplete(
+            f"checkpoint of {data} to {disk} left out {len(failures)} database(s): "
+            + "; ".join(failures),
+            outcome,
+        )
+    return outcome
+
+
+# -- final sync -------------------------------------------------------------------------------
+
+
+def _meta(root: str, skip: set[str], databases: set[str]) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for rel in snapshot(root):
+        if rel in skip and rel not in databases:
+            continue
+        full = os.path.join(root, rel)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            continue
+        kind = _kind(st.st_mode)
+        row: tuple[object, ...] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        if kind == "f" and rel not in databases:
+            row += (st.st_size, st.st_mtime_ns)
+        elif kind == "l":
+            row += (os.readlink(full),)
+        out[rel] = row
+    return out
+
+
+def final_sync(
+    ram: str, disk: str, *, pin_id: str, runner: Runner = run_command
+) -> CheckpointResult:
+    """The last checkpoint, once the applications have stopped (the bind over the original path
+    is unmounted): the same as checkpoint, then verified. Nothing may change any more, so a file
+    that did not hold still or any difference between RAM and disk (type, mode, owner, size,
+    mtime, link target; databases: a valid database on disk) raises NotVerified: the RAM copy
+    must then not be dropped."""
+    result = checkpoint(ram, disk, pin_id=pin_id, runner=runner)
+    data = os.path.join(ram, DATA)
+    databases = _databases(data, snapshot(data))
+    skip = _with_companions(databases)
+    in_ram, on_disk = _meta(data, skip, databases), _meta(disk, skip, databases)
+    differences = [f"changed while syncing: {p}" for p in result.unstable]
+    for rel in sorted(in_ram.keys() | on_disk.keys()):
+        if rel == ".":
+            continue
+        if in_ram.get(rel) != on_disk.get(rel):
+            differences.append(f"{rel}: RAM {in_ram.get(rel)} disk {on_disk.get(rel)}")
+    for rel in sorted(databases):
+        conn = sqlite3.connect(_uri(os.path.join(disk, rel), mode="ro", immutable="1"), uri=True)
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            verdict = [(str(exc),)]
+        finally:
+            conn.close()
+        if verdict != [("ok",)]:
+            differences.append(f"{rel}: database on disk fails quick_check: {verdict[:3]}")
+    if differences:
+        raise NotVerified(
+            f"{disk} does not hold what {data} holds after the final sync ("
+            + "; ".join(differences[:5])
+            + (f" and {len(differences) - 5} more" if differences[5:] else "")
+            + "): keeping the RAM copy",
+            differences,
+        )
+    return result
