@@ -32,7 +32,7 @@ import psutil
 from rampiped import __version__, config, control, engine, mounts, pins, rates, sync
 from rampiped import log as logsetup
 from rampiped.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from rampiped.monitor import Monitor
+from rampiped.monitor import Monitor, MonitorError
 
 log = logging.getLogger("rampiped")
 
@@ -169,6 +169,7 @@ class Daemon:
         self.exit_code = EXIT_OK
         self.want_reload = False
         self.want_stop = False
+        self.abort = False  # leave at once, pins left mounted for the next start to adopt
         self.overflow_until = 0.0
         self.last_tick = 0.0
         self.last_extend = 0.0
@@ -511,7 +512,7 @@ class Daemon:
             if self.want_reload and not self.stopping:
                 self.want_reload = False
                 self.reload()
-            if self.stopping and self._stop_step(now):
+            if self.abort or (self.stopping and self._stop_step(now)):
                 break
             timeout = max(0.0, self.last_tick + TICK - now)
             for key, mask in self.selector.select(timeout):
@@ -524,7 +525,19 @@ class Daemon:
         return self.exit_code
 
     def _drain_monitor(self, now: float) -> None:
-        batch = self.monitor.drain()
+        try:
+            batch = self.monitor.drain()
+        except MonitorError as exc:
+            # blind: no write is seen any more. Leave every pin mounted (nothing is lost; the
+            # next start adopts them) and exit with a failure so that systemd restarts us.
+            log.critical(
+                "the fanotify monitor failed (%s): exiting so that systemd restarts"
+                " rampiped, which adopts the pins as they are",
+                exc,
+            )
+            self.exit_code = EXIT_FAILURE
+            self.abort = True
+            return
         for dirpath, count in batch.counts.items():
             cand = self.attributor.candidate(dirpath)
             if cand is not None:

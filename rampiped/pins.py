@@ -311,9 +311,18 @@ class PinManager:
 
     def _copy_and_bind(self, pin: Pin, undo: list[Callable[[], None]]) -> None:
         ram, disk = self.ram(pin.id), self.disk(pin.id)
-        copymode.copy_in(disk, ram, pin_id=pin.id, runner=self.runner)
+        copied = copymode.copy_in(disk, ram, pin_id=pin.id, runner=self.runner, path=pin.path)
         mounts.bind(self.data(pin.id), pin.path, private=False)
         undo.append(lambda: mounts.umount(pin.path))
+        # a write that reached the disk between the end of the copy and the bind would be
+        # overwritten by the first checkpoint: roll back and let the pin be tried again
+        raced = copymode.changed_since(disk, copied.snapshot)
+        if raced:
+            raise PinRefused(
+                f"cannot pin {pin.path}: written on disk during the pin ("
+                + ", ".join(raced[:5])
+                + ")"
+            )
 
     def _disk_holders(self, pin: Pin) -> list[holders.Holder]:
         """Processes holding files of the directory on disk after the mount (they opened it in
@@ -364,7 +373,7 @@ class PinManager:
         source = SOURCE_PREFIX + pin.id
         if pin.mode == "copy":
             # bulk copy while still mounted: the disk side is a private bind, well defined
-            copymode.final_sync(
+            copymode.checkpoint(
                 self.ram(pin.id), self.disk(pin.id), pin_id=pin.id, runner=self.runner
             )
         found = [

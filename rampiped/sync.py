@@ -1164,7 +1164,10 @@ def checkpoint(upper: str, journal: str, *, runner: Runner = run_command) -> Che
         latest = max(complete, default=0)
         gen = latest + 1
         tmp_name = f"gen-{gen}.tmp"
-        argv = ["rsync", "-aHAX", "--numeric-ids", "--stats"]
+        # --modify-window=-1: compare times to the nanosecond; rsync's default of whole
+        # seconds would hard-link a same-size rewrite within one second from the last
+        # generation, stale
+        argv = ["rsync", "-aHAX", "--numeric-ids", "--modify-window=-1", "--stats"]
         if latest:
             argv.append(f"--link-dest={journal}/{complete[latest]}")
         argv += [upper + "/", f"{journal}/{tmp_name}/"]

@@ -12,8 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.system.changes import CHANGES, populate, write
 from tests.system.daemon_harness import Env, Writer, make_env, running
-from tests.system.helpers import diff_manifests, drop_caches, manifest, mount_points, wait_for
+from tests.system.helpers import (
+    diff_manifests,
+    drop_caches,
+    drop_lone_link_groups,
+    manifest,
+    mount_points,
+    wait_for,
+)
 
 pytestmark = pytest.mark.system
 
@@ -187,19 +195,56 @@ def test_power_cut_after_checkpoint_applies_the_journal_at_next_start(env: Env) 
         at_checkpoint = manifest(hot)
         (hot / "lost.txt").write_text("after the checkpoint: inside the power-loss window\n")
         daemon.kill()
-    # the power cut: RAM is gone, nothing was written back
-    subprocess.run(["umount", str(hot)], check=True)
-    for m in sorted(
-        (m for m in mount_points() if m.startswith(str(env.runtime) + "/")), key=len, reverse=True
-    ):
-        subprocess.run(["umount", m], check=True)
-    subprocess.run(["umount", str(env.runtime.parent)], check=True)
-    subprocess.run(["mount", "-t", "tmpfs", "rp-run", str(env.runtime.parent)], check=True)
+    power_cut(env, hot)
     assert not env.overlay_at(hot)
     with running(env) as daemon:
         daemon.wait_log(r"applied the checkpoint journal")
     drop_caches()
     assert diff_manifests(at_checkpoint, manifest(hot)) == []
+
+
+def power_cut(env: Env, *pinned: Path) -> None:
+    """RAM is gone and nothing was written back: the pins' mounts and the runtime tmpfs."""
+    for path in pinned:
+        subprocess.run(["umount", str(path)], check=True)
+    below = [m for m in mount_points() if m.startswith(str(env.runtime) + "/")]
+    for m in sorted(below, key=len, reverse=True):
+        subprocess.run(["umount", m], check=True)
+    subprocess.run(["umount", str(env.runtime.parent)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "rp-run", str(env.runtime.parent)], check=True)
+
+
+@pytest.mark.parametrize("ending", ["unpin", "checkpoint_then_power_cut", "sigterm"])
+def test_every_kind_of_change_reaches_the_disk(env: Env, tmp_path: Path, ending: str) -> None:
+    hot = env.data / "hot"
+    hot.mkdir()
+    outside = tmp_path / "outside"
+    write(outside / "victim", "must survive")
+    populate(hot, outside)
+    with running(env) as daemon:
+        assert env.ctl("pin", str(hot)).returncode == 0
+        assert env.overlay_at(hot)
+        for change in CHANGES.values():
+            change(hot)
+        expected = drop_lone_link_groups(manifest(hot))
+        if ending == "unpin":
+            done = env.ctl("unpin", str(hot))
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.startswith(f"unpinned {hot}: wrote ")
+        elif ending == "sigterm":
+            assert daemon.stop() == 0
+        else:
+            assert env.ctl("sync").returncode == 0
+            daemon.kill()
+            power_cut(env, hot)
+    if ending == "checkpoint_then_power_cut":
+        assert not env.overlay_at(hot)
+        with running(env) as daemon:
+            daemon.wait_log(rf"{hot}: applied the checkpoint journal")
+    assert not env.overlay_at(hot)
+    drop_caches()
+    assert diff_manifests(expected, drop_lone_link_groups(manifest(hot))) == []
+    assert (outside / "victim").read_text() == "must survive"
 
 
 def test_status_and_exit_codes(env: Env) -> None:
