@@ -27,6 +27,7 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+MS_SHARED = 1 << 20
 MS_PRIVATE = 0x40000
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -197,6 +198,15 @@ def make_private(path: str) -> None:
         raise MountError(err, f"cannot make {path} private: not a mount point (EINVAL)", path)
     if err:
         raise _fail(f"cannot make {path} private", err, path)
+
+
+def make_shared(path: str) -> None:
+    """Put the mount at `path` in a peer group (MS_SHARED); after make_private, a group of its
+    own: mounts and unmounts below it then reach the copies that namespaces created later
+    hold as slaves, and nothing from outside propagates in."""
+    err = _mount(None, path, None, MS_SHARED, None)
+    if err:
+        raise _fail(f"cannot make {path} shared", err, path)
 
 
 def overlay_options(

@@ -177,16 +177,19 @@ class PinManager:
         self.save_state()
 
     def prepare_runtime(self) -> None:
-        """Give the pins' mounts a private parent: mounts made below it (RAM layers, staging
-        binds) then never propagate into other mount namespaces (under systemd `/` and `/run`
-        are shared, and every service namespace would get a copy of each)."""
+        """Give the pins' mounts a parent in a peer group of its own. Services started later
+        copy it into their mount namespaces as slaves: our unmounts of RAM layers and staging
+        binds then reach those copies too (with a private parent they would stay there and
+        keep the RAM of an unpinned directory alive), while nothing mounted elsewhere on the
+        host propagates in."""
         pins_dir = os.path.join(self.runtime_dir, "pins")
         os.makedirs(pins_dir, mode=0o700, exist_ok=True)
         if not mounts.is_mountpoint(pins_dir):
             mounts.mount_tmpfs(
                 pins_dir, size=1024 * 1024, mode=0o700, uid=0, gid=0, source="rampiped"
             )
-        mounts.make_private(pins_dir)
+            mounts.make_private(pins_dir)
+        mounts.make_shared(pins_dir)
 
     # -- pinning -----------------------------------------------------------------------------
 
