@@ -754,6 +754,8 @@ class Daemon:
             self.control.close()
         self.worker.stop()
         self.monitor.stop()
+        if self.stopping and not self.dry_run:
+            self.pinmgr.release_runtime()
         log.info("stopped")
 
     # -- status and control ------------------------------------------------------------------

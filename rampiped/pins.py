@@ -191,6 +191,18 @@ class PinManager:
             mounts.make_private(pins_dir)
         mounts.make_shared(pins_dir)
 
+    def release_runtime(self) -> None:
+        """At a clean stop with nothing pinned: unmount the pins' parent, leaving no mount."""
+        pins_dir = os.path.join(self.runtime_dir, "pins")
+        with self.lock:
+            if self.pins:
+                return
+        if mounts.is_mountpoint(pins_dir) and not mounts.mounts_below(pins_dir):
+            try:
+                mounts.umount(pins_dir)
+            except mounts.MountError as exc:
+                log.warning("could not unmount %s: %s", pins_dir, exc)
+
     # -- pinning -----------------------------------------------------------------------------
 
     def check_pinnable(self, path: str) -> None:
