@@ -54,12 +54,24 @@ def _socket_path(args: argparse.Namespace) -> str:
         return str(args.socket)
     path = args.config or config.DEFAULT_PATH
     try:
-        cfg = config.load(path)
+        return config.load(path).control_socket
     except config.ConfigError:
-        if args.config:
-            raise
-        cfg = config.Config()  # the default file is broken or absent: the default socket
-    return cfg.control_socket
+        # a broken file must not stop us from reaching the daemon (that is how `reload`
+        # reports what is wrong): take its runtime_dir if it can be read at all
+        return config.Config(runtime_dir=_raw_runtime_dir(path)).control_socket
+
+
+def _raw_runtime_dir(path: str) -> str:
+    import yaml
+
+    default = config.Config().runtime_dir
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return default
+    value = doc.get("runtime_dir") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) and value.startswith("/") else default
 
 
 def _abs(path: str) -> str:
