@@ -168,7 +168,8 @@ def test_holder_at_unpin_keeps_the_pin_until_it_exits(env: Env) -> None:
     assert (hot / "held.log").read_text() == "held\nbye\n"
 
 
-def test_sigterm_while_pinned_writes_everything_back(env: Env) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_while_pinned_writes_everything_back(env: Env, sig: int) -> None:
     hot = env.data / "hot"
     seed(hot)
     with running(env) as daemon:
@@ -177,7 +178,7 @@ def test_sigterm_while_pinned_writes_everything_back(env: Env) -> None:
         (hot / "new.txt").write_text("written in RAM\n")
         (hot / "old3.log").unlink()
         before = manifest(hot)
-        assert daemon.stop(signal.SIGTERM) == 0
+        assert daemon.stop(sig) == 0
         daemon.wait_log(r"unpinned .*: stopping; wrote")
     assert not env.overlay_at(hot)
     assert diff_manifests(before, manifest(hot)) == []
@@ -245,6 +246,30 @@ def test_every_kind_of_change_reaches_the_disk(env: Env, tmp_path: Path, ending:
     drop_caches()
     assert diff_manifests(expected, drop_lone_link_groups(manifest(hot))) == []
     assert (outside / "victim").read_text() == "must survive"
+
+
+def test_periodic_checkpoints_fill_the_journal(env: Env) -> None:
+    hot = env.data / "hot"
+    seed(hot)
+    env.write_config(sync={"interval": "1s"})
+    with running(env) as daemon:
+        assert env.ctl("pin", str(hot)).returncode == 0
+        (hot / "fresh.txt").write_text("to be checkpointed\n")
+        journals = env.journal
+
+        def checkpointed() -> Path | None:
+            for gen in journals.glob("*/gen-*"):
+                if not gen.name.endswith(".tmp") and (gen / "fresh.txt").exists():
+                    return gen
+            return None
+
+        gen = wait_for(checkpointed, 15, "a journal generation holding the new file")
+        assert (gen / "fresh.txt").read_text() == "to be checkpointed\n"
+        daemon.wait_log(rf"checkpoint of {hot} \(periodic")
+        last = env.status()["pins"][0]["last_sync"]
+        assert last["ok"] is True
+        assert daemon.stop() == 0
+    assert not list(journals.glob("*/gen-*")), "the journal outlived the unpin"
 
 
 def test_status_and_exit_codes(env: Env) -> None:
