@@ -144,6 +144,9 @@ class ControlServer:
         except (ValueError, UnicodeDecodeError):
             self._send(client, error("not a JSON request"))
             return
+        except RecursionError:  # "[[[[...": nesting deeper than the parser's stack
+            self._send(client, error("request nested too deeply"))
+            return
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             self._send(client, error("a request is an object with a 'cmd' string"))
             return

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from rampiped import mounts
 from rampiped.engine import format_bytes
 from rampiped.errors import RampipeError
-from rampiped.sync import Runner, SyncError, run_command
+from rampiped.sync import Runner, SyncError, pause_point, run_command
 
 log = logging.getLogger(__name__)
 
@@ -643,6 +643,7 @@ def checkpoint(
     result = runner(argv)
     if result.returncode not in (0, 24):  # 24: files deleted in RAM meanwhile, handled below
         raise SyncError.from_command(f"checkpoint of {data} to {disk}", argv, result)
+    pause_point("copy-checkpoint:copied")
     totals = _rsync_stats(result.stdout)
 
     # Files that changed while rsync read them: their copy may mix old and new bytes.

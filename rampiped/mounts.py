@@ -29,6 +29,8 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_SHARED = 1 << 20
 MS_PRIVATE = 0x40000
+MS_NOSYMFOLLOW = 0x100  # Linux 5.10: symlinks on the mount are not followed by path lookups
+UMOUNT_NOFOLLOW = 0x8  # a symlink as the last component of the target is not followed
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [
@@ -109,7 +111,8 @@ def _mount(
 
 
 def _umount(target: str) -> int:
-    rc = _libc.umount2(os.fsencode(target), 0)
+    # Mount points are directories; a symlink in their place was put there by someone else.
+    rc = _libc.umount2(os.fsencode(target), UMOUNT_NOFOLLOW)
     return ctypes.get_errno() if rc != 0 else 0
 
 
@@ -152,7 +155,14 @@ def mount_tmpfs(
         raise _fail(f"{what} (options {data})", err, target)
 
 
-def bind(source: str, target: str, *, private: bool = True, readonly: bool = False) -> None:
+def bind(
+    source: str,
+    target: str,
+    *,
+    private: bool = True,
+    readonly: bool = False,
+    nosymfollow: bool = False,
+) -> None:
     """Bind `source` onto `target` (not recursively: submounts of `source` are not carried).
 
     With `private`, the new mount leaves its peer group before anything else happens to it: a
@@ -160,6 +170,10 @@ def bind(source: str, target: str, *, private: bool = True, readonly: bool = Fal
     every later mount below the source path, the pin's own overlay included. If the parent of
     `target` is itself shared, the bind still appears in that parent's peers for the instant
     before it is made private; keep staging binds below a private mount to avoid that.
+
+    With `nosymfollow`, no path lookup through the new mount follows a symlink on it: a
+    directory that other users can write into may be swapped for a symlink at any moment, and
+    what root writes through such a bind must stay inside it.
 
     On failure after the bind was made, the bind is undone before the error is raised."""
     what = f"cannot bind {source} on {target}"
@@ -181,10 +195,15 @@ def bind(source: str, target: str, *, private: bool = True, readonly: bool = Fal
             err = _mount(None, target, None, MS_PRIVATE, None)
             if err:
                 raise _fail(f"cannot make the bind of {source} on {target} private", err, target)
-        if readonly:
-            err = _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
+        if readonly or nosymfollow:
+            flags = MS_BIND | MS_REMOUNT
+            flags |= (MS_RDONLY if readonly else 0) | (MS_NOSYMFOLLOW if nosymfollow else 0)
+            err = _mount(None, target, None, flags, None)
             if err:
-                raise _fail(f"cannot make the bind of {source} on {target} read-only", err, target)
+                how = " and ".join(
+                    w for w, on in (("read-only", readonly), ("nosymfollow", nosymfollow)) if on
+                )
+                raise _fail(f"cannot make the bind of {source} on {target} {how}", err, target)
     except MountError:
         _umount(target)  # best effort: the original error is the one to report
         raise

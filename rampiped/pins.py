@@ -23,6 +23,7 @@ pins is shared with the main loop under `lock`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -36,11 +37,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rampiped import copymode, holders, mounts, sync
-from rampiped.engine import format_bytes
+from rampiped.engine import format_bytes, format_duration
 
 log = logging.getLogger("rampiped")
 
 STATE_VERSION = 1
+# Each pin's tmpfs may grow to ram.max times this. The budget itself is the engine's: above
+# the high watermark it evicts the coldest adaptive pin (checked every tick). The extra half
+# is room for the writes that arrive between crossing the watermark and the unmount of the
+# evicted pin, so that a writer sees no ENOSPC meanwhile (RAM is still bounded by min_free).
+TMPFS_HEADROOM = 1.5
+# An unpin that finds the directory in use tries again for this long before it reports the
+# holders: writers that open, write and close hold a file only for moments.
+BUSY_GRACE = 2.0
+# In a journal: the last generation is an unpin's final one (the RAM layer is no longer needed).
+FINAL_MARK = "final.json"
+BUSY_POLL = 0.05
+# Failed checkpoints are retried with this backoff (seconds), doubled after each failure.
+RETRY_MIN, RETRY_MAX = 5.0, 300.0
 SOURCE_PREFIX = "rampiped-"  # every mount rampiped makes carries "rampiped-<id>" as its source
 _COPIED_XATTR_PREFIXES = ("user.", "system.posix_acl_", "security.")
 
@@ -243,7 +257,14 @@ class PinManager:
                 copymode.check_fits(path, max_size)
             except copymode.TooLarge as exc:
                 raise PinRefused(str(exc)) from exc
+        self._check_budget(path, mode)
         pid = pin_id(path)
+        if sync.latest_generation(self.journal(pid)) is not None:
+            # a checkpoint that a failed start-up could not apply: a new pin would discard it
+            raise PinRefused(
+                f"cannot pin {path}: {self.journal(pid)} holds a checkpoint not yet written to"
+                " the directory (see the start-up log); restart rampiped to apply it"
+            )
         now = time.monotonic()
         pin = Pin(
             path=path,
@@ -265,17 +286,25 @@ class PinManager:
             self.pins[path] = pin
         self.save_state()
         undo: list[Callable[[], None]] = []
+        dir_fd = -1
         try:
-            self._mount_layers(pin, undo)
+            # Everything below reaches the directory through this descriptor, opened without
+            # following any symlink: a user who swaps the directory (or a parent) for a symlink
+            # cannot make the mounts land anywhere else.
+            dir_fd = open_dir_nofollow(path)
+            self._mount_layers(pin, undo, dir_fd)
+            sync.pause_point("pin:layers")
             if mode == "overlay":
-                self._mount_overlay(pin, undo)
+                self._mount_overlay(pin, undo, dir_fd)
             else:
-                self._copy_and_bind(pin, undo)
+                self._copy_and_bind(pin, undo, dir_fd)
+            self._check_in_place(pin)
             late = self._disk_holders(pin)
             if late:
                 raise PinRefused(
                     f"cannot pin {path}: opened on disk during the pin by " + _holder_list(late)
                 )
+            sync.pause_point("pin:mounted")
         except BaseException as exc:
             for step in reversed(undo):
                 try:
@@ -294,41 +323,116 @@ class PinManager:
             if isinstance(exc, (OSError, mounts.MountError, sync.SyncError, copymode.CopyError)):
                 raise PinRefused(f"cannot pin {path}: {exc}") from exc
             raise
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
         self._set_state(pin, "pinned")
         return pin
 
-    def _mount_layers(self, pin: Pin, undo: list[Callable[[], None]]) -> None:
+    def tmpfs_size(self) -> int:
+        return int(self.ram_limit * TMPFS_HEADROOM)
+
+    def _check_budget(self, path: str, mode: str) -> None:
+        """Refuse what cannot fit in the RAM budget left: a copy pin's whole tree, or an overlay
+        pin's largest file (any change to a file, even a chmod, copies it up whole; a file
+        larger than the room left would fail with ENOSPC at that moment)."""
+        with self.lock:
+            others = list(self.pins.values())
+        room = self.ram_limit - sum(self.ram_bytes(p) for p in others)
+        if mode == "copy":
+            need, what = copymode.dir_size(path), "its content"
+        else:
+            need, what = largest_file(path), "its largest file"
+        if need > room:
+            raise PinRefused(
+                f"cannot pin {path}: {what} ({format_bytes(need)}) does not fit in the RAM "
+                f"budget left ({format_bytes(max(0, room))} of ram.max "
+                f"{format_bytes(self.ram_limit)})"
+            )
+
+    def _check_in_place(self, pin: Pin) -> None:
+        """After mounting through the descriptor: the mount must be at the pin's path. If the
+        directory (or a parent) was renamed meanwhile, it is somewhere else: roll back."""
+        top = mounts.mount_at(pin.path)
+        if top is None or top.source != SOURCE_PREFIX + pin.id:
+            raise PinRefused(
+                f"cannot pin {pin.path}: the directory was moved or replaced during the pin"
+            )
+
+    def _unmount_path(self, pin: Pin) -> None:
+        """Unmount the pin's mount at its path, and only that: never a mount that a renamed
+        parent or a planted symlink now shows there."""
+        top = mounts.mount_at(pin.path)
+        ours = top is not None and top.source == SOURCE_PREFIX + pin.id
+        if os.path.realpath(pin.path) != pin.path or not ours:
+            raise mounts.MountError(
+                errno.EINVAL,
+                f"cannot unmount {pin.path}: the pin's mount is no longer at that path (a"
+                " parent directory was renamed or replaced by a symlink); its data stays in"
+                f" {self.ram_side(pin)}",
+                pin.path,
+            )
+        mounts.umount(pin.path)
+
+    def _unmount_placed(self, pin: Pin) -> None:
+        """Rollback: unmount the pin's mount over the directory, wherever it landed."""
+        pins_dir = os.path.join(self.runtime_dir, "pins") + "/"
+        for entry in reversed(mounts.mountinfo()):
+            placed = not entry.mountpoint.startswith(pins_dir)
+            if entry.source == SOURCE_PREFIX + pin.id and placed:
+                mounts.umount(entry.mountpoint)
+
+    def _mount_layers(self, pin: Pin, undo: list[Callable[[], None]], dir_fd: int) -> None:
         ram, disk = self.ram(pin.id), self.disk(pin.id)
         os.makedirs(ram, mode=0o700, exist_ok=True)
         os.makedirs(disk, mode=0o700, exist_ok=True)
         mounts.mount_tmpfs(
-            ram, size=self.ram_limit, mode=0o700, uid=0, gid=0, source=SOURCE_PREFIX + pin.id
+            ram, size=self.tmpfs_size(), mode=0o700, uid=0, gid=0, source=SOURCE_PREFIX + pin.id
         )
         undo.append(lambda: mounts.umount(ram))
-        # private before anything else is mounted: a shared bind would receive the overlay too
-        mounts.bind(pin.path, disk, private=True)
+        self._bind_staging(dir_fd, disk)
         undo.append(lambda: mounts.umount(disk))
 
-    def _mount_overlay(self, pin: Pin, undo: list[Callable[[], None]]) -> None:
+    @staticmethod
+    def _bind_staging(dir_fd: int, disk: str) -> None:
+        """Bind the directory behind `dir_fd` on `disk`: private before anything else is mounted
+        (a shared bind would receive the overlay too), and nosymfollow, so that every write-back
+        through it stays inside the directory even when its users plant symlinks meanwhile."""
+        mounts.bind(f"/proc/self/fd/{dir_fd}", disk, private=True, nosymfollow=True)
+        st, want = os.stat(disk), os.fstat(dir_fd)
+        if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+            mounts.umount(disk)
+            raise PinRefused(f"the staging bind {disk} does not show the directory pinned")
+
+    def _mount_overlay(self, pin: Pin, undo: list[Callable[[], None]], dir_fd: int) -> None:
         upper, work = self.upper(pin.id), os.path.join(self.ram(pin.id), "work")
         os.mkdir(upper)
         os.mkdir(work)
-        copy_root_attributes(pin.path, upper)  # the merged root shows the upper root's
+        # the merged root shows the upper root's; read through the staging bind, not the path
+        copy_root_attributes(self.disk(pin.id), upper)
         mounts.mount_overlay(
-            pin.path,
+            f"/proc/self/fd/{dir_fd}",
             lower=self.disk(pin.id),
             upper=upper,
             work=work,
             features=sync.OVERLAY_FEATURES,
             source=SOURCE_PREFIX + pin.id,
         )
-        undo.append(lambda: mounts.umount(pin.path))
+        undo.append(lambda: self._rollback_overlay(pin))
 
-    def _copy_and_bind(self, pin: Pin, undo: list[Callable[[], None]]) -> None:
+    def _rollback_overlay(self, pin: Pin) -> None:
+        """Undo a pin's overlay; what was written through it in the moment it was mounted is
+        written back first (the overlay served the directory, however briefly)."""
+        self._unmount_placed(pin)
+        upper = self.upper(pin.id)
+        if os.listdir(upper):
+            sync.apply_upper(upper, self.disk(pin.id), runner=self.runner)
+
+    def _copy_and_bind(self, pin: Pin, undo: list[Callable[[], None]], dir_fd: int) -> None:
         ram, disk = self.ram(pin.id), self.disk(pin.id)
         copied = copymode.copy_in(disk, ram, pin_id=pin.id, runner=self.runner, path=pin.path)
-        mounts.bind(self.data(pin.id), pin.path, private=False)
-        undo.append(lambda: mounts.umount(pin.path))
+        mounts.bind(self.data(pin.id), f"/proc/self/fd/{dir_fd}", private=False)
+        undo.append(lambda: self._unmount_placed(pin))
         # a write that reached the disk between the end of the copy and the bind would be
         # overwritten by the first checkpoint: roll back and let the pin be tried again
         raced = copymode.changed_since(disk, copied.snapshot)
@@ -374,6 +478,13 @@ class PinManager:
             if record.ok:
                 pin.last_sync_mono = start
                 pin.last_ok_wall = wall
+                pin.backoff = 0.0
+            else:
+                # the engine leaves a pin alone until retry_at: no rsync every tick against a
+                # full or read-only disk
+                pin.backoff = min(RETRY_MAX, max(RETRY_MIN, pin.backoff * 2))
+                pin.retry_at = time.monotonic() + pin.backoff
+                record.error = f"{record.error} (retrying in {format_duration(pin.backoff)})"
         self.save_state()
         return record
 
@@ -391,31 +502,18 @@ class PinManager:
             copymode.checkpoint(
                 self.ram(pin.id), self.disk(pin.id), pin_id=pin.id, runner=self.runner
             )
-        found = [
-            h
-            for h in holders.find_holders(
-                pin.path, exclude_pids=self.exclude_pids(), mount_source=source
-            )
-        ]
-        if found:
-            raise UnpinBusy(f"{pin.path} is in use by " + _holder_list(found), found)
-        self._set_state(pin, "draining")
-        try:
-            mounts.umount(pin.path)
-        except mounts.MountBusy as exc:
-            self._set_state(pin, "pinned")
-            found = holders.find_holders(
-                pin.path, exclude_pids=self.exclude_pids(), mount_source=source
-            )
-            raise UnpinBusy(
-                f"{pin.path} is busy: " + (_holder_list(found) if found else "no holder found"),
-                found,
-            ) from exc
+        self._unmount_when_free(pin, source)
+        sync.pause_point("unpin:unmounted")
         try:
             if pin.mode == "overlay":
                 # through the journal: an apply cut short by a power loss is then replayed
                 # from disk at the next start (the RAM layer is gone by then)
                 sync.checkpoint(self.upper(pin.id), self.journal(pin.id), runner=self.runner)
+                # from here on the journal, not the RAM layer, is what gets applied: applying
+                # the layer a second time after this apply moved renamed directories would
+                # find their origins gone
+                write_json_atomic(os.path.join(self.journal(pin.id), FINAL_MARK), {"final": True})
+                sync.pause_point("unpin:journaled")
                 res = sync.apply_journal(
                     self.journal(pin.id), self.disk(pin.id), runner=self.runner
                 )
@@ -430,16 +528,61 @@ class PinManager:
         except BaseException:
             self._remount(pin)
             raise
+        sync.pause_point("unpin:applied")
         self._release(pin)
         return SyncRecord(wall, True, time.monotonic() - start, files, nbytes)
 
+    def _unmount_when_free(self, pin: Pin, source: str) -> None:
+        """Unmount the pin's mount over its directory once nothing holds it: holders in this or
+        any other mount namespace (after our unmount, a namespace that still shows the pin
+        would keep writing into RAM about to be freed). Writers that hold a file only while
+        they write are waited for up to BUSY_GRACE; after that UnpinBusy names the holders.
+        Never a lazy detach."""
+        deadline = time.monotonic() + BUSY_GRACE
+        while True:
+            found = holders.find_holders(
+                pin.path, exclude_pids=self.exclude_pids(), mount_source=source
+            )
+            if not found:
+                self._set_state(pin, "draining")
+                try:
+                    self._unmount_path(pin)
+                    return
+                except mounts.MountBusy as exc:
+                    self._set_state(pin, "pinned")
+                    if time.monotonic() < deadline:
+                        time.sleep(BUSY_POLL)
+                        continue
+                    found = holders.find_holders(
+                        pin.path, exclude_pids=self.exclude_pids(), mount_source=source
+                    )
+                    raise UnpinBusy(
+                        f"{pin.path} is busy: "
+                        + (_holder_list(found) if found else "no holder found"),
+                        found,
+                    ) from exc
+                except BaseException:
+                    self._set_state(pin, "pinned")
+                    raise
+            if time.monotonic() >= deadline:
+                raise UnpinBusy(f"{pin.path} is in use by " + _holder_list(found), found)
+            time.sleep(BUSY_POLL)
+
     def _remount(self, pin: Pin) -> None:
         """After a failed write-back: show the RAM side again, so nothing written is hidden."""
+        dir_fd = -1
         try:
+            # through a descriptor of the very directory on disk (the staging bind shows it),
+            # never the path as it is now: it may have been swapped for a symlink meanwhile
+            dir_fd = open_dir_nofollow(pin.path)
+            st, want = os.fstat(dir_fd), os.stat(self.disk(pin.id))
+            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+                raise PinRefused(f"{pin.path} is no longer the directory that was pinned")
+            target = f"/proc/self/fd/{dir_fd}"
             if pin.mode == "overlay":
                 work = os.path.join(self.ram(pin.id), "work")
                 mounts.mount_overlay(
-                    pin.path,
+                    target,
                     lower=self.disk(pin.id),
                     upper=self.upper(pin.id),
                     work=work,
@@ -447,7 +590,7 @@ class PinManager:
                     source=SOURCE_PREFIX + pin.id,
                 )
             else:
-                mounts.bind(self.data(pin.id), pin.path, private=False)
+                mounts.bind(self.data(pin.id), target, private=False)
         except Exception as exc:
             log.critical(
                 "%s: write-back failed and the RAM copy could not be mounted again"
@@ -456,6 +599,9 @@ class PinManager:
                 exc,
                 self.ram_side(pin),
             )
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
         self._set_state(pin, "pinned")
 
     def _release(self, pin: Pin) -> None:
@@ -548,10 +694,31 @@ class PinManager:
         if ram_mounted:
             # the overlay or bind is gone but the RAM layer is there: an unpin was cut short,
             # or a pin never got as far as its mount
-            if mode == "overlay":
-                res = sync.apply_upper(self.upper(pid), path, runner=self.runner)
-                what = f"wrote {res.files} files, {format_bytes(res.bytes)}"
+            final = os.path.exists(os.path.join(self.journal(pid), FINAL_MARK))
+            if mode == "overlay" and final:
+                if not disk_mounted:
+                    self._staging_for(pid, path)
+                    disk_mounted = True
+                res_f = sync.apply_journal(self.journal(pid), self.disk(pid), runner=self.runner)
+                what = (
+                    "the write-back had finished"
+                    if res_f is None
+                    else f"wrote {res_f.files} files, {format_bytes(res_f.bytes)}"
+                )
+            elif mode == "overlay":
+                if os.path.isdir(self.upper(pid)):
+                    # through the staging bind (nosymfollow), never the path users control
+                    if not disk_mounted:
+                        self._staging_for(pid, path)
+                        disk_mounted = True
+                    res = sync.apply_upper(self.upper(pid), self.disk(pid), runner=self.runner)
+                    what = f"wrote {res.files} files, {format_bytes(res.bytes)}"
+                else:
+                    what = "the overlay was never mounted: nothing to write"
             elif state == "draining":
+                if not disk_mounted:
+                    self._staging_for(pid, path)
+                    disk_mounted = True
                 cres = copymode.final_sync(
                     self.ram(pid), self.disk(pid), pin_id=pid, runner=self.runner
                 )
@@ -565,11 +732,20 @@ class PinManager:
             sync.discard_journal(self.journal(pid))
             shutil.rmtree(self.journal(pid), ignore_errors=True)
             return f"{path}: finished an interrupted {state or 'pin'}: {what}"
-        if disk_mounted:
-            mounts.umount(self.disk(pid))
-        shutil.rmtree(self.base(pid), ignore_errors=True)
         if mode == "overlay":
-            res_j = sync.apply_journal(self.journal(pid), path, runner=self.runner)
+            if not disk_mounted:
+                self._staging_for(pid, path)
+            try:
+                res_j = sync.apply_journal(self.journal(pid), self.disk(pid), runner=self.runner)
+            finally:
+                mounts.umount(self.disk(pid))
+                shutil.rmtree(self.base(pid), ignore_errors=True)
+        else:
+            if disk_mounted:
+                mounts.umount(self.disk(pid))
+            shutil.rmtree(self.base(pid), ignore_errors=True)
+            res_j = None
+        if mode == "overlay":
             shutil.rmtree(self.journal(pid), ignore_errors=True)
             if res_j is not None:
                 return (
@@ -579,6 +755,17 @@ class PinManager:
             return ""
         shutil.rmtree(self.journal(pid), ignore_errors=True)
         return f"{path}: RAM copy lost (power cut or reboot); the disk holds the last checkpoint"
+
+    def _staging_for(self, pid: str, path: str) -> None:
+        """A staging bind of `path` for a write-back at start-up (after a power cut the runtime
+        dir is empty): reached without symlinks and mounted nosymfollow, as at pin time."""
+        disk = self.disk(pid)
+        os.makedirs(disk, mode=0o700, exist_ok=True)
+        dir_fd = open_dir_nofollow(path)
+        try:
+            self._bind_staging(dir_fd, disk)
+        finally:
+            os.close(dir_fd)
 
     # -- measurements ----------------------------------------------------------------------------
 
@@ -638,3 +825,59 @@ def write_json_atomic(path: str, doc: Any) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_dir_nofollow(path: str) -> int:
+    """An O_PATH descriptor of the directory `path`, reached from / one component at a time
+    without following any symlink. Raises PinRefused when a component is a symlink or not a
+    directory: the directories rampiped manages may be writable by other users, who could
+    otherwise point root's mounts and writes anywhere."""
+    if not os.path.isabs(path) or os.path.normpath(path) != path:
+        raise PinRefused(f"cannot pin {path!r}: not a normalised absolute path")
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    done = ""
+    try:
+        for part in path.split("/")[1:]:
+            if not part:
+                continue
+            done += "/" + part
+            try:
+                nfd = os.open(
+                    part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                    raise PinRefused(
+                        f"cannot pin {path}: {done} is a symlink or not a directory"
+                    ) from exc
+                raise
+            os.close(fd)
+            fd = nfd
+        result, fd = fd, -1
+        return result
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def largest_file(path: str) -> int:
+    """Size of the largest regular file below `path` (symlinks not followed)."""
+    largest = 0
+    stack = [path]
+    while stack:
+        directory = stack.pop()
+        try:
+            it = os.scandir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+                elif stat.S_ISREG(st.st_mode):
+                    largest = max(largest, st.st_size)
+    return largest

@@ -109,6 +109,30 @@ def overlay_options(lower: str, upper: str, work: str) -> str:
     return f"lowerdir={lower},upperdir={upper},workdir={work},{OVERLAY_FEATURES}"
 
 
+# --- test pause points ------------------------------------------------------------------------
+
+# For the crash and power-cut tests only, and inert unless both variables are set: when
+# RAMPIPED_TEST_PAUSE_AT names a stage (see the pause_point calls: "pin:layers", "pin:mounted",
+# "checkpoint:copied", "checkpoint:renamed", "copy-checkpoint:copied", "unpin:unmounted",
+# "unpin:journaled", "unpin:applied"), the thread that reaches it writes the stage into
+# RAMPIPED_TEST_PAUSE_FILE and blocks for good, so that a test can kill -9 the daemon, or drop
+# its RAM, at exactly that point of the operation.
+PAUSE_ENV = "RAMPIPED_TEST_PAUSE_AT"
+PAUSE_FILE_ENV = "RAMPIPED_TEST_PAUSE_FILE"
+
+
+def pause_point(stage: str) -> None:
+    wanted = os.environ.get(PAUSE_ENV)
+    marker = os.environ.get(PAUSE_FILE_ENV)
+    if not wanted or not marker or stage not in wanted.split(","):
+        return
+    log.warning("test pause point %s reached: blocking (%s is set)", stage, PAUSE_ENV)
+    with open(marker, "w") as f:
+        f.write(stage + "\n")
+    while True:
+        time.sleep(3600)
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 
@@ -1178,6 +1202,7 @@ def checkpoint(upper: str, journal: str, *, runner: Runner = run_command) -> Che
         # as any copy of a layer that is being written.
         if result.returncode not in (0, 24):
             raise SyncError.from_command(f"checkpoint of {upper} into {journal}", argv, result)
+        pause_point("checkpoint:copied")
         tmp_fd = _open_dir_at(jfd, tmp_name)
         try:
             _syncfs(tmp_fd, f"{journal}/{tmp_name}")
@@ -1185,6 +1210,7 @@ def checkpoint(upper: str, journal: str, *, runner: Runner = run_command) -> Che
             os.close(tmp_fd)
         os.rename(tmp_name, f"gen-{gen}", src_dir_fd=jfd, dst_dir_fd=jfd)
         _fsync_dir(jfd)
+        pause_point("checkpoint:renamed")
         for name in complete.values():
             _remove_at(jfd, name)
         _fsync_dir(jfd)

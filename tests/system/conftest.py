@@ -32,3 +32,12 @@ def runtime_tmpfs(tmp_path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(subprocess.CalledProcessError):
             subprocess.run(["umount", "-R", str(path)], check=True, capture_output=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line with the counts of the safety tests (tests/system/safety.py), when any ran."""
+    from tests.system.safety import summary_line
+
+    line = summary_line()
+    if line is not None:
+        terminalreporter.write_line(line)

@@ -1,0 +1,156 @@
+"""Shared pieces of the safety tests (tests/system/test_safety_*.py): the tally that the run's
+last lines report, files that tell whether they are whole, and faults (kill -9, power cut).
+
+The tally is filled by the tests as they check outcomes (before asserting, so that a failing
+run reports its losses too) and printed by `pytest_terminal_summary` in conftest.py:
+
+    safety: 14 crash points, 6 power cuts, 5 disk faults, 40 bad inputs: 0 files lost, 0 torn
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from tests.system.helpers import mountinfo, wait_for
+
+TALLY: dict[str, int] = {
+    "crash points": 0,
+    "power cuts": 0,
+    "disk faults": 0,
+    "bad inputs": 0,
+    "files lost": 0,
+    "torn": 0,
+}
+
+
+def count(key: str, n: int = 1) -> None:
+    TALLY[key] += n
+
+
+def summary_line() -> str | None:
+    if not any(TALLY[k] for k in ("crash points", "power cuts", "disk faults", "bad inputs")):
+        return None
+    return (
+        f"safety: {TALLY['crash points']} crash points, {TALLY['power cuts']} power cuts, "
+        f"{TALLY['disk faults']} disk faults, {TALLY['bad inputs']} bad inputs: "
+        f"{TALLY['files lost']} files lost, {TALLY['torn']} torn"
+    )
+
+
+# --- files that know whether they are whole ------------------------------------------------
+
+MAGIC = b"rampiped-safety"
+
+
+def content(name: str, version: int, size: int = 20_000) -> bytes:
+    """A header naming the file, its version and the hash of the body, then the body."""
+    seed = f"{name}:{version}".encode()
+    body = (hashlib.sha256(seed).hexdigest().encode() * (size // 64 + 1))[:size]
+    digest = hashlib.sha256(body).hexdigest()
+    return MAGIC + f" {name} {version} {len(body)} {digest}\n".encode() + body
+
+
+def write_version(path: Path, name: str, version: int, size: int = 20_000) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(content(name, version, size))
+
+
+def read_version(path: Path) -> int | None:
+    """The version a file holds, or None when it is torn (header and body disagree)."""
+    data = path.read_bytes()
+    head, _, body = data.partition(b"\n")
+    parts = head.split(b" ")
+    if len(parts) != 5 or parts[0] != MAGIC:
+        return None
+    _magic, _name, version, length, digest = parts
+    if len(body) != int(length) or hashlib.sha256(body).hexdigest().encode() != digest:
+        return None
+    return int(version)
+
+
+def check_tree(root: Path, expected: Mapping[str, int], minimum: bool = False) -> list[str]:
+    """Compare the versioned files below `root` with `expected` (relative path -> version)
+    and count what is lost or torn. With `minimum`, a newer version than expected is fine (a
+    checkpoint may have caught later writes). Returns the problems."""
+    problems = []
+    lost = torn = 0
+    for rel, want in sorted(expected.items()):
+        path = root / rel
+        if not path.is_file():
+            lost += 1
+            problems.append(f"{rel}: lost (expected version {want})")
+            continue
+        have = read_version(path)
+        if have is None:
+            torn += 1
+            problems.append(f"{rel}: torn")
+        elif have < want or (have != want and not minimum):
+            lost += 1
+            problems.append(f"{rel}: version {have}, expected {want}")
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        unexpected = path.is_file() and rel not in expected
+        if unexpected and path.read_bytes().startswith(MAGIC):
+            if read_version(path) is None:
+                torn += 1
+                problems.append(f"{rel}: torn (not expected at all)")
+            elif not minimum:
+                problems.append(f"{rel}: on disk but not expected (a deletion was lost)")
+    count("files lost", lost)
+    count("torn", torn)
+    return problems
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+def pin_mounts(prefix: str = "rampiped-") -> list[dict[str, str]]:
+    """Mounts made by rampiped for pins (their source names the pin), the pins' parent
+    excluded."""
+    return [m for m in mountinfo() if m["source"].startswith(prefix)]
+
+
+def drop_ram(run_mount: Path, data_root: Path) -> None:
+    """What a power cut does to rampiped's RAM side: every mount of a pin over a directory and
+    the whole runtime tmpfs go, without any write-back; an empty tmpfs comes back (as /run
+    after a boot)."""
+    for m in reversed(mountinfo()):
+        if m["source"].startswith("rampiped-") and m["mountpoint"].startswith(str(data_root)):
+            subprocess.run(["umount", m["mountpoint"]], check=True)
+    subprocess.run(["umount", "-R", str(run_mount)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "mode=0755,size=64m", "rp-run", str(run_mount)], check=True
+    )
+
+
+def wait_paused(marker: Path, stage: str, timeout: float = 60) -> None:
+    wait_for(
+        lambda: marker.exists() and marker.read_text().strip() == stage,
+        timeout,
+        f"the daemon to pause at {stage}",
+    )
+
+
+def pause_env(stage: str, marker: Path) -> dict[str, str]:
+    return {"RAMPIPED_TEST_PAUSE_AT": stage, "RAMPIPED_TEST_PAUSE_FILE": str(marker)}
+
+
+def overlays_at(path: Path) -> int:
+    return sum(1 for m in mountinfo() if m["mountpoint"] == str(path))
+
+
+def no_leftover_mounts(runtime: Path) -> list[str]:
+    """Mounts of pins left below the runtime dir (staging binds, RAM layers)."""
+    pins_dir = str(runtime / "pins") + "/"
+    return [m["mountpoint"] for m in mountinfo() if m["mountpoint"].startswith(pins_dir)]
+
+
+def environ_with(extra: Mapping[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env

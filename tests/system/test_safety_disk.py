@@ -1,0 +1,211 @@
+"""Disk faults during write-back: the disk fills up, is remounted read-only, rsync is missing
+or fails. In every case the RAM data is kept (the directory still shows it), the error names
+the exact command and its cause, the write-back is retried with backoff, and nothing is
+reported as written that is not."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.system import safety
+from tests.system.daemon_harness import Env, make_env, running
+from tests.system.helpers import wait_for
+
+pytestmark = pytest.mark.system
+
+FILES = {f"f{i:02d}": 1 for i in range(30)}  # 30 files of 1 MiB in RAM
+
+
+def write_files(d: Path, version: int = 1) -> dict[str, int]:
+    for name in FILES:
+        safety.write_version(d / name, name, version, size=1 << 20)
+    return {name: version for name in FILES}
+
+
+def fill_disk(env: Env, leave: int) -> Path:
+    """Fill the disk up to `leave` free bytes with a file outside the pinned directory."""
+    filler = env.disk.mountpoint / "filler"
+    st = os.statvfs(env.disk.mountpoint)
+    size = st.f_bavail * st.f_frsize - leave
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size)
+    return filler
+
+
+def pin_state(env: Env, d: Path) -> dict[str, object]:
+    pins = [p for p in env.status()["pins"] if p["path"] == str(d)]
+    assert len(pins) == 1, env.status()["pins"]
+    return pins[0]
+
+
+def test_disk_full_during_unpin_keeps_ram_and_retries(tmp_path: Path) -> None:
+    # 128 MiB: an overlay write-back needs room for the changed data twice (its journal copy,
+    # then the directory's), see "Guarantees and limits"
+    with make_env(tmp_path, disk_mb=128) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        d.mkdir()
+        with running(env) as dm:
+            env.ctl("pin", str(d), check=True)
+            expected = write_files(d)
+            filler = fill_disk(env, leave=4 << 20)
+            proc = env.ctl("unpin", str(d))
+            safety.count("disk faults")
+            assert proc.returncode == 1
+            assert "rampiped keeps trying" in proc.stderr
+            line = dm.wait_log(r"write-back of \S+ failed, staying pinned").string
+            assert "`rsync -aHAX" in line, line  # the exact command, quoted
+            assert "cause: the disk is full (No space left on device)" in line
+            assert "retrying in 5s" in line, line
+            # nothing lost: still pinned, every file readable as written
+            assert env.overlay_at(d)
+            assert pin_state(env, d)["state"] == "pinned"
+            assert safety.check_tree(d, expected) == []
+            filler.unlink()
+            dm.wait_log(r"unpinned " + re.escape(str(d)), timeout=60)
+        assert not env.overlay_at(d)
+        assert safety.check_tree(d, expected) == []
+
+
+def test_checkpoint_on_a_full_disk_is_not_reported_as_written_and_backs_off(
+    tmp_path: Path,
+) -> None:
+    with make_env(tmp_path, disk_mb=128) as env:
+        env.write_config(adaptive={"enabled": False}, sync={"interval": "1s"})
+        d = env.data / "app"
+        d.mkdir()
+        with running(env) as dm:
+            env.ctl("pin", str(d), check=True)
+            expected = write_files(d)
+            filler = fill_disk(env, leave=4 << 20)
+            safety.count("disk faults")
+            first = dm.wait_log(r"checkpoint of \S+ failed").string
+            assert "cause: the disk is full" in first and "`rsync -aHAX" in first, first
+            record = pin_state(env, d)["last_sync"]
+            assert isinstance(record, dict) and record["ok"] is False, record
+            proc = env.ctl("sync", str(d))
+            assert proc.returncode == 1 and "No space left on device" in proc.stderr
+            # with sync.interval 1s and no backoff a failure would be logged every second
+            time.sleep(4)  # an observation window, not synchronisation
+            failures = [x for x in dm.lines if re.search(r"checkpoint of \S+ failed", x)]
+            assert len(failures) <= 3, failures
+            assert safety.check_tree(d, expected) == []
+            filler.unlink()
+            wait_for(
+                lambda: (pin_state(env, d)["last_sync"] or {}).get("ok") is True,  # type: ignore[union-attr]
+                60,
+                "a checkpoint once the disk has room",
+            )
+            env.ctl("unpin", str(d), check=True)
+        assert safety.check_tree(d, expected) == []
+
+
+def test_disk_remounted_read_only(tmp_path: Path) -> None:
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        d.mkdir()
+        with running(env) as dm:
+            env.ctl("pin", str(d), check=True)
+            expected = write_files(d)
+            subprocess.run(["mount", "-o", "remount,ro", str(env.disk.mountpoint)], check=True)
+            try:
+                safety.count("disk faults")
+                proc = env.ctl("sync", str(d))
+                assert proc.returncode == 1
+                assert "Read-only file system" in proc.stderr, proc.stderr
+                proc = env.ctl("unpin", str(d))
+                assert proc.returncode == 1
+                line = dm.wait_log(r"write-back of \S+ failed, staying pinned").string
+                assert "read-only" in line.lower(), line
+                assert env.overlay_at(d)
+                assert safety.check_tree(d, expected) == []
+            finally:
+                subprocess.run(["mount", "-o", "remount,rw", str(env.disk.mountpoint)], check=True)
+            dm.wait_log(r"unpinned " + re.escape(str(d)), timeout=60)
+        assert safety.check_tree(d, expected) == []
+
+
+def test_rsync_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        d.mkdir()
+        empty = tmp_path / "empty-bin"
+        empty.mkdir()
+        with monkeypatch.context() as m:
+            m.setenv("PATH", str(empty))
+            with running(env) as dm:
+                env.ctl("pin", str(d), check=True)
+                expected = write_files(d)
+                safety.count("disk faults")
+                proc = env.ctl("sync", str(d))
+                assert proc.returncode == 1
+                assert "rsync is not installed" in proc.stderr
+                assert "`rsync --version` exited with code 127" in proc.stderr
+                proc = env.ctl("unpin", str(d))
+                assert proc.returncode == 1 and "rsync is not installed" in proc.stderr
+                assert env.overlay_at(d)
+                assert safety.check_tree(d, expected) == []
+                dm.kill()  # the pin stays mounted for the next start
+        assert env.overlay_at(d)
+        with running(env) as dm:  # rsync is back
+            dm.wait_log(r"adopted " + re.escape(str(d)))
+            env.ctl("unpin", str(d), check=True)
+        assert not env.overlay_at(d)
+        assert safety.check_tree(d, expected) == []
+
+
+FAKE_RSYNC = """#!/bin/sh
+# fails like rsync on an I/O error while {flag} exists, else is the real rsync
+if [ -e '{flag}' ] && [ "$1" != "--version" ]; then
+  echo 'rsync: [receiver] write failed on "x": Input/output error (5)' >&2
+  echo 'rsync error: error in file IO (code 11) at receiver.c(381) [receiver=3.2.7]' >&2
+  exit 11
+fi
+exec {real} "$@"
+"""
+
+
+def test_rsync_failing_on_a_copy_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        d.mkdir()
+        before = write_files(d, version=0)
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        flag = tmp_path / "rsync-fails"
+        fake = bindir / "rsync"
+        fake.write_text(FAKE_RSYNC.format(flag=flag, real=shutil.which("rsync")))
+        fake.chmod(0o755)
+        with monkeypatch.context() as m:
+            m.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+            with running(env) as dm:
+                env.ctl("pin", str(d), "--mode", "copy", check=True)
+                expected = write_files(d, version=1)
+                flag.touch()
+                safety.count("disk faults")
+                proc = env.ctl("sync", str(d))
+                assert proc.returncode == 1
+                assert "exited with code 11 (error in file I/O" in proc.stderr, proc.stderr
+                assert "cause: an I/O error on a device" in proc.stderr
+                assert "`rsync -aHAX --numeric-ids" in proc.stderr
+                record = pin_state(env, d)["last_sync"]
+                assert isinstance(record, dict) and record["ok"] is False
+                # the disk still holds what it held: nothing was written and called written
+                disk_side = env.runtime / "pins"
+                staged = next(disk_side.glob("*/disk"))
+                assert safety.check_tree(staged, before) == []
+                assert env.ctl("unpin", str(d)).returncode == 1
+                assert safety.check_tree(d, expected) == []
+                flag.unlink()
+                dm.wait_log(r"unpinned " + re.escape(str(d)), timeout=60)
+        assert safety.check_tree(d, expected) == []
