@@ -45,6 +45,7 @@ class RamConfig:
 @dataclass(frozen=True)
 class SyncConfig:
     interval: float = 300.0  # seconds; 0 disables periodic checkpoints
+    on_session_end: bool = False  # checkpoint every pin when the last user session ends
 
 
 @dataclass(frozen=True)
@@ -844,7 +845,10 @@ class _Loader:
     def sync(self, top: dict[str, _Entry]) -> SyncConfig:
         d = SyncConfig()
         s = self.section(top, "sync", SyncConfig)
-        return SyncConfig(interval=self.get(s, "interval", "sync", _duration, d.interval))
+        return SyncConfig(
+            interval=self.get(s, "interval", "sync", _duration, d.interval),
+            on_session_end=self.get(s, "on_session_end", "sync", _boolean, d.on_session_end),
+        )
 
     def adaptive(
         self, top: dict[str, _Entry]

@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from rampiped import __version__, config, control, engine, mounts, pins, rates, sync
+from rampiped import __version__, config, control, engine, logind, mounts, pins, rates, sync
 from rampiped import log as logsetup
 from rampiped.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from rampiped.monitor import Monitor, MonitorError
@@ -41,6 +41,9 @@ BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
 STOP_RETRIES = 3  # busy unpins retried at stop before a pin is left mounted
 EXTEND_EVERY = 5.0  # seconds between EXTEND_TIMEOUT_USEC messages during the final sync
 EXTEND_BY_USEC = 30_000_000
+# At most this long between logind's sleep announcement and releasing the delay lock (logind
+# itself goes ahead after its InhibitDelayMaxSec, when that is shorter).
+SLEEP_DEADLINE = 20.0
 
 
 @dataclass
@@ -176,6 +179,9 @@ class Daemon:
         self.last_refusal: dict[str, str] = {}
         self.facts_cache: dict[str, tuple[float, engine.CandidateFacts]] = {}
         self.lost_events = 0
+        self.sleep_guard: logind.SleepGuard | None = None
+        self.sleep_wait: set[str] = set()  # checkpoints the coming sleep waits for
+        self.sleep_deadline = 0.0
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -230,6 +236,13 @@ class Daemon:
             self.control = control.ControlServer(
                 cfg.control_socket, self._on_command, self.selector
             )
+            self.sleep_guard = logind.SleepGuard(
+                self.selector,
+                on_sleep=self._before_sleep,
+                on_session_end=lambda: self._checkpoint_all("the last user session ended"),
+                session_end_wanted=lambda: self.cfg.sync.on_session_end,
+            )
+            self.sleep_guard.start()
         self._apply_watch_roots(cfg)
         self._apply_static_pins(cfg, wait=True)
         mode = " (dry run: nothing is mounted)" if self.dry_run else ""
@@ -311,12 +324,6 @@ class Daemon:
         for path, pc in sorted(new.items()):
             if path in self.pinmgr.pins or path in self.pending:
                 continue
-            if pc.mode == "volatile":
-                log.error(
-                    "static pin %s: mode volatile is not supported by this version; not pinned",
-                    path,
-                )
-                continue
             if self.dry_run:
                 log.info("would pin %s: static pin (%s)", path, pc.mode)
                 self.dry_pins[path] = time.monotonic()
@@ -328,11 +335,23 @@ class Daemon:
                 "static pin",
                 sync_interval=pc.sync_interval,
                 max_size=pc.max_size,
+                size=pc.size,
+                keep=pc.keep,
+                reopen=pc.reopen or self._reopen_for(path),
             )
         self._rebuild_attributor(cfg)
         if wait:  # at start: static pins exist before READY (units ordered after them)
             while self.worker.pending:
                 self._collect(block=True)
+
+    def _reopen_for(self, path: str) -> str | None:
+        """The reopen command of the watch root that `path` lies in (the innermost one)."""
+        best: config.WatchRoot | None = None
+        for root in self.cfg.adaptive.watch:
+            inside = path == root.path or path.startswith(root.path.rstrip("/") + "/")
+            if inside and root.reopen and (best is None or len(root.path) > len(best.path)):
+                best = root
+        return best.reopen if best else None
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -345,6 +364,9 @@ class Daemon:
         *,
         sync_interval: float | None = None,
         max_size: int | None = None,
+        size: int | None = None,
+        keep: tuple[str, ...] = (),
+        reopen: str | None = None,
         reply: Callable[[Any, BaseException | None], None] | None = None,
     ) -> None:
         self.pending[path] = "pin"
@@ -352,7 +374,14 @@ class Daemon:
             "pin",
             path,
             lambda: self.pinmgr.pin(
-                path, mode=mode, origin=origin, sync_interval=sync_interval, max_size=max_size
+                path,
+                mode=mode,
+                origin=origin,
+                sync_interval=sync_interval,
+                max_size=max_size,
+                size=size,
+                keep=keep,
+                reopen=reopen,
             ),
             reason=reason,
         )
@@ -492,6 +521,11 @@ class Daemon:
                 )
 
     def _watch_pin(self, pin: pins.Pin) -> None:
+        if pin.mode == "volatile" or pin.handover_mount is not None:
+            # a volatile pin is never written back, a handed-over one is leaving: the write
+            # rate of neither decides anything
+            self._rebuild_attributor(self.cfg)
+            return
         try:
             self.monitor.add_filesystem(self.pinmgr.ram_side(pin))
         except OSError as exc:
@@ -501,6 +535,71 @@ class Daemon:
     def _unwatch_pin(self, pin: pins.Pin) -> None:
         with contextlib.suppress(OSError, KeyError):
             self.monitor.remove_filesystem(self.pinmgr.ram_side(pin))
+
+    # -- sleep and session ends (logind.py) --------------------------------------------------
+
+    def _checkpoint_all(self, reason: str, done: Callable[[set[str]], None] | None = None) -> None:
+        """Checkpoint every pin that has something to write back; `done` is told when the
+        checkpoints submitted here have all finished, with the paths that failed."""
+        targets = [
+            p
+            for p in self.pinmgr.pins.values()
+            if p.mode != "volatile" and p.handover_mount is None and not p.busy
+        ]
+        waiting = {p.path for p in targets}
+        failed: set[str] = set()
+
+        def one(pin: pins.Pin) -> Callable[[Any, BaseException | None], None]:
+            def finished(result: Any, exc: BaseException | None) -> None:
+                if exc is None and result is not None and result.ok:
+                    log.info(
+                        "checkpoint of %s (%s): %d files, %s in %.2f s",
+                        pin.path,
+                        reason,
+                        result.files,
+                        engine.format_bytes(result.bytes),
+                        result.seconds,
+                    )
+                else:
+                    failed.add(pin.path)
+                waiting.discard(pin.path)
+                if not waiting and done is not None:
+                    done(failed)
+
+            return finished
+
+        if not targets and done is not None:
+            done(failed)
+        for pin in targets:
+            self._submit_checkpoint(pin, reason, reply=one(pin))
+
+    def _before_sleep(self) -> None:
+        guard = self.sleep_guard
+        assert guard is not None
+        now = time.monotonic()
+        self.sleep_deadline = now + min(SLEEP_DEADLINE, guard.delay_max or SLEEP_DEADLINE)
+        self.sleep_wait = {
+            p.path
+            for p in self.pinmgr.pins.values()
+            if p.mode != "volatile" and p.handover_mount is None and not p.busy
+        }
+
+        def done(failed: set[str]) -> None:
+            if not self.sleep_wait and not failed:
+                return  # the deadline came first and released the lock
+            count = len(self.sleep_wait)
+            self.sleep_wait.clear()
+            why = (
+                f"checkpointed {count} pins"
+                if not failed
+                else ("checkpoints failed for " + ", ".join(sorted(failed)))
+            )
+            guard.sleep_ready(why)
+
+        if not self.sleep_wait:
+            guard.sleep_ready("nothing to checkpoint")
+            return
+        self._checkpoint_all("before sleep", done)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -556,6 +655,10 @@ class Daemon:
         if self.control is not None:
             self.control.expire(now)
         self.notifier.tick(now)
+        if self.sleep_wait and now >= self.sleep_deadline and self.sleep_guard is not None:
+            left = ", ".join(sorted(self.sleep_wait))
+            self.sleep_wait.clear()
+            self.sleep_guard.sleep_ready(f"checkpoints still running after the deadline: {left}")
         if not self.stopping:
             self._decide(now)
             self.rates.prune(now)
@@ -659,7 +762,13 @@ class Daemon:
                 log.info("would pin %s: %s (overlay)", action.path, action.reason)
                 self.dry_pins[action.path] = now
                 return
-            self._submit_pin(action.path, "overlay", "adaptive", action.reason)
+            self._submit_pin(
+                action.path,
+                "overlay",
+                "adaptive",
+                action.reason,
+                reopen=self._reopen_for(action.path),
+            )
         elif isinstance(action, (engine.Unpin, engine.Evict)):
             verb = "unpin" if isinstance(action, engine.Unpin) else "evict"
             if self.dry_run:
@@ -752,6 +861,8 @@ class Daemon:
     def shutdown(self) -> None:
         if self.control is not None:
             self.control.close()
+        if self.sleep_guard is not None:
+            self.sleep_guard.close()
         self.worker.stop()
         self.monitor.stop()
         if self.stopping and not self.dry_run:
@@ -922,7 +1033,9 @@ class Daemon:
                 else control.error(str(exc))
             )
 
-        self._submit_pin(path, mode, "manual", "asked by rampipectl", reply=done)
+        self._submit_pin(
+            path, mode, "manual", "asked by rampipectl", reopen=self._reopen_for(path), reply=done
+        )
 
     def _cmd_unpin(self, args: dict[str, Any], reply: control.Reply) -> None:
         path = _arg_path(args)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rampiped import copymode, holders, mounts, sync
+from rampiped import copymode, handover, holders, mounts, sync, volatile
 from rampiped.engine import format_bytes, format_duration
 
 log = logging.getLogger("rampiped")
@@ -61,6 +61,11 @@ _COPIED_XATTR_PREFIXES = ("user.", "system.posix_acl_", "security.")
 
 class PinRefused(Exception):
     """The directory cannot be pinned now; nothing was changed."""
+
+
+class _StillDraining(PinRefused):
+    """A rolled-back pin whose writers have not yet let go of its RAM layer: it stays in the
+    table (draining) until they do."""
 
 
 class UnpinBusy(Exception):
@@ -89,7 +94,7 @@ class SyncRecord:
 class Pin:
     path: str
     id: str
-    mode: str  # overlay | copy
+    mode: str  # overlay | copy | volatile
     origin: str  # adaptive | static | manual
     state: str  # pinning | pinned | draining
     pinned_at: float  # monotonic
@@ -104,6 +109,12 @@ class Pin:
     unpin_requested: bool = False
     error: str | None = None
     holders: list[str] = field(default_factory=list)
+    keep: tuple[str, ...] = ()  # volatile: subdirectories bound from the disk
+    size: int | None = None  # volatile: the tmpfs size
+    reopen: str | None = None  # the command that makes writers reopen their files
+    # overlay with reopen: the overlay was detached from the path with writers still on it
+    # (handover.py); the unpin finishes when they let go. The mount id tells their files.
+    handover_mount: int | None = None
 
     @property
     def static(self) -> bool:
@@ -150,6 +161,8 @@ class PinManager:
 
     def ram_side(self, pin: Pin) -> str:
         """Where writes to the pin land in RAM (what the monitor watches)."""
+        if pin.mode == "volatile":
+            return pin.path
         return self.upper(pin.id) if pin.mode == "overlay" else self.data(pin.id)
 
     # -- state -------------------------------------------------------------------------------
@@ -167,6 +180,10 @@ class PinManager:
                         "pinned_wall": p.pinned_wall,
                         "sync_interval": p.sync_interval,
                         "last_sync": asdict(p.last_sync) if p.last_sync else None,
+                        "keep": list(p.keep),
+                        "size": p.size,
+                        "reopen": p.reopen,
+                        "handover_mount": p.handover_mount,
                     }
                     for p in self.pins.values()
                 },
@@ -219,8 +236,10 @@ class PinManager:
 
     # -- pinning -----------------------------------------------------------------------------
 
-    def check_pinnable(self, path: str) -> None:
-        """The preconditions, checked again right before acting (the engine decided earlier)."""
+    def check_pinnable(self, path: str, *, writers_ok: bool = False) -> None:
+        """The preconditions, checked again right before acting (the engine decided earlier).
+        With `writers_ok` (a reopen command moves them), holders that only hold files open for
+        writing are let through."""
         try:
             st = os.lstat(path)
         except OSError as exc:
@@ -233,7 +252,7 @@ class PinManager:
         if below:
             raise PinRefused(f"cannot pin {path}: {below[0].mountpoint} is mounted inside it")
         found = holders.find_holders(path, exclude_pids=self.exclude_pids())
-        if found:
+        if found and not (writers_ok and handover.only_writers(found)):
             raise PinRefused(f"cannot pin {path}: in use by " + _holder_list(found))
 
     def pin(
@@ -244,14 +263,20 @@ class PinManager:
         origin: str,
         sync_interval: float | None = None,
         max_size: int | None = None,
+        size: int | None = None,
+        keep: tuple[str, ...] = (),
+        reopen: str | None = None,
     ) -> Pin:
         """Pin `path` (worker thread). Raises PinRefused with everything rolled back."""
-        if mode not in ("overlay", "copy"):
+        if mode not in ("overlay", "copy", "volatile"):
             raise PinRefused(f"cannot pin {path}: mode {mode!r} is not supported")
         with self.lock:
             if path in self.pins:
                 raise PinRefused(f"{path} is already pinned")
-        self.check_pinnable(path)
+        reopen = reopen if mode == "overlay" else None
+        self.check_pinnable(path, writers_ok=reopen is not None)
+        if mode == "volatile":
+            return self._pin_volatile(path, origin, size or self.tmpfs_size(), keep)
         if max_size is not None:
             try:
                 copymode.check_fits(path, max_size)
@@ -275,6 +300,7 @@ class PinManager:
             pinned_at=now,
             pinned_wall=time.time(),
             sync_interval=sync_interval,
+            reopen=reopen,
         )
         if mode == "copy":
             pin.last_ok_wall = pin.pinned_wall  # the copy starts equal to the disk
@@ -299,7 +325,9 @@ class PinManager:
             else:
                 self._copy_and_bind(pin, undo, dir_fd)
             self._check_in_place(pin)
-            late = self._disk_holders(pin)
+            if reopen is not None:
+                self._reopen_after_pin(pin, undo)
+            late = [] if reopen is not None else self._disk_holders(pin)
             if late:
                 raise PinRefused(
                     f"cannot pin {path}: opened on disk during the pin by " + _holder_list(late)
@@ -311,8 +339,9 @@ class PinManager:
                     step()
                 except Exception as undo_exc:  # keep undoing; report what is left
                     log.error("rolling back the pin of %s: %s", path, undo_exc)
-            with self.lock:
-                self.pins.pop(path, None)
+            if not isinstance(exc, _StillDraining):
+                with self.lock:
+                    self.pins.pop(path, None)
             self.save_state()
             if not os.path.ismount(self.ram(pid)):
                 shutil.rmtree(self.base(pid), ignore_errors=True)
@@ -456,6 +485,8 @@ class PinManager:
         """Make the RAM side durable without unmounting (worker thread)."""
         start = time.monotonic()
         wall = time.time()
+        if pin.mode == "volatile":
+            return SyncRecord(wall, True, 0.0)  # nothing is ever written back
         try:
             if pin.mode == "overlay":
                 res = sync.checkpoint(self.upper(pin.id), self.journal(pin.id), runner=self.runner)
@@ -494,15 +525,35 @@ class PinManager:
         """Write everything back, unmount and free the RAM (worker thread). Raises UnpinBusy
         (still pinned, nothing lost) when someone uses the directory, and SyncError/OSError when
         the write-back failed (still pinned: the overlay or bind is mounted again)."""
+        if pin.mode == "volatile":
+            return self._unpin_volatile(pin)
+        if pin.handover_mount is not None:
+            return self._finish_handover(pin, time.monotonic(), time.time())
         start = time.monotonic()
         wall = time.time()
         source = SOURCE_PREFIX + pin.id
+        bulk_files = bulk_bytes = 0  # copy mode: what the bulk copy wrote counts as written back
         if pin.mode == "copy":
             # bulk copy while still mounted: the disk side is a private bind, well defined
-            copymode.checkpoint(
+            bulk = copymode.checkpoint(
                 self.ram(pin.id), self.disk(pin.id), pin_id=pin.id, runner=self.runner
             )
-        self._unmount_when_free(pin, source)
+            bulk_files, bulk_bytes = bulk.files, bulk.bytes
+        try:
+            self._unmount_when_free(pin, source)
+        except UnpinBusy as busy:
+            top = mounts.mount_at(pin.path)
+            if not (
+                pin.mode == "overlay"
+                and pin.reopen
+                and busy.holders
+                and top is not None
+                and top.source == source
+                and handover.only_writers(busy.holders)
+            ):
+                raise
+            # writers that keep their files open: hand them over to the disk
+            return self._handover(pin, top.mount_id, start, wall)
         sync.pause_point("unpin:unmounted")
         try:
             if pin.mode == "overlay":
@@ -524,12 +575,15 @@ class PinManager:
                 cres = copymode.final_sync(
                     self.ram(pin.id), self.disk(pin.id), pin_id=pin.id, runner=self.runner
                 )
-                files, nbytes = cres.files, cres.bytes
+                files, nbytes = bulk_files + cres.files, bulk_bytes + cres.bytes
         except BaseException:
             self._remount(pin)
             raise
         sync.pause_point("unpin:applied")
         self._release(pin)
+        if pin.reopen:
+            # writers that opened a file since: they follow the directory back to disk
+            handover.run_reopen(pin.reopen, pin.path, self.runner)
         return SyncRecord(wall, True, time.monotonic() - start, files, nbytes)
 
     def _unmount_when_free(self, pin: Pin, source: str) -> None:
@@ -638,10 +692,15 @@ class PinManager:
             path, mode = rec.get("path"), rec.get("mode")
             if not isinstance(path, str) or not isinstance(mode, str):
                 continue
-            if mode not in ("overlay", "copy"):
+            if mode not in ("overlay", "copy", "volatile"):
                 continue
             try:
-                line = self._reconcile_one(pid, path, mode, rec)
+                if mode == "volatile":
+                    line = self._reconcile_volatile(pid, path, rec)
+                elif handover.read_marker(self.journal(pid)) is not None:
+                    line = self._reconcile_handover(pid, path, rec)
+                else:
+                    line = self._reconcile_one(pid, path, mode, rec)
             except Exception as exc:
                 line = f"{path}: could not reconcile: {exc}"
                 log.error("%s", line)
@@ -767,17 +826,336 @@ class PinManager:
         finally:
             os.close(dir_fd)
 
+    # -- volatile pins -------------------------------------------------------------------------
+
+    def _pin_volatile(self, path: str, origin: str, size: int, keep: tuple[str, ...]) -> Pin:
+        """A tmpfs with the directory's owner and mode over it; nothing is copied in and nothing
+        is written back (the disk content is hidden while it is mounted). `keep` subdirectories
+        are bound from the disk through the private staging bind, so that they persist."""
+        pid = pin_id(path)
+        pin = Pin(
+            path=path,
+            id=pid,
+            mode="volatile",
+            origin=origin,
+            state="pinning",
+            pinned_at=time.monotonic(),
+            pinned_wall=time.time(),
+            sync_interval=0.0,  # no checkpoints
+            keep=tuple(keep),
+            size=size,
+        )
+        os.makedirs(self.journal(pid), exist_ok=True)
+        write_json_atomic(
+            os.path.join(self.journal(pid), "pin.json"),
+            {"path": path, "mode": "volatile", "id": pid, "keep": list(keep)},
+        )
+        with self.lock:
+            self.pins[path] = pin
+        self.save_state()
+        undo: list[Callable[[], None]] = []
+        dir_fd = -1
+        try:
+            dir_fd = open_dir_nofollow(path)
+            disk = self.disk(pid)
+            os.makedirs(disk, mode=0o700, exist_ok=True)
+            self._bind_staging(dir_fd, disk)
+            undo.append(lambda: mounts.umount(disk))
+            volatile.mount_tmpfs_at(dir_fd, path, size=size, source=SOURCE_PREFIX + pid)
+            undo.append(lambda: self._unmount_volatile(pin))
+            self._check_in_place(pin)
+            top = mounts.mount_at(path)
+            assert top is not None
+            chosen, skipped = volatile.normal_keeps(keep)
+            if skipped:
+                log.info("%s: keep %s is inside another kept directory", path, ", ".join(skipped))
+            for name in chosen:
+                volatile.bind_keep(
+                    name,
+                    disk,
+                    path,
+                    top.mount_id,
+                    created=lambda rel: log.info(
+                        "%s: made %s on disk (a keep directory that did not exist)", path, rel
+                    ),
+                )
+        except BaseException as exc:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception as undo_exc:
+                    log.error("rolling back the pin of %s: %s", path, undo_exc)
+            with self.lock:
+                self.pins.pop(path, None)
+            self.save_state()
+            if not os.path.ismount(self.disk(pid)):
+                shutil.rmtree(self.base(pid), ignore_errors=True)
+                shutil.rmtree(self.journal(pid), ignore_errors=True)
+            if isinstance(exc, PinRefused):
+                raise
+            if isinstance(exc, (OSError, volatile.KeepError)):
+                raise PinRefused(f"cannot pin {path}: {exc}") from exc
+            raise
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+        self._set_state(pin, "pinned")
+        return pin
+
+    def _unmount_volatile(self, pin: Pin) -> None:
+        """Unmount the keep binds (whatever is mounted inside the pin's tmpfs), then the tmpfs.
+        Raises MountBusy with the keep binds put back when something is still in use."""
+        top = mounts.mount_at(pin.path)
+        if top is None or top.source != SOURCE_PREFIX + pin.id:
+            return
+        inside = [e for e in mounts.mountinfo() if e.parent_id == top.mount_id]
+        unmounted: list[str] = []
+        try:
+            for entry in reversed(inside):
+                if os.path.realpath(entry.mountpoint) != entry.mountpoint:
+                    continue  # a planted symlink on the way: leave it (the tmpfs stays busy)
+                mounts.umount(entry.mountpoint)
+                unmounted.append(entry.mountpoint)
+            self._unmount_path(pin)
+        except mounts.MountError:
+            if unmounted:
+                self._rebind_keeps(pin)
+            raise
+
+    def _rebind_keeps(self, pin: Pin) -> None:
+        top = mounts.mount_at(pin.path)
+        if top is None:
+            return
+        for name in volatile.normal_keeps(pin.keep)[0]:
+            if mounts.is_mountpoint(os.path.join(pin.path, name)):
+                continue
+            try:
+                volatile.bind_keep(
+                    name, self.disk(pin.id), pin.path, top.mount_id, created=lambda rel: None
+                )
+            except (OSError, volatile.KeepError) as exc:
+                log.error("%s: could not bind keep %s again: %s", pin.path, name, exc)
+
+    def _unpin_volatile(self, pin: Pin) -> SyncRecord:
+        """Unmount (nothing is written back: that is what volatile means)."""
+        start, wall = time.monotonic(), time.time()
+        found = holders.find_holders(
+            pin.path, exclude_pids=self.exclude_pids(), mount_source=SOURCE_PREFIX + pin.id
+        )
+        if found:
+            raise UnpinBusy(f"{pin.path} is in use by " + _holder_list(found), found)
+        self._set_state(pin, "draining")
+        try:
+            self._unmount_volatile(pin)
+        except mounts.MountBusy as exc:
+            self._set_state(pin, "pinned")
+            found = holders.find_holders(
+                pin.path, exclude_pids=self.exclude_pids(), mount_source=SOURCE_PREFIX + pin.id
+            )
+            raise UnpinBusy(
+                f"{pin.path} is busy: " + (_holder_list(found) if found else "no holder found"),
+                found,
+            ) from exc
+        except BaseException:
+            self._set_state(pin, "pinned")
+            raise
+        self._release_staging(pin)
+        return SyncRecord(wall, True, time.monotonic() - start)
+
+    def _release_staging(self, pin: Pin) -> None:
+        if os.path.ismount(self.disk(pin.id)):
+            mounts.umount(self.disk(pin.id))
+        shutil.rmtree(self.base(pin.id), ignore_errors=True)
+        shutil.rmtree(self.journal(pin.id), ignore_errors=True)
+        with self.lock:
+            self.pins.pop(pin.path, None)
+        self.save_state()
+
+    def _reconcile_volatile(self, pid: str, path: str, rec: dict[str, Any]) -> str:
+        top = mounts.mount_at(path)
+        covered = top is not None and top.source == SOURCE_PREFIX + pid
+        disk_mounted = os.path.ismount(self.disk(pid))
+        keep = tuple(k for k in rec.get("keep") or () if isinstance(k, str))
+        size = rec.get("size")
+        pin = Pin(
+            path=path,
+            id=pid,
+            mode="volatile",
+            origin=str(rec.get("origin", "static")),
+            state="pinned",
+            pinned_at=time.monotonic(),
+            pinned_wall=float(rec.get("pinned_wall") or time.time()),
+            sync_interval=0.0,
+            keep=keep,
+            size=size if isinstance(size, int) else None,
+        )
+        if covered and disk_mounted and rec.get("state") == "pinned":
+            with self.lock:
+                self.pins[path] = pin
+            return f"adopted {path} (volatile, {pin.origin}), pinned before a restart"
+        if covered:
+            self._unmount_volatile(pin)
+        if disk_mounted:
+            mounts.umount(self.disk(pid))
+        shutil.rmtree(self.base(pid), ignore_errors=True)
+        shutil.rmtree(self.journal(pid), ignore_errors=True)
+        if not (covered or disk_mounted):
+            return ""
+        return f"{path}: removed a volatile pin left half made (nothing to write back)"
+
+    # -- writers that keep their files open (handover.py) ---------------------------------------
+
+    def _reopen_after_pin(self, pin: Pin, undo: list[Callable[[], None]]) -> None:
+        """The overlay is mounted: run the reopen command, then make sure that every process
+        holding a file of the directory holds it through the overlay. One that still holds the
+        disk file below would write past RAM: roll back (through `undo`, which writes back
+        what landed in RAM) and run the command again so that the others return to disk."""
+        assert pin.reopen is not None
+        top = mounts.mount_at(pin.path)
+        assert top is not None
+        overlay_id = top.mount_id
+        handover.run_reopen(pin.reopen, pin.path, self.runner)
+
+        def on_disk() -> list[handover.HeldFile]:
+            found = holders.find_holders(pin.path, exclude_pids=self.exclude_pids())
+            return handover.not_on(found, overlay_id)
+
+        left = handover.wait_until_empty(on_disk)
+        if not left:
+            return
+        message = (
+            f"rolled back the pin of {pin.path}: {handover.listing(left)} keeps writing to the"
+            f" disk copy after {pin.reopen!r}"
+        )
+        log.warning("%s", message)
+        reopen = pin.reopen
+        if handover.fds_on_mount(overlay_id, self.exclude_pids()):
+            # others did follow the command into RAM: bring them back the way an unpin does
+            undo.clear()
+            try:
+                self._handover(pin, overlay_id, time.monotonic(), time.time())
+            except UnpinBusy as exc:
+                raise _StillDraining(f"{message}; {exc}") from exc
+            raise PinRefused(message)
+
+        def reopen_again() -> None:
+            handover.run_reopen(reopen, pin.path, self.runner)
+
+        undo.insert(0, reopen_again)
+        raise PinRefused(message)
+
+    def _handover(self, pin: Pin, overlay_id: int, start: float, wall: float) -> SyncRecord:
+        """Unpin an overlay whose files writers keep open (handover.py): apply, detach, ask
+        them to reopen, and merge what they wrote in between once they let go."""
+        assert pin.reopen is not None
+        self._set_state(pin, "draining")
+        journal, disk = self.journal(pin.id), self.disk(pin.id)
+        try:
+            sync.checkpoint(self.upper(pin.id), journal, runner=self.runner)
+            gen = sync.latest_generation(journal)
+            files = handover.generation_files(gen) if gen else {}
+            sync.apply_journal(journal, disk, runner=self.runner)
+            applied = handover.after_apply(files, disk)
+            handover.write_marker(journal, {"mount_id": overlay_id, "applied": applied})
+            self._check_in_place(pin)
+            handover.detach(pin.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(journal, handover.MARKER))
+            self._set_state(pin, "pinned")
+            raise
+        with self.lock:
+            pin.handover_mount = overlay_id
+            pin.unpin_requested = True  # retried until the writers let go
+        self.save_state()
+        log.info(
+            "%s: wrote its RAM layer back and detached it; asking its writers to reopen",
+            pin.path,
+        )
+        handover.run_reopen(pin.reopen, pin.path, self.runner)
+        return self._finish_handover(pin, start, wall)
+
+    def _finish_handover(self, pin: Pin, start: float, wall: float) -> SyncRecord:
+        assert pin.handover_mount is not None
+        mount_id = pin.handover_mount
+        left = handover.wait_until_empty(
+            lambda: handover.fds_on_mount(mount_id, self.exclude_pids())
+        )
+        if left:
+            raise UnpinBusy(
+                f"{pin.path} is back on disk, but {handover.listing(left)} still writes to its"
+                f" RAM copy after {pin.reopen!r}; what it writes is merged when it lets go",
+                [],
+            )
+        marker = handover.read_marker(self.journal(pin.id)) or {}
+        applied = marker.get("applied")
+        res = handover.merge_window(
+            self.upper(pin.id), self.disk(pin.id), applied if isinstance(applied, dict) else {}
+        )
+        if res.conflicts:
+            log.warning(
+                "%s: files rewritten both in RAM and on disk while the writers moved; the RAM"
+                " versions are kept next to them: %s",
+                pin.path,
+                ", ".join(res.conflicts[:10]),
+            )
+        self._release(pin)
+        return SyncRecord(wall, True, time.monotonic() - start, res.files, res.bytes)
+
+    def _reconcile_handover(self, pid: str, path: str, rec: dict[str, Any]) -> str:
+        """A handover was under way: the disk holds the applied journal and maybe what writers
+        appended since. Never apply the journal or the layer again over it."""
+        marker = handover.read_marker(self.journal(pid)) or {}
+        mount_id = marker.get("mount_id")
+        applied = marker.get("applied")
+        ram_mounted = os.path.ismount(self.ram(pid))
+        if ram_mounted and isinstance(mount_id, int):
+            if handover.fds_on_mount(mount_id, self.exclude_pids()):
+                pin = Pin(
+                    path=path,
+                    id=pid,
+                    mode="overlay",
+                    origin=str(rec.get("origin", "adaptive")),
+                    state="draining",
+                    pinned_at=time.monotonic(),
+                    pinned_wall=float(rec.get("pinned_wall") or time.time()),
+                    reopen=rec.get("reopen") if isinstance(rec.get("reopen"), str) else None,
+                    handover_mount=mount_id,
+                    unpin_requested=True,
+                )
+                with self.lock:
+                    self.pins[path] = pin
+                return f"{path}: its writers still hold the detached RAM layer; waiting for them"
+            if not os.path.ismount(self.disk(pid)):
+                self._staging_for(pid, path)
+            res = handover.merge_window(
+                self.upper(pid), self.disk(pid), applied if isinstance(applied, dict) else {}
+            )
+            what = f"merged {res.files} files written while its writers moved"
+        else:
+            what = "the disk already held the checkpoint"
+        if os.path.ismount(self.disk(pid)):
+            mounts.umount(self.disk(pid))
+        if ram_mounted:
+            mounts.umount(self.ram(pid))
+        shutil.rmtree(self.base(pid), ignore_errors=True)
+        sync.discard_journal(self.journal(pid))
+        shutil.rmtree(self.journal(pid), ignore_errors=True)
+        return f"{path}: finished an interrupted hand-over to disk: {what}"
+
     # -- measurements ----------------------------------------------------------------------------
 
     def ram_bytes(self, pin: Pin) -> int:
         try:
-            st = os.statvfs(self.ram(pin.id))
+            st = os.statvfs(pin.path if pin.mode == "volatile" else self.ram(pin.id))
         except OSError:
             return 0
         return (st.f_blocks - st.f_bfree) * st.f_frsize
 
     def dirty_bytes(self, pin: Pin, limit: int = 200_000) -> int:
         """Bytes in RAM changed since the last good checkpoint (not yet on disk)."""
+        if pin.mode == "volatile":
+            return 0  # nothing is written back: nothing is at risk
         since = pin.last_ok_wall or 0.0
         total = 0
         seen = 0

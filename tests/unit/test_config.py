@@ -207,6 +207,14 @@ def test_yaml_one_one_sexagesimal_is_a_number_of_seconds() -> None:
     assert cfg("sync: {interval: 1:30}").sync.interval == 90.0
 
 
+def test_checkpoint_at_session_end_is_off_unless_asked() -> None:
+    assert cfg("sync: {interval: 1m}").sync == SyncConfig(interval=60.0, on_session_end=False)
+    assert cfg("sync: {on_session_end: true}").sync == SyncConfig(on_session_end=True)
+    assert errors("sync:\n  on_session_end: 1\n") == [
+        f"{SRC}:2: sync.on_session_end: expected true or false, got 1"
+    ]
+
+
 # --------------------------------------------------------------------------- the example file
 
 
