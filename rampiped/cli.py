@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from rampiped import __version__, config, control
+from rampiped import __version__, config, control, explain, top
 from rampiped.engine import format_bytes
 from rampiped.errors import (
     EXIT_CONFIG,
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", nargs="?")
     s = sub.add_parser("explain", help="why DIR is or is not pinned")
     s.add_argument("dir")
+    s.add_argument("--json", action="store_true", help="the daemon's raw facts")
+    s = sub.add_parser("top", help="the hottest directories, live (q quits)")
+    s.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between updates (default 1)"
+    )
     return p
 
 
@@ -176,8 +181,16 @@ def run(argv: list[str] | None) -> int:
         print("reloaded")
     elif args.command == "explain":
         res = _request(args, "explain", {"path": _abs(args.dir)})
-        for key, value in res.items():
-            print(f"{key}: {value}")
+        if args.json:
+            json.dump(res, sys.stdout, indent=2, sort_keys=True)
+            print()
+        else:
+            for line in explain.sentences(res):
+                print(line)
+    elif args.command == "top":
+        if args.interval <= 0:
+            raise UsageError("rampipectl top: --interval must be above 0")
+        return top.run(lambda: _request(args, "status"), interval=args.interval)
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ every error with file, line and key path (see `load`).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -81,6 +82,13 @@ class PinConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    textfile: str | None = None  # node_exporter textfile (*.prom), rewritten every `interval`
+    listen: str | None = None  # "127.0.0.1:9586": an HTTP endpoint, loopback only; None: off
+    interval: float = 15.0  # seconds between rewrites of `textfile`
+
+
+@dataclass(frozen=True)
 class Config:
     source: str | None = None  # the file it came from; None for built-in defaults
     runtime_dir: str = "/run/rampiped"
@@ -89,6 +97,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     pins: tuple[PinConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def control_socket(self) -> str:
@@ -515,6 +524,76 @@ def _keep_name(value: object) -> str:
     return value
 
 
+_LISTEN_EXPECTED = "expected a loopback address and port like 127.0.0.1:9586 or [::1]:9586"
+# Each rewrite of the textfile is a write to wherever it lives; more often than once a second
+# serves no scraper (Prometheus scrapes every 15s to 1m) and would itself wear a disk.
+_MIN_METRICS_INTERVAL = 1.0
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """(host, port) of a `metrics.listen` value such as "127.0.0.1:9586" or "[::1]:9586"; the
+    host must be a loopback address, written as digits. Raises ValueError saying why not."""
+    try:
+        return _split_listen(text)
+    except _Invalid as e:
+        raise ValueError(e.render(_describe_value(text))) from None
+
+
+def _split_listen(value: object) -> tuple[str, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise _Invalid(_LISTEN_EXPECTED, f"write 127.0.0.1:{value}")
+    if not isinstance(value, str):
+        raise _Invalid(_LISTEN_EXPECTED)
+    host, colon, port = value.rpartition(":")
+    if not colon or not host:
+        raise _Invalid(_LISTEN_EXPECTED, "give the address and the port")
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise _Invalid(_LISTEN_EXPECTED, "the port is a number from 1 to 65535")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise _Invalid(
+            _LISTEN_EXPECTED, "write the address as digits (127.0.0.1 or [::1]), not a name"
+        ) from None
+    if address.version == 6 and not bracketed:
+        raise _Invalid(_LISTEN_EXPECTED, f"write an IPv6 address in brackets: [{host}]:{port}")
+    if address.version == 4 and bracketed:
+        raise _Invalid(_LISTEN_EXPECTED, f"brackets are for IPv6 addresses: {host}:{port}")
+    if not address.is_loopback:
+        raise _Invalid(
+            _LISTEN_EXPECTED,
+            "the endpoint has no authentication, so rampiped serves it to this machine only;"
+            " let node_exporter read metrics.textfile, or put a proxy in front",
+        )
+    return host, int(port)
+
+
+def _listen(value: object) -> str:
+    _split_listen(value)
+    assert isinstance(value, str)
+    return value
+
+
+def _textfile(value: object) -> str:
+    path = _abs_path(value)
+    if not path.endswith(".prom") or path.rsplit("/", 1)[1] == ".prom":
+        raise _Invalid(
+            "expected a file name ending in .prom",
+            "node_exporter's textfile collector reads only *.prom files",
+        )
+    return path
+
+
+def _metrics_interval(value: object) -> float:
+    seconds = _duration(value)
+    if seconds < _MIN_METRICS_INTERVAL:
+        raise _Invalid("expected a duration of at least 1s")
+    return seconds
+
+
 def _optional(convert: Callable[[object], T]) -> Callable[[object], T | None]:
     def convert_optional(value: object) -> T | None:
         return None if value is None else convert(value)
@@ -813,6 +892,7 @@ class _Loader:
         sync = self.sync(top)
         adaptive, watch_nodes, excludes = self.adaptive(top)
         pins, pin_nodes = self.pins(top)
+        metrics = self.metrics(top)
         self.check_dirs(top, runtime_dir, journal_dir)
         self.check_trees(runtime_dir, journal_dir, pin_nodes, watch_nodes, excludes)
         if self.issues:
@@ -825,6 +905,7 @@ class _Loader:
             sync=sync,
             adaptive=adaptive,
             pins=pins,
+            metrics=metrics,
         )
 
     def section(self, top: dict[str, _Entry], key: str, cls: type) -> dict[str, _Entry]:
@@ -848,6 +929,15 @@ class _Loader:
         return SyncConfig(
             interval=self.get(s, "interval", "sync", _duration, d.interval),
             on_session_end=self.get(s, "on_session_end", "sync", _boolean, d.on_session_end),
+        )
+
+    def metrics(self, top: dict[str, _Entry]) -> MetricsConfig:
+        d = MetricsConfig()
+        s = self.section(top, "metrics", MetricsConfig)
+        return MetricsConfig(
+            textfile=self.get(s, "textfile", "metrics", _optional(_textfile), d.textfile),
+            listen=self.get(s, "listen", "metrics", _optional(_listen), d.listen),
+            interval=self.get(s, "interval", "metrics", _metrics_interval, d.interval),
         )
 
     def adaptive(

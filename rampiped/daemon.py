@@ -29,7 +29,18 @@ from typing import Any
 
 import psutil
 
-from rampiped import __version__, config, control, engine, logind, mounts, pins, rates, sync
+from rampiped import (
+    __version__,
+    config,
+    control,
+    engine,
+    logind,
+    metrics,
+    mounts,
+    pins,
+    rates,
+    sync,
+)
 from rampiped import log as logsetup
 from rampiped.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from rampiped.monitor import Monitor, MonitorError
@@ -53,6 +64,7 @@ class Job:
     fn: Callable[[], Any]
     replies: list[Callable[[Any, BaseException | None], None]] = field(default_factory=list)
     reason: str = ""
+    mode: str = ""  # the pin's mode (overlay, copy), for the metrics
 
 
 class Worker:
@@ -179,6 +191,13 @@ class Daemon:
         self.last_refusal: dict[str, str] = {}
         self.facts_cache: dict[str, tuple[float, engine.CandidateFacts]] = {}
         self.lost_events = 0
+        self.observer = metrics.Observer(
+            cfg.metrics,
+            self.pinmgr,
+            rate=self.rates.rate,
+            ram_max=lambda: self._ram_limit(self.cfg),
+            monitor=lambda: {"lost_events": self.lost_events, **self.monitor.stats()},
+        )
         self.sleep_guard: logind.SleepGuard | None = None
         self.sleep_wait: set[str] = set()  # checkpoints the coming sleep waits for
         self.sleep_deadline = 0.0
@@ -245,6 +264,7 @@ class Daemon:
             self.sleep_guard.start()
         self._apply_watch_roots(cfg)
         self._apply_static_pins(cfg, wait=True)
+        self.observer.start(self.selector)
         mode = " (dry run: nothing is mounted)" if self.dry_run else ""
         roots = ", ".join(f"{w.path} (depth {w.depth})" for w in cfg.adaptive.watch) or "none"
         log.info(
@@ -384,6 +404,7 @@ class Daemon:
                 reopen=reopen,
             ),
             reason=reason,
+            mode=mode,
         )
         if reply:
             job.replies.append(reply)
@@ -402,7 +423,7 @@ class Daemon:
         pin.busy = True
         self.pending[pin.path] = "unpin"
         self._unwatch_pin(pin)  # the monitor's fds must not keep the tmpfs busy
-        job = Job("unpin", pin.path, lambda: self.pinmgr.unpin(pin), reason=reason)
+        job = Job("unpin", pin.path, lambda: self.pinmgr.unpin(pin), reason=reason, mode=pin.mode)
         if reply:
             job.replies.append(reply)
         self.worker.submit(job)
@@ -418,7 +439,13 @@ class Daemon:
                 reply(None, RuntimeError(f"{pin.path} is busy with another operation"))
             return
         pin.busy = True
-        job = Job("checkpoint", pin.path, lambda: self.pinmgr.checkpoint(pin), reason=reason)
+        job = Job(
+            "checkpoint",
+            pin.path,
+            lambda: self.pinmgr.checkpoint(pin),
+            reason=reason,
+            mode=pin.mode,
+        )
         if reply:
             job.replies.append(reply)
         self.worker.submit(job)
@@ -436,6 +463,7 @@ class Daemon:
 
     def _finish(self, job: Job, result: Any, exc: BaseException | None) -> None:
         now = time.monotonic()
+        self.observer.finished(job.kind, job.path, job.mode, job.reason, result, exc)
         if job.kind == "pin":
             self.pending.pop(job.path, None)
             if exc is None:
@@ -641,6 +669,7 @@ class Daemon:
             cand = self.attributor.candidate(dirpath)
             if cand is not None:
                 self.rates.add(cand, count, now)
+                self.observer.absorbed(cand, count)
         if batch.lost:
             self.lost_events += batch.lost
             self.overflow_until = now + self.cfg.adaptive.cool_for
@@ -655,6 +684,7 @@ class Daemon:
         if self.control is not None:
             self.control.expire(now)
         self.notifier.tick(now)
+        self.observer.tick(now)
         if self.sleep_wait and now >= self.sleep_deadline and self.sleep_guard is not None:
             left = ", ".join(sorted(self.sleep_wait))
             self.sleep_wait.clear()
@@ -815,6 +845,7 @@ class Daemon:
             )
             self.rates.set_half_life(new.adaptive.half_life, time.monotonic())
             self.pinmgr.ram_limit = self._ram_limit(new)
+            self.observer.reconfigure(new.metrics)
             self._apply_watch_roots(new)
             self._apply_static_pins(new, wait=False)
             log.info("reloaded %s", path)
@@ -865,6 +896,7 @@ class Daemon:
             self.sleep_guard.close()
         self.worker.stop()
         self.monitor.stop()
+        self.observer.close()
         if self.stopping and not self.dry_run:
             self.pinmgr.release_runtime()
         log.info("stopped")
@@ -876,12 +908,15 @@ class Daemon:
             return f"dry run: would have {len(self.dry_pins)} pins"
         n = len(self.pinmgr.pins)
         used = sum(self.pinmgr.ram_bytes(p) for p in self.pinmgr.pins.values())
-        return f"{n} pinned, {engine.format_bytes(used)} in RAM"
+        at_risk = self.observer.risk_text(time.monotonic())
+        return f"{n} pinned, {engine.format_bytes(used)} in RAM{at_risk}"
 
     def status(self, now: float) -> dict[str, Any]:
         pins_out: list[dict[str, Any]] = []
+        wall = time.time()
         for pin in sorted(self.pinmgr.pins.values(), key=lambda p: p.path):
             last = pin.last_sync
+            dirty = self.observer.dirty(pin, now, max_age=1.0)
             pins_out.append(
                 {
                     "path": pin.path,
@@ -891,7 +926,8 @@ class Daemon:
                     "origin": pin.origin,
                     "rate": round(self.rates.rate(pin.path, now), 3),
                     "ram_bytes": self.pinmgr.ram_bytes(pin),
-                    "dirty_bytes": self.pinmgr.dirty_bytes(pin),
+                    "dirty_bytes": dirty.bytes,
+                    "data_at_risk_s": round(metrics.at_risk(dirty, wall), 1),
                     "pinned_since": _iso(pin.pinned_wall),
                     "last_sync": None
                     if last is None
@@ -938,21 +974,67 @@ class Daemon:
             "candidates": candidates,
         }
 
+    def explain(self, path: str, now: float) -> dict[str, Any]:
+        """The raw facts behind `path`'s state (rampipectl explain puts them in sentences).
+        Times are this host's monotonic clock, like `now`."""
+        a = self.cfg.adaptive
+        vm = psutil.virtual_memory()
+        max_bytes = self._ram_limit(self.cfg)
+        pin = self.pinmgr.pins.get(path)
+        pin_facts: dict[str, Any] | None = None
+        if pin is not None:
+            dirty = self.observer.dirty(pin, now, max_age=1.0)
+            pin_facts = {
+                "mode": pin.mode,
+                "origin": pin.origin,
+                "state": pin.state,
+                "ram_bytes": self.pinmgr.ram_bytes(pin),
+                "dirty_bytes": dirty.bytes,
+                "data_at_risk_s": round(metrics.at_risk(dirty, time.time()), 1),
+                "holders": pin.holders,
+                "error": pin.error,
+                "retry_at": pin.retry_at if pin.retry_at > now else None,
+                "unpin_requested": pin.unpin_requested,
+                "sync_interval": pin.sync_interval,
+                "last_sync_at": pin.last_sync_mono,
+            }
+        return {
+            "path": path,
+            "now": now,
+            "rate": self.rates.rate(path, now),
+            **self.engine.explain(path, now),
+            "candidate": self.attributor.candidate(path),
+            "pending": self.pending.get(path),
+            "last_refusal": self.last_refusal.get(path),
+            "pin": pin_facts,
+            "adaptive": {
+                "enabled": a.enabled,
+                "watch": [{"path": w.path, "depth": w.depth} for w in a.watch],
+                "exclude": list(a.exclude),
+                "pin_above": a.pin_above,
+                "hot_for": a.hot_for,
+                "unpin_below": a.unpin_below,
+                "cool_for": a.cool_for,
+                "max_pins": a.max_pins,
+                "adaptive_pins": sum(1 for p in self.pinmgr.pins.values() if not p.static),
+            },
+            "sync_interval": self.cfg.sync.interval,
+            "budget": {
+                "used_bytes": sum(self.pinmgr.ram_bytes(p) for p in self.pinmgr.pins.values()),
+                "max_bytes": max_bytes,
+                "high_watermark": self.cfg.ram.high_watermark,
+                "available_bytes": vm.available,
+                "min_free_bytes": self.cfg.ram.min_free,
+                "pressure": self.engine.pressure,
+            },
+        }
+
     def _on_command(self, cmd: str, args: dict[str, Any], reply: control.Reply) -> None:
         now = time.monotonic()
         if cmd == "status":
             reply(control.ok(self.status(now)))
         elif cmd == "explain":
-            path = _arg_path(args)
-            reply(
-                control.ok(
-                    {
-                        "path": path,
-                        "rate": self.rates.rate(path, now),
-                        **self.engine.explain(path, now),
-                    }
-                )
-            )
+            reply(control.ok(self.explain(_arg_path(args), now)))
         elif cmd == "reload":
             problem = self.reload()
             reply(

@@ -90,6 +90,16 @@ class SyncRecord:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Dirty:
+    """The changes on a pin's RAM side that are not on disk yet."""
+
+    bytes: int  # size of the changed regular files
+    entries: int  # changed entries of any kind
+    oldest: float | None  # wall-clock change time of the oldest one; None when nothing changed
+    complete: bool = True  # False: the walk stopped at its limit (the figures are a floor)
+
+
 @dataclass
 class Pin:
     path: str
@@ -1154,21 +1164,52 @@ class PinManager:
 
     def dirty_bytes(self, pin: Pin, limit: int = 200_000) -> int:
         """Bytes in RAM changed since the last good checkpoint (not yet on disk)."""
+        return self.dirty(pin, limit).bytes
+
+    def dirty(self, pin: Pin, limit: int = 200_000) -> Dirty:
+        """What on the RAM side changed since the last good checkpoint: the size of the regular
+        files among it, and the change time of the oldest such entry (file, directory, symlink
+        or whiteout), which is how long the oldest change has been at risk."""
         if pin.mode == "volatile":
-            return 0  # nothing is written back: nothing is at risk
+            return Dirty(0, 0, None)  # nothing is written back: nothing is at risk
         since = pin.last_ok_wall or 0.0
-        total = 0
-        seen = 0
-        for dirpath, _dirnames, filenames in os.walk(self.ram_side(pin)):
-            for name in filenames:
-                seen += 1
-                if seen > limit:
-                    return total
-                with contextlib.suppress(OSError):
-                    st = os.lstat(os.path.join(dirpath, name))
+        if pin.mode == "copy":
+            # copy_in writes its sentinel last: everything older came from the disk
+            sentinel = os.path.join(self.ram(pin.id), copymode.SENTINEL)
+            with contextlib.suppress(OSError):
+                since = max(since, os.lstat(sentinel).st_ctime)
+        total = entries = seen = 0
+        oldest: float | None = None
+        # The overlay's upper root gets its times when the pin is made; what changes below it
+        # shows as entries (a deletion as a whiteout). A copy's root changes on a deletion.
+        stack = [self.ram_side(pin)]
+        if pin.mode == "copy":
+            with contextlib.suppress(OSError):
+                root_ctime = os.lstat(stack[0]).st_ctime
+                if root_ctime >= since:
+                    oldest = root_ctime
+        while stack:
+            try:
+                it = os.scandir(stack.pop())
+            except OSError:
+                continue
+            with it:
+                for entry in it:
+                    seen += 1
+                    if seen > limit:
+                        return Dirty(total, entries, oldest, complete=False)
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(entry.path)
                     if st.st_ctime >= since:
+                        entries += 1
                         total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-        return total
+                        if oldest is None or st.st_ctime < oldest:
+                            oldest = st.st_ctime
+        return Dirty(total, entries, oldest, complete=True)
 
 
 def _holder_list(found: list[holders.Holder]) -> str:

@@ -19,6 +19,7 @@ from rampiped.config import (
     Config,
     ConfigError,
     ConfigIssue,
+    MetricsConfig,
     PinConfig,
     RamConfig,
     Size,
@@ -27,6 +28,7 @@ from rampiped.config import (
     load,
     load_text,
     parse_duration,
+    parse_listen,
     parse_size,
     parse_size_or_percent,
 )
@@ -86,6 +88,10 @@ def test_every_key_with_a_value_other_than_its_default() -> None:
             mode: volatile
             size: 2G
             keep: [pip, mozilla/firefox]
+        metrics:
+          textfile: /var/lib/prometheus/node-exporter/rampiped.prom
+          listen: 127.0.0.1:9586
+          interval: 1m
         """
     )
     assert c == Config(
@@ -124,6 +130,11 @@ def test_every_key_with_a_value_other_than_its_default() -> None:
                 size=2 << 30,
                 keep=("pip", "mozilla/firefox"),
             ),
+        ),
+        metrics=MetricsConfig(
+            textfile="/var/lib/prometheus/node-exporter/rampiped.prom",
+            listen="127.0.0.1:9586",
+            interval=60.0,
         ),
     )
 
@@ -225,7 +236,7 @@ def test_the_example_file_is_valid_and_shows_the_defaults() -> None:
 def _uncommented_example() -> str:
     """The example with its commented-out settings (`#pins:`, `#  - path: ...`, `#  reopen:`)
     switched on; prose comments stay."""
-    keys = "pins|path|mode|sync_interval|max_size|before|size|keep|reopen"
+    keys = "pins|path|mode|sync_interval|max_size|before|size|keep|reopen|textfile|listen"
     return re.sub(rf"(?m)^#(?=\s*(- )?({keys}):(\s|$)|  # )", "", EXAMPLE.read_text())
 
 
@@ -242,13 +253,16 @@ def test_the_example_files_commented_settings_are_valid() -> None:
         ),
         PinConfig(path="/home/*/.cache", mode="volatile", size=2 << 30, keep=("pip",)),
     )
+    assert c.metrics == MetricsConfig(
+        textfile="/var/lib/prometheus/node-exporter/rampiped.prom", listen="127.0.0.1:9586"
+    )
 
 
 def test_the_example_file_documents_every_key() -> None:
     """Each key of the schema is set in the example (maybe commented out) and is described by a
     comment: the one right above it, or, for pins, the key list above `#pins:`."""
     lines = _uncommented_example().splitlines()
-    sections = (Config, RamConfig, SyncConfig, AdaptiveConfig, WatchRoot, PinConfig)
+    sections = (Config, RamConfig, SyncConfig, AdaptiveConfig, WatchRoot, PinConfig, MetricsConfig)
     for section in sections:
         for f in dataclasses.fields(section):
             if f.name == "source":
@@ -282,7 +296,7 @@ ERRORS = [
         "runtime_dir: /run/rampiped\nruntim_dir: /run/x\n",
         [
             f"{SRC}:2: runtim_dir: unknown key (did you mean runtime_dir? known keys here: "
-            "runtime_dir, journal_dir, ram, sync, adaptive, pins)"
+            "runtime_dir, journal_dir, ram, sync, adaptive, pins, metrics)"
         ],
     ),
     (
@@ -969,6 +983,105 @@ ERRORS = [
         "adaptive:\n  exclude: [/a, /b, /a]\n",
         [f"{SRC}:2: adaptive.exclude[2]: repeats adaptive.exclude[0]"],
     ),
+    # ---- metrics
+    (
+        "metrics listener on every interface",
+        "metrics:\n  listen: 0.0.0.0:9586\n",
+        [
+            f"{SRC}:2: metrics.listen: expected a loopback address and port like 127.0.0.1:9586"
+            " or [::1]:9586, got '0.0.0.0:9586' (the endpoint has no authentication, so"
+            " rampiped serves it to this machine only; let node_exporter read"
+            " metrics.textfile, or put a proxy in front)"
+        ],
+    ),
+    (
+        "metrics listener on a LAN address",
+        "metrics: {listen: 192.168.1.10:9586}\n",
+        [
+            f"{SRC}:1: metrics.listen: expected a loopback address and port like 127.0.0.1:9586"
+            " or [::1]:9586, got '192.168.1.10:9586' (the endpoint has no authentication, so"
+            " rampiped serves it to this machine only; let node_exporter read"
+            " metrics.textfile, or put a proxy in front)"
+        ],
+    ),
+    (
+        "metrics listener on IPv6 any",
+        'metrics: {listen: "[::]:9586"}\n',
+        [
+            f"{SRC}:1: metrics.listen: expected a loopback address and port like 127.0.0.1:9586"
+            " or [::1]:9586, got '[::]:9586' (the endpoint has no authentication, so"
+            " rampiped serves it to this machine only; let node_exporter read"
+            " metrics.textfile, or put a proxy in front)"
+        ],
+    ),
+    (
+        "metrics listener given as a port only",
+        "metrics: {listen: 9586}\n",
+        [
+            f"{SRC}:1: metrics.listen: expected a loopback address and port like 127.0.0.1:9586"
+            " or [::1]:9586, got 9586 (write 127.0.0.1:9586)"
+        ],
+    ),
+    (
+        "metrics listener given as a host name",
+        "metrics: {listen: localhost:9586}\n",
+        [
+            f"{SRC}:1: metrics.listen: expected a loopback address and port like 127.0.0.1:9586"
+            " or [::1]:9586, got 'localhost:9586' (write the address as digits (127.0.0.1 or"
+            " [::1]), not a name)"
+        ],
+    ),
+    (
+        "metrics listener without a port",
+        "metrics: {listen: 127.0.0.1}\n",
+        [
+            f"{SRC}:1: metrics.listen: expected a loopback address and port like 127.0.0.1:9586"
+            " or [::1]:9586, got '127.0.0.1' (give the address and the port)"
+        ],
+    ),
+    (
+        "metrics listener port out of range",
+        "metrics: {listen: 127.0.0.1:65536}\n",
+        [
+            f"{SRC}:1: metrics.listen: expected a loopback address and port like 127.0.0.1:9586"
+            " or [::1]:9586, got '127.0.0.1:65536' (the port is a number from 1 to 65535)"
+        ],
+    ),
+    (
+        "metrics listener IPv6 without brackets",
+        'metrics: {listen: "::1:9586"}\n',
+        [
+            f"{SRC}:1: metrics.listen: expected a loopback address and port like 127.0.0.1:9586"
+            " or [::1]:9586, got '::1:9586' (write an IPv6 address in brackets: [::1]:9586)"
+        ],
+    ),
+    (
+        "metrics textfile that node_exporter would not read",
+        "metrics: {textfile: /var/lib/prometheus/node-exporter/rampiped.txt}\n",
+        [
+            f"{SRC}:1: metrics.textfile: expected a file name ending in .prom, got"
+            " '/var/lib/prometheus/node-exporter/rampiped.txt' (node_exporter's textfile"
+            " collector reads only *.prom files)"
+        ],
+    ),
+    (
+        "metrics textfile relative",
+        "metrics: {textfile: rampiped.prom}\n",
+        [
+            f"{SRC}:1: metrics.textfile: expected an absolute path, got 'rampiped.prom'"
+            " (it must start with /)"
+        ],
+    ),
+    (
+        "metrics interval below a second",
+        "metrics: {interval: 500ms}\n",
+        [f"{SRC}:1: metrics.interval: expected a duration of at least 1s, got '500ms'"],
+    ),
+    (
+        "unknown metrics key",
+        "metrics: {port: 9586}\n",
+        [f"{SRC}:1: metrics.port: unknown key (known keys here: textfile, listen, interval)"],
+    ),
     # ---- YAML syntax
     (
         "unclosed flow mapping",
@@ -1337,3 +1450,29 @@ def test_explicitly_tagged_values_give_config_error_not_a_crash(tag: str, text: 
             load_text(template.format(f"{tag} {text}"), SRC)
         except ConfigError:
             pass
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9586", ("127.0.0.1", 9586)),
+        ("127.8.9.10:1", ("127.8.9.10", 1)),
+        ("[::1]:65535", ("::1", 65535)),
+    ],
+)
+def test_metrics_listen_on_loopback(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(text) == expected
+    assert cfg(f'metrics: {{listen: "{text}"}}').metrics.listen == text
+
+
+def test_parse_listen_refuses_other_hosts_with_the_reason() -> None:
+    with pytest.raises(ValueError, match=r"got '10\.0\.0\.1:9586' \(the endpoint has no auth"):
+        parse_listen("10.0.0.1:9586")
+
+
+def test_metrics_are_off_by_default() -> None:
+    assert cfg("metrics:").metrics == MetricsConfig(textfile=None, listen=None, interval=15.0)
+    assert cfg("metrics: {listen: null, textfile: null}").metrics == MetricsConfig()
