@@ -221,13 +221,19 @@ def call(
             if exc.errno == errno.ENOTSOCK:
                 raise NotRunning(f"rampiped is not running ({path} is not a socket)") from exc
             raise
-        sock.sendall(json.dumps({"v": PROTOCOL, "cmd": cmd, "args": args or {}}).encode() + b"\n")
+        request = json.dumps({"v": PROTOCOL, "cmd": cmd, "args": args or {}}).encode() + b"\n"
+        # The daemon may answer and close before it reads (a refused peer): its answer is
+        # still there to read after our send fails.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request)
         buf = b""
         while b"\n" not in buf:
             try:
                 chunk = sock.recv(65536)
             except TimeoutError as exc:
                 raise RampipeError(f"no answer from rampiped within {timeout:.0f}s") from exc
+            except ConnectionResetError:
+                break
             if not chunk:
                 break
             buf += chunk
