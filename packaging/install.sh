@@ -24,6 +24,11 @@ DEB_PACKAGES="python3 python3-venv python3-dev gcc libc6-dev rsync"
 PYTHON=/usr/bin/python3
 # Written into PREFIX so that uninstall removes a directory only when install made it.
 MARKER=.installed-by-rampiped-install.sh
+# systemd runs generators before it loads any unit, at boot and at each daemon-reload: this one
+# orders the units named in static pins' `before:` after rampiped.service (rampiped/generator.py).
+GENERATOR=/usr/lib/systemd/system-generators/rampiped-generator
+# The line that marks a generator wrapper as ours (written when CONF is not /etc/rampipe.conf).
+GENERATOR_MARK="made by rampiped's install.sh"
 
 say() { printf '%s\n' "rampiped: $*"; }
 die() {
@@ -126,6 +131,25 @@ link_commands() {
     say "linked rampiped and rampipectl into $BINDIR"
 }
 
+install_generator() {
+    [ -x "$PREFIX/bin/rampiped-generator" ] || die "$PREFIX/bin/rampiped-generator is missing after pip install"
+    if [ -e "$GENERATOR" ] && [ ! -L "$GENERATOR" ] && ! grep -qF "$GENERATOR_MARK" "$GENERATOR"; then
+        die "$GENERATOR exists and was not made by this installer; remove it first"
+    fi
+    mkdir -p "$(dirname "$GENERATOR")"
+    if [ "$CONF" = /etc/rampipe.conf ]; then
+        ln -sfn "$PREFIX/bin/rampiped-generator" "$GENERATOR"
+    else
+        # The generator reads /etc/rampipe.conf unless $RAMPIPED_CONFIG names another file.
+        tmp="$GENERATOR.tmp.$$"
+        printf '#!/bin/sh\n# %s\nRAMPIPED_CONFIG='"'"'%s'"'"' exec '"'"'%s'"'"' "$@"\n' \
+            "$GENERATOR_MARK" "$CONF" "$PREFIX/bin/rampiped-generator" >"$tmp"
+        chmod 0755 "$tmp"
+        mv -f "$tmp" "$GENERATOR"
+    fi
+    say "installed $GENERATOR (orders the units in static pins' before: after rampiped)"
+}
+
 install_unit() {
     mkdir -p "$UNITDIR"
     # The unit in the repository names the default paths; substitute the ones chosen here.
@@ -178,6 +202,7 @@ do_install() {
     install_missing_packages
     make_venv
     link_commands
+    install_generator
     install_config
     install_unit
     start_service
@@ -213,6 +238,12 @@ do_uninstall() {
     if [ -e "$UNIT_DST" ]; then
         rm -f "$UNIT_DST"
         say "removed $UNIT_DST"
+    fi
+    # (before the daemon-reload below, which then drops the generator's ordering drop-ins)
+    if { [ -L "$GENERATOR" ] && case $(readlink "$GENERATOR") in "$PREFIX"/*) true ;; *) false ;; esac; } ||
+        { [ -f "$GENERATOR" ] && grep -qF "$GENERATOR_MARK" "$GENERATOR"; }; then
+        rm -f "$GENERATOR"
+        say "removed $GENERATOR"
     fi
     if systemd_running; then
         systemctl daemon-reload
