@@ -176,6 +176,8 @@ class Daemon:
         self.pending: dict[str, str] = {}  # path -> job kind queued or running
         self.dry_pins: dict[str, float] = {}  # dry run: what would be pinned, since when
         self.static_paths: dict[str, config.PinConfig] = {}
+        # static pins refused (in use, raced, too large): path -> (monotonic retry time, backoff)
+        self.static_retry: dict[str, tuple[float, float]] = {}
         self.watched_fs: set[str] = set()
         self.attributor = rates.Attributor((), ())
         self.control: control.ControlServer | None = None
@@ -348,17 +350,9 @@ class Daemon:
                 log.info("would pin %s: static pin (%s)", path, pc.mode)
                 self.dry_pins[path] = time.monotonic()
                 continue
-            self._submit_pin(
-                path,
-                pc.mode,
-                "static",
-                "static pin",
-                sync_interval=pc.sync_interval,
-                max_size=pc.max_size,
-                size=pc.size,
-                keep=pc.keep,
-                reopen=pc.reopen or self._reopen_for(path),
-            )
+            self._submit_static(path, pc)
+        for path in set(self.static_retry) - set(new):
+            del self.static_retry[path]
         self._rebuild_attributor(cfg)
         if wait:  # at start: static pins exist before READY (units ordered after them)
             while self.worker.pending:
@@ -372,6 +366,29 @@ class Daemon:
             if inside and root.reopen and (best is None or len(root.path) > len(best.path)):
                 best = root
         return best.reopen if best else None
+
+    def _submit_static(self, path: str, pc: config.PinConfig) -> None:
+        self._submit_pin(
+            path,
+            pc.mode,
+            "static",
+            "static pin",
+            sync_interval=pc.sync_interval,
+            max_size=pc.max_size,
+            size=pc.size,
+            keep=pc.keep,
+            reopen=pc.reopen or self._reopen_for(path),
+        )
+
+    def _retry_static(self, now: float) -> None:
+        """Static pins that were refused are tried again with backoff: a writer that raced the
+        copy or held a file at start usually lets go (a reload tries at once)."""
+        for path, (at, _backoff) in list(self.static_retry.items()):
+            pc = self.static_paths.get(path)
+            if pc is None:
+                del self.static_retry[path]
+            elif now >= at and path not in self.pinmgr.pins and path not in self.pending:
+                self._submit_static(path, pc)
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -416,7 +433,9 @@ class Daemon:
         reason: str,
         reply: Callable[[Any, BaseException | None], None] | None = None,
     ) -> None:
-        if pin.busy:
+        # A pin whose job result the loop has not collected yet is not done either: collecting
+        # it starts watching its RAM side, which would make this unpin's unmount busy.
+        if pin.busy or self.pending.get(pin.path) == "pin":
             if reply:
                 reply(None, RuntimeError(f"{pin.path} is busy with another operation"))
             return
@@ -470,7 +489,23 @@ class Daemon:
                 pin = result
                 self._watch_pin(pin)
                 self.last_refusal.pop(job.path, None)
+                self.static_retry.pop(job.path, None)
                 log.info("pinned %s: %s (%s)", job.path, job.reason, pin.mode)
+            elif job.path in self.static_paths:
+                # asked for by the configuration: say so loudly, once per reason, and try again
+                reason = str(exc)
+                backoff = self.static_retry.get(job.path, (0.0, BACKOFF_MIN / 2))[1] * 2
+                backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, backoff))
+                self.static_retry[job.path] = (now + backoff, backoff)
+                repeated = self.last_refusal.get(job.path) == reason
+                self.last_refusal[job.path] = reason
+                log.log(
+                    logging.DEBUG if repeated else logging.ERROR,
+                    "static pin %s not made, the directory stays on disk (trying again in %s): %s",
+                    job.path,
+                    engine.format_duration(backoff),
+                    reason,
+                )
             else:
                 reason = str(exc)
                 self.engine.refused(job.path, now, reason)
@@ -691,6 +726,8 @@ class Daemon:
             self.sleep_guard.sleep_ready(f"checkpoints still running after the deadline: {left}")
         if not self.stopping:
             self._decide(now)
+            if not self.dry_run:
+                self._retry_static(now)
             self.rates.prune(now)
         self.notifier.status(self.status_line())
 
@@ -788,6 +825,10 @@ class Daemon:
 
     def _act(self, action: engine.Action, now: float) -> None:
         if isinstance(action, engine.Pin):
+            if action.path in self.static_paths:
+                # a static pin that was refused: it is retried as configured (copy mode, its
+                # max_size), never made an adaptive overlay pin because it is hot
+                return
             if self.dry_run:
                 log.info("would pin %s: %s (overlay)", action.path, action.reason)
                 self.dry_pins[action.path] = now
