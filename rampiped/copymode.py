@@ -620,6 +620,7 @@ def checkpoint(
     pin_id: str,
     runner: Runner = run_command,
     stable_attempts: int = 3,
+    since: float | None = None,
 ) -> CheckpointResult:
     """Make `disk` equal `ram`/data while applications keep writing into it.
 
@@ -649,6 +650,13 @@ def checkpoint(
     # Files that changed while rsync read them: their copy may mix old and new bytes.
     after = snapshot(data)
     changed = [p for p in _differences(before, after) if p != "."]
+    if since is not None:
+        # rsync's quick check compares size and mtime only: a same-size rewrite that put the
+        # old mtime back (cp -p, touch -r, an archive extracted) would never be written. A file
+        # whose ctime is at or after the last good checkpoint was changed since: copy it anyway.
+        since_ns = int((since - 1.0) * 1e9)  # a second of margin: ctime is a coarse clock
+        recent = {p for p, st in before.items() if p != "." and st[0] == "f" and st[3] >= since_ns}
+        changed = sorted(set(changed) | recent)
     attempts = 0
     while changed and attempts < stable_attempts:
         attempts += 1
@@ -737,14 +745,14 @@ def _meta(root: str, skip: set[str], databases: set[str]) -> dict[str, tuple[obj
 
 
 def final_sync(
-    ram: str, disk: str, *, pin_id: str, runner: Runner = run_command
+    ram: str, disk: str, *, pin_id: str, runner: Runner = run_command, since: float | None = None
 ) -> CheckpointResult:
     """The last checkpoint, once the applications have stopped (the bind over the original path
     is unmounted): the same as checkpoint, then verified. Nothing may change any more, so a file
     that did not hold still or any difference between RAM and disk (type, mode, owner, size,
     mtime, link target; databases: a valid database on disk) raises NotVerified: the RAM copy
     must then not be dropped."""
-    result = checkpoint(ram, disk, pin_id=pin_id, runner=runner)
+    result = checkpoint(ram, disk, pin_id=pin_id, runner=runner, since=since)
     data = os.path.join(ram, DATA)
     databases = _databases(data, snapshot(data))
     skip = _with_companions(databases)

@@ -503,7 +503,11 @@ class PinManager:
                 record = SyncRecord(wall, True, time.monotonic() - start, res.files, res.bytes)
             else:
                 cres = copymode.checkpoint(
-                    self.ram(pin.id), self.disk(pin.id), pin_id=pin.id, runner=self.runner
+                    self.ram(pin.id),
+                    self.disk(pin.id),
+                    pin_id=pin.id,
+                    runner=self.runner,
+                    since=pin.last_ok_wall or 0.0,
                 )
                 if cres.unstable:
                     log.warning(
@@ -543,10 +547,16 @@ class PinManager:
         wall = time.time()
         source = SOURCE_PREFIX + pin.id
         bulk_files = bulk_bytes = 0  # copy mode: what the bulk copy wrote counts as written back
+        bulk_wall = 0.0
         if pin.mode == "copy":
             # bulk copy while still mounted: the disk side is a private bind, well defined
+            bulk_wall = time.time()
             bulk = copymode.checkpoint(
-                self.ram(pin.id), self.disk(pin.id), pin_id=pin.id, runner=self.runner
+                self.ram(pin.id),
+                self.disk(pin.id),
+                pin_id=pin.id,
+                runner=self.runner,
+                since=pin.last_ok_wall or 0.0,
             )
             bulk_files, bulk_bytes = bulk.files, bulk.bytes
         try:
@@ -583,7 +593,11 @@ class PinManager:
                 files, nbytes = res.files, res.bytes
             else:
                 cres = copymode.final_sync(
-                    self.ram(pin.id), self.disk(pin.id), pin_id=pin.id, runner=self.runner
+                    self.ram(pin.id),
+                    self.disk(pin.id),
+                    pin_id=pin.id,
+                    runner=self.runner,
+                    since=bulk_wall,
                 )
                 files, nbytes = bulk_files + cres.files, bulk_bytes + cres.bytes
         except BaseException:
@@ -788,8 +802,8 @@ class PinManager:
                 if not disk_mounted:
                     self._staging_for(pid, path)
                     disk_mounted = True
-                cres = copymode.final_sync(
-                    self.ram(pid), self.disk(pid), pin_id=pid, runner=self.runner
+                cres = copymode.final_sync(  # since=0: after a crash, write every file
+                    self.ram(pid), self.disk(pid), pin_id=pid, runner=self.runner, since=0.0
                 )
                 what = f"wrote {cres.files} files, {format_bytes(cres.bytes)}"
             else:

@@ -421,11 +421,6 @@ def test_paced_writer_across_the_pin_loses_nothing(env: Env) -> None:
     print(f"\npaced writer, {written} lines; the pin: " + " | ".join(tries))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="copymode.checkpoint decides by size and mtime (rsync's quick check): a same-size"
-    " rewrite that keeps the mtime (cp -p, touch -r, tar/rsync extraction) is never written",
-)
 def test_same_size_rewrite_keeping_mtime_is_written(env: Env) -> None:
     pve = env.disk.mountpoint / "pve"
     (pve / "content").mkdir(parents=True)
