@@ -193,6 +193,9 @@ class Daemon:
         self.last_refusal: dict[str, str] = {}
         self.facts_cache: dict[str, tuple[float, engine.CandidateFacts]] = {}
         self.lost_events = 0
+        self.sleep_guard: logind.SleepGuard | None = None
+        self.sleep_wait: set[str] = set()  # checkpoints the coming sleep waits for
+        self.sleep_deadline = 0.0
         self.observer = metrics.Observer(
             cfg.metrics,
             self.pinmgr,
@@ -200,9 +203,6 @@ class Daemon:
             ram_max=lambda: self._ram_limit(self.cfg),
             monitor=lambda: {"lost_events": self.lost_events, **self.monitor.stats()},
         )
-        self.sleep_guard: logind.SleepGuard | None = None
-        self.sleep_wait: set[str] = set()  # checkpoints the coming sleep waits for
-        self.sleep_deadline = 0.0
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -358,15 +358,6 @@ class Daemon:
             while self.worker.pending:
                 self._collect(block=True)
 
-    def _reopen_for(self, path: str) -> str | None:
-        """The reopen command of the watch root that `path` lies in (the innermost one)."""
-        best: config.WatchRoot | None = None
-        for root in self.cfg.adaptive.watch:
-            inside = path == root.path or path.startswith(root.path.rstrip("/") + "/")
-            if inside and root.reopen and (best is None or len(root.path) > len(best.path)):
-                best = root
-        return best.reopen if best else None
-
     def _submit_static(self, path: str, pc: config.PinConfig) -> None:
         self._submit_pin(
             path,
@@ -379,6 +370,15 @@ class Daemon:
             keep=pc.keep,
             reopen=pc.reopen or self._reopen_for(path),
         )
+
+    def _reopen_for(self, path: str) -> str | None:
+        """The reopen command of the watch root that `path` lies in (the innermost one)."""
+        best: config.WatchRoot | None = None
+        for root in self.cfg.adaptive.watch:
+            inside = path == root.path or path.startswith(root.path.rstrip("/") + "/")
+            if inside and root.reopen and (best is None or len(root.path) > len(best.path)):
+                best = root
+        return best.reopen if best else None
 
     def _retry_static(self, now: float) -> None:
         """Static pins that were refused are tried again with backoff: a writer that raced the
@@ -590,7 +590,8 @@ class Daemon:
             self._rebuild_attributor(self.cfg)
             return
         try:
-            self.monitor.add_filesystem(self.pinmgr.ram_side(pin))
+            # without FAN_MODIFY: a write per event would slow the writes moved to RAM
+            self.monitor.add_filesystem(self.pinmgr.ram_side(pin), modify=False)
         except OSError as exc:
             log.warning("cannot watch the RAM side of %s: %s", pin.path, exc)
         self._rebuild_attributor(self.cfg)

@@ -78,6 +78,12 @@ WRITE_EVENTS = (
     | FAN_ATTRIB
 )
 MARK_MASK = WRITE_EVENTS | FAN_ONDIR  # ONDIR: directories created, removed and renamed count too
+# Without FAN_MODIFY: the kernel builds and merges an event for every write(2) on a marked
+# filesystem, whether or not the reader asks for it often; measured on tmpfs, 4k writes with
+# fsync ran at 0.40 of their unwatched speed with FAN_MODIFY in the mask and at 1.00 without.
+# The RAM side of a pin is watched so: closes after writing, creations, deletions, renames and
+# attribute changes still show how busy it is, at no cost to the writes that were moved to RAM.
+QUIET_MARK_MASK = MARK_MASK & ~FAN_MODIFY
 
 _INIT_FLAGS: int = (
     ext.FAN_CLASS_NOTIF | ext.FAN_REPORT_DFID_NAME | ext.FAN_CLOEXEC | ext.FAN_NONBLOCK
@@ -138,6 +144,7 @@ class _Filesystem:
     fsid: bytes
     dev: int
     refs: list[tuple[str, int]]  # (path given to add_filesystem, its directory fd)
+    mask: int = MARK_MASK
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -260,9 +267,11 @@ class Monitor:
 
     # ----------------------------------------------------------------- filesystems
 
-    def add_filesystem(self, path: str) -> None:
+    def add_filesystem(self, path: str, *, modify: bool = True) -> None:
         """Watch the whole filesystem that holds `path` (counted: as many `remove_filesystem`
-        calls as `add_filesystem` calls end the watch)."""
+        calls as `add_filesystem` calls end the watch). `modify=False` leaves every write(2)
+        out (QUIET_MARK_MASK): for the RAM side of pins, where it would cost the most."""
+        mask = MARK_MASK if modify else QUIET_MARK_MASK
         self._check_open()
         path = os.path.abspath(path)
         try:
@@ -279,13 +288,19 @@ class Monitor:
                         f"cannot watch {path}: its filesystem id {fsid.hex()} is also that of"
                         f" the filesystem at {known.refs[0][0]}; events could not be told apart"
                     )
+                if mask & ~known.mask:  # a mark's mask only grows (FAN_MARK_ADD ORs it in)
+                    try:
+                        ext.mark(self._ctx, ext.FAN_MARK_ADD | _MARK_FS, mask, fd, ".")
+                    except OSError as exc:
+                        raise _mark_error(path, "watch", exc) from exc
+                    known.mask |= mask
                 known.refs.append((path, fd))
                 return
             try:
-                ext.mark(self._ctx, ext.FAN_MARK_ADD | _MARK_FS, MARK_MASK, fd, ".")
+                ext.mark(self._ctx, ext.FAN_MARK_ADD | _MARK_FS, mask, fd, ".")
             except OSError as exc:
                 raise _mark_error(path, "watch", exc) from exc
-            self._filesystems[fsid] = _Filesystem(fsid, dev, [(path, fd)])
+            self._filesystems[fsid] = _Filesystem(fsid, dev, [(path, fd)], mask)
             log.debug("watching the filesystem of %s (fsid %s)", path, fsid.hex())
         except BaseException:
             os.close(fd)
@@ -311,7 +326,7 @@ class Monitor:
         fd = fs.refs[i][1]
         if len(fs.refs) == 1:
             try:
-                ext.mark(self._ctx, ext.FAN_MARK_REMOVE | _MARK_FS, MARK_MASK, fd, ".")
+                ext.mark(self._ctx, ext.FAN_MARK_REMOVE | _MARK_FS, fs.mask, fd, ".")
             except OSError as exc:
                 # ENOENT: the kernel dropped the mark already (the filesystem went away).
                 if exc.errno != errno.ENOENT:

@@ -179,6 +179,31 @@ def test_counts_per_directory_exactly(
     assert (tally.events, tally.lost, tally.unresolved) == (104, 0, 0)
 
 
+def test_a_quiet_mark_leaves_each_write_out(monitor: Monitor, runtime_tmpfs: Path) -> None:
+    """The RAM side of a pin is watched without FAN_MODIFY; adding the same filesystem with
+    modify=True later widens the mark."""
+    root = runtime_tmpfs
+    for d in ("a", "b", "c", "d"):
+        (root / d).mkdir()
+    monitor.add_filesystem(str(root), modify=False)
+    tally = Tally(monitor)
+    with writer(root) as w:
+        w.do("files a 20 f")  # create + close each: 40, no modify
+    with writer(root) as sentinel:
+        sentinel.do("files c 1 s")  # 2
+    tally.wait_count(root / "c", 2)
+    assert tally.counts == {str(root / "a"): 40, str(root / "c"): 2}
+    monitor.add_filesystem(str(root))
+    with writer(root) as w:
+        w.do("files b 5 f")  # 15 again
+    with writer(root) as sentinel:
+        sentinel.do("files d 1 s")
+    tally.wait_count(root / "d", 3)
+    assert tally.counts[str(root / "b")] == 15
+    monitor.remove_filesystem(str(root))
+    monitor.remove_filesystem(str(root))
+
+
 def test_own_process_is_ignored(monitor: Monitor, loopfs: LoopFs) -> None:
     root = loopfs.mountpoint
     (root / "c").mkdir()
