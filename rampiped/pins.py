@@ -53,6 +53,9 @@ BUSY_GRACE = 2.0
 # In a journal: the last generation is an unpin's final one (the RAM layer is no longer needed).
 FINAL_MARK = "final.json"
 BUSY_POLL = 0.05
+# After a write-back, processes that opened a replaced disk file during it and still hold it
+# get this long to let go (their last bytes are carried over) before a warning names them.
+WINDOW_GRACE = 2.0
 # Failed checkpoints are retried with this backoff (seconds), doubled after each failure.
 RETRY_MIN, RETRY_MAX = 5.0, 300.0
 SOURCE_PREFIX = "rampiped-"  # every mount rampiped makes carries "rampiped-<id>" as its source
@@ -559,8 +562,29 @@ class PinManager:
                 since=pin.last_ok_wall or 0.0,
             )
             bulk_files, bulk_bytes = bulk.files, bulk.bytes
+        snapshot: dict[str, sync.Stamp] = {}
+        threshold = 0
+
+        def before_unmount() -> None:
+            # the disk files the write-back will replace, as they are while nothing can write
+            # them (the overlay still covers the path): see sync.HeldFiles
+            nonlocal snapshot, threshold
+            threshold = time.time_ns() - sync.CLOCK_SLACK_NS
+            try:
+                snapshot = sync.touched_entries(self.upper(pin.id), self.disk(pin.id))
+            except (OSError, sync.SyncError) as exc:
+                log.warning(
+                    "%s: could not record the disk files the write-back replaces (%s); writes"
+                    " to them during the write-back are kept as conflict files",
+                    pin.path,
+                    exc,
+                )
+                snapshot = {}
+
         try:
-            self._unmount_when_free(pin, source)
+            self._unmount_when_free(
+                pin, source, before=before_unmount if pin.mode == "overlay" else None
+            )
         except UnpinBusy as busy:
             top = mounts.mount_at(pin.path)
             if not (
@@ -575,8 +599,12 @@ class PinManager:
             # writers that keep their files open: hand them over to the disk
             return self._handover(pin, top.mount_id, start, wall)
         sync.pause_point("unpin:unmounted")
+        held: sync.HeldFiles | None = None
         try:
             if pin.mode == "overlay":
+                held = sync.HeldFiles.hold(
+                    self.upper(pin.id), self.disk(pin.id), snapshot, threshold
+                )
                 # through the journal: an apply cut short by a power loss is then replayed
                 # from disk at the next start (the RAM layer is gone by then)
                 sync.checkpoint(self.upper(pin.id), self.journal(pin.id), runner=self.runner)
@@ -586,7 +614,7 @@ class PinManager:
                 write_json_atomic(os.path.join(self.journal(pin.id), FINAL_MARK), {"final": True})
                 sync.pause_point("unpin:journaled")
                 res = sync.apply_journal(
-                    self.journal(pin.id), self.disk(pin.id), runner=self.runner
+                    self.journal(pin.id), self.disk(pin.id), runner=self.runner, window=held
                 )
                 if res is None:
                     raise sync.SyncError(f"the journal of {pin.path} vanished before its apply")
@@ -601,8 +629,15 @@ class PinManager:
                 )
                 files, nbytes = bulk_files + cres.files, bulk_bytes + cres.bytes
         except BaseException:
+            if held is not None:
+                # the RAM layer is mounted again and hides the disk files at those names
+                with contextlib.suppress(OSError, sync.SyncError):
+                    held.merge(conflicts_only=True)
+                    held.finish()
             self._remount(pin)
             raise
+        if held is not None:
+            self._settle_window(pin, held)
         sync.pause_point("unpin:applied")
         self._release(pin)
         if pin.reopen:
@@ -610,7 +645,51 @@ class PinManager:
             handover.run_reopen(pin.reopen, pin.path, self.runner)
         return SyncRecord(wall, True, time.monotonic() - start, files, nbytes)
 
-    def _unmount_when_free(self, pin: Pin, source: str) -> None:
+    def _settle_window(self, pin: Pin, held: sync.HeldFiles) -> None:
+        """Carry into the written-back files what processes wrote into the replaced disk files
+        during the write-back; wait up to WINDOW_GRACE for those that still hold one."""
+        deadline = time.monotonic() + WINDOW_GRACE
+        try:
+            while True:
+                holding = _holding(held.inodes())
+                # after a scan that found nobody, nobody can write them any more (they have
+                # no name left but ours): this merge is the last one
+                held.merge()
+                if not holding:
+                    break
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "%s: still open after the write-back replaced them: %s; what these"
+                        " processes write from now on goes to files that no longer have a"
+                        " name, as on a plain disk when a file is replaced by a rename",
+                        pin.path,
+                        ", ".join(holding[:10]),
+                    )
+                    break
+                time.sleep(BUSY_POLL)
+            held.finish()
+        except (OSError, sync.SyncError) as exc:
+            log.error(
+                "%s: carrying the writes made during the write-back failed (%s); the files"
+                " they went to stay in %s/%s",
+                pin.path,
+                exc,
+                pin.path,
+                sync.HOLD_NAME,
+            )
+
+    def _finish_window(self, pid: str, path: str) -> None:
+        """At start-up, after the apply: what an unpin cut short left in the hold directory."""
+        held = sync.HeldFiles.load(self.disk(pid))
+        if held is None:
+            return
+        held.merge()
+        held.finish()
+        log.info("%s: carried the writes made during an interrupted write-back", path)
+
+    def _unmount_when_free(
+        self, pin: Pin, source: str, *, before: Callable[[], None] | None = None
+    ) -> None:
         """Unmount the pin's mount over its directory once nothing holds it: holders in this or
         any other mount namespace (after our unmount, a namespace that still shows the pin
         would keep writing into RAM about to be freed). Writers that hold a file only while
@@ -622,6 +701,8 @@ class PinManager:
                 pin.path, exclude_pids=self.exclude_pids(), mount_source=source
             )
             if not found:
+                if before is not None:
+                    before()
                 self._set_state(pin, "draining")
                 try:
                     self._unmount_path(pin)
@@ -782,7 +863,13 @@ class PinManager:
                 if not disk_mounted:
                     self._staging_for(pid, path)
                     disk_mounted = True
-                res_f = sync.apply_journal(self.journal(pid), self.disk(pid), runner=self.runner)
+                res_f = sync.apply_journal(
+                    self.journal(pid),
+                    self.disk(pid),
+                    runner=self.runner,
+                    window=sync.HeldFiles.load(self.disk(pid)),
+                )
+                self._finish_window(pid, path)
                 what = (
                     "the write-back had finished"
                     if res_f is None
@@ -794,7 +881,13 @@ class PinManager:
                     if not disk_mounted:
                         self._staging_for(pid, path)
                         disk_mounted = True
-                    res = sync.apply_upper(self.upper(pid), self.disk(pid), runner=self.runner)
+                    res = sync.apply_upper(
+                        self.upper(pid),
+                        self.disk(pid),
+                        runner=self.runner,
+                        window=sync.HeldFiles.load(self.disk(pid)),
+                    )
+                    self._finish_window(pid, path)
                     what = f"wrote {res.files} files, {format_bytes(res.bytes)}"
                 else:
                     what = "the overlay was never mounted: nothing to write"
@@ -819,7 +912,13 @@ class PinManager:
             if not disk_mounted:
                 self._staging_for(pid, path)
             try:
-                res_j = sync.apply_journal(self.journal(pid), self.disk(pid), runner=self.runner)
+                res_j = sync.apply_journal(
+                    self.journal(pid),
+                    self.disk(pid),
+                    runner=self.runner,
+                    window=sync.HeldFiles.load(self.disk(pid)),
+                )
+                self._finish_window(pid, path)
             finally:
                 mounts.umount(self.disk(pid))
                 shutil.rmtree(self.base(pid), ignore_errors=True)
@@ -1224,6 +1323,38 @@ class PinManager:
                         if oldest is None or st.st_ctime < oldest:
                             oldest = st.st_ctime
         return Dirty(total, entries, oldest, complete=True)
+
+
+def _holding(inodes: set[tuple[int, int]]) -> list[str]:
+    """Processes (other than this one) with one of `inodes` open: "pid N (comm) fd M"."""
+    if not inodes:
+        return []
+    out = []
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # exited, or not ours to look at
+        for fd in fds:
+            try:
+                # a replaced file was unlinked at its name: only such fds are looked at (no
+                # stat of every socket, pipe or network file on the machine)
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").endswith(" (deleted)"):
+                    continue
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in inodes:
+                try:
+                    with open(f"/proc/{pid}/comm") as f:
+                        comm = f.read().strip()
+                except OSError:
+                    comm = "?"
+                out.append(f"pid {pid} ({comm}) fd {fd}")
+    return out
 
 
 def _holder_list(found: list[holders.Holder]) -> str:

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +40,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -393,8 +396,11 @@ def _scan_layer(root: str) -> _Layer:
                     seen_inodes[key] = []
                 if cst.st_nlink > 1:
                     seen_inodes[key].append(child_rel)
-        if rel == "" and STASH_NAME in current.children:
-            problems.append(f"{root} holds an entry named {STASH_NAME}, which write-back reserves")
+        for reserved in (STASH_NAME, HOLD_NAME):
+            if rel == "" and reserved in current.children:
+                problems.append(
+                    f"{root} holds an entry named {reserved}, which write-back reserves"
+                )
     if problems:
         shown = "; ".join(problems[:10])
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
@@ -821,11 +827,19 @@ def _mark_stash_done(target_fd: int) -> None:
 # --- deletions --------------------------------------------------------------------------------
 
 
-def _apply_deletions(layer: _Layer, target_fd: int) -> int:
+def _apply_deletions(layer: _Layer, target_fd: int, keep_newer_than: int | None = None) -> int:
     """Delete on disk what the layer removed: names under whiteouts, entries of directories
     without lower content (opaque) that the layer does not hold, and entries whose type the
-    layer changed. Walks layer and disk together, fd-relative, never following a symlink."""
+    layer changed. Walks layer and disk together, fd-relative, never following a symlink.
+    With `keep_newer_than` (ns), entries under whiteouts and opaque directories whose ctime is
+    that late or later are kept: they were written on disk after the overlay was unmounted."""
     deleted = 0
+
+    def remove(fd: int, name: str) -> int:
+        if keep_newer_than is None:
+            return _remove_at(fd, name)
+        return _remove_older(fd, name, keep_newer_than)
+
     # (layer directory, fd of the disk directory) still to visit
     stack: list[tuple[_UpperDir, int]] = [(layer.dirs[""], os.dup(target_fd))]
     try:
@@ -835,14 +849,14 @@ def _apply_deletions(layer: _Layer, target_fd: int) -> int:
                 if d.lower is None:
                     for name in os.listdir(fd):
                         if name not in d.children:
-                            deleted += _remove_at(fd, name)
+                            deleted += remove(fd, name)
                 for name, kind in d.children.items():
                     st = _lstat_at(fd, name)
                     if st is None:
                         continue
                     disk_kind = _kind(st)
                     if kind == "whiteout":
-                        deleted += _remove_at(fd, name)
+                        deleted += remove(fd, name)
                     elif kind == "dir":
                         if disk_kind != "dir":
                             deleted += _remove_at(fd, name)
@@ -859,6 +873,48 @@ def _apply_deletions(layer: _Layer, target_fd: int) -> int:
         for _, fd in stack:
             os.close(fd)
     return deleted
+
+
+def _written_since(dir_fd: int, name: str, newer_than: int) -> bool:
+    """Whether `name` below `dir_fd`, or anything below it, has a ctime of `newer_than` or later
+    (what _remove_older keeps)."""
+    st = _lstat_at(dir_fd, name)
+    if st is None:
+        return False
+    if st.st_ctime_ns >= newer_than:
+        return True
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    fd = _open_dir_at(dir_fd, name)
+    try:
+        return any(_written_since(fd, child, newer_than) for child in os.listdir(fd))
+    finally:
+        os.close(fd)
+
+
+def _remove_older(dir_fd: int, name: str, newer_than: int) -> int:
+    """Remove `name` below `dir_fd` like _remove_at, but keep every entry whose ctime is
+    `newer_than` (ns) or later, and the directories that lead to one; returns how many went."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        if st.st_ctime_ns >= newer_than:
+            log.info("kept %s: written on disk during the write-back", name)
+            return 0
+        os.unlink(name, dir_fd=dir_fd)
+        return 1
+    removed = 0
+    fd = _open_dir_at(dir_fd, name)
+    try:
+        for child in os.listdir(fd):
+            removed += _remove_older(fd, child, newer_than)
+        empty = not os.listdir(fd)
+    finally:
+        os.close(fd)
+    # the directory's own ctime as it was before the removals above changed it
+    if empty and st.st_ctime_ns < newer_than:
+        os.rmdir(name, dir_fd=dir_fd)
+        removed += 1
+    return removed
 
 
 def _set_times(layer: _Layer, target_fd: int) -> None:
@@ -887,7 +943,9 @@ def _set_times(layer: _Layer, target_fd: int) -> None:
 # --- apply ------------------------------------------------------------------------------------
 
 
-def _rsync_apply_argv(upper: str, target: str, fsync: bool) -> list[str]:
+def _rsync_apply_argv(
+    upper: str, target: str, fsync: bool, exclude_from: str | None = None
+) -> list[str]:
     argv = [
         "rsync",
         "-aHAX",  # recursive, symlinks, perms, times, owner, group, specials; links, ACLs, xattrs
@@ -902,6 +960,8 @@ def _rsync_apply_argv(upper: str, target: str, fsync: bool) -> list[str]:
     ]
     if fsync:
         argv.append("--fsync")
+    if exclude_from is not None:
+        argv += ["--from0", f"--exclude-from={exclude_from}"]
     argv += [upper.rstrip("/") + "/", target.rstrip("/") + "/"]
     return argv
 
@@ -930,14 +990,38 @@ def _at_or_below(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def apply_upper(upper: str, target: str, *, runner: Runner = run_command) -> ApplyResult:
+def apply_upper(
+    upper: str,
+    target: str,
+    *,
+    runner: Runner = run_command,
+    keep_newer_than: int | None = None,
+    window: HeldFiles | None = None,
+) -> ApplyResult:
     """Make `target` (the directory on disk) hold what the overlay showed, given the upper layer
     of that overlay (unmounted) or a journal copy of it. Raises SyncError, with `target`
-    possibly partly written, unless the result was verified on disk."""
-    return _apply(upper, target, runner, keep_plan=False)
+    possibly partly written, unless the result was verified on disk.
+
+    `keep_newer_than` (ns, wall clock; defaults to `window.threshold`): entries on disk that
+    the layer deletes but whose ctime is that late or later are kept, and verification
+    accepts what was written on disk from then on. `window`: the disk files held before the
+    apply (HeldFiles.hold); what was appended to them meanwhile goes into the files written."""
+    return _apply(
+        upper, target, runner, keep_plan=False, keep_newer_than=keep_newer_than, window=window
+    )
 
 
-def _apply(upper: str, target: str, runner: Runner, *, keep_plan: bool) -> ApplyResult:
+def _apply(
+    upper: str,
+    target: str,
+    runner: Runner,
+    *,
+    keep_plan: bool,
+    keep_newer_than: int | None = None,
+    window: HeldFiles | None = None,
+) -> ApplyResult:
+    if keep_newer_than is None and window is not None:
+        keep_newer_than = window.threshold
     start = time.monotonic()
     upper = os.path.abspath(upper)
     target = os.path.abspath(target)
@@ -951,21 +1035,31 @@ def _apply(upper: str, target: str, runner: Runner, *, keep_plan: bool) -> Apply
             try:
                 n, stashed = _move_renamed_dirs(target_fd, target, upper, moves)
                 deleted += n
-                deleted += _apply_deletions(layer, target_fd)
+                deleted += _apply_deletions(layer, target_fd, keep_newer_than)
             except OSError as e:
                 raise SyncError(
                     f"write-back of {upper} into {target} failed while moving or deleting "
                     f"{e.filename or ''}: {e.strerror}; {target} is partly written, the layer "
                     "is unchanged"
                 ) from e
-            argv = _rsync_apply_argv(upper, target, fsync)
-            result = runner(argv)
+            own = window.own_writes(layer) if window is not None else []
+            with _exclude_file(own) as exclude_from:
+                argv = _rsync_apply_argv(upper, target, fsync, exclude_from)
+                result = runner(argv)
             if result.returncode != 0:
                 raise SyncError.from_command(
                     f"write-back of {upper} into {target} (partly written; the layer is unchanged)",
                     argv,
                     result,
                 )
+            if window is not None:
+                try:
+                    window.write_own(upper, target_fd, own)
+                except OSError as e:
+                    raise SyncError(
+                        f"write-back of {upper} into {target} failed while writing "
+                        f"{e.filename or 'a file'}: {e.strerror}; {target} is partly written"
+                    ) from e
             try:
                 _set_times(layer, target_fd)
             except OSError as e:
@@ -974,7 +1068,7 @@ def _apply(upper: str, target: str, runner: Runner, *, keep_plan: bool) -> Apply
                     f"{e.filename or 'a directory'} failed: {e.strerror}"
                 ) from e
             _syncfs(target_fd, target)
-            problems = verify_applied(upper, target)
+            problems = verify_applied(upper, target, newer_than=keep_newer_than)
             if problems:
                 shown = "; ".join(problems[:10])
                 more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
@@ -1011,6 +1105,498 @@ def _apply(upper: str, target: str, runner: Runner, *, keep_plan: bool) -> Apply
     return ApplyResult(layer.files, layer.bytes, deleted, time.monotonic() - start)
 
 
+# --- writes on disk during the write-back window ---------------------------------------------
+
+# Between the unmount of an overlay and the end of its write-back the path shows the disk, and
+# a process that opens a file anew there (a logger's open-append-close) writes into the disk
+# file that the write-back is about to replace with the RAM version. Before the unmount,
+# `touched_entries` records those disk files (through the lower layer, which nothing writes
+# while it is mounted); right after it, `HeldFiles.hold` keeps their inodes alive with hard
+# links in HOLD_NAME inside the target (same filesystem) and records the snapshot there, so a
+# start after a crash can finish the job. The apply then writes those files itself: the RAM
+# version into a new file, what was appended to the disk file so far after it, a rename over
+# the name, and what arrived in the meantime after that (so lines stay in the order they were
+# written, up to the moment of the rename). After the apply, `merge` carries what still came
+# in, and what was not a plain append is kept as NAME.rampiped-conflict.
+HOLD_NAME = ".rampiped-held"
+CONFLICT_SUFFIX = ".rampiped-conflict"  # the name rampiped.handover uses too
+_HELD_INDEX = "held.json"
+_HELD_VERSION = 1
+# File timestamps come from the kernel's coarse clock, which may lag the wall clock by a tick
+# (1 to 10 ms); a change right after a moment t can therefore carry a ctime slightly before t.
+CLOCK_SLACK_NS = 100_000_000
+# Files up to this size are compared whole (sha256) to tell an append from a rewrite; larger
+# ones by their first and last _EDGE bytes before the old end, which an append leaves alone
+# and a rewrite almost always changes.
+_FULL_DIGEST_MAX = 1 << 20
+_EDGE = 64 << 10
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """A disk file that the apply replaces, as it was before the unmount. ino 0: there was no
+    file at that name (the RAM layer created it); ino -1: not known (it changed meanwhile)."""
+
+    source: str  # where it is on disk before the apply (differs under renamed directories)
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    digest: str
+
+
+def _digest_fd(fd: int, size: int) -> str:
+    h = hashlib.sha256()
+    spans = [(0, size)] if size <= _FULL_DIGEST_MAX else [(0, _EDGE), (size - _EDGE, _EDGE)]
+    for offset, length in spans:
+        while length > 0:
+            chunk = os.pread(fd, min(length, 1 << 20), offset)
+            if not chunk:
+                break
+            h.update(chunk)
+            offset += len(chunk)
+            length -= len(chunk)
+    return h.hexdigest()
+
+
+def _stamp_at(dir_fd: int, name: str, source: str) -> Stamp | None:
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd
+        )
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            return None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return Stamp(
+            source,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            _digest_fd(fd, st.st_size),
+        )
+    finally:
+        os.close(fd)
+
+
+_ABSENT_DIGEST = hashlib.sha256(b"").hexdigest()
+
+
+def _replaced_files(layer: _Layer) -> Iterator[tuple[str, str, str]]:
+    """(rel, source on disk, kind in the layer) of every regular file or symlink of the layer
+    that can replace a disk entry: its directory has lower content."""
+    for rel, d in layer.dirs.items():
+        if d.lower is None:
+            continue
+        for name, kind in d.children.items():
+            if kind in ("file", "symlink"):
+                yield _join(rel, name), _join(d.lower, name), kind
+
+
+def touched_entries(upper: str, lower: str) -> dict[str, Stamp]:
+    """Before the unmount (the overlay still mounted, its lower unchanging): the disk files
+    that applying `upper` will replace, keyed by their path in the layer. Regular files of the
+    layer with no disk file at their name get an absent stamp (ino 0). Entries that vanish
+    while the layer is read are skipped (the apply's own scan is authoritative)."""
+    layer = _scan_layer(upper)
+    out: dict[str, Stamp] = {}
+    with _opened(lower) as lower_fd:
+        for rel, source, kind in _replaced_files(layer):
+            parent, _, name = source.rpartition("/")
+            pfd = _open_rel(lower_fd, parent)
+            if pfd is None:
+                found = None
+            else:
+                try:
+                    found = _stamp_at(pfd, name, source)
+                    exists = _lstat_at(pfd, name) is not None
+                finally:
+                    os.close(pfd)
+            if found is not None:
+                out[rel] = found
+            elif kind == "file" and (pfd is None or not exists):
+                out[rel] = Stamp(source, 0, 0, 0, 0, _ABSENT_DIGEST)
+    return out
+
+
+@dataclass
+class _Held:
+    rel: str
+    link: str  # name in the hold directory
+    base: Stamp
+    done: int | None = None  # bytes of the held file already carried into the file at rel
+    conflict: bool = False
+
+
+@contextlib.contextmanager
+def _exclude_file(rels: list[str]) -> Iterator[str | None]:
+    """An rsync --exclude-from file (NUL-separated, --from0) naming exactly `rels`."""
+    if not rels:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="rampiped-exclude-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for rel in rels:
+                pattern = "/" + rel
+                if any(c in rel for c in "*?["):
+                    # a backslash escapes only in a pattern that has wildcards (rsync(1))
+                    pattern = re.sub(r"([*?\[\\])", r"\\\1", pattern)
+                f.write(os.fsencode(pattern) + b"\0")
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def _copy_fd(src_fd: int, dst_fd: int, offset: int) -> int:
+    """Append src_fd's bytes from `offset` to its current end onto dst_fd; returns the count."""
+    n = 0
+    while chunk := os.pread(src_fd, 1 << 20, offset + n):
+        view = memoryview(chunk)
+        while view:
+            written = os.write(dst_fd, view)
+            view = view[written:]
+        n += len(chunk)
+    return n
+
+
+def _copy_attributes(src: str, fd: int) -> None:
+    """Owner, mode and xattrs (ACLs included; not security labels nor overlay's) of `src`."""
+    st = os.lstat(src)
+    os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    for name in os.listxattr(src, follow_symlinks=False):
+        if name.startswith(("security.", "trusted.overlay.")):
+            continue
+        os.setxattr(fd, name, os.getxattr(src, name, follow_symlinks=False))
+
+
+class HeldFiles:
+    """The disk files an apply replaces, kept alive (hard links in `target`/HOLD_NAME) from the
+    unmount until what was written into them meanwhile is carried over (see above)."""
+
+    def __init__(self, target: str, threshold: int, entries: list[_Held]) -> None:
+        self.target = target
+        # ns, wall clock: what changed on disk from then on was written in the window
+        self.threshold = threshold
+        self.entries = entries
+
+    @classmethod
+    def hold(cls, upper: str, target: str, snapshot: dict[str, Stamp], threshold: int) -> HeldFiles:
+        """Right after the unmount, before anything replaces them: link every disk file the
+        apply of `upper` replaces into the hold directory, and record the snapshot there."""
+        target = os.path.abspath(target)
+        earlier = cls.load(target)
+        if earlier is not None:  # left by an unpin cut short: finish it before starting over
+            earlier.merge()
+            earlier.finish()
+        layer = _scan_layer(upper)
+        entries: list[_Held] = []
+        with _opened(target) as target_fd:
+            os.mkdir(HOLD_NAME, 0o700, dir_fd=target_fd)
+            hold_fd = _open_dir_at(target_fd, HOLD_NAME)
+            try:
+                for rel, source, _kind in _replaced_files(layer):
+                    parent, _, name = source.rpartition("/")
+                    pfd = _open_rel(target_fd, parent)
+                    if pfd is None:
+                        continue
+                    try:
+                        st = _lstat_at(pfd, name)
+                        if st is None or not stat.S_ISREG(st.st_mode):
+                            continue
+                        base = snapshot.get(rel)
+                        if base is None:  # copied up after the snapshot
+                            if st.st_ctime_ns < threshold:
+                                base = _stamp_at(pfd, name, source)
+                        elif base.ino not in (0, st.st_ino):
+                            base = None  # replaced on disk meanwhile
+                        if base is None:
+                            base = Stamp(source, -1, 0, 0, 0, "")
+                        link = str(len(entries))
+                        os.link(
+                            name, link, src_dir_fd=pfd, dst_dir_fd=hold_fd, follow_symlinks=False
+                        )
+                    finally:
+                        os.close(pfd)
+                    entries.append(_Held(rel, link, base))
+                held = cls(target, threshold, entries)
+                held._save(hold_fd)
+                _fsync_dir(hold_fd)
+            finally:
+                os.close(hold_fd)
+            _fsync_dir(target_fd)
+        return held
+
+    @classmethod
+    def load(cls, target: str) -> HeldFiles | None:
+        """The hold directory an unpin cut short (crash, power cut) left in `target`, if any."""
+        target = os.path.abspath(target)
+        try:
+            with open(os.path.join(target, HOLD_NAME, _HELD_INDEX), "rb") as f:
+                doc = json.loads(f.read())
+        except FileNotFoundError:
+            try:
+                st = os.lstat(os.path.join(target, HOLD_NAME))
+            except FileNotFoundError:
+                return None
+            # cut short before the index was written: nothing was replaced yet, and the
+            # directory was made right after the unmount
+            return cls(target, st.st_ctime_ns - CLOCK_SLACK_NS, [])
+        except ValueError as e:
+            raise SyncError(f"{target}/{HOLD_NAME}/{_HELD_INDEX} is unreadable: {e}") from e
+        entries = [
+            _Held(
+                str(e["rel"]),
+                str(e["link"]),
+                Stamp(**e["base"]),
+                e.get("done"),
+                bool(e.get("conflict", False)),
+            )
+            for e in doc.get("entries", [])
+        ]
+        return cls(target, int(doc.get("threshold", 0)), entries)
+
+    def _save(self, hold_fd: int) -> None:
+        doc = {
+            "version": _HELD_VERSION,
+            "threshold": self.threshold,
+            "entries": [
+                {
+                    "rel": e.rel,
+                    "link": e.link,
+                    "base": dataclasses.asdict(e.base),
+                    "done": e.done,
+                    "conflict": e.conflict,
+                }
+                for e in self.entries
+            ],
+        }
+        tmp = _HELD_INDEX + ".tmp"
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=hold_fd
+        )
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(doc, sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, _HELD_INDEX, src_dir_fd=hold_fd, dst_dir_fd=hold_fd)
+
+    def inodes(self) -> set[tuple[int, int]]:
+        """(st_dev, st_ino) of the held files still linked."""
+        out = set()
+        for e in self.entries:
+            try:
+                st = os.lstat(os.path.join(self.target, HOLD_NAME, e.link))
+            except FileNotFoundError:
+                continue
+            out.add((st.st_dev, st.st_ino))
+        return out
+
+    def own_writes(self, layer: _Layer) -> list[str]:
+        """The held files that the apply writes itself rather than rsync: regular files of
+        the layer without hard links in it (a hard-linked group is left to rsync -H)."""
+        linked = {rel for group in layer.link_groups for rel in group}
+        kinds = {rel: kind for rel, _source, kind in _replaced_files(layer)}
+        return [e.rel for e in self.entries if kinds.get(e.rel) == "file" and e.rel not in linked]
+
+    def write_own(self, upper: str, target_fd: int, rels: list[str]) -> None:
+        """For each of `rels`: the layer's file into a new file next to it, the bytes appended
+        to the held disk file so far after it (when it was appended to), a rename over the
+        name, then what was appended in between."""
+        by_rel = {e.rel: e for e in self.entries}
+        hold_fd = _open_dir_at(target_fd, HOLD_NAME)
+        try:
+            for rel in rels:
+                e = by_rel[rel]
+                parent, _, name = rel.rpartition("/")
+                pfd, _ = _make_dirs_rel(target_fd, parent)
+                try:
+                    self._write_one(upper, rel, e, hold_fd, pfd, name)
+                finally:
+                    os.close(pfd)
+            self._save(hold_fd)
+        finally:
+            os.close(hold_fd)
+
+    def _write_one(self, upper: str, rel: str, e: _Held, hold_fd: int, pfd: int, name: str) -> None:
+        src = os.path.join(upper, rel)
+        tmp = f".{name}.rampiped-new"
+        e.done = None  # an apply resumed after a crash writes the layer's version again
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=pfd)
+        held_fd = os.open(e.link, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=hold_fd)
+        try:
+            out = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=pfd,
+            )
+            try:
+                with open(src, "rb") as f:
+                    _copy_fd(f.fileno(), out, 0)
+                _copy_attributes(src, out)
+                ust = os.lstat(src)
+                os.utime(out, ns=(ust.st_atime_ns, ust.st_mtime_ns))
+                appended = self._appended(e, held_fd)
+                if appended:
+                    e.done = e.base.size + _copy_fd(held_fd, out, e.base.size)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            _fsync_dir(pfd)
+            if appended and e.done is not None:
+                self._append_since(e, held_fd, pfd, name)
+        finally:
+            os.close(held_fd)
+
+    @staticmethod
+    def _appended(e: _Held, held_fd: int) -> bool:
+        """Whether the held file differs from the snapshot only by bytes added at its end."""
+        st = os.fstat(held_fd)
+        if e.base.ino == -1:
+            return False
+        if e.base.ino == 0:
+            return True  # created on disk in the window: everything in it is new
+        if st.st_size == e.base.size and st.st_mtime_ns == e.base.mtime_ns:
+            return False  # unchanged (so far)
+        return st.st_size >= e.base.size and _digest_fd(held_fd, e.base.size) == e.base.digest
+
+    @staticmethod
+    def _unchanged(e: _Held, st: os.stat_result) -> bool:
+        return (
+            e.base.ino == st.st_ino
+            and e.base.size == st.st_size
+            and e.base.mtime_ns == st.st_mtime_ns
+        )
+
+    def _append_since(self, e: _Held, held_fd: int, pfd: int, name: str) -> int:
+        assert e.done is not None
+        if os.fstat(held_fd).st_size <= e.done:
+            return 0
+        dst = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            n = _copy_fd(held_fd, dst, e.done)
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+        e.done += n
+        return n
+
+    def merge(self, *, conflicts_only: bool = False) -> list[str]:
+        """Carry what was written into the held files since the last look into the files now
+        at their names: bytes appended go after the file's end; a held file changed otherwise
+        is linked as NAME.rampiped-conflict (a WARNING names it). With `conflicts_only` (the
+        apply failed and the RAM layer is mounted again, hiding the disk files at those names)
+        every changed held file becomes a conflict file. Returns the conflict files made."""
+        made: list[str] = []
+        try:
+            target_fd = os.open(self.target, _DIR_FLAGS)
+        except FileNotFoundError:
+            return made
+        try:
+            if _lstat_at(target_fd, HOLD_NAME) is None:
+                return made
+            hold_fd = _open_dir_at(target_fd, HOLD_NAME)
+            try:
+                for e in self.entries:
+                    if e.conflict:
+                        continue
+                    try:
+                        held_fd = os.open(
+                            e.link, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=hold_fd
+                        )
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        made += self._merge_one(e, held_fd, hold_fd, target_fd, conflicts_only)
+                    finally:
+                        os.close(held_fd)
+                self._save(hold_fd)
+            finally:
+                os.close(hold_fd)
+        finally:
+            os.close(target_fd)
+        return made
+
+    def _merge_one(
+        self, e: _Held, held_fd: int, hold_fd: int, target_fd: int, conflicts_only: bool
+    ) -> list[str]:
+        st = os.fstat(held_fd)
+        if e.done is None and self._unchanged(e, st):
+            return []
+        parent, _, name = e.rel.rpartition("/")
+        pfd = _open_rel(target_fd, parent)
+        if pfd is None:
+            return self._conflict(e, hold_fd, target_fd)
+        try:
+            dst = _lstat_at(pfd, name)
+            plain = dst is not None and stat.S_ISREG(dst.st_mode)
+            if conflicts_only or not plain:
+                if e.done is None and e.base.ino == 0 and st.st_size == 0:
+                    return []
+                return self._conflict(e, hold_fd, target_fd)
+            if e.done is None:
+                if not self._appended(e, held_fd):
+                    return self._conflict(e, hold_fd, target_fd)
+                e.done = e.base.size
+            self._append_since(e, held_fd, pfd, name)
+            return []
+        finally:
+            os.close(pfd)
+
+    def _conflict(self, e: _Held, hold_fd: int, target_fd: int) -> list[str]:
+        parent, _, name = e.rel.rpartition("/")
+        conflict = name + CONFLICT_SUFFIX
+        pfd = _open_rel(target_fd, parent)
+        if pfd is None:
+            log.error(
+                "%s/%s was written on disk during the write-back but its directory is gone; "
+                "the data stays in %s/%s/%s",
+                self.target,
+                e.rel,
+                self.target,
+                HOLD_NAME,
+                e.link,
+            )
+            return []
+        try:
+            tmp = conflict + ".tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=pfd)
+            os.link(e.link, tmp, src_dir_fd=hold_fd, dst_dir_fd=pfd, follow_symlinks=False)
+            os.rename(tmp, conflict, src_dir_fd=pfd, dst_dir_fd=pfd)
+            _fsync_dir(pfd)
+        finally:
+            os.close(pfd)
+        e.conflict = True
+        shown = _join(parent, conflict)
+        log.warning(
+            "%s/%s was rewritten on disk during the write-back (not only appended to): that "
+            "version is kept as %s/%s, the RAM version is at the name",
+            self.target,
+            e.rel,
+            self.target,
+            shown,
+        )
+        return [shown]
+
+    def finish(self) -> None:
+        """Drop the hold directory (the held files that are not conflict files go with it)."""
+        with _opened(self.target) as target_fd:
+            if _lstat_at(target_fd, HOLD_NAME) is None:
+                return
+            _remove_at(target_fd, HOLD_NAME)
+            _fsync_dir(target_fd)
+
+
 # --- verification -----------------------------------------------------------------------------
 
 
@@ -1033,11 +1619,16 @@ def _interesting_xattrs(path: str | None, name: str, dir_fd: int | None) -> dict
     return out
 
 
-def verify_applied(upper: str, target: str) -> list[str]:
+def verify_applied(upper: str, target: str, *, newer_than: int | None = None) -> list[str]:
     """Differences between a layer and the disk after applying it ([] when none): every entry
     the layer holds is on disk with the same type, mode, owner, size, mtime, symlink target,
     xattrs and hard links; names under whiteouts are absent; directories without lower content
-    hold nothing else; no trusted.overlay.* attribute reached the disk."""
+    hold nothing else; no trusted.overlay.* attribute reached the disk.
+
+    With `newer_than` (ns), what was written on disk from then on (the directory showed the
+    disk while the layer was applied) is not a difference: a regular file whose mtime differs
+    from the layer's and is that late (appended to after the apply wrote it), and entries under
+    whiteouts or in opaque directories whose ctime is that late (created meanwhile)."""
     layer = _scan_layer(upper)
     diffs: list[str] = []
     with _opened(target) as target_fd:
@@ -1049,7 +1640,7 @@ def verify_applied(upper: str, target: str) -> list[str]:
             while stack:
                 d, fd = stack.pop()
                 try:
-                    diffs += _verify_dir(layer, d, fd, stack)
+                    diffs += _verify_dir(layer, d, fd, stack, newer_than)
                 finally:
                     os.close(fd)
         finally:
@@ -1074,26 +1665,40 @@ def verify_applied(upper: str, target: str) -> list[str]:
 
 
 def _verify_dir(
-    layer: _Layer, d: _UpperDir, fd: int, stack: list[tuple[_UpperDir, int]]
+    layer: _Layer,
+    d: _UpperDir,
+    fd: int,
+    stack: list[tuple[_UpperDir, int]],
+    newer_than: int | None = None,
 ) -> list[str]:
     diffs: list[str] = []
     upper_dir = os.path.join(layer.root, d.rel) if d.rel else layer.root
+
+    def written_since(name: str) -> bool:
+        return newer_than is not None and _written_since(fd, name, newer_than)
+
     if d.lower is None:
         for name in os.listdir(fd):
-            if name not in d.children and not (d.rel == "" and name == STASH_NAME):
+            reserved = d.rel == "" and name in (STASH_NAME, HOLD_NAME)
+            if name not in d.children and not reserved and not written_since(name):
                 diffs.append(f"{_join(d.rel, name)}: on disk but not in the layer")
     for name, kind in d.children.items():
         rel = _join(d.rel, name)
         st = _lstat_at(fd, name)
         if kind == "whiteout":
-            if st is not None:
+            if st is not None and not written_since(name):
                 diffs.append(f"{rel}: deleted in the layer, still on disk ({_kind(st)})")
             continue
         if st is None:
             diffs.append(f"{rel}: missing on disk")
             continue
         ust = os.lstat(os.path.join(upper_dir, name))
-        diffs += _compare(rel, ust, st)
+        appended = (
+            newer_than is not None
+            and st.st_mtime_ns != ust.st_mtime_ns
+            and st.st_mtime_ns >= newer_than
+        )
+        diffs += _compare(rel, ust, st, written_after=appended)
         if _kind(st) != kind:
             continue
         if kind == "symlink":
@@ -1119,7 +1724,9 @@ def _verify_dir(
     return diffs
 
 
-def _compare(rel: str, want: os.stat_result, have: os.stat_result) -> list[str]:
+def _compare(
+    rel: str, want: os.stat_result, have: os.stat_result, *, written_after: bool = False
+) -> list[str]:
     kind_w, kind_h = _kind(want), _kind(have)
     if kind_w != kind_h:
         return [f"{rel}: {kind_h} on disk, {kind_w} in the layer"]
@@ -1132,6 +1739,8 @@ def _compare(rel: str, want: os.stat_result, have: os.stat_result) -> list[str]:
         if a != b:
             shown = (oct(a), oct(b)) if label == "mode" else (a, b)
             out.append(f"{rel}: {label} {shown[1]} on disk, {shown[0]} in the layer")
+    if written_after and kind_w == "file":
+        return out  # written on disk after the apply: its size and mtime are the writer's
     if kind_w == "file" and want.st_size != have.st_size:
         out.append(f"{rel}: size {have.st_size} on disk, {want.st_size} in the layer")
     # A directory's mtime moves whenever an entry is added or removed, also by a process that
@@ -1239,9 +1848,17 @@ def latest_generation(journal: str) -> str | None:
     return os.path.join(os.path.abspath(journal), complete[max(complete)])
 
 
-def apply_journal(journal: str, target: str, *, runner: Runner = run_command) -> ApplyResult | None:
+def apply_journal(
+    journal: str,
+    target: str,
+    *,
+    runner: Runner = run_command,
+    keep_newer_than: int | None = None,
+    window: HeldFiles | None = None,
+) -> ApplyResult | None:
     """Apply the newest complete generation of `journal` to `target` (as apply_upper does),
     verify it, then remove the generations. None when there is no complete generation.
+    `keep_newer_than` and `window` as in apply_upper.
 
     Meant for the start after a crash: the disk directory was the lower layer and nothing
     writes into a mounted lower, so it is unchanged since the pin, and applying the newest
@@ -1259,7 +1876,9 @@ def apply_journal(journal: str, target: str, *, runner: Runner = run_command) ->
             with _opened(os.path.abspath(target)) as target_fd:
                 _clear_finished_stash(target_fd, target)
         return None
-    result = _apply(gen, target, runner, keep_plan=True)
+    result = _apply(
+        gen, target, runner, keep_plan=True, keep_newer_than=keep_newer_than, window=window
+    )
     root = os.lstat(gen)
     discard_journal(journal)
     with _opened(os.path.abspath(target)) as target_fd:

@@ -142,12 +142,6 @@ def test_memavailable_below_min_free_evicts(tmp_path: Path) -> None:
         assert lines == n  # every line written, before, during and after the pin
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit: between the unmount of an overlay pin and the end of its write-back, "
-    "a process that appends to a file the pin changed writes to the disk copy, which the "
-    "write-back then replaces (see 'Guarantees and limits')",
-)
 def test_appends_during_an_eviction_are_kept(tmp_path: Path) -> None:
     with make_env(tmp_path) as env:
         env.write_config(ram={"max": "256M", "min_free": "64M"}, adaptive={"cool_for": "1h"})
