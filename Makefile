@@ -50,7 +50,12 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-bench: venv deps
+# The benchmark's charts need matplotlib (the `bench` extra), installed on first use.
+$(VENV)/.stamp-bench: $(VENV)/.stamp pyproject.toml
+	$(VENV)/bin/pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: venv $(VENV)/.stamp-bench deps
 	$(IN_PRIVATE_NS) $(VENV)/bin/python -m bench.run
 
 install:

@@ -1,0 +1,600 @@
+"""The benchmark's outputs: summary.json (flat keys), report.md and PNG charts.
+
+summary.json's keys are a contract (the README and later runs compare against them); every
+figure with a target is listed in TARGETS with how it is judged. A figure that misses its target
+is reported as it is, with the reason and what would close it (WHY_MISSED).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+CONFIG_LABELS = {
+    "disk": "(1) plain stick",
+    "overlay": "(2) rampiped adaptive (overlay)",
+    "copy": "(3) rampiped static copy pin",
+    "tmpfs_copy": "(4) tmpfs copy + rsync (log2ram style)",
+    "tmpfs": "(5) plain tmpfs",
+}
+WORKLOAD_LABELS = {
+    "logger": "(a) 4k write + fsync, ops/s",
+    "sqlite": "(b) SQLite WAL transactions/s",
+    "small_files": "(c) small files + fsync, files/s",
+    "large_seq": "(d) large sequential, MB/s",
+}
+
+# key, comparison, target (None: reported, no target; a string: another key's value + 1 s),
+# what it is
+TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
+    ("overlay_vs_tmpfs_fsync_ratio", ">=", 0.85, "(2) once pinned over (5) on (a)"),
+    ("copy_vs_tmpfs_fsync_ratio", ">=", 0.95, "(3) over (5) on (a)"),
+    ("pinned_vs_disk_fsync_ratio", None, None, "(2) over (1) on (a)"),
+    (
+        "sqlite_device_write_reduction",
+        ">=",
+        20.0,
+        "stick bytes during (b): (1) over (3) with a 5-minute checkpoint interval",
+    ),
+    ("sqlite_device_write_reduction_1m", None, None, "the same with a 1-minute interval"),
+    (
+        "writeback_bytes_vs_log2ram_style",
+        "<=",
+        1.0,
+        "stick bytes of (2) and (3) over (4), same changes (the larger of the two)",
+    ),
+    (
+        "writeback_vs_disk_seq_ratio",
+        ">=",
+        0.8,
+        "write-back of large files (unpin of (2)) over the stick's sequential rate",
+    ),
+    ("time_to_pin_s", "<=", "hot_for_s", "from the start of a burst to pinned (hot_for + 1 s)"),
+    ("time_to_unpin_s", None, None, "from the end of the burst to unpinned (written back)"),
+    (
+        "monitor_events_per_s_lossless",
+        ">=",
+        100_000.0,
+        "events/s the daemon counted with none lost",
+    ),
+    ("monitored_workload_ratio", ">=", 0.9, "create-write-close ops/s, watched over unwatched"),
+    ("daemon_cpu_pct_at_10k_events", None, None, "daemon CPU, % of one core, at 10k events/s"),
+    ("daemon_rss_mb", "<=", 50.0, "daemon resident memory"),
+]
+
+# Why a figure can miss, and what would close it; shown only for figures that missed.
+# {key} placeholders take figures of the same run.
+WHY_MISSED = {
+    "overlay_vs_tmpfs_fsync_ratio": (
+        "Most of the loss is fanotify, not the overlay. The daemon watches the RAM side of"
+        " every pin with FAN_MODIFY, and the kernel does work for every write(2) on a marked"
+        " filesystem (an event built and merged into the queue), although the daemon reads only"
+        " a few merged records. Measured in this run on a plain tmpfs with no daemon: the"
+        " daemon's mark alone brings (a) to {fanotify_full_mark_logger_ratio} of the unwatched"
+        " rate, the same mark without FAN_MODIFY to {fanotify_no_modify_mark_logger_ratio}; the"
+        " overlay itself cost 0.88 (kernel only) on this machine class. What would close it:"
+        " watch the RAM side of a pin without FAN_MODIFY (close-after-write, create, delete and"
+        " rename still show that a directory is busy; a writer that keeps its file open would"
+        " be seen by sampling the sizes of the pin's open files at each tick)."
+    ),
+    "copy_vs_tmpfs_fsync_ratio": (
+        "A copy pin is a plain tmpfs bind: its loss is the fanotify mark on its RAM side"
+        " ({fanotify_full_mark_logger_ratio} with the daemon's mark on a plain tmpfs,"
+        " {fanotify_no_modify_mark_logger_ratio} without FAN_MODIFY, measured in this run). What"
+        " would close it: the same as for the overlay, a mark without FAN_MODIFY."
+    ),
+    "pinned_vs_disk_fsync_ratio": "",
+    "sqlite_device_write_reduction": (
+        "Each checkpoint writes the whole database (SQLite's backup API into a temporary file,"
+        " fsync, rename) plus ext4's journal, while the plain stick's writes grow with the"
+        " transactions: the ratio grows with the interval and with the rate of change."
+    ),
+    "writeback_bytes_vs_log2ram_style": (
+        "Four causes, visible in the checkpoint lines above. (1) rampiped writes a changed file"
+        " back whole (temporary name, fsync, rename: never torn by a power cut) at every"
+        " checkpoint, so an active log costs its whole size each time; log2ram's rsync"
+        " --inplace --no-whole-file rewrites only the blocks that differ, so it costs the"
+        " appended bytes (and a power cut during its sync can leave a torn file). (2) An overlay"
+        " pin's final write-back goes through the journal, so its last changes are written"
+        " twice. (3) A copy pin's checkpoint copies again the files that changed while it ran"
+        ' ("files that never held still": the active logs, appended every 0.1 s), up to three'
+        " more times, and on a slow stick a pass takes long enough for that to happen every"
+        " time. (4) A copy pin's first checkpoint rewrites every file of the directory: the"
+        " RAM copy's change times (ctime) are those of the copy-in, which the test for files"
+        " changed since the last checkpoint (the pin's start) takes for changes. What would"
+        " close it: write an appended file back by appending (the disk file is a prefix of the"
+        " RAM file: write the tail, fsync; a torn append leaves a prefix, as safe as a log"
+        " needs); take an append-only file's size as its snapshot instead of copying it again;"
+        " on the journal's own filesystem move the journal's files into place instead of"
+        " copying them; and start a copy pin's ctime test at the end of its copy-in."
+    ),
+    "writeback_vs_disk_seq_ratio": (
+        "Unpinning an overlay pin writes every byte twice: first the upper layer into the"
+        " checkpoint journal (so that a power cut during the apply can be replayed), then the"
+        " journal into the directory; the stick's device counters show about twice the payload"
+        " (column 4). The copy pin's checkpoint (one copy) and rsync alone reach the stick's"
+        " rate. What would close it: when the journal and the directory are on the same"
+        " filesystem, move the journal's files into place (rename) instead of copying them a"
+        " second time."
+    ),
+    "time_to_pin_s": (
+        "The daemon decides every 0.5 s and checks for holders before it mounts; a writer that"
+        " holds a file at that moment makes it wait for the next decision."
+    ),
+    "monitor_events_per_s_lossless": (
+        "The kernel's queue overflowed or events were missing: the reader thread did not keep"
+        " up (see the trials in the monitor section)."
+    ),
+    "monitored_workload_ratio": (
+        "Every create, write, close and delete on the watched filesystem makes the kernel build"
+        " an event with the directory's handle and the name, and on two cores the daemon's"
+        " reader takes CPU from the writer. The monitor alone (in the benchmark's process, no"
+        " daemon), measured in this run: {monitor_only_workload_ratio}. What would close it: a"
+        " smaller mask for the watch roots (FAN_MODIFY is the most frequent event and adds"
+        " nothing that close-after-write does not show for files that are closed)."
+    ),
+    "daemon_rss_mb": "The interpreter and its modules (yaml, psutil) make most of it.",
+}
+
+
+class _Figures(dict[str, Any]):
+    def __missing__(self, key: str) -> str:
+        return "(not measured)"
+
+
+def why_missed(key: str, results: dict[str, Any]) -> str:
+    text = WHY_MISSED.get(key) or "No analysis recorded for this figure."
+    return text.format_map(_Figures(results))
+
+
+def _met(results: dict[str, Any], key: str, op: str | None, target: Any) -> tuple[Any, Any]:
+    """(target value, met: True/False/None)."""
+    if op is None or key not in results:
+        return None, None
+    if isinstance(target, str):  # relative to another figure: time_to_pin <= hot_for + 1
+        target = float(results.get(target, 0.0)) + 1.0
+    value = results[key]
+    return target, (value >= target if op == ">=" else value <= target)
+
+
+def judged(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for key, op, target, what in TARGETS:
+        t, met = _met(results, key, op, target)
+        rows.append(
+            {
+                "key": key,
+                "value": results.get(key),
+                "op": op,
+                "target": t,
+                "met": met,
+                "what": what,
+            }
+        )
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def summary_text(results: dict[str, Any]) -> str:
+    lines = [
+        f"rampiped benchmark, {results.get('machine_date')}: {results.get('machine_cores')} cores,"
+        f" {results.get('machine_ram_gib')} GiB, {results.get('machine_distro')},"
+        f" Linux {results.get('machine_kernel')}; total {results.get('bench_total_s')} s"
+    ]
+    for row in judged(results):
+        if row["value"] is None:
+            continue
+        mark = {True: "ok    ", False: "MISSED", None: "      "}[row["met"]]
+        target = f"  (target {row['op']} {_fmt(row['target'])})" if row["op"] else ""
+        lines.append(f"  {mark} {row['key']:<36} {_fmt(row['value']):>12}{target}")
+    if "writeback_MBps" in results:
+        lines.append(f"         write-back throughput: {results['writeback_MBps']} MB/s")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def charts(out: Path, series: dict[str, Any]) -> list[str]:
+    """The PNG charts that the series allow; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    timing = series.get("timing")
+    if timing and timing["rates"]:
+        fig, ax = plt.subplots(figsize=(11, 4.5))
+        t = [x[0] for x in timing["rates"]]
+        r = [x[1] for x in timing["rates"]]
+        ax.plot(t, r, color="tab:blue", label="rate seen by the daemon (EMA)")
+        ax.axhline(timing["pin_above"], color="tab:red", ls="--", lw=1, label="pin_above")
+        ax.axhline(timing["unpin_below"], color="tab:green", ls="--", lw=1, label="unpin_below")
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_ylim(0, max([*r, timing["pin_above"]]) * 3)
+        marks = timing["marks"]
+        styles = {
+            "burst_start": ("burst starts", "black", ":"),
+            "pinned": ("pinned", "tab:red", "-"),
+            "burst_end": ("burst ends", "black", ":"),
+            "released": ("unpinned (written back)", "tab:green", "-"),
+        }
+        for key, (label, color, ls) in styles.items():
+            if key in marks:
+                ax.axvline(marks[key], color=color, ls=ls, lw=1.2)
+                ax.text(marks[key], ax.get_ylim()[1] * 0.97, " " + label, rotation=90, va="top")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("events/s")
+        ax.set_title(f"Write rate of {Path(timing['path']).name} as the daemon sees it")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "rate_ema.png", dpi=110)
+        plt.close(fig)
+        made.append("rate_ema.png")
+    ops = series.get("matrix_ops")
+    if ops:
+        wls = [w for w in WORKLOAD_LABELS if w in ops]
+        fig, axes = plt.subplots(1, len(wls), figsize=(4 * len(wls), 4.5), squeeze=False)
+        for ax, wl in zip(axes[0], wls, strict=True):
+            cfgs = [c for c in CONFIG_LABELS if c in ops[wl]]
+            vals = [statistics.median(ops[wl][c]) for c in cfgs]
+            bars = ax.bar(range(len(cfgs)), vals, color="tab:blue")
+            bars[0].set_color("tab:gray")
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(cfgs)), [f"({i + 1})" for i in range(len(cfgs))])
+            ax.set_title(WORKLOAD_LABELS[wl], fontsize=9)
+            for i, v in enumerate(vals):
+                ax.text(i, v, f"{v:,.0f}" if v >= 10 else f"{v:.2g}", ha="center", va="bottom")
+        fig.suptitle(
+            "Throughput per configuration: " + "; ".join(CONFIG_LABELS.values()), fontsize=8
+        )
+        fig.tight_layout()
+        fig.savefig(out / "throughput.png", dpi=110)
+        plt.close(fig)
+        made.append("throughput.png")
+    groups = [
+        ("sqlite_device_mb", "SQLite (b) at 10 tx/s: bytes written to each stick"),
+        ("writeback_device_mb", "Log directory: bytes written back to each stick"),
+    ]
+    present = [(k, title) for k, title in groups if series.get(k)]
+    if present:
+        fig, axes = plt.subplots(1, len(present), figsize=(7 * len(present), 4.5), squeeze=False)
+        for ax, (key, title) in zip(axes[0], present, strict=True):
+            for name, pts in series[key].items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+            ax.set_xlabel("seconds")
+            ax.set_ylabel("MB written to the stick")
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "device_bytes.png", dpi=110)
+        plt.close(fig)
+        made.append("device_bytes.png")
+    return made
+
+
+# --------------------------------------------------------------------------- report.md
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        out.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(out)
+
+
+def markdown(
+    results: dict[str, Any], facts: dict[str, Any], plan: dict[str, Any], images: list[str]
+) -> str:
+    r = results
+    md: list[str] = []
+    md.append("# rampiped benchmark\n")
+    md.append(
+        f"{r.get('machine_date')}, {r.get('machine_cores')} cores, {r.get('machine_ram_gib')}"
+        f" GiB, {r.get('machine_distro')}, Linux {r.get('machine_kernel')}, Python"
+        f" {r.get('machine_python')}. Plan: {r.get('bench_plan')}. Total run time"
+        f" {r.get('bench_total_s')} s.\n"
+    )
+    md.append(
+        "Every comparison ran side by side in this one run and is given as a ratio: absolute"
+        " figures from different runs on these machines do not compare.\n"
+    )
+    md.append("## Headline figures\n")
+    rows = []
+    for row in judged(r):
+        status = {True: "met", False: "**missed**", None: "reported"}[row["met"]]
+        target = f"{row['op']} {_fmt(row['target'])}" if row["op"] else "-"
+        rows.append([row["key"], row["value"], target, status, row["what"]])
+    md.append(_table(["figure", "value", "target", "", "what"], rows) + "\n")
+    missed = [row for row in judged(r) if row["met"] is False]
+    if missed:
+        md.append("### Missed targets: why, and what would close them\n")
+        for row in missed:
+            why = why_missed(row["key"], r)
+            md.append(f"- **{row['key']}** = {_fmt(row['value'])}: {why}")
+        md.append("")
+    md.append("## The simulated stick\n")
+    md.append(
+        f"A {_fmt(plan.get('stick_mb'))} MiB ext4 image on a tmpfs, attached to a loop device"
+        " (`mount -o loop`), whose"
+        " I/O the root blkio cgroup throttles"
+        f" ({facts.get('stick_model', 'see bench/stick.py')}). Chosen over a FUSE pass-through"
+        " that delays each request because it needs nothing but the kernel (no FUSE library,"
+        " no server process taking CPU from the two cores) and its averages are exact. Its"
+        " limits: I/O is released in 100 ms slices, so the latency percentiles below are not a"
+        " real stick's; and every request costs the same, sequential or random, so fsync-heavy"
+        " work (each fsync is a data write plus journal writes) runs slower than on a stick"
+        " whose sequential writes are cheap (a delaying pass-through measured 71 fsyncs/s). The"
+        " rules sit in the root cgroup because a child cgroup misses writeback and journal"
+        " commits. Each configuration has a stick of its own; bytes written are the loop"
+        " device's own counters (/sys/block/loopN/stat), journal and metadata included.\n"
+    )
+    md.append(
+        _table(
+            ["measure (fio)", "value"],
+            [
+                ["4k random write, O_DIRECT: IOPS", r.get("stick_rand4k_direct_iops")],
+                ["  latency p50 / p99, ms", _pair(r, "stick_rand4k_direct_p50_ms", "p99")],
+                ["4k random write + fsync: per s", r.get("stick_rand4k_fsync_per_s")],
+                ["  fsync latency p50 / p99, ms", _pair(r, "stick_fsync_p50_ms", "p99")],
+                ["sequential write (1 MiB, end fsync): MB/s", r.get("stick_seq_write_MBps")],
+                [
+                    "small files (create, write, fsync, close): per s",
+                    r.get("stick_small_files_fsync_per_s"),
+                ],
+            ],
+        )
+        + "\n"
+    )
+    if "ops_logger_tmpfs" in r:
+        md.append("## Throughput: workloads x configurations\n")
+        md.append(
+            f"Median of {r.get('matrix_rounds')} interleaved rounds of"
+            f" {r.get('matrix_seconds_per_run')} s each (the order of the configurations rotates"
+            " each round). (2) was pinned by the daemon itself after a write burst"
+            f" ({r.get('matrix_adaptive_pin_s')} s); (3) is a static copy pin; (2), (3) and (4)"
+            " write back every 5 minutes (the default interval). (a) is fio; (b)-(d) are Python"
+            " (bench/workloads.py).\n"
+        )
+        header = ["workload", *[CONFIG_LABELS[c] for c in CONFIG_LABELS]]
+        rows = []
+        for wl, label in WORKLOAD_LABELS.items():
+            if f"ops_{wl}_tmpfs" not in r:
+                continue
+            rows.append([label, *[r.get(f"ops_{wl}_{c}") for c in CONFIG_LABELS]])
+            rows.append(
+                [
+                    "  over (5)",
+                    *[r.get(f"ratio_{wl}_{c}_vs_tmpfs") for c in list(CONFIG_LABELS)[:-1]],
+                    1.0,
+                ]
+            )
+        md.append(_table(header, rows) + "\n")
+        md.append(
+            "Largest max/min across rounds of one cell, per workload (noise): "
+            + ", ".join(f"{w} {r[f'spread_{w}']}" for w in WORKLOAD_LABELS if f"spread_{w}" in r)
+            + ".\n"
+        )
+        if "fanotify_full_mark_logger_ratio" in r:
+            md.append(
+                "What watching costs, measured alongside: (a) on a plain tmpfs with a fanotify"
+                " mark like the daemon's (no daemon, the events read and dropped) runs at"
+                f" {r['fanotify_full_mark_logger_ratio']} of the unwatched rate; with the same"
+                " mark less FAN_MODIFY at"
+                f" {r.get('fanotify_no_modify_mark_logger_ratio')}. The daemon marks the RAM"
+                " side of every pin, so (2) and (3) pay it.\n"
+            )
+    if "sqlite_device_write_reduction" in r:
+        md.append("## SQLite: bytes written to the stick\n")
+        md.append(
+            f"(b) paced at {_fmt(plan.get('sqlite_rate'))} transactions/s for"
+            f" {_fmt(r.get('sqlite_seconds'))} s, on three sticks at the same time: the plain"
+            " stick, and copy pins checkpointed every"
+            f" {' and every '.join(f'{x:g} s' for x in plan.get('sqlite_intervals', []))}."
+            " The window's dirty pages were flushed (syncfs) before the count; the final"
+            " write-back at unpin comes after the window and is listed apart.\n"
+        )
+        rows = []
+        for name in ["plain"] + [f"copy_{x:g}s" for x in plan.get("sqlite_intervals", [])]:
+            rows.append(
+                [
+                    name,
+                    r.get(f"sqlite_{name}_transactions"),
+                    _mb(r.get(f"sqlite_{name}_device_bytes")),
+                    r.get(f"sqlite_{name}_checkpoints", "-"),
+                    _mb(r.get(f"sqlite_{name}_final_writeback_device_bytes")),
+                ]
+            )
+        md.append(
+            _table(
+                ["stick", "transactions", "MB written", "checkpoints", "final write-back MB"],
+                rows,
+            )
+            + "\n"
+        )
+    if "writeback_bytes_vs_log2ram_style" in r:
+        md.append("## Bytes written back: rampiped against a log2ram-style copy\n")
+        md.append(
+            f"The same changes to a log directory (3.1 MB: rotated logs, three active logs"
+            f" appended every 0.1 s, a state file rewritten every 2 s, cache files added and"
+            f" removed, one rotation) for {_fmt(r.get('wb_seconds'))} s, write-back every"
+            f" {_fmt(r.get('wb_interval_s'))} s, then the final write-back (unpin; log2ram's stop)."
+            " Each on its own stick; bytes from the device counters. All three trees on disk"
+            f" identical afterwards: {_fmt(r.get('wb_trees_identical'))}.\n"
+        )
+        md.append(
+            _table(
+                ["configuration", "MB written to the stick", "over (4)"],
+                [
+                    [
+                        CONFIG_LABELS["overlay"] + ", static overlay pin",
+                        _mb(r.get("wb_overlay_device_bytes")),
+                        r.get("writeback_bytes_overlay_vs_log2ram_style"),
+                    ],
+                    [
+                        CONFIG_LABELS["copy"],
+                        _mb(r.get("wb_copy_device_bytes")),
+                        r.get("writeback_bytes_copy_vs_log2ram_style"),
+                    ],
+                    [
+                        CONFIG_LABELS["tmpfs_copy"],
+                        _mb(r.get("wb_tmpfs_copy_device_bytes")),
+                        1.0,
+                    ],
+                ],
+            )
+            + "\n"
+        )
+        for line in facts.get("wb_differences", []):
+            md.append(f"- differs from what the writer saw: {line}")
+        if facts.get("wb_log"):
+            md.append("The daemons' checkpoints (file bytes, not device bytes):\n")
+            for line in facts["wb_log"]:
+                md.append(f"    {line}")
+        md.append("")
+    if "writeback_vs_disk_seq_ratio" in r:
+        md.append("## Write-back throughput\n")
+        md.append(
+            f"{plan.get('writeback_files')} files of {plan.get('writeback_file_mb')} MiB written"
+            " into a pin, then written back; bytes per second of wall time over the stick's"
+            f" sequential rate ({r.get('stick_seq_write_MBps')} MB/s, fio above).\n"
+        )
+        md.append(
+            _table(
+                ["write-back", "MB/s", "over the stick's rate", "stick MB written / file MB"],
+                [
+                    [
+                        "(2) overlay: unpin",
+                        _mbps(r.get("writeback_overlay_bytes_per_s")),
+                        r.get("writeback_vs_disk_seq_ratio"),
+                        _over(r, "writeback_overlay_device_bytes", "writeback_overlay_file_bytes"),
+                    ],
+                    [
+                        "(3) copy: checkpoint",
+                        _mbps(r.get("writeback_copy_bytes_per_s")),
+                        r.get("writeback_copy_vs_disk_seq_ratio"),
+                        _over(r, "writeback_copy_device_bytes", "writeback_copy_file_bytes"),
+                    ],
+                    [
+                        "rsync -a --fsync alone, tmpfs to stick",
+                        _mbps(r.get("writeback_rsync_bytes_per_s")),
+                        r.get("writeback_rsync_vs_disk_seq_ratio"),
+                        "-",
+                    ],
+                ],
+            )
+            + "\n"
+        )
+    if "time_to_pin_s" in r:
+        md.append("## Adaptive pinning in time\n")
+        md.append(
+            f"A cold directory, then {_fmt(r.get('burst_seconds'))} s of appends"
+            f" ({_fmt(r.get('burst_writes_per_s'))} writes/s, peak rate seen"
+            f" {_fmt(r.get('burst_peak_rate_events_per_s'))} events/s). Configuration:"
+            f" half_life {_fmt(r.get('half_life_s'))} s, pin_above"
+            f" {_fmt(r.get('pin_above_events_per_s'))}/s for hot_for {_fmt(r.get('hot_for_s'))} s,"
+            f" unpin_below {_fmt(r.get('unpin_below_events_per_s'))}/s for cool_for"
+            f" {_fmt(r.get('cool_for_s'))} s. From the start of the burst to pinned:"
+            f" **{r.get('time_to_pin_s')} s** (target <= hot_for + 1 s). From its end to"
+            f" unpinned and written back: **{r.get('time_to_unpin_s')} s** (the overlay was"
+            f" unmounted after {r.get('time_to_unmount_s')} s); the rate must first decay below"
+            " unpin_below (log2(peak / unpin_below) half-lives), then stay there for cool_for.\n"
+        )
+        for line in facts.get("timing_log", []):
+            md.append(f"    {line}")
+        md.append("")
+    if "monitor_events_per_s_lossless" in r:
+        md.append("## The monitor\n")
+        md.append(
+            "Writers create a one-byte file, write it, close it and delete an older one (4"
+            " events a step), each name used once, so the count is exact.\n"
+        )
+        rows = [
+            ["the daemon, 1 writer at full speed", _ev(r, "daemon_full_1w")],
+            ["the daemon, 2 writers", _ev(r, "daemon_full_2w")],
+            ["the daemon, 4 writers (more than cores)", _ev(r, "daemon_full_4w")],
+            [
+                "the monitor alone (bench/monitor_capacity.py), best lossless",
+                _fmt(r.get("monitor_only_events_per_s_lossless")),
+            ],
+        ]
+        md.append(_table(["events/s, lost, missing", "value"], rows) + "\n")
+        md.append(
+            f"Writer speed with the daemon watching over without (median of"
+            f" {plan.get('ratio_rounds')} alternating rounds): {r.get('monitored_workload_ratio')}"
+            f" (min {r.get('monitored_workload_ratio_min')}, max"
+            f" {r.get('monitored_workload_ratio_max')}); with the monitor alone in the"
+            f" benchmark's process instead of the daemon:"
+            f" {_fmt(r.get('monitor_only_workload_ratio'))}; the daemon used"
+            f" {_fmt(r.get('daemon_cpu_pct_while_watched_writer_runs'))} % of a core while the"
+            " watched writer ran. Daemon CPU at"
+            f" {_fmt(r.get('daemon_cpu_test_events_per_s'))} events/s:"
+            f" {r.get('daemon_cpu_pct_at_10k_events')} % of one core"
+            f" ({r.get('daemon_cpu_test_lost')} lost). Daemon memory: {r.get('daemon_rss_mb')}"
+            f" MiB resident (peak {r.get('daemon_peak_rss_mb')} MiB).\n"
+        )
+    if images:
+        md.append("## Charts\n")
+        for name in images:
+            md.append(f"![{name}]({name})\n")
+    return "\n".join(md)
+
+
+def _pair(r: dict[str, Any], key: str, other: str) -> str:
+    return f"{_fmt(r.get(key))} / {_fmt(r.get(key.replace('p50', other)))}"
+
+
+def _mb(v: Any) -> Any:
+    return None if v is None else round(v / 1e6, 2)
+
+
+def _mbps(v: Any) -> Any:
+    return None if v is None else round(v / 1e6, 2)
+
+
+def _over(r: dict[str, Any], a: str, b: str) -> Any:
+    if not r.get(b):
+        return None
+    return round(r.get(a, 0) / r[b], 2)
+
+
+def _ev(r: dict[str, Any], label: str) -> str:
+    return (
+        f"{_fmt(r.get(label + '_events_per_s'))}, {_fmt(r.get(label + '_lost'))},"
+        f" {_fmt(r.get(label + '_missing_events'))}"
+    )
+
+
+def write(
+    out: Path,
+    results: dict[str, Any],
+    series: dict[str, Any],
+    facts: dict[str, Any],
+    plan: dict[str, Any],
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        images = charts(out, series)
+    except ImportError:  # matplotlib is the `bench` extra: `make bench` installs it
+        images = []
+        facts = {**facts, "charts": "matplotlib is not installed: no charts"}
+    flat = {k: v for k, v in sorted(results.items()) if isinstance(v, str | int | float | bool)}
+    (out / "summary.json").write_text(json.dumps(flat, indent=2) + "\n")
+    (out / "series.json").write_text(json.dumps(series) + "\n")
+    (out / "report.md").write_text(markdown(results, facts, plan, images))

@@ -1,0 +1,272 @@
+"""The workloads, each timed on its own and reported as operations per second:
+
+(a) logger: 4k writes, each followed by fsync (fio, so that the figure is the filesystem's and
+    not the interpreter's);
+(b) sqlite: a pmxcfs-like database (WAL, synchronous=NORMAL, ~300 rows, ~0.9 MB): each
+    transaction replaces a row and bumps a version row; flat out, or paced (10/s for pmxcfs);
+(c) small files: create, write 2 KiB, fsync, close (a cache), keeping the last 256;
+(d) large sequential writes: 1 MiB writes into files of `file_mb`, fsync at the end of each.
+
+Python workloads run in a child process (`python -m bench.workloads NAME DIR SECONDS`) so that
+the benchmark's own threads never share an interpreter with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.stick import fio
+
+WORKLOADS = ("logger", "sqlite", "small_files", "large_seq")
+LABELS = {
+    "logger": "(a) 4k write + fsync",
+    "sqlite": "(b) SQLite WAL tx",
+    "small_files": "(c) small files + fsync",
+    "large_seq": "(d) large sequential (MB/s)",
+}
+DB_NAME = "config.db"
+DB_ROWS = 300
+DB_BLOB = 3000  # bytes per row: 300 rows make ~0.9 MB, the size of a small pmxcfs database
+
+
+def logger(directory: Path, seconds: float) -> dict[str, float]:
+    """(a) fio: sequential 4k writes over a 4 MiB file, fsync after each (the file is reused
+    from its start when full, like a rotated log)."""
+    job = fio(
+        directory,
+        "--filename=logger.fio",
+        "--rw=write",
+        "--bs=4k",
+        "--fsync=1",
+        "--size=4m",
+        "--invalidate=0",
+        "--time_based",
+        f"--runtime={max(1, round(seconds))}",
+    )
+    (directory / "logger.fio").unlink(missing_ok=True)
+    return {"ops_per_s": float(job["write"]["iops"]), "ops": float(job["write"]["total_ios"])}
+
+
+def seed_db(path: Path, rows: int = DB_ROWS, blob: int = DB_BLOB) -> None:
+    """A pmxcfs-like database: a table of rows with blobs, and a version row."""
+    rng = random.Random(1)
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE IF NOT EXISTS tree (inode INTEGER PRIMARY KEY, data BLOB)")
+        con.execute("CREATE TABLE IF NOT EXISTS version (id INTEGER PRIMARY KEY, v INTEGER)")
+        con.executemany(
+            "INSERT OR REPLACE INTO tree VALUES (?, ?)",
+            ((i, rng.randbytes(blob)) for i in range(rows)),
+        )
+        con.execute("INSERT OR REPLACE INTO version VALUES (0, 0)")
+        con.commit()
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        con.close()
+
+
+def sqlite_tx(
+    path: Path,
+    seconds: float,
+    rate: float = 0.0,
+    stop_file: Path | None = None,
+    rows: int = DB_ROWS,
+    blob: int = DB_BLOB,
+) -> dict[str, float]:
+    """(b) transactions on the database at `path`: flat out (rate 0) or paced at `rate` per
+    second, for `seconds` or until `stop_file` exists."""
+    rng = random.Random(os.getpid())
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    n = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    try:
+        while True:
+            con.execute("BEGIN")
+            con.execute(
+                "INSERT OR REPLACE INTO tree VALUES (?, ?)",
+                (rng.randrange(rows), rng.randbytes(blob)),
+            )
+            con.execute("UPDATE version SET v = v + 1 WHERE id = 0")
+            con.execute("COMMIT")
+            n += 1
+            now = time.perf_counter()
+            if now >= end:
+                break
+            if rate:
+                if stop_file is not None and stop_file.exists():
+                    break
+                ahead = t0 + n / rate - now
+                if ahead > 0:
+                    time.sleep(min(ahead, end - now))
+    finally:
+        con.close()
+    elapsed = time.perf_counter() - t0
+    return {"ops_per_s": n / elapsed, "ops": float(n), "seconds": elapsed}
+
+
+def small_files(directory: Path, seconds: float, size: int = 2048) -> dict[str, float]:
+    """(c) create, write, fsync, close; the file made 256 steps earlier is deleted."""
+    data = b"c" * size
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+    keep = 256
+    n = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while True:
+        fd = os.open(directory / f"c{n}", flags, 0o644)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        if n >= keep:
+            os.unlink(directory / f"c{n - keep}")
+        n += 1
+        if n % 8 == 0 and time.perf_counter() >= end:
+            break
+    elapsed = time.perf_counter() - t0
+    for i in range(max(0, n - keep), n):
+        os.unlink(directory / f"c{i}")
+    return {"ops_per_s": n / elapsed, "ops": float(n), "seconds": elapsed}
+
+
+def large_seq(directory: Path, seconds: float, file_mb: int = 32) -> dict[str, float]:
+    """(d) 1 MiB writes into files of `file_mb` MiB with an fsync at the end of each, until
+    `seconds` have passed (at least one whole file); MB/s over the whole time."""
+    chunk = os.urandom(1024 * 1024)
+    total = 0
+    files = 0
+    t0 = time.perf_counter()
+    while True:
+        path = directory / f"large{files % 2}"
+        fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        try:
+            for _ in range(file_mb):
+                os.write(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        total += file_mb * 1024 * 1024
+        files += 1
+        if time.perf_counter() - t0 >= seconds:
+            break
+    elapsed = time.perf_counter() - t0
+    for i in range(2):
+        (directory / f"large{i}").unlink(missing_ok=True)
+    return {"ops_per_s": total / elapsed / 1e6, "bytes": float(total), "seconds": elapsed}
+
+
+LOG_NAMES = ("app", "syslog", "daemon")
+
+
+def _lines(rng: random.Random, size: int, tag: str) -> bytes:
+    out = bytearray()
+    n = 0
+    while len(out) < size:
+        out += f"{n:08d} {tag} {rng.getrandbits(64):016x} request served in {n % 97} ms\n".encode()
+        n += 1
+    return bytes(out)
+
+
+def seed_logs(root: Path) -> None:
+    """A log directory as a system keeps it: for each of three logs four rotated files
+    (never touched again; sizes and times differ, as they do after daily rotations) and the
+    active one; a cache of small files; a state file. The same bytes every time."""
+    rng = random.Random(7)
+    root.mkdir(parents=True, exist_ok=True)
+    day = 86400
+    for name in LOG_NAMES:
+        for k in range(1, 5):
+            path = root / f"{name}.log.{k}"
+            path.write_bytes(_lines(rng, 150_000 + 30_000 * k, f"{name}.{k}"))
+            then = time.time() - k * day  # rotated daily: each older by a day
+            os.utime(path, (then, then))
+        (root / f"{name}.log").write_bytes(_lines(rng, 100_000, name))
+    (root / "cache").mkdir(exist_ok=True)
+    for i in range(20):
+        (root / "cache" / f"c{i}").write_bytes(rng.randbytes(4096))
+    (root / "state.json").write_bytes(rng.randbytes(4096).hex().encode())
+
+
+def log_day(dirs: list[Path], seconds: float, tick: float = 0.1) -> dict[str, float]:
+    """The same changes in every directory of `dirs`, every `tick`: a line appended to each
+    active log; every 2 s the state file rewritten (temporary file and rename); every 5 s a
+    cache file added and the oldest removed; once, half-way, app.log rotated (renames and a
+    delete). Directories made by seed_logs."""
+    steps = max(1, int(seconds / tick))
+    rotate_at = steps // 2
+    t0 = time.perf_counter()
+    for n in range(steps):
+        for root in dirs:
+            for name in LOG_NAMES:
+                with open(root / f"{name}.log", "a") as f:
+                    f.write(f"{n:08d} {name} tick {n} " + "x" * 80 + "\n")
+            if n % 20 == 0:
+                tmp = root / ".state.json.tmp"
+                tmp.write_bytes(random.Random(n).randbytes(2048).hex().encode())
+                os.rename(tmp, root / "state.json")
+            if n % 50 == 0:
+                (root / "cache" / f"c{20 + n // 50}").write_bytes(random.Random(n).randbytes(4096))
+                (root / "cache" / f"c{n // 50}").unlink()
+            if n == rotate_at:
+                (root / "app.log.4").unlink()
+                for k in (3, 2, 1):
+                    os.rename(root / f"app.log.{k}", root / f"app.log.{k + 1}")
+                os.rename(root / "app.log", root / "app.log.1")
+                (root / "app.log").write_bytes(b"")
+        ahead = t0 + (n + 1) * tick - time.perf_counter()
+        if ahead > 0:
+            time.sleep(ahead)
+    return {"steps": float(steps), "seconds": time.perf_counter() - t0}
+
+
+def run(name: str, directory: Path, seconds: float, **kw: Any) -> dict[str, float]:
+    """Run workload `name` in `directory`: fio in place, the others in a child process."""
+    if name == "logger":
+        return logger(directory, seconds)
+    argv = [sys.executable, "-m", "bench.workloads", name, str(directory), str(seconds)]
+    for key, value in kw.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"workload `{' '.join(argv)}` exited {proc.returncode}: {proc.stderr.strip()}"
+        )
+    out: dict[str, float] = json.loads(proc.stdout)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="run one workload and print its figures as JSON")
+    p.add_argument("name", choices=[*[w for w in WORKLOADS if w != "logger"], "log_day"])
+    p.add_argument("directory", type=Path)
+    p.add_argument("seconds", type=float)
+    p.add_argument("--rate", type=float, default=0.0)
+    p.add_argument("--stop-file", type=Path)
+    p.add_argument("--file-mb", type=int, default=32)
+    p.add_argument("--more-dirs", type=Path, nargs="*", default=[])
+    args = p.parse_args(argv)
+    if args.name == "log_day":
+        result = log_day([args.directory, *args.more_dirs], args.seconds)
+    elif args.name == "sqlite":
+        result = sqlite_tx(args.directory / DB_NAME, args.seconds, args.rate, args.stop_file)
+    elif args.name == "small_files":
+        result = small_files(args.directory, args.seconds)
+    else:
+        result = large_seq(args.directory, args.seconds, args.file_mb)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
