@@ -640,6 +640,8 @@ def checkpoint(
     before = snapshot(data)
     databases = _databases(data, before)
     excludes = [f"--exclude={_exclude_pattern(p)}" for p in sorted(_with_companions(databases))]
+    # looked at before the pass: afterwards every file it copied would look like a miss
+    misses = _quick_check_misses(data, disk, before, since) if since is not None else []
     argv = [*_RSYNC, "--delete", "--fsync", "--stats", *excludes, data + "/", disk + "/"]
     result = runner(argv)
     if result.returncode not in (0, 24):  # 24: files deleted in RAM meanwhile, handled below
@@ -650,13 +652,7 @@ def checkpoint(
     # Files that changed while rsync read them: their copy may mix old and new bytes.
     after = snapshot(data)
     changed = [p for p in _differences(before, after) if p != "."]
-    if since is not None:
-        # rsync's quick check compares size and mtime only: a same-size rewrite that put the
-        # old mtime back (cp -p, touch -r, an archive extracted) would never be written. A file
-        # whose ctime is at or after the last good checkpoint was changed since: copy it anyway.
-        since_ns = int((since - 1.0) * 1e9)  # a second of margin: ctime is a coarse clock
-        recent = {p for p, st in before.items() if p != "." and st[0] == "f" and st[3] >= since_ns}
-        changed = sorted(set(changed) | recent)
+    changed = sorted(set(changed) | set(misses))
     attempts = 0
     while changed and attempts < stable_attempts:
         attempts += 1
@@ -741,6 +737,28 @@ def _meta(root: str, skip: set[str], databases: set[str]) -> dict[str, tuple[obj
         elif kind == "l":
             row += (os.readlink(full),)
         out[rel] = row
+    return out
+
+
+def _quick_check_misses(data: str, disk: str, before: Snapshot, since: float) -> list[str]:
+    """Files changed since `since` that rsync's quick check (size and mtime) would skip: a
+    same-size rewrite that put the old mtime back (cp -p, touch -r, an archive extracted).
+    `since` comes from the tmpfs's own clock (PinManager.ram_clock); a microsecond of margin
+    for the float it travelled in."""
+    since_ns = int(since * 1e9) - 1000
+    out = []
+    for rel, st in before.items():
+        if rel == "." or st[0] != "f" or st[3] < since_ns:
+            continue
+        try:
+            on_disk = os.lstat(os.path.join(disk, rel))
+            in_ram = os.lstat(os.path.join(data, rel))
+        except OSError:
+            continue  # missing on disk: the quick check copies it; gone from RAM: nothing to do
+        if in_ram.st_nlink > 1:
+            continue  # copied alone it would leave its hard-link group (the main pass keeps it)
+        if on_disk.st_size == st[1] and on_disk.st_mtime_ns == st[2]:
+            out.append(rel)
     return out
 
 

@@ -316,7 +316,7 @@ class PinManager:
             reopen=reopen,
         )
         if mode == "copy":
-            pin.last_ok_wall = pin.pinned_wall  # the copy starts equal to the disk
+            pin.last_ok_wall = pin.pinned_wall  # until the copy-in ends (_copy_and_bind)
         os.makedirs(self.journal(pid), exist_ok=True)
         write_json_atomic(
             os.path.join(self.journal(pid), "pin.json"), {"path": path, "mode": mode, "id": pid}
@@ -473,6 +473,9 @@ class PinManager:
     def _copy_and_bind(self, pin: Pin, undo: list[Callable[[], None]], dir_fd: int) -> None:
         ram, disk = self.ram(pin.id), self.disk(pin.id)
         copied = copymode.copy_in(disk, ram, pin_id=pin.id, runner=self.runner, path=pin.path)
+        # RAM and disk are equal from here: the copy's own change times must not make the
+        # first checkpoint write every file again
+        pin.last_ok_wall = self.ram_clock(pin)
         mounts.bind(self.data(pin.id), f"/proc/self/fd/{dir_fd}", private=False)
         undo.append(lambda: self._unmount_placed(pin))
         # a write that reached the disk between the end of the copy and the bind would be
@@ -494,12 +497,24 @@ class PinManager:
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    def ram_clock(self, pin: Pin) -> float:
+        """Now, as the pin's tmpfs stamps change times: a file changed after this call has a
+        ctime at or after it (time.time() may run ahead of the kernel's coarse file clock)."""
+        marker = os.path.join(self.ram(pin.id), ".rampiped-clock")
+        try:
+            with open(marker, "w") as f:
+                f.write("")
+            return os.stat(marker).st_ctime_ns / 1e9
+        except OSError:
+            return time.time() - 1.0
+
     def checkpoint(self, pin: Pin) -> SyncRecord:
         """Make the RAM side durable without unmounting (worker thread)."""
         start = time.monotonic()
         wall = time.time()
         if pin.mode == "volatile":
             return SyncRecord(wall, True, 0.0)  # nothing is ever written back
+        clock = self.ram_clock(pin)  # what changes from here on, the next checkpoint writes
         try:
             if pin.mode == "overlay":
                 res = sync.checkpoint(self.upper(pin.id), self.journal(pin.id), runner=self.runner)
@@ -525,7 +540,7 @@ class PinManager:
             pin.last_sync = record
             if record.ok:
                 pin.last_sync_mono = start
-                pin.last_ok_wall = wall
+                pin.last_ok_wall = clock
                 pin.backoff = 0.0
             else:
                 # the engine leaves a pin alone until retry_at: no rsync every tick against a
@@ -553,7 +568,7 @@ class PinManager:
         bulk_wall = 0.0
         if pin.mode == "copy":
             # bulk copy while still mounted: the disk side is a private bind, well defined
-            bulk_wall = time.time()
+            bulk_wall = self.ram_clock(pin)
             bulk = copymode.checkpoint(
                 self.ram(pin.id),
                 self.disk(pin.id),

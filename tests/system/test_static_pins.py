@@ -434,3 +434,21 @@ def test_same_size_rewrite_keeping_mtime_is_written(env: Env) -> None:
         assert daemon.stop() == 0
     assert (pve / "content" / "overwrite").read_text() == "same size B"
     assert at_checkpoint == "same size B"
+
+
+def test_checkpoints_write_only_what_changed(env: Env) -> None:
+    pve = env.disk.mountpoint / "pve"
+    pve.mkdir()
+    for i in range(50):
+        (pve / f"file{i}").write_bytes(bytes([i]) * 20000)
+    env.write_config(pins=[static_pin(pve)])
+    with running(env) as daemon:
+        assert_pinned_copy(pve)
+        for _ in range(2):  # nothing changed since the copy: nothing to write
+            assert env.ctl("sync", check=True).returncode == 0
+            assert env.status()["pins"][0]["last_sync"]["files"] == 0
+        (pve / "file7").write_bytes(b"changed")
+        assert env.ctl("sync", check=True).returncode == 0
+        assert env.status()["pins"][0]["last_sync"]["files"] == 1
+        assert daemon.stop() == 0
+    assert (pve / "file7").read_bytes() == b"changed"
