@@ -68,16 +68,14 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
 # {key} placeholders take figures of the same run.
 WHY_MISSED = {
     "overlay_vs_tmpfs_fsync_ratio": (
-        "Most of the loss is fanotify, not the overlay. The daemon watches the RAM side of"
-        " every pin with FAN_MODIFY, and the kernel does work for every write(2) on a marked"
-        " filesystem (an event built and merged into the queue), although the daemon reads only"
-        " a few merged records. Measured in this run on a plain tmpfs with no daemon: the"
-        " daemon's mark alone brings (a) to {fanotify_full_mark_logger_ratio} of the unwatched"
-        " rate, the same mark without FAN_MODIFY to {fanotify_no_modify_mark_logger_ratio}; the"
-        " overlay itself cost 0.88 (kernel only) on this machine class. What would close it:"
-        " watch the RAM side of a pin without FAN_MODIFY (close-after-write, create, delete and"
-        " rename still show that a directory is busy; a writer that keeps its file open would"
-        " be seen by sampling the sizes of the pin's open files at each tick)."
+        "The RAM side of a pin is watched without FAN_MODIFY: measured in this run on a plain"
+        " tmpfs with no daemon, such a mark leaves (a) at {fanotify_no_modify_mark_logger_ratio}"
+        " of the unwatched rate (with FAN_MODIFY: {fanotify_full_mark_logger_ratio}), and the"
+        " copy pin, a tmpfs bind with the same mark, reaches {copy_vs_tmpfs_fsync_ratio}. The"
+        " overlay pin's remaining gap to the kernel's own overlay cost (0.88 of tmpfs, measured"
+        " without rampiped on this machine class) is not explained by this run. What would tell:"
+        " a kernel-only overlay over tmpfs measured in the same run, and a profile of the fio"
+        " writer in the pinned directory."
     ),
     "copy_vs_tmpfs_fsync_ratio": (
         "A copy pin is a plain tmpfs bind: its loss is the fanotify mark on its RAM side"
@@ -92,8 +90,8 @@ WHY_MISSED = {
         " transactions: the ratio grows with the interval and with the rate of change."
     ),
     "writeback_bytes_vs_log2ram_style": (
-        "Four causes, visible in the checkpoint lines above. (1) rampiped writes a changed file"
-        " back whole (temporary name, fsync, rename: never torn by a power cut) at every"
+        "Three causes, visible in the checkpoint lines above. (1) rampiped writes a changed"
+        " file back whole (temporary name, fsync, rename: never torn by a power cut) at every"
         " checkpoint, so an active log costs its whole size each time; log2ram's rsync"
         " --inplace --no-whole-file rewrites only the blocks that differ, so it costs the"
         " appended bytes (and a power cut during its sync can leave a torn file). (2) An overlay"
@@ -101,14 +99,11 @@ WHY_MISSED = {
         " twice. (3) A copy pin's checkpoint copies again the files that changed while it ran"
         ' ("files that never held still": the active logs, appended every 0.1 s), up to three'
         " more times, and on a slow stick a pass takes long enough for that to happen every"
-        " time. (4) A copy pin's first checkpoint rewrites every file of the directory: the"
-        " RAM copy's change times (ctime) are those of the copy-in, which the test for files"
-        " changed since the last checkpoint (the pin's start) takes for changes. What would"
-        " close it: write an appended file back by appending (the disk file is a prefix of the"
-        " RAM file: write the tail, fsync; a torn append leaves a prefix, as safe as a log"
-        " needs); take an append-only file's size as its snapshot instead of copying it again;"
-        " on the journal's own filesystem move the journal's files into place instead of"
-        " copying them; and start a copy pin's ctime test at the end of its copy-in."
+        " time. What would close it: write an appended file back by appending (the disk file is"
+        " a prefix of the RAM file: write the tail, fsync; a torn append leaves a prefix, as"
+        " safe as a log needs); take an append-only file's size as its snapshot instead of"
+        " copying it again; and on the journal's own filesystem move the journal's files into"
+        " place instead of copying them."
     ),
     "writeback_vs_disk_seq_ratio": (
         "Unpinning an overlay pin writes every byte twice: first the upper layer into the"
@@ -398,7 +393,7 @@ def markdown(
                 f" {r['fanotify_full_mark_logger_ratio']} of the unwatched rate; with the same"
                 " mark less FAN_MODIFY at"
                 f" {r.get('fanotify_no_modify_mark_logger_ratio')}. The daemon marks the RAM"
-                " side of every pin, so (2) and (3) pay it.\n"
+                " side of every pin without FAN_MODIFY.\n"
             )
     if "sqlite_device_write_reduction" in r:
         md.append("## SQLite: bytes written to the stick\n")

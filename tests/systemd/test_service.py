@@ -394,6 +394,57 @@ def test_poweroff_while_pinned_loses_nothing(service: Guest, timings: dict[str, 
     assert inside == lines
 
 
+ORDERED_UNIT = "rp-ordered.service"
+ORDERED_RECORD = "/var/lib/rampiped-test/ordered"
+ORDERED_UNIT_TEXT = f"""\
+[Unit]
+Description=A service that must find /srv/static pinned when it starts and when it stops
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'echo start $(findmnt -n -o SOURCE {STATIC}) >> {ORDERED_RECORD}'
+ExecStop=/bin/sh -c 'echo stop $(findmnt -n -o SOURCE {STATIC}) >> {ORDERED_RECORD}; sync'
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def test_before_units_start_after_the_pin_and_stop_before_its_write_back(service: Guest) -> None:
+    """A static pin's `before:` unit (through the generator) starts with the pin in place and
+    stops while it still is, at a real shutdown."""
+    service.write(f"/etc/systemd/system/{ORDERED_UNIT}", ORDERED_UNIT_TEXT)
+    service.write(
+        CONF,
+        CHANGED_CONFIG.replace(
+            "    mode: copy\n", f"    mode: copy\n    before: [{ORDERED_UNIT}]\n"
+        ),
+    )
+    try:
+        service.run("systemctl daemon-reload")  # runs rampiped-generator
+        assert "rampiped.service" in show(service, "After", ORDERED_UNIT).split()
+        service.run(f"systemctl enable {ORDERED_UNIT}")
+        service.run(f"rm -f {ORDERED_RECORD}")
+        assert service.poweroff() == 0
+        assert service.boot() in ("running", "degraded")
+        wait(
+            service,
+            lambda: service.run(f"cat {ORDERED_RECORD} 2>/dev/null || true").stdout.strip(),
+            60,
+            "the ordered unit's start record",
+        )
+        assert service.poweroff() == 0
+        records = service.host_path(ORDERED_RECORD).read_text().splitlines()
+        assert service.boot() in ("running", "degraded")
+        pinned_source = "rampiped-" in (records[0] if records else "")
+        assert len(records) == 2 and records[0].startswith("start ") and pinned_source, records
+        assert records[1].startswith("stop rampiped-"), records  # still pinned when it stopped
+    finally:
+        service.run(f"systemctl disable {ORDERED_UNIT}", check=False)
+        service.write(CONF, CHANGED_CONFIG)
+        service.run("systemctl daemon-reload", check=False)
+        service.run("systemctl reload rampiped", check=False)
+
+
 def test_uninstall_writes_back_and_keeps_the_config(service: Guest) -> None:
     wait_pinned(service, STATIC, timeout=60)
     service.write(f"{STATIC}/before-uninstall", "still in RAM\n")
