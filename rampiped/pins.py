@@ -249,6 +249,15 @@ class PinManager:
 
     # -- pinning -----------------------------------------------------------------------------
 
+    def _register(self, pin: Pin, meta: dict[str, Any]) -> None:
+        """Record a pin about to be made: its recovery record on disk first (`pin.json`, which
+        names the directory of a journal found after a power cut), then the runtime state."""
+        os.makedirs(self.journal(pin.id), exist_ok=True)
+        write_json_atomic(os.path.join(self.journal(pin.id), "pin.json"), meta)
+        with self.lock:
+            self.pins[pin.path] = pin
+        self.save_state()
+
     def check_pinnable(self, path: str, *, writers_ok: bool = False) -> None:
         """The preconditions, checked again right before acting (the engine decided earlier).
         With `writers_ok` (a reopen command moves them), holders that only hold files open for
@@ -317,13 +326,7 @@ class PinManager:
         )
         if mode == "copy":
             pin.last_ok_wall = pin.pinned_wall  # until the copy-in ends (_copy_and_bind)
-        os.makedirs(self.journal(pid), exist_ok=True)
-        write_json_atomic(
-            os.path.join(self.journal(pid), "pin.json"), {"path": path, "mode": mode, "id": pid}
-        )
-        with self.lock:
-            self.pins[path] = pin
-        self.save_state()
+        self._register(pin, {"path": path, "mode": mode, "id": pid})
         undo: list[Callable[[], None]] = []
         dir_fd = -1
         try:
@@ -983,14 +986,7 @@ class PinManager:
             keep=tuple(keep),
             size=size,
         )
-        os.makedirs(self.journal(pid), exist_ok=True)
-        write_json_atomic(
-            os.path.join(self.journal(pid), "pin.json"),
-            {"path": path, "mode": "volatile", "id": pid, "keep": list(keep)},
-        )
-        with self.lock:
-            self.pins[path] = pin
-        self.save_state()
+        self._register(pin, {"path": path, "mode": "volatile", "id": pid, "keep": list(keep)})
         undo: list[Callable[[], None]] = []
         dir_fd = -1
         try:
