@@ -9,12 +9,16 @@ run reports its losses too) and printed by `pytest_terminal_summary` in conftest
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import pytest
+
+from tests.system.daemon_harness import VENV_BIN, Daemon, Env, running
 from tests.system.helpers import mountinfo, wait_for
 
 TALLY: dict[str, int] = {
@@ -154,3 +158,29 @@ def environ_with(extra: Mapping[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+@contextlib.contextmanager
+def paused_daemon(
+    env: Env, mp: pytest.MonkeyPatch, stage: str | None = None, marker: Path | None = None
+) -> Iterator[Daemon]:
+    """The real daemon; with `stage` and `marker`, its worker stops at that pause point (see
+    rampiped.sync.pause_point) until the test removes the marker."""
+    with mp.context() as m:
+        if stage is not None and marker is not None:
+            for k, v in pause_env(stage, marker).items():
+                m.setenv(k, v)
+        else:
+            m.delenv("RAMPIPED_TEST_PAUSE_AT", raising=False)
+        with running(env) as d:
+            yield d
+
+
+def ctl_async(env: Env, *args: str) -> subprocess.Popen[str]:
+    """rampipectl in the background (it waits for a paused daemon)."""
+    return subprocess.Popen(
+        [str(VENV_BIN / "rampipectl"), "--config", str(env.config_path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

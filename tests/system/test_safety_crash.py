@@ -8,15 +8,12 @@ rampiped/sync.py `pause_point`): the worker writes a marker file and blocks ther
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import VENV_BIN, Daemon, Env, make_env, running
+from tests.system.daemon_harness import Daemon, Env, make_env
 from tests.system.helpers import wait_for
 
 pytestmark = pytest.mark.system
@@ -47,27 +44,8 @@ def round2(d: Path) -> None:
     safety.write_version(d / "n2", "n2", 2)
 
 
-@contextlib.contextmanager
-def daemon(
-    env: Env, mp: pytest.MonkeyPatch, stage: str | None = None, marker: Path | None = None
-) -> Iterator[Daemon]:
-    with mp.context() as m:
-        if stage is not None and marker is not None:
-            for k, v in safety.pause_env(stage, marker).items():
-                m.setenv(k, v)
-        else:
-            m.delenv("RAMPIPED_TEST_PAUSE_AT", raising=False)
-        with running(env) as d:
-            yield d
-
-
-def ctl_async(env: Env, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(VENV_BIN / "rampipectl"), "--config", str(env.config_path), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+daemon = safety.paused_daemon
+ctl_async = safety.ctl_async
 
 
 def fault(kind: str, env: Env, d: Daemon) -> None:

@@ -8,17 +8,14 @@ point (RAMPIPED_TEST_PAUSE_AT): the daemon waits there until the marker file is 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import VENV_BIN, Daemon, Env, make_env, running
+from tests.system.daemon_harness import Env, make_env, running
 from tests.system.helpers import diff_manifests, manifest, mountinfo, wait_for
 
 pytestmark = pytest.mark.system
@@ -26,27 +23,8 @@ pytestmark = pytest.mark.system
 USER = 65534
 
 
-@contextlib.contextmanager
-def daemon(
-    env: Env, mp: pytest.MonkeyPatch, stage: str | None = None, marker: Path | None = None
-) -> Iterator[Daemon]:
-    with mp.context() as m:
-        if stage is not None and marker is not None:
-            for k, v in safety.pause_env(stage, marker).items():
-                m.setenv(k, v)
-        else:
-            m.delenv("RAMPIPED_TEST_PAUSE_AT", raising=False)
-        with running(env) as d:
-            yield d
-
-
-def ctl_async(env: Env, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(VENV_BIN / "rampipectl"), "--config", str(env.config_path), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+daemon = safety.paused_daemon
+ctl_async = safety.ctl_async
 
 
 def chown_tree(root: Path) -> None:

@@ -14,14 +14,13 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import VENV_BIN, Daemon, Env, Writer, make_env, running
+from tests.system.daemon_harness import Daemon, Env, Writer, make_env, running
 from tests.system.helpers import wait_for
 
 pytestmark = pytest.mark.system
@@ -29,25 +28,13 @@ pytestmark = pytest.mark.system
 STAGE = "unpin:unmounted"
 
 
-@contextlib.contextmanager
-def daemon(env: Env, mp: pytest.MonkeyPatch, marker: Path | None) -> Iterator[Daemon]:
-    with mp.context() as m:
-        if marker is not None:
-            for k, v in safety.pause_env(STAGE, marker).items():
-                m.setenv(k, v)
-        else:
-            m.delenv("RAMPIPED_TEST_PAUSE_AT", raising=False)
-        with running(env) as d:
-            yield d
+def daemon(
+    env: Env, mp: pytest.MonkeyPatch, marker: Path | None
+) -> contextlib.AbstractContextManager[Daemon]:
+    return safety.paused_daemon(env, mp, STAGE, marker)
 
 
-def ctl_async(env: Env, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(VENV_BIN / "rampipectl"), "--config", str(env.config_path), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+ctl_async = safety.ctl_async
 
 
 def append(path: Path, text: str) -> None:
