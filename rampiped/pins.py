@@ -569,16 +569,30 @@ class PinManager:
         source = SOURCE_PREFIX + pin.id
         bulk_files = bulk_bytes = 0  # copy mode: what the bulk copy wrote counts as written back
         bulk_wall = 0.0
+        verified: copymode.Snapshot | None = None  # copy mode: RAM as the disk was verified to hold
         if pin.mode == "copy":
-            # bulk copy while still mounted: the disk side is a private bind, well defined
+            # the whole write-back while still mounted: the disk side is a private bind, well
+            # defined, and no one can write to the disk copy through the path meanwhile
             bulk_wall = self.ram_clock(pin)
-            bulk = copymode.checkpoint(
-                self.ram(pin.id),
-                self.disk(pin.id),
-                pin_id=pin.id,
-                runner=self.runner,
-                since=pin.last_ok_wall or 0.0,
-            )
+            before_sync = copymode.snapshot(self.data(pin.id))
+            try:
+                bulk = copymode.final_sync(
+                    self.ram(pin.id),
+                    self.disk(pin.id),
+                    pin_id=pin.id,
+                    runner=self.runner,
+                    since=pin.last_ok_wall or 0.0,
+                )
+                verified = before_sync
+            except copymode.NotVerified:
+                # still being written: a plain checkpoint now, the verified sync after the unmount
+                bulk = copymode.checkpoint(
+                    self.ram(pin.id),
+                    self.disk(pin.id),
+                    pin_id=pin.id,
+                    runner=self.runner,
+                    since=pin.last_ok_wall or 0.0,
+                )
             bulk_files, bulk_bytes = bulk.files, bulk.bytes
         snapshot: dict[str, sync.Stamp] = {}
         threshold = 0
@@ -637,6 +651,11 @@ class PinManager:
                 if res is None:
                     raise sync.SyncError(f"the journal of {pin.path} vanished before its apply")
                 files, nbytes = res.files, res.bytes
+            elif verified is not None and copymode.snapshot(self.data(pin.id)) == verified:
+                # RAM did not change from before the verified sync to the unmount: the disk
+                # holds it all, and nothing is written after the unmount, so a file a process
+                # writes on disk in this moment (the path shows the disk now) is left alone
+                files, nbytes = bulk_files, bulk_bytes
             else:
                 cres = copymode.final_sync(
                     self.ram(pin.id),

@@ -316,3 +316,30 @@ def test_a_writer_that_holds_a_replaced_file_open(
             assert (d / "b.log").read_text() == "b disk\nb ram\nb window\n"
             dm.wait_log(r"still open after the write-back replaced them: pid \d+ .*fd \d+")
             assert_clean(env, d)
+
+
+def test_a_copy_pin_leaves_disk_writes_of_its_unpin_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy pin is written back and verified while still mounted; when RAM did not change up
+    to the unmount, nothing is written afterwards, so what a process writes on disk in that
+    moment (a new file, an append) stays."""
+    marker = tmp_path / "paused"
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "copy"
+        d.mkdir()
+        (d / "a.log").write_text("disk 1\n")
+        with daemon(env, monkeypatch, marker) as dm:
+            env.ctl("pin", "--mode", "copy", str(d), check=True)
+            assert env.mounted_at(d) is not None
+            append(d / "a.log", "ram 2\n")
+            (d / "made-in-ram").write_text("ram\n")
+            with paused_unpin(env, dm, d, marker):
+                assert env.mounted_at(d) is None
+                append(d / "a.log", "disk 3\n")
+                (d / "made-on-disk").write_text("window\n")
+            assert (d / "a.log").read_text() == "disk 1\nram 2\ndisk 3\n"
+            assert (d / "made-on-disk").read_text() == "window\n"
+            assert (d / "made-in-ram").read_text() == "ram\n"
+            assert env.status()["pins"] == []
