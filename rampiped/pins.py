@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -865,6 +866,22 @@ class PinManager:
             if isinstance(meta, dict) and meta.get("id") == name:
                 yield meta
 
+    def _ensure_staging(self, pid: str, path: str, mounted: bool) -> bool:
+        """The staging bind of `path`, for a write-back found half done at start; True."""
+        if not mounted:
+            self._staging_for(pid, path)
+        return True
+
+    def _recover_apply(
+        self, pid: str, path: str, apply: Callable[..., sync.ApplyResult | None]
+    ) -> sync.ApplyResult | None:
+        """Finish an overlay write-back found half done at start: `apply` (apply_upper or
+        apply_journal, its source bound) into the staging bind, carrying over what was held
+        from the write-back's window."""
+        res = apply(self.disk(pid), runner=self.runner, window=sync.HeldFiles.load(self.disk(pid)))
+        self._finish_window(pid, path)
+        return res
+
     def _reconcile_one(self, pid: str, path: str, mode: str, rec: dict[str, Any]) -> str:
         top = mounts.mount_at(path)
         covered = top is not None and top.source == SOURCE_PREFIX + pid
@@ -897,16 +914,10 @@ class PinManager:
             # or a pin never got as far as its mount
             final = os.path.exists(os.path.join(self.journal(pid), FINAL_MARK))
             if mode == "overlay" and final:
-                if not disk_mounted:
-                    self._staging_for(pid, path)
-                    disk_mounted = True
-                res_f = sync.apply_journal(
-                    self.journal(pid),
-                    self.disk(pid),
-                    runner=self.runner,
-                    window=sync.HeldFiles.load(self.disk(pid)),
+                disk_mounted = self._ensure_staging(pid, path, disk_mounted)
+                res_f = self._recover_apply(
+                    pid, path, functools.partial(sync.apply_journal, self.journal(pid))
                 )
-                self._finish_window(pid, path)
                 what = (
                     "the write-back had finished"
                     if res_f is None
@@ -915,23 +926,16 @@ class PinManager:
             elif mode == "overlay":
                 if os.path.isdir(self.upper(pid)):
                     # through the staging bind (nosymfollow), never the path users control
-                    if not disk_mounted:
-                        self._staging_for(pid, path)
-                        disk_mounted = True
-                    res = sync.apply_upper(
-                        self.upper(pid),
-                        self.disk(pid),
-                        runner=self.runner,
-                        window=sync.HeldFiles.load(self.disk(pid)),
+                    disk_mounted = self._ensure_staging(pid, path, disk_mounted)
+                    res = self._recover_apply(
+                        pid, path, functools.partial(sync.apply_upper, self.upper(pid))
                     )
-                    self._finish_window(pid, path)
+                    assert res is not None  # apply_upper always returns a result
                     what = f"wrote {res.files} files, {format_bytes(res.bytes)}"
                 else:
                     what = "the overlay was never mounted: nothing to write"
             elif state == "draining":
-                if not disk_mounted:
-                    self._staging_for(pid, path)
-                    disk_mounted = True
+                disk_mounted = self._ensure_staging(pid, path, disk_mounted)
                 cres = copymode.final_sync(  # since=0: after a crash, write every file
                     self.ram(pid), self.disk(pid), pin_id=pid, runner=self.runner, since=0.0
                 )
@@ -946,16 +950,11 @@ class PinManager:
             shutil.rmtree(self.journal(pid), ignore_errors=True)
             return f"{path}: finished an interrupted {state or 'pin'}: {what}"
         if mode == "overlay":
-            if not disk_mounted:
-                self._staging_for(pid, path)
+            self._ensure_staging(pid, path, disk_mounted)
             try:
-                res_j = sync.apply_journal(
-                    self.journal(pid),
-                    self.disk(pid),
-                    runner=self.runner,
-                    window=sync.HeldFiles.load(self.disk(pid)),
+                res_j = self._recover_apply(
+                    pid, path, functools.partial(sync.apply_journal, self.journal(pid))
                 )
-                self._finish_window(pid, path)
             finally:
                 mounts.umount(self.disk(pid))
                 shutil.rmtree(self.base(pid), ignore_errors=True)
