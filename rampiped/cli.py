@@ -95,10 +95,6 @@ def _request(args: argparse.Namespace, cmd: str, body: dict[str, Any] | None = N
     return response.get("result")
 
 
-def _ago(iso: str | None) -> str:
-    return iso or "never"
-
-
 def print_status(st: dict[str, Any]) -> None:
     ram = st.get("ram", {})
     print(

@@ -190,9 +190,6 @@ class RateTable:
                     entry[1] = now
         self._set(half_life)
 
-    def forget(self, key: str) -> None:
-        self._entries.pop(key, None)
-
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
