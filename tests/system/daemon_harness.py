@@ -82,6 +82,28 @@ class Env:
             )
         return proc
 
+    def pin_while_written(self, path: Path, timeout: float = 30.0) -> None:
+        """`rampipectl pin` of a directory a Writer keeps writing to: a refusal because the
+        writer had a file open at that very moment is right (its write would bypass RAM), so
+        try again until the pin is made."""
+        last: list[str] = []
+
+        def made() -> bool:
+            proc = self.ctl("pin", str(path))
+            last[:] = [proc.stderr]
+            if (
+                proc.returncode != 0
+                and "in use by" not in proc.stderr
+                and "opened on disk during the pin" not in proc.stderr
+            ):
+                raise AssertionError(f"rampipectl pin {path}: {proc.stderr}")
+            return proc.returncode == 0
+
+        try:
+            wait_for(made, timeout, f"the pin of {path}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last refusal: {last}") from None
+
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = json.loads(self.ctl("status", "--json", check=True).stdout)
         return out

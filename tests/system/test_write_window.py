@@ -229,7 +229,7 @@ def test_a_steady_writer_during_a_paused_unpin_loses_nothing(
             w = Writer(d, rate=200)
             try:
                 wait_for(lambda: (d / "f049.log").exists(), 30, "the writer's files")
-                env.ctl("pin", str(d), check=True)
+                env.pin_while_written(d)
                 size = (d / "f000.log").stat().st_size
                 wait_for(lambda: (d / "f000.log").stat().st_size > size, 30, "writes into RAM")
                 with paused_unpin(env, dm, d, marker):
@@ -257,7 +257,7 @@ def test_a_steady_writer_during_unpins_loses_nothing(tmp_path: Path) -> None:
             try:
                 wait_for(lambda: (d / "f049.log").exists(), 30, "the writer's files")
                 for _ in range(3):
-                    env.ctl("pin", str(d), check=True)
+                    env.pin_while_written(d)
                     size = (d / "f000.log").stat().st_size
                     wait_for(
                         lambda size=size: (d / "f000.log").stat().st_size > size,  # type: ignore[misc]
