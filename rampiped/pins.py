@@ -330,6 +330,7 @@ class PinManager:
         self._register(pin, {"path": path, "mode": mode, "id": pid})
         undo: list[Callable[[], None]] = []
         dir_fd = -1
+        written_back = ""  # refused after the mount, and what reached RAM was written back
         try:
             # Everything below reaches the directory through this descriptor, opened without
             # following any symlink: a user who swaps the directory (or a parent) for a symlink
@@ -346,10 +347,14 @@ class PinManager:
                 self._reopen_after_pin(pin, undo)
             late = [] if reopen is not None else self._disk_holders(pin)
             if late:
-                raise PinRefused(
-                    f"cannot pin {path}: opened on disk during the pin by " + _holder_list(late)
+                refusal = f"cannot pin {path}: opened on disk during the pin by " + _holder_list(
+                    late
                 )
-            sync.pause_point("pin:mounted")
+                if mode != "overlay" or not self._write_back_refused(pin):
+                    raise PinRefused(refusal)
+                written_back = refusal
+            else:
+                sync.pause_point("pin:mounted")
         except BaseException as exc:
             for step in reversed(undo):
                 try:
@@ -372,8 +377,25 @@ class PinManager:
         finally:
             if dir_fd >= 0:
                 os.close(dir_fd)
+        if written_back:
+            raise PinRefused(written_back + " (what reached RAM meanwhile was written back)")
         self._set_state(pin, "pinned")
         return pin
+
+    def _write_back_refused(self, pin: Pin) -> bool:
+        """An overlay pin refused after its mount: what processes wrote through it meanwhile is
+        in RAM only. Write it back the way an unpin does (held files, journal, verify) instead of
+        dropping it with the mounts. False when that cannot be done now (the caller then rolls
+        back as before)."""
+        self._set_state(pin, "pinned")
+        try:
+            self.unpin(pin)
+        except (UnpinBusy, OSError, sync.SyncError) as exc:
+            log.warning(
+                "%s: could not write back the refused pin (%s); rolling it back", pin.path, exc
+            )
+            return False
+        return True
 
     def tmpfs_size(self) -> int:
         return int(self.ram_limit * TMPFS_HEADROOM)
