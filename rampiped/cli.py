@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 from rampiped import __version__, config, control, explain, top
 from rampiped.engine import format_bytes
 from rampiped.errors import (
@@ -147,7 +149,7 @@ def run(argv: list[str] | None) -> int:
     if args.command == "check-config":
         path = args.path or args.config or config.DEFAULT_PATH
         try:
-            config.load(path)
+            config.load(path, memory_total=psutil.virtual_memory().total)
         except config.ConfigError as exc:
             raise InvalidConfig(str(exc)) from exc
         print(f"{path}: valid")

@@ -122,6 +122,11 @@ _MAX_SECONDS = 100 * 365 * 86400
 _MAX_BYTES = 2**63 - 1
 # Longer number strings are certainly mistakes; the cap also keeps Decimal arithmetic cheap.
 _MAX_NUMBER_TEXT = 64
+# Lists and mappings nested deeper than this are refused. No setting needs more than a few
+# levels, and PyYAML composes a document by recursing once per level (three Python frames
+# each): a limit of its own keeps far inside Python's default 1000 frames, so that the error
+# can say where, instead of the stack running out somewhere.
+_MAX_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,19 @@ def _describe_value(value: object) -> str:
 
 def _format_number(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _format_memory(size: int) -> str:
+    """An amount of memory in binary units with one decimal, rounded down, so that a size
+    reported as more than it also reads as more: 23.4 GiB, 512.0 MiB."""
+    value, unit = float(size), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    if unit == "B":
+        return f"{size} B"
+    return f"{math.floor(value * 10) / 10:.1f} {unit}"
 
 
 # --------------------------------------------------------------------------- durations
@@ -684,8 +702,9 @@ def _join(parent: str, key: str) -> str:
 
 
 class _Loader:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, memory_total: int | None = None) -> None:
         self.source = source
+        self.memory_total = memory_total  # bytes of physical memory; None: unknown
         self.issues: list[ConfigIssue] = []
         self.bad: set[str] = set()  # key paths whose value was rejected
         self._constructor = yaml.constructor.SafeConstructor()
@@ -917,10 +936,34 @@ class _Loader:
     def ram(self, top: dict[str, _Entry]) -> RamConfig:
         d = RamConfig()
         s = self.section(top, "ram", RamConfig)
-        return RamConfig(
+        ram = RamConfig(
             max=self.get(s, "max", "ram", _ram_max, d.max),
             high_watermark=self.get(s, "high_watermark", "ram", _fraction, d.high_watermark),
             min_free=self.get(s, "min_free", "ram", _size, d.min_free),
+        )
+        # Sizes above the machine's memory are typos or come from a bigger machine: such a max
+        # is never reached, and such a min_free forbids every pin. Each is checked alone: that
+        # max and min_free together exceed the memory only means min_free stops the pins first,
+        # as it does for `max: 100%`. A percentage is of this machine's memory anyway.
+        self.check_memory(s, "max", ram.max.bytes, "write a smaller size, or a percentage like 25%")
+        self.check_memory(
+            s, "min_free", ram.min_free, "nothing could ever be pinned: MemAvailable is below it"
+        )
+        return ram
+
+    def check_memory(
+        self, entries: dict[str, _Entry], key: str, size: int | None, hint: str
+    ) -> None:
+        entry = entries.get(key)
+        path = _join("ram", key)
+        total = self.memory_total
+        if total is None or entry is None or size is None or path in self.bad or size <= total:
+            return
+        written = str(entry.value.value)  # accepted, so a scalar: the text as the file has it
+        self.issue(
+            entry.value,
+            path,
+            f"{written} is more than this machine's {_format_memory(total)} of memory ({hint})",
         )
 
     def sync(self, top: dict[str, _Entry]) -> SyncConfig:
@@ -1241,38 +1284,103 @@ def _syntax_issue(source: str, text: str, error: yaml.YAMLError) -> ConfigIssue:
     return ConfigIssue(source, None, "", f"YAML syntax error: {error}")
 
 
+class _TooDeep(Exception):
+    """Raised by `_Composer` at the first list or mapping nested deeper than `_MAX_DEPTH`."""
+
+    def __init__(self, mark: yaml.Mark, key_path: str) -> None:
+        super().__init__(key_path)
+        self.mark = mark
+        self.key_path = key_path
+
+
+class _Composer(yaml.SafeLoader):
+    """PyYAML's safe loader, composing nodes only, that counts how deep it is and stops with
+    the place (and the key path) of a list or mapping nested too deeply."""
+
+    # the key path is shown down to this many steps: enough to name the setting
+    _SHOWN_STEPS = 4
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._steps: list[str] = []  # one per node being composed: "key", "[i]" or ""
+
+    def compose_node(self, parent: Node | None, index: int | Node | None) -> Node | None:
+        # `index` is the item's position in a list, the key node of a mapping's value, or
+        # None for a mapping's key and for the document itself (the stub says int only)
+        if isinstance(parent, SequenceNode):
+            step = f"[{index}]"
+        elif isinstance(parent, MappingNode) and isinstance(index, ScalarNode):
+            step = f".{index.value}"
+        else:
+            step = ""
+        self._steps.append(step)
+        try:
+            if len(self._steps) > _MAX_DEPTH and self.check_event(
+                yaml.SequenceStartEvent, yaml.MappingStartEvent
+            ):
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise _TooDeep(event.start_mark, self._key_path())
+            return super().compose_node(parent, index)  # type: ignore[arg-type]
+        finally:
+            self._steps.pop()
+
+    def _key_path(self) -> str:
+        steps = [step for step in self._steps if step]
+        path = "".join(steps[: self._SHOWN_STEPS]).lstrip(".")
+        return path + "..." if len(steps) > self._SHOWN_STEPS else path
+
+
+def _compose_nodes(text: str) -> Node | None:
+    composer = _Composer(text)
+    try:
+        return composer.get_single_node()
+    finally:
+        composer.dispose()
+
+
 def _compose(text: str, source: str) -> Node | None:
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as first_error:
-        error = first_error
-        # JSON is YAML, except that YAML refuses tabs as indentation. Outside its strings JSON
-        # has tabs only as whitespace (inside them they must be written \t), so a document that
-        # looks like JSON is read again with its tabs as spaces; columns stay the same.
-        if "\t" in text and text.lstrip()[:1] in ("{", "["):
-            try:
-                return yaml.compose(text.replace("\t", " "), Loader=yaml.SafeLoader)
-            except yaml.YAMLError as json_error:
-                error = json_error
-            except RecursionError:
-                pass
-        raise ConfigError([_syntax_issue(source, text, error)]) from None
+        try:
+            return _compose_nodes(text)
+        except yaml.YAMLError as first_error:
+            error = first_error
+            # JSON is YAML, except that YAML refuses tabs as indentation. Outside its strings
+            # JSON has tabs only as whitespace (inside them they must be written \t), so a
+            # document that looks like JSON is read again with its tabs as spaces; columns stay
+            # the same.
+            if "\t" in text and text.lstrip()[:1] in ("{", "["):
+                try:
+                    return _compose_nodes(text.replace("\t", " "))
+                except yaml.YAMLError as json_error:
+                    error = json_error
+            raise ConfigError([_syntax_issue(source, text, error)]) from None
+    except _TooDeep as e:
+        message = (
+            f"YAML syntax error: nested too deeply (more than {_MAX_DEPTH} levels of lists "
+            "and mappings)"
+        )
+        line, column = e.mark.line + 1, e.mark.column + 1
+        raise ConfigError([ConfigIssue(source, line, e.key_path, message, column)]) from None
     except RecursionError:
+        # only when called with most of the stack already used
         raise ConfigError(
             [ConfigIssue(source, None, "", "YAML syntax error: nested too deeply")]
         ) from None
 
 
-def load_text(text: str, source: str) -> Config:
+def load_text(text: str, source: str, *, memory_total: int | None = None) -> Config:
     """The configuration in `text`; `source` names it in messages and in `Config.source`.
+    `memory_total`: the machine's physical memory in bytes (psutil.virtual_memory().total),
+    against which `ram.max` and `ram.min_free` are checked; None skips that check.
     Raises ConfigError listing every problem."""
     root = _compose(text, source)
-    return _Loader(source).load(root)
+    return _Loader(source, memory_total).load(root)
 
 
-def load(path: str) -> Config:
-    """The configuration in the file at `path` (YAML, or JSON). Raises ConfigError, and only
-    ConfigError, for a file that is missing, unreadable or invalid."""
+def load(path: str, *, memory_total: int | None = None) -> Config:
+    """The configuration in the file at `path` (YAML, or JSON); `memory_total` as for
+    `load_text`. Raises ConfigError, and only ConfigError, for a file that is missing,
+    unreadable or invalid."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -1288,4 +1396,4 @@ def load(path: str) -> Config:
         line = data.count(b"\n", 0, e.start) + 1
         message = f"cannot read: not UTF-8 text (byte 0x{data[e.start]:02x})"
         raise ConfigError([ConfigIssue(path, line, "", message)]) from None
-    return load_text(text, path)
+    return load_text(text, path, memory_total=memory_total)

@@ -865,7 +865,7 @@ class Daemon:
         self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
         try:
             try:
-                new = config.load(path)
+                new = config.load(path, memory_total=self.total_ram)
             except config.ConfigError as exc:
                 for line in str(exc).splitlines():
                     log.error("%s", line)
@@ -1227,7 +1227,7 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.setup(args.log_level)
     if os.path.exists(args.config) or args.config != config.DEFAULT_PATH:
         try:
-            cfg = config.load(args.config)
+            cfg = config.load(args.config, memory_total=psutil.virtual_memory().total)
         except config.ConfigError as exc:
             for line in str(exc).splitlines():
                 log.error("%s", line)

@@ -1,6 +1,7 @@
 """Bad input: a corpus of broken configuration files, each rejected with file, line, key path
 and a hint (in-process for all of them, and through the real `rampiped` and `rampipectl
-check-config` for a sample); the control socket fed garbage, oversized, deeply nested, slow
+check-config` for a sample), sizes above the machine's memory among them (also refused by a
+reload); the control socket fed garbage, oversized, deeply nested, slow
 and abandoned messages, after each of which the daemon still answers; and a user other than
 root, who gets "permission denied" whether the socket's mode or the daemon's SO_PEERCRED check
 stops them."""
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -17,13 +20,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from rampiped import config
 from tests.system import safety
 from tests.system.daemon_harness import VENV_BIN, Env, make_env, running
 from tests.system.helpers import wait_for
-from tests.unit.test_config import ERRORS, SRC
+from tests.unit.test_config import ERRORS, MEMORY, MEMORY_ERRORS, SRC
 
 pytestmark = pytest.mark.system
 
@@ -33,8 +37,7 @@ RAW = [
     ("latin-1 bytes", b"ram:\n  max: 1G # caf\xe9\n", ":2: cannot read: not UTF-8 text"),
     ("binary blob", bytes(range(256)), ":2: cannot read: not UTF-8 text (byte 0x80)"),
     ("only a key", b"ram\n", ":1: expected a mapping of settings"),
-    # the one message without a line: the parser gives up before it has one
-    ("a megabyte of brackets", b"[" * (1 << 20), ": YAML syntax error: nested too deeply"),
+    ("a megabyte of brackets", b"[" * (1 << 20), ":1:101: [0][0][0][0]...: YAML syntax error"),
     ("unterminated quote", b'runtime_dir: "/run/x\n', ":2:1: YAML syntax error: found unexpected"),
 ]
 
@@ -56,6 +59,18 @@ def test_config_corpus_is_rejected_with_place_and_hint(
     assert lines == [e.replace(SRC, str(path)) for e in expected]
     for line in lines:
         assert line.startswith(f"{path}:"), line  # the file and, after it, the line
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), MEMORY_ERRORS, ids=_ids(MEMORY_ERRORS))
+def test_sizes_above_the_memory_are_rejected_with_place_and_hint(
+    tmp_path: Path, name: str, text: str, expected: list[str]
+) -> None:
+    path = tmp_path / "rampipe.conf"
+    path.write_text(text)
+    safety.count("bad inputs")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(str(path), memory_total=MEMORY)
+    assert str(info.value).splitlines() == [e.replace(SRC, str(path)) for e in expected]
 
 
 @pytest.mark.parametrize(("name", "data", "where"), RAW, ids=[r[0] for r in RAW])
@@ -80,12 +95,37 @@ SAMPLE = [
     "pin inside an earlier pin",
     "inverted thresholds",
     "high_watermark above 100%",
+    "nested too deeply in block style",
+    "nested too deeply after other settings",
+]
+# Sizes in terabytes: above this machine's memory too, which the programs measure themselves.
+MEMORY_SAMPLE = [
+    "ram.min_free above the machine's memory",
+    "ram.max and ram.min_free above the machine's memory",
+    "ram.max above the machine's memory in JSON",
 ]
 
 
-@pytest.mark.parametrize("name", SAMPLE)
-def test_programs_refuse_a_broken_config(tmp_path: Path, name: str) -> None:
+def _this_machines_memory() -> str:
+    """The machine's memory as the messages give it: GiB with one decimal, rounded down."""
+    total = psutil.virtual_memory().total
+    assert 1 << 30 <= total < 1 << 40
+    return f"{math.floor(total / (1 << 30) * 10) / 10:.1f} GiB"
+
+
+def _case(name: str) -> tuple[str, list[str]]:
+    """The text and the expected lines of a corpus entry, as this machine's programs say them."""
+    if name in MEMORY_SAMPLE:
+        _, text, expected = next(e for e in MEMORY_ERRORS if e[0] == name)
+        shown = f"this machine's {_this_machines_memory()} of memory"
+        return text, [e.replace("this machine's 16.0 GiB of memory", shown) for e in expected]
     _, text, expected = next(e for e in ERRORS if e[0] == name)
+    return text, expected
+
+
+@pytest.mark.parametrize("name", SAMPLE + MEMORY_SAMPLE)
+def test_programs_refuse_a_broken_config(tmp_path: Path, name: str) -> None:
+    text, expected = _case(name)
     path = tmp_path / "rampipe.conf"
     path.write_text(text)
     want = [e.replace(SRC, str(path)) for e in expected]
@@ -108,6 +148,34 @@ def test_programs_refuse_a_broken_config(tmp_path: Path, name: str) -> None:
         assert line in daemon.stderr
         assert line in check.stderr
     assert "not starting" in daemon.stderr
+
+
+def test_reload_refuses_sizes_above_the_memory(tmp_path: Path) -> None:
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        with running(env) as daemon:
+            pid = env.status()["pid"]
+            env.write_config(adaptive={"enabled": False}, ram={"max": "64T", "min_free": "100T"})
+            lines = env.config_path.read_text().splitlines()
+            memory = _this_machines_memory()
+            want = [
+                f"{env.config_path}:{lines.index('  max: 64T') + 1}: ram.max: 64T is more than "
+                f"this machine's {memory} of memory (write a smaller size, or a percentage "
+                "like 25%)",
+                f"{env.config_path}:{lines.index('  min_free: 100T') + 1}: ram.min_free: 100T is "
+                f"more than this machine's {memory} of memory (nothing could ever be pinned: "
+                "MemAvailable is below it)",
+            ]
+            bad = env.ctl("reload")
+            safety.count("bad inputs")
+            assert bad.returncode == 78, bad
+            for line in want:
+                assert line in bad.stderr
+                daemon.wait_log(re.escape(line))
+            daemon.wait_log(r"reload refused")
+            st = env.status()
+            assert st["pid"] == pid
+            assert st["ram"]["max_bytes"] == 256 << 20  # the running configuration stays
 
 
 # --- the control socket ----------------------------------------------------------------------

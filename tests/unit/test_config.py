@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -279,6 +280,8 @@ def test_the_example_file_documents_every_key() -> None:
 
 
 # --------------------------------------------------------------------------- errors, one by one
+
+TOO_DEEP = "YAML syntax error: nested too deeply (more than 100 levels of lists and mappings)"
 
 # (what, YAML, the exact message lines)
 ERRORS = [
@@ -1112,6 +1115,22 @@ ERRORS = [
         "ram: {max: 1G}\n# \x07\n",
         [f"{SRC}:2:3: YAML syntax error: character U+0007 is not allowed"],
     ),
+    # ---- nesting: the place of the first list or mapping beyond 100 levels
+    (
+        "nested too deeply in flow style",
+        "pins: " + "[" * 1000,
+        [f"{SRC}:1:106: pins[0][0][0]...: {TOO_DEEP}"],
+    ),
+    (
+        "nested too deeply in block style",
+        "adaptive:\n" + "".join(f"{'  ' * i}l{i}:\n" for i in range(1, 200)),
+        [f"{SRC}:101:201: adaptive.l1.l2.l3...: {TOO_DEEP}"],
+    ),
+    (
+        "nested too deeply after other settings",
+        "ram: {max: 1G}\npins:\n  - path: /srv/a\n    before: " + "{a: " * 150 + "\n",
+        [f"{SRC}:4:401: pins[0].before.a...: {TOO_DEEP}"],
+    ),
 ]
 
 
@@ -1236,8 +1255,164 @@ def test_path_with_a_nul_byte() -> None:
 
 def test_deep_nesting_is_an_error_not_a_crash() -> None:
     with pytest.raises(ConfigError) as info:
-        load_text("pins: " + "[" * 1000, SRC)
+        load_text("[" * (1 << 20), SRC)
+    assert info.value.errors == [ConfigIssue(SRC, 1, "[0][0][0][0]...", TOO_DEEP, 101)]
+
+
+def test_a_hundred_levels_are_read_and_judged_by_the_schema() -> None:
+    # the root mapping and 99 lists: within the limit, so the schema speaks
+    assert errors("pins: " + "[" * 99 + "]" * 99 + "\n") == [
+        f"{SRC}:1: pins[0]: expected a mapping like {{path: /dir}}, got a list"
+    ]
+    assert errors("pins: " + "[" * 100 + "]" * 100 + "\n") == [
+        f"{SRC}:1:106: pins[0][0][0]...: {TOO_DEEP}"
+    ]
+
+
+def test_deep_nesting_inside_json_indented_with_tabs() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_text('{\n\t"ram": ' + "[" * 200, "c.json")
+    assert str(info.value) == f"c.json:2:108: ram[0][0][0]...: {TOO_DEEP}"
+
+
+def test_deep_nesting_when_the_stack_is_nearly_used_up() -> None:
+    # the composer's own limit is far inside Python's; called from deep in the stack, the
+    # stack can still run out first, and that too is a ConfigError
+    def nest(levels: int) -> None:
+        if levels:
+            nest(levels - 1)
+        else:
+            load_text("pins: " + "[" * 99, SRC)
+
+    frame, used = sys._getframe(), 0
+    while frame is not None:
+        frame, used = frame.f_back, used + 1
+    with pytest.raises(ConfigError) as info:
+        nest(sys.getrecursionlimit() - used - 100)  # 100 frames left: not enough for 99 levels
     assert str(info.value) == f"{SRC}: YAML syntax error: nested too deeply"
+
+
+# --------------------------------------------------------------------------- physical memory
+
+MEMORY = 16 << 30  # the machine's memory in these tests: 16.0 GiB
+MAX_HINT = "write a smaller size, or a percentage like 25%"
+MIN_FREE_HINT = "nothing could ever be pinned: MemAvailable is below it"
+
+# (what, YAML, the exact message lines) with `memory_total=MEMORY`; the system tests run the
+# ones in terabytes through the real programs too, with the real machine's memory
+MEMORY_ERRORS = [
+    (
+        "ram.max above the machine's memory",
+        "ram:\n  max: 64G\n",
+        [f"{SRC}:2: ram.max: 64G is more than this machine's 16.0 GiB of memory ({MAX_HINT})"],
+    ),
+    (
+        "ram.max one byte above the machine's memory",
+        "ram:\n  max: 17179869185\n",
+        [
+            f"{SRC}:2: ram.max: 17179869185 is more than this machine's 16.0 GiB of memory "
+            f"({MAX_HINT})"
+        ],
+    ),
+    (
+        "ram.min_free above the machine's memory",
+        "ram:\n  min_free: 100T\n",
+        [
+            f"{SRC}:2: ram.min_free: 100T is more than this machine's 16.0 GiB of memory "
+            f"({MIN_FREE_HINT})"
+        ],
+    ),
+    (
+        "ram.max and ram.min_free above the machine's memory",
+        "sync: {interval: 1m}\nram:\n  min_free: 1T\n  max: 2T\n",
+        [
+            f"{SRC}:3: ram.min_free: 1T is more than this machine's 16.0 GiB of memory "
+            f"({MIN_FREE_HINT})",
+            f"{SRC}:4: ram.max: 2T is more than this machine's 16.0 GiB of memory ({MAX_HINT})",
+        ],
+    ),
+    (
+        "ram.max above the machine's memory in JSON",
+        '{"ram": {"max": "1T"}}',
+        [f"{SRC}:1: ram.max: 1T is more than this machine's 16.0 GiB of memory ({MAX_HINT})"],
+    ),
+    (
+        "ram.max above the machine's memory from a merge key",
+        "ram:\n  high_watermark: 80%\n  <<: {max: 1T}\n",
+        [f"{SRC}:3: ram.max: 1T is more than this machine's 16.0 GiB of memory ({MAX_HINT})"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [e[1:] for e in MEMORY_ERRORS], ids=[e[0] for e in MEMORY_ERRORS]
+)
+def test_sizes_above_the_machines_memory(text: str, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_text(text, SRC, memory_total=MEMORY)
+    assert str(info.value).splitlines() == expected
+
+
+def test_sizes_are_not_checked_when_the_memory_is_unknown() -> None:
+    for _, text, _ in MEMORY_ERRORS:
+        load_text(text, SRC)
+        load_text(text, SRC, memory_total=None)
+
+
+@pytest.mark.parametrize(
+    ("text", "ram"),
+    [
+        # all of the memory is not more than it
+        ("ram: {max: 16G}", RamConfig(max=Size(bytes=MEMORY))),
+        ("ram: {min_free: 16G}", RamConfig(min_free=MEMORY)),
+        # a percentage is of this memory, whatever min_free is
+        ("ram: {max: 100%, min_free: 8G}", RamConfig(max=Size(percent=100.0), min_free=8 << 30)),
+        # together more than the memory: min_free stops the pins before max; not an error
+        ("ram: {max: 12G, min_free: 8G}", RamConfig(max=Size(bytes=12 << 30), min_free=8 << 30)),
+    ],
+)
+def test_sizes_within_the_machines_memory(text: str, ram: RamConfig) -> None:
+    assert load_text(text, SRC, memory_total=MEMORY).ram == ram
+
+
+def test_a_rejected_size_is_not_also_compared_with_the_memory() -> None:
+    # on a 128 MiB machine the defaults taken in place of rejected values (25%, 256M) are
+    # not held against the file, nor is the default min_free when the file does not set it
+    small = 128 << 20
+    with pytest.raises(ConfigError) as info:
+        load_text("ram:\n  max: 100TB\n  min_free: lots\n", SRC, memory_total=small)
+    assert str(info.value).splitlines() == [
+        f"{SRC}:2: ram.max: expected a size like 512M, 2G, a number of bytes or a percentage "
+        "like 25%, got '100TB' (write 100T or 100TiB: powers of 1024)",
+        f"{SRC}:3: ram.min_free: expected a size like 512M, 2G or a number of bytes, got 'lots'",
+    ]
+    assert load_text("ram: {max: 64M}", SRC, memory_total=small).ram.min_free == 256 << 20
+
+
+@pytest.mark.parametrize(
+    ("memory", "shown"),
+    [
+        (25_276_502_016, "23.5 GiB"),  # 23.54 GiB
+        ((24 << 30) - 1, "23.9 GiB"),  # rounded down: 24G must read as more than it
+        (512 << 20, "512.0 MiB"),
+        (3 << 40, "3.0 TiB"),
+    ],
+)
+def test_the_machines_memory_is_shown_rounded_down(memory: int, shown: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_text("ram: {max: 4T}", SRC, memory_total=memory)
+    assert f"4T is more than this machine's {shown} of memory" in str(info.value)
+
+
+def test_load_passes_the_memory_on(tmp_path: Path) -> None:
+    path = tmp_path / "rampipe.conf"
+    path.write_text("ram:\n  max: 64G\n")
+    assert load(str(path)).ram.max == Size(bytes=64 << 30)
+    with pytest.raises(ConfigError) as info:
+        load(str(path), memory_total=MEMORY)
+    assert str(info.value) == (
+        f"{path}:2: ram.max: 64G is more than this machine's 16.0 GiB of memory ({MAX_HINT})"
+    )
 
 
 # --------------------------------------------------------------------------- durations and sizes
