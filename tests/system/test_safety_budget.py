@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.system import safety
@@ -22,6 +23,10 @@ from tests.system.helpers import wait_for
 pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# As much free memory asked for as this machine has (more is refused as a configuration
+# error): MemAvailable is always below it, so the pressure is there at once.
+ALL_OF_THE_MEMORY = str(psutil.virtual_memory().total)
 
 # Appends nothing: every file is new, written whole with open-write-close, at `rate` bytes/s.
 GROWER = r"""
@@ -119,8 +124,9 @@ def test_memavailable_below_min_free_evicts(tmp_path: Path) -> None:
                 wait_for(lambda: env.overlay_at(d), 30, "the adaptive pin")
             finally:
                 n = w.stop()
-            # more free memory asked for than this machine has: pressure at once
-            env.write_config(ram={"max": "256M", "min_free": "100T"}, adaptive={"cool_for": "1h"})
+            env.write_config(
+                ram={"max": "256M", "min_free": ALL_OF_THE_MEMORY}, adaptive={"cool_for": "1h"}
+            )
             env.ctl("reload", check=True)
             dm.wait_log(r"unpinned " + re.escape(str(d)) + r": evicted: MemAvailable .* below")
             assert not env.overlay_at(d)
@@ -151,7 +157,7 @@ def test_appends_during_an_eviction_are_kept(tmp_path: Path) -> None:
             try:
                 wait_for(lambda: env.overlay_at(d), 30, "the adaptive pin")
                 env.write_config(
-                    ram={"max": "256M", "min_free": "100T"}, adaptive={"cool_for": "1h"}
+                    ram={"max": "256M", "min_free": ALL_OF_THE_MEMORY}, adaptive={"cool_for": "1h"}
                 )
                 env.ctl("reload", check=True)
                 dm.wait_log(r"unpinned " + re.escape(str(d)) + r": evicted", timeout=20)
