@@ -117,9 +117,10 @@ def overlay_options(lower: str, upper: str, work: str) -> str:
 # For the crash and power-cut tests only, and inert unless both variables are set: when
 # RAMPIPED_TEST_PAUSE_AT names a stage (see the pause_point calls: "pin:layers", "pin:mounted",
 # "checkpoint:copied", "checkpoint:renamed", "copy-checkpoint:copied", "unpin:unmounted",
-# "unpin:journaled", "unpin:applied"), the thread that reaches it writes the stage into
-# RAMPIPED_TEST_PAUSE_FILE and blocks until that file is removed, so that a test can kill -9
-# the daemon, drop its RAM, or play a hostile user at exactly that point of the operation.
+# "unpin:journaled", "unpin:applied", "held:appended"), the thread that reaches it writes the
+# stage into RAMPIPED_TEST_PAUSE_FILE and blocks until that file is removed, so that a test can
+# kill -9 the daemon, drop its RAM, or play a hostile user at exactly that point of the
+# operation.
 PAUSE_ENV = "RAMPIPED_TEST_PAUSE_AT"
 PAUSE_FILE_ENV = "RAMPIPED_TEST_PAUSE_FILE"
 
@@ -1231,6 +1232,63 @@ class _Held:
     base: Stamp
     done: int | None = None  # bytes of the held file already carried into the file at rel
     conflict: bool = False
+    append: _Append | None = None  # recorded before each write that carries bytes (_Append)
+
+
+@dataclass(frozen=True)
+class _Append:
+    """One write of held bytes onto the end of the file at a held file's name, recorded in the
+    index before it is made: after a crash, that file's bytes from `size` on tell how much of
+    it landed (other processes may append there by name too, before and after it)."""
+
+    ino: int  # of the file at the name
+    size: int  # its size right before the write
+    length: int  # bytes of the held file, from `done` on, in that write
+
+
+# One write of carried bytes at most (each is recorded in the index before it is made).
+_APPEND_CHUNK = 1 << 20
+# After a crash, how far past the recorded size the whole write is looked for: bytes other
+# processes appended by name between the record and the write come before it.
+_APPEND_SLACK = 64 << 10
+# A write cut short (kill -9 in the middle of it, a power cut before its pages all reached the
+# disk) ends at a page boundary of the file. A partial match shorter than this is more likely
+# another writer's bytes that start like ours (a timestamp) than our write cut short.
+_PAGE = 4096
+_MIN_PARTIAL = 512
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i + _PAGE <= n and a[i : i + _PAGE] == b[i : i + _PAGE]:
+        i += _PAGE
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _landed(planned: bytes, tail: bytes, start: int) -> int:
+    """How many bytes of `planned`, written in one write at the end of a file then `start`
+    bytes long, that file holds; `tail` is its content from `start` on (with what others
+    appended by name before or after). The whole write found anywhere in `tail` landed;
+    otherwise what matches from `start` on counts up to a page boundary, if that is at least
+    _MIN_PARTIAL bytes. Bytes that only repeat ours cannot be told from ours."""
+    if not planned:
+        return 0
+    if planned in tail:
+        return len(planned)
+    cut = (start + _common_prefix(planned, tail)) // _PAGE * _PAGE - start
+    return cut if cut >= _MIN_PARTIAL else 0
+
+
+def _read_at(fd: int, length: int, offset: int) -> bytes:
+    parts: list[bytes] = []
+    while length > 0 and (chunk := os.pread(fd, min(length, 1 << 20), offset)):
+        parts.append(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+    return b"".join(parts)
 
 
 @contextlib.contextmanager
@@ -1357,6 +1415,7 @@ class HeldFiles:
                 Stamp(**e["base"]),
                 e.get("done"),
                 bool(e.get("conflict", False)),
+                _Append(**e["append"]) if e.get("append") else None,  # older indexes have none
             )
             for e in doc.get("entries", [])
         ]
@@ -1373,6 +1432,7 @@ class HeldFiles:
                     "base": dataclasses.asdict(e.base),
                     "done": e.done,
                     "conflict": e.conflict,
+                    "append": dataclasses.asdict(e.append) if e.append else None,
                 }
                 for e in self.entries
             ],
@@ -1386,6 +1446,8 @@ class HeldFiles:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, _HELD_INDEX, src_dir_fd=hold_fd, dst_dir_fd=hold_fd)
+        # a recorded append (_Append) must be on disk before the append it announces is
+        _fsync_dir(hold_fd)
 
     def inodes(self) -> set[tuple[int, int]]:
         """(st_dev, st_ino) of the held files still linked."""
@@ -1427,7 +1489,10 @@ class HeldFiles:
     def _write_one(self, upper: str, rel: str, e: _Held, hold_fd: int, pfd: int, name: str) -> None:
         src = os.path.join(upper, rel)
         tmp = f".{name}.rampiped-new"
-        e.done = None  # an apply resumed after a crash writes the layer's version again
+        # an apply resumed after a crash writes the layer's version again (and carries the
+        # held file's appends into it from the start): a recorded append is moot
+        e.done = None
+        e.append = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=pfd)
         held_fd = os.open(e.link, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=hold_fd)
@@ -1453,7 +1518,7 @@ class HeldFiles:
             os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
             _fsync_dir(pfd)
             if appended and e.done is not None:
-                self._append_since(e, held_fd, pfd, name)
+                self._append_since(e, held_fd, hold_fd, pfd, name)
         finally:
             os.close(held_fd)
 
@@ -1477,18 +1542,53 @@ class HeldFiles:
             and e.base.mtime_ns == st.st_mtime_ns
         )
 
-    def _append_since(self, e: _Held, held_fd: int, pfd: int, name: str) -> int:
+    def _append_since(self, e: _Held, held_fd: int, hold_fd: int, pfd: int, name: str) -> int:
+        """Append the held file's bytes from `done` on to the file at `name`, one write at a
+        time, each recorded in the index first: a crash between a write and the save of the
+        new `done` then neither repeats it nor drops it (see _settle_append)."""
         assert e.done is not None
+        if e.append is not None:
+            self._settle_append(e, held_fd, pfd, name)
         if os.fstat(held_fd).st_size <= e.done:
             return 0
+        total = 0
         dst = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         try:
-            n = _copy_fd(held_fd, dst, e.done)
-            os.fsync(dst)
+            while chunk := os.pread(held_fd, _APPEND_CHUNK, e.done):
+                st = os.fstat(dst)
+                e.append = _Append(st.st_ino, st.st_size, len(chunk))
+                self._save(hold_fd)
+                n = os.write(dst, chunk)
+                os.fsync(dst)
+                pause_point("held:appended")
+                # the caller's save records the new `done`; until then the record above
+                # lets a start after a crash find this write in the file
+                e.done += n
+                e.append = None
+                total += n
         finally:
             os.close(dst)
-        e.done += n
-        return n
+        return total
+
+    def _settle_append(self, e: _Held, held_fd: int, pfd: int, name: str) -> None:
+        """After a crash: advance `done` by what the recorded append left in the file at
+        `name`. Nothing when that file is another one now (what landed went with the old)."""
+        assert e.done is not None and e.append is not None
+        rec, e.append = e.append, None
+        try:
+            fd = os.open(
+                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=pfd
+            )
+        except FileNotFoundError:
+            return
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != rec.ino or not stat.S_ISREG(st.st_mode):
+                return
+            tail = _read_at(fd, rec.length + _APPEND_SLACK, rec.size)
+        finally:
+            os.close(fd)
+        e.done += _landed(_read_at(held_fd, rec.length, e.done), tail, rec.size)
 
     def merge(self, *, conflicts_only: bool = False) -> list[str]:
         """Carry what was written into the held files since the last look into the files now
@@ -1547,7 +1647,7 @@ class HeldFiles:
                 if not self._appended(e, held_fd):
                     return self._conflict(e, hold_fd, target_fd)
                 e.done = e.base.size
-            self._append_since(e, held_fd, pfd, name)
+            self._append_since(e, held_fd, hold_fd, pfd, name)
             return []
         finally:
             os.close(pfd)
