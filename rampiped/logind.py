@@ -5,7 +5,10 @@ holds a logind inhibitor lock of mode "delay" on "sleep": logind then announces 
 PrepareForSleep(true) and waits (up to its InhibitDelayMaxSec, 5 s unless configured) until
 the lock is released. rampiped checkpoints every pin, releases the lock, and takes a new one
 on PrepareForSleep(false) after the resume. Optionally, the end of the last user session
-(SessionRemoved, and no session of class "user" left) checkpoints every pin too.
+(SessionRemoved of a session of class "user", and no such session left) checkpoints every pin
+too. logind no longer knows a session's class once it is removed, so the ids of the user
+sessions are kept here (listed at start, then SessionNew): the end of a "background" session
+(a cron job, `runuser`) with no user logged in is not a logout.
 
 The bus connection is one more file descriptor in the daemon's selector: messages are read
 when it is readable and parsed with jeepney's I/O-free Parser; method calls are sent and their
@@ -48,6 +51,7 @@ LOGIND = "org.freedesktop.login1"
 MANAGER = DBusAddress("/org/freedesktop/login1", LOGIND, "org.freedesktop.login1.Manager")
 SESSION_IFACE = "org.freedesktop.login1.Session"
 WHY = "writes the directories pinned in RAM to disk before the system sleeps"
+SIGNALS = ("PrepareForSleep", "SessionNew", "SessionRemoved")
 
 Reply = Callable[[Message], None]
 
@@ -78,6 +82,7 @@ class SleepGuard:
         self.taking = False
         self.sleeping = False
         self.delay_max: float | None = None  # logind's InhibitDelayMaxUSec, in seconds
+        self.user_sessions: set[str] = set()  # ids of logind's sessions of class "user"
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -120,7 +125,7 @@ class SleepGuard:
                 path=MANAGER.object_path,
                 member=member,
             )
-            for member in ("PrepareForSleep", "SessionRemoved")
+            for member in SIGNALS
         ]
         owner = MatchRule(
             type="signal",
@@ -200,7 +205,7 @@ class SleepGuard:
             if name == LOGIND:
                 self._owner_changed(new or None)
             return
-        if member not in ("PrepareForSleep", "SessionRemoved"):
+        if member not in SIGNALS:
             return
         if self.logind is None or sender != self.logind:
             log.warning(
@@ -209,6 +214,8 @@ class SleepGuard:
             return
         if member == "PrepareForSleep":
             self._prepare_for_sleep(bool(msg.body[0]))
+        elif member == "SessionNew":
+            self._session_new(str(msg.body[0]), str(msg.body[1]))
         else:
             self._session_removed(str(msg.body[0]))
 
@@ -243,6 +250,8 @@ class SleepGuard:
             return
         self._call(Properties(MANAGER).get("InhibitDelayMaxUSec"), self._got_delay_max)
         self.take()
+        self.user_sessions.clear()  # (a new logind: what it knows now)
+        self._list_sessions(lambda _found: None)
 
     def _got_delay_max(self, msg: Message) -> None:
         if self._error_text(msg) is None:
@@ -298,32 +307,59 @@ class SleepGuard:
 
     # -- sessions --------------------------------------------------------------------------------
 
-    def _session_removed(self, session: str) -> None:
-        if not self.session_end_wanted():
-            return
-        log.debug("session %s ended", session)
-        self._call(new_method_call(MANAGER, "ListSessions"), self._got_sessions)
+    def _session_new(self, session: str, path: str) -> None:
+        self._track(session, path, lambda _user: None)
 
-    def _got_sessions(self, msg: Message) -> None:
+    def _session_removed(self, session: str) -> None:
+        if session not in self.user_sessions:
+            return  # a background session (cron, runuser, a service's PAM session) ended
+        self.user_sessions.discard(session)
+        if self.user_sessions or not self.session_end_wanted():
+            return
+        log.debug("user session %s ended", session)
+
+        def listed(found: bool) -> None:
+            if not found:  # (one that started unseen is tracked now, and waited for)
+                self._last_session_ended()
+
+        self._list_sessions(listed)
+
+    def _track(self, session: str, path: str, done: Callable[[bool], None]) -> None:
+        """Ask logind for a session's class; `done` is told whether it is "user". A user
+        session is remembered as soon as the answer comes: logind sends its SessionRemoved
+        after that answer, never before, so the removal always finds it."""
+
+        def got(reply: Message) -> None:
+            # an error: the session ended in between
+            user = self._error_text(reply) is None and str(reply.body[0][1]) == "user"
+            if user:
+                self.user_sessions.add(session)
+            done(user)
+
+        self._call(Properties(DBusAddress(path, LOGIND, SESSION_IFACE)).get("Class"), got)
+
+    def _list_sessions(self, done: Callable[[bool], None]) -> None:
+        """Track every session logind has; `done` is told whether any is a user session."""
+        self._call(
+            new_method_call(MANAGER, "ListSessions"), lambda msg: self._got_sessions(msg, done)
+        )
+
+    def _got_sessions(self, msg: Message, done: Callable[[bool], None]) -> None:
         if self._error_text(msg):
             return
-        paths = [str(entry[4]) for entry in msg.body[0]]
-        if not paths:
-            self._last_session_ended()
+        listed = [(str(entry[0]), str(entry[4])) for entry in msg.body[0]]
+        if not listed:
+            done(False)
             return
-        classes: dict[str, str] = {}
+        answers: list[bool] = []
 
-        def one(path: str) -> Reply:
-            def got(reply: Message) -> None:
-                classes[path] = "" if self._error_text(reply) else str(reply.body[0][1])
-                if len(classes) == len(paths) and "user" not in classes.values():
-                    self._last_session_ended()
+        def one(user: bool) -> None:
+            answers.append(user)
+            if len(answers) == len(listed):
+                done(any(answers))
 
-            return got
-
-        for path in paths:
-            session = DBusAddress(path, LOGIND, SESSION_IFACE)
-            self._call(Properties(session).get("Class"), one(path))
+        for session, path in listed:
+            self._track(session, path, one)
 
     def _last_session_ended(self) -> None:
         log.info("the last user session ended: checkpointing every pin")
