@@ -32,13 +32,15 @@ VARIANT = "minbase"
 # still would, on a machine that lacks them): systemd as init (systemd-sysv) with dbus; Python
 # with venv and headers, gcc, libc6-dev and make to build pyfanotify; rsync for write-back;
 # util-linux (findmnt) and e2fsprogs as on a real machine; procps for ps/pgrep when debugging;
-# ca-certificates for pip's TLS.
+# ca-certificates for pip's TLS; libpam-systemd so that a login (su, login) opens a logind
+# session, as on a real machine.
 PACKAGES = (
     "ca-certificates",
     "dbus",
     "e2fsprogs",
     "gcc",
     "libc6-dev",
+    "libpam-systemd",
     "make",
     "procps",
     "python3",
