@@ -31,6 +31,8 @@ What this module guarantees:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import os
@@ -47,7 +49,17 @@ from dataclasses import dataclass, field
 from rampiped import mounts
 from rampiped.engine import format_bytes
 from rampiped.errors import RampipeError
-from rampiped.sync import Runner, SyncError, pause_point, run_command
+from rampiped.sync import (
+    CONFLICT_SUFFIX,
+    HOLD_NAME,
+    HeldFiles,
+    Runner,
+    SyncError,
+    pause_point,
+    run_command,
+    stamp_of,
+)
+from rampiped.sync import Stamp as StampOfFile
 
 log = logging.getLogger(__name__)
 
@@ -800,3 +812,364 @@ def final_sync(
             differences,
         )
     return result
+
+
+# -- write-back after the unmount ---------------------------------------------------------------
+#
+# Once the copy no longer covers the path, processes that open files there write on disk. A
+# write-back that still has to run then (RAM changed after the verified sync, or a pin rolled
+# back after its bind) must neither overwrite nor delete what they write. So it writes only the
+# entries RAM changed (never an rsync --delete of the whole tree), deletes only entries still as
+# they were while the copy covered the path, and holds the disk files it replaces
+# (sync.HeldFiles): bytes appended to them meanwhile follow the RAM version, a rewrite is kept
+# as NAME.rampiped-conflict.
+
+
+@dataclass(frozen=True)
+class Window:
+    """The disk as it was while nothing but rampiped could write it (the copy covered the
+    path), and since when RAM's changes are not on disk yet."""
+
+    before: Snapshot
+    since: float  # the tmpfs's clock (PinManager.ram_clock): RAM entries changed from then on
+    threshold: int  # ns, wall clock, shortly before the unmount (sync.HeldFiles)
+    # the disk files that RAM's changes replace, with their content digests, as they were
+    # then: bytes appended to one of them afterwards are told from a rewrite by these
+    stamps: Mapping[str, StampOfFile] = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, ram: str, disk: str, since: float, threshold: int) -> Window:
+        """While the copy still covers the path (nothing but rampiped writes the disk)."""
+        before = snapshot(disk)
+        bare = cls(before, since, threshold)
+        stamps = {}
+        for rel in _ram_changes(snapshot(os.path.join(ram, DATA)), bare):
+            if before.get(rel, ("",))[0] == "f":
+                found = stamp_of(disk, rel)
+                if found is not None:
+                    stamps[rel] = found
+        return cls(before, since, threshold, stamps)
+
+    def save(self, path: str) -> None:
+        doc = {
+            "since": self.since,
+            "threshold": self.threshold,
+            "before": {rel: list(st) for rel, st in self.before.items()},
+            "stamps": {rel: dataclasses.asdict(st) for rel, st in self.stamps.items()},
+        }
+        _write_atomic(path, json.dumps(doc).encode())
+
+    @classmethod
+    def load(cls, path: str) -> Window | None:
+        try:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read())
+            before = {
+                str(rel): (str(st[0]), int(st[1]), int(st[2]), int(st[3]), int(st[4]))
+                for rel, st in doc["before"].items()
+            }
+            stamps = {str(rel): StampOfFile(**st) for rel, st in doc.get("stamps", {}).items()}
+            return cls(before, float(doc["since"]), int(doc["threshold"]), stamps)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CopyError(f"{path} is unreadable ({exc}): cannot finish the write-back") from exc
+
+
+def _same_content(a: Stamp | None, b: Stamp | None) -> bool:
+    """Same kind, and for a file the same size and mtime, for a symlink the same length: what
+    rsync -a leaves after copying `a` to `b`."""
+    if a is None or b is None:
+        return a is b
+    if a[0] != b[0]:
+        return False
+    if a[0] == "f":
+        return a[1:3] == b[1:3]
+    if a[0] == "l":
+        return a[1] == b[1]
+    return True
+
+
+def _ram_changes(in_ram: Snapshot, window: Window) -> list[str]:
+    """RAM entries changed since window.since or not as the disk held them before."""
+    since_ns = int(window.since * 1e9) - 1000  # a microsecond for the float it travelled in
+    return sorted(
+        rel
+        for rel, st in in_ram.items()
+        if st[3] >= since_ns or not _same_content(st, window.before.get(rel))
+    )
+
+
+def _window_base(disk: str, rel: str, was: Stamp | None, known: StampOfFile | None) -> StampOfFile:
+    """The disk file at `rel` as it was before the unmount: as recorded then, or as the
+    write-back finds it when it is still the same; otherwise unknown (a change to it is then
+    kept as a conflict file)."""
+    unknown = StampOfFile(rel, -1, 0, 0, 0, "")
+    if known is not None:
+        return known
+    if was is None:
+        return StampOfFile(rel, 0, 0, 0, 0, "")  # nothing there before: all of it is new
+    try:
+        if _stamp(os.lstat(os.path.join(disk, rel))) != was:
+            return unknown
+        found = stamp_of(disk, rel)
+    except OSError:
+        return unknown
+    if found is None or (found.ino, found.size, found.mtime_ns, found.ctime_ns) != (
+        was[4],
+        was[1],
+        was[2],
+        was[3],
+    ):
+        return unknown
+    return found
+
+
+def _written_before(data: str, disk: str, rel: str, window: Window) -> bool:
+    """A file that a write-back cut short (a crash) already put in place: the disk file is no
+    longer the one there before the unmount, has RAM's owner and mode, and starts with RAM's
+    content (bytes appended after it were carried there by the hold, or by a process that
+    opened it anew). Writing it again would hide those bytes in a conflict file."""
+    was = window.before.get(rel)
+    try:
+        ram_st = os.lstat(os.path.join(data, rel))
+        disk_st = os.lstat(os.path.join(disk, rel))
+    except OSError:
+        return False
+    if not (stat.S_ISREG(ram_st.st_mode) and stat.S_ISREG(disk_st.st_mode)):
+        return False
+    if was is not None and was[4] == disk_st.st_ino:
+        return False  # still the old file
+    if (ram_st.st_mode, ram_st.st_uid, ram_st.st_gid) != (
+        disk_st.st_mode,
+        disk_st.st_uid,
+        disk_st.st_gid,
+    ) or disk_st.st_size < ram_st.st_size:
+        return False
+    try:
+        with (
+            open(os.path.join(data, rel), "rb") as a,
+            open(os.path.join(disk, rel), "rb", opener=_nofollow) as b,
+        ):
+            left = ram_st.st_size
+            while left > 0:
+                chunk = a.read(min(left, 1 << 20))
+                if not chunk or b.read(len(chunk)) != chunk:
+                    return False
+                left -= len(chunk)
+    except OSError:
+        return False
+    return True
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _delete_gone(disk: str, before: Snapshot, in_ram: Snapshot) -> tuple[int, list[str]]:
+    """Delete on disk what RAM deleted (or replaced a directory with something else), when
+    it is still as it was before the unmount; a directory only when nothing new is in it.
+    Returns (entries deleted, entries kept because they were written meanwhile)."""
+    gone = [
+        rel
+        for rel, was in before.items()
+        if rel != "." and (rel not in in_ram or (was[0] == "d" and in_ram[rel][0] != "d"))
+    ]
+    deleted, kept = 0, []
+    for rel in sorted(gone, key=lambda r: r.count("/"), reverse=True):
+        full = os.path.join(disk, rel)
+        try:
+            st = os.lstat(full)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                continue  # gone already, or below a directory replaced meanwhile
+            raise
+        was = before[rel]
+        if stat.S_ISDIR(st.st_mode):
+            if was[0] != "d" or was[4] != st.st_ino:
+                kept.append(rel)
+                continue
+            try:
+                os.rmdir(full)
+                deleted += 1
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            if rel in in_ram:
+                # RAM has a file here, and rsync --force would delete what was created in
+                # the directory meanwhile: move the directory aside
+                os.rename(full, full + CONFLICT_SUFFIX)
+                log.warning(
+                    "%s: files were created in this directory during the write-back, which"
+                    " RAM replaced: the directory is kept as %s%s",
+                    full,
+                    full,
+                    CONFLICT_SUFFIX,
+                )
+            kept.append(rel)
+        elif _stamp(st) == was:
+            os.unlink(full)
+            deleted += 1
+        else:
+            kept.append(rel)
+    if kept:
+        log.info(
+            "%s: kept entries deleted in RAM but written on disk during the write-back: %s",
+            disk,
+            ", ".join(kept[:10]),
+        )
+    return deleted, kept
+
+
+@dataclass
+class WindowWriteBack:
+    """A write-back after the unmount (see above), prepared: the disk files it replaces are
+    held. `write` does it; the caller then settles `held` (merge, then finish) once the writers
+    are done, or, when `write` raised, merges them as conflicts."""
+
+    ram: str
+    disk: str
+    window: Window
+    in_ram: Snapshot
+    listed: list[str]  # entries rsync writes
+    databases: list[str]  # databases written through SQLite's backup API
+    skip: set[str]  # databases and their companions: never through rsync
+    held: HeldFiles
+
+    @classmethod
+    def prepare(cls, ram: str, disk: str, window: Window, *, pin_id: str) -> WindowWriteBack:
+        """RAM must not change any more (nothing holds it)."""
+        verify_source(ram, pin_id)
+        _verify_target(ram, disk)
+        data = os.path.join(ram, DATA)
+        in_ram = snapshot(data)
+        changed = _ram_changes(in_ram, window)
+        databases = _databases(data, in_ram)
+        skip = _with_companions(databases)
+        # never "." in the list: rsync would copy the whole top level (see --dirs in rsync(1))
+        listed = [
+            rel
+            for rel in changed
+            if rel not in skip and rel != "." and not _written_before(data, disk, rel, window)
+        ]
+        changed_set = set(changed)
+        dbs = sorted(d for d in databases if changed_set & {d, *(d + s for s in DB_COMPANIONS)})
+        replaced = [rel for rel in [*listed, *dbs] if rel != "."]
+        bases = {
+            rel: _window_base(disk, rel, window.before.get(rel), window.stamps.get(rel))
+            for rel in replaced
+        }
+        held = HeldFiles.hold_paths(disk, replaced, bases, window.threshold)
+        return cls(ram, disk, window, in_ram, listed, dbs, skip, held)
+
+    def write(self, runner: Runner = run_command) -> CheckpointResult:
+        start = time.monotonic()
+        ram, disk = self.ram, self.disk
+        data = os.path.join(ram, DATA)
+        deleted, _kept = _delete_gone(disk, self.window.before, self.in_ram)
+        top = os.lstat(data)
+        if top.st_ctime_ns >= int(self.window.since * 1e9) - 1000:
+            # the directory's own owner and mode (rsync is not given "." above)
+            os.chown(disk, top.st_uid, top.st_gid, follow_symlinks=False)
+            os.chmod(disk, stat.S_IMODE(top.st_mode))
+        totals = {"files": 0, "bytes": 0, "deleted": deleted}
+        if self.listed:
+            listing = os.path.join(ram, ".rampiped-window")
+            with open(listing, "wb") as f:
+                f.write(b"\0".join(os.fsencode(p) for p in self.listed) + b"\0")
+            excludes = [f"--exclude={_exclude_pattern(p)}" for p in sorted(self.skip)]
+            # only the listed entries (--files-from never recurses with --no-r); -I: copy even
+            # when size and mtime look equal; no --delete: deletions were done above
+            argv = [
+                *_RSYNC, "--fsync", "--stats", "--no-r", "-I", "--ignore-missing-args", "--force",
+                "--from0", f"--files-from={listing}", *excludes, data + "/", disk + "/",
+            ]  # fmt: skip
+            try:
+                result = runner(argv)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(listing)
+            if result.returncode not in (0, 24):
+                raise SyncError.from_command(f"write-back of {data} to {disk}", argv, result)
+            stats = _rsync_stats(result.stdout)
+            totals["files"] += stats["files"]
+            totals["bytes"] += stats["bytes"]
+        pause_point("copy-window:written")
+        written: list[str] = []
+        for rel in self.databases:
+            size = _checkpoint_database(data, disk, rel)
+            if size is not None:
+                written.append(rel)
+                totals["files"] += 1
+                totals["bytes"] += size
+        _restore_dir_times(data, disk, written)
+        mounts.syncfs(disk)
+        missing = []
+        for rel in self.listed:
+            try:
+                ok = _kind(os.lstat(os.path.join(disk, rel)).st_mode) == self.in_ram[rel][0]
+            except OSError:
+                ok = False
+            if not ok:
+                missing.append(rel)
+        if missing:
+            raise NotVerified(
+                f"{disk} lacks what the write-back wrote from {data}: "
+                + ", ".join(missing[:5])
+                + ": keeping the RAM copy",
+                missing,
+            )
+        return CheckpointResult(
+            files=totals["files"],
+            bytes=totals["bytes"],
+            deleted=totals["deleted"],
+            seconds=time.monotonic() - start,
+            unstable=[],
+            databases=written,
+        )
+
+
+def import_window(ram: str, disk: str, window: Window) -> list[str]:
+    """A write-back after the unmount failed and the copy is to cover the path again: copy into
+    RAM what processes wrote on disk meanwhile (the copy hides it from then on, and the next
+    checkpoint, RAM to disk with --delete, would remove it). A file RAM changed too comes in as
+    NAME.rampiped-conflict. Returns what was copied."""
+    data = os.path.join(ram, DATA)
+    in_ram = snapshot(data)
+    on_disk = snapshot(disk)
+    ram_changed = set(_ram_changes(in_ram, window))
+    taken: list[str] = []
+    for rel in sorted(on_disk, key=lambda r: r.count("/")):
+        st = on_disk[rel]
+        if rel == "." or rel == HOLD_NAME or rel.startswith(HOLD_NAME + "/"):
+            continue
+        if st == window.before.get(rel) or _same_content(st, in_ram.get(rel)):
+            continue  # untouched since the unmount, or what the write-back wrote
+        src = os.path.join(disk, rel)
+        dst = os.path.join(data, rel)
+        if rel in ram_changed:
+            if st[0] != "f" or os.path.lexists(src + CONFLICT_SUFFIX):
+                continue  # RAM's version wins; a held rewrite comes in under its own name
+            dst += CONFLICT_SUFFIX
+        parent = os.path.dirname(dst)
+        if not os.path.isdir(parent):
+            continue  # its directory was taken already, whole
+        if st[0] == "d":
+            if os.path.lexists(dst):
+                continue
+            shutil.copytree(src, dst, symlinks=True)
+        elif st[0] in ("f", "l"):
+            tmp = os.path.join(parent, f".{os.path.basename(dst)}{_TMP_MARK}{secrets.token_hex(4)}")
+            shutil.copy2(src, tmp, follow_symlinks=False)
+            os.replace(tmp, dst)
+        else:
+            continue
+        taken.append(rel)
+    if taken:
+        log.warning(
+            "%s: brought back into RAM what was written on disk while the write-back ran: %s",
+            data,
+            ", ".join(taken[:10]),
+        )
+    return taken

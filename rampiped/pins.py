@@ -53,6 +53,9 @@ TMPFS_HEADROOM = 1.5
 BUSY_GRACE = 2.0
 # In a journal: the last generation is an unpin's final one (the RAM layer is no longer needed).
 FINAL_MARK = "final.json"
+# copy mode: the disk as it was before the unmount of an unpin (copymode.Window), so that a
+# write-back after it, and its recovery after a crash, leave alone what processes write there
+COPY_WINDOW = "copy-window.json"
 BUSY_POLL = 0.05
 # After a write-back, processes that opened a replaced disk file during it and still hold it
 # get this long to let go (their last bytes are carried over) before a warning names them.
@@ -129,6 +132,9 @@ class Pin:
     # overlay with reopen: the overlay was detached from the path with writers still on it
     # (handover.py); the unpin finishes when they let go. The mount id tells their files.
     handover_mount: int | None = None
+    # copy mode: unmounted by an unpin whose write-back failed, RAM not shown again (see
+    # PinManager._import_window): the retry writes back from here
+    window: copymode.Window | None = None
 
     @property
     def static(self) -> bool:
@@ -504,14 +510,58 @@ class PinManager:
         pin.last_ok_wall = self.ram_clock(pin)
         mounts.bind(self.data(pin.id), f"/proc/self/fd/{dir_fd}", private=False)
         undo.append(lambda: self._unmount_placed(pin))
+        sync.pause_point("pin:bound")
         # a write that reached the disk between the end of the copy and the bind would be
         # overwritten by the first checkpoint: roll back and let the pin be tried again
         raced = copymode.changed_since(disk, copied.snapshot)
         if raced:
-            raise PinRefused(
+            refusal = (
                 f"cannot pin {pin.path}: written on disk during the pin ("
                 + ", ".join(raced[:5])
                 + ")"
+            )
+            window = copymode.Window(
+                copied.snapshot, pin.last_ok_wall, time.time_ns() - sync.CLOCK_SLACK_NS
+            )
+            self._write_back_rolled_copy(pin, undo, window, refusal)
+            raise PinRefused(refusal)
+
+    def _write_back_rolled_copy(
+        self, pin: Pin, undo: list[Callable[[], None]], window: copymode.Window, refusal: str
+    ) -> None:
+        """A copy pin rolled back after its bind: processes may have written into RAM in that
+        moment. Unmount, then write that back the way an unpin does after its unmount (what
+        reached the disk meanwhile stays). When that fails, the RAM copy is kept and the pin
+        stays (draining) until a retry writes it back."""
+        window.save(os.path.join(self.journal(pin.id), COPY_WINDOW))  # for a crash from here
+        self._unmount_placed(pin)  # raises (and the rollback goes on) when still in use
+        held: sync.HeldFiles | None = None
+        try:
+            plan = copymode.WindowWriteBack.prepare(
+                self.ram(pin.id), self.disk(pin.id), window, pin_id=pin.id
+            )
+            held = plan.held
+            res = plan.write(self.runner)
+        except (OSError, sync.SyncError, copymode.CopyError) as exc:
+            if held is not None:
+                with contextlib.suppress(OSError, sync.SyncError):
+                    held.merge(conflicts_only=True)
+                    held.finish()
+            undo.clear()  # keep the RAM copy: it holds what is not on disk
+            pin.window = window
+            pin.unpin_requested = True  # retried with backoff (PinManager._retry_window)
+            self._set_state(pin, "draining")
+            raise _StillDraining(
+                f"{refusal}; writing back what reached RAM meanwhile failed ({exc}): kept in"
+                f" {self.ram_side(pin)} and retried"
+            ) from exc
+        self._settle_window(pin, held)
+        if res.files or res.deleted:
+            log.warning(
+                "%s: rolled back; wrote back what reached RAM meanwhile: %d files, %d deleted",
+                pin.path,
+                res.files,
+                res.deleted,
             )
 
     def _disk_holders(self, pin: Pin) -> list[holders.Holder]:
@@ -540,6 +590,12 @@ class PinManager:
         wall = time.time()
         if pin.mode == "volatile":
             return SyncRecord(wall, True, 0.0)  # nothing is ever written back
+        if pin.window is not None:
+            # RAM is not mounted; the disk is what processes use now: the unpin's retry
+            # writes RAM's changes, a checkpoint (with --delete) would remove theirs
+            return SyncRecord(
+                wall, False, 0.0, error="the unpin's write-back is pending (see the log)"
+            )
         clock = self.ram_clock(pin)  # what changes from here on, the next checkpoint writes
         try:
             if pin.mode == "overlay":
@@ -587,6 +643,8 @@ class PinManager:
             return self._unpin_volatile(pin)
         if pin.handover_mount is not None:
             return self._finish_handover(pin, time.monotonic(), time.time())
+        if pin.window is not None:
+            return self._retry_window(pin, pin.window)
         start = time.monotonic()
         wall = time.time()
         source = SOURCE_PREFIX + pin.id
@@ -617,8 +675,22 @@ class PinManager:
                     since=pin.last_ok_wall or 0.0,
                 )
             bulk_files, bulk_bytes = bulk.files, bulk.bytes
+            sync.pause_point("unpin:copy-synced")
         snapshot: dict[str, sync.Stamp] = {}
         threshold = 0
+        window: copymode.Window | None = None
+
+        def before_copy_unmount() -> None:
+            # the disk as it is while no one but us can write it (the copy covers the path);
+            # kept on disk too, for a write-back that a crash cuts short
+            nonlocal window
+            window = copymode.Window.take(
+                self.ram(pin.id),
+                self.disk(pin.id),
+                bulk_wall,
+                time.time_ns() - sync.CLOCK_SLACK_NS,
+            )
+            window.save(os.path.join(self.journal(pin.id), COPY_WINDOW))
 
         def before_unmount() -> None:
             # the disk files the write-back will replace, as they are while nothing can write
@@ -638,7 +710,9 @@ class PinManager:
 
         try:
             self._unmount_when_free(
-                pin, source, before=before_unmount if pin.mode == "overlay" else None
+                pin,
+                source,
+                before=before_unmount if pin.mode == "overlay" else before_copy_unmount,
             )
         except UnpinBusy as busy:
             top = mounts.mount_at(pin.path)
@@ -680,13 +754,14 @@ class PinManager:
                 # writes on disk in this moment (the path shows the disk now) is left alone
                 files, nbytes = bulk_files, bulk_bytes
             else:
-                cres = copymode.final_sync(
-                    self.ram(pin.id),
-                    self.disk(pin.id),
-                    pin_id=pin.id,
-                    runner=self.runner,
-                    since=bulk_wall,
+                # RAM changed after the verified sync (a process still wrote at the unpin):
+                # write those changes, leaving alone what is written on disk meanwhile
+                assert window is not None
+                plan = copymode.WindowWriteBack.prepare(
+                    self.ram(pin.id), self.disk(pin.id), window, pin_id=pin.id
                 )
+                held = plan.held
+                cres = plan.write(self.runner)
                 files, nbytes = bulk_files + cres.files, bulk_bytes + cres.bytes
         except BaseException:
             if held is not None:
@@ -694,16 +769,67 @@ class PinManager:
                 with contextlib.suppress(OSError, sync.SyncError):
                     held.merge(conflicts_only=True)
                     held.finish()
+            if window is not None and not self._import_window(pin, window):
+                raise
             self._remount(pin)
             raise
         if held is not None:
             self._settle_window(pin, held)
         sync.pause_point("unpin:applied")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.journal(pin.id), COPY_WINDOW))
         self._release(pin)
         if pin.reopen:
             # writers that opened a file since: they follow the directory back to disk
             handover.run_reopen(pin.reopen, pin.path, self.runner)
         return SyncRecord(wall, True, time.monotonic() - start, files, nbytes)
+
+    def _retry_window(self, pin: Pin, window: copymode.Window) -> SyncRecord:
+        """Unpin a copy pin left unmounted by a write-back that failed after its unmount."""
+        start, wall = time.monotonic(), time.time()
+        self._set_state(pin, "draining")
+        held: sync.HeldFiles | None = None
+        try:
+            plan = copymode.WindowWriteBack.prepare(
+                self.ram(pin.id), self.disk(pin.id), window, pin_id=pin.id
+            )
+            held = plan.held
+            cres = plan.write(self.runner)
+        except BaseException:
+            if held is not None:
+                with contextlib.suppress(OSError, sync.SyncError):
+                    held.merge(conflicts_only=True)
+                    held.finish()
+            if self._import_window(pin, window):
+                pin.window = None
+                self._remount(pin)
+            raise
+        self._settle_window(pin, held)
+        pin.window = None
+        self._release(pin)
+        return SyncRecord(wall, True, time.monotonic() - start, cres.files, cres.bytes)
+
+    def _import_window(self, pin: Pin, window: copymode.Window) -> bool:
+        """A copy pin's write-back failed after the unmount and the copy is to cover the path
+        again: bring into RAM what was written on disk meanwhile, or the copy would hide it and
+        the next checkpoint delete it. False (the path then keeps showing the disk, and the
+        RAM copy stays where it is) when that failed."""
+        try:
+            copymode.import_window(self.ram(pin.id), self.disk(pin.id), window)
+        except (OSError, copymode.CopyError) as exc:
+            log.critical(
+                "%s: the write-back failed, and what was written on disk meanwhile could not be"
+                " brought into RAM (%s): the RAM copy is not mounted again, so that it cannot"
+                " hide or delete those files; its changes are safe in %s and are written when"
+                " the unpin is retried",
+                pin.path,
+                exc,
+                self.ram_side(pin),
+            )
+            pin.window = window
+            pin.unpin_requested = True  # retried with backoff (PinManager._retry_window)
+            return False
+        return True
 
     def _settle_window(self, pin: Pin, held: sync.HeldFiles) -> None:
         """Carry into the written-back files what processes wrote into the replaced disk files
@@ -958,9 +1084,26 @@ class PinManager:
                     what = "the overlay was never mounted: nothing to write"
             elif state == "draining":
                 disk_mounted = self._ensure_staging(pid, path, disk_mounted)
-                cres = copymode.final_sync(  # since=0: after a crash, write every file
-                    self.ram(pid), self.disk(pid), pin_id=pid, runner=self.runner, since=0.0
-                )
+                window = copymode.Window.load(os.path.join(self.journal(pid), COPY_WINDOW))
+                if window is not None:
+                    # the path showed the disk since the unmount: what was written there
+                    # meanwhile stays (see copymode.WindowWriteBack)
+                    plan = copymode.WindowWriteBack.prepare(
+                        self.ram(pid), self.disk(pid), window, pin_id=pid
+                    )
+                    try:
+                        cres = plan.write(self.runner)
+                    except BaseException:
+                        with contextlib.suppress(OSError, sync.SyncError):
+                            plan.held.merge(conflicts_only=True)
+                            plan.held.finish()
+                        raise
+                    plan.held.merge()
+                    plan.held.finish()
+                else:
+                    cres = copymode.final_sync(  # since=0: after a crash, write every file
+                        self.ram(pid), self.disk(pid), pin_id=pid, runner=self.runner, since=0.0
+                    )
                 what = f"wrote {cres.files} files, {format_bytes(cres.bytes)}"
             else:
                 what = "the copy never served the directory: discarded"

@@ -43,7 +43,7 @@ import subprocess
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -1199,6 +1199,20 @@ def _replaced_files(layer: _Layer) -> Iterator[tuple[str, str, str]]:
                 yield _join(rel, name), _join(d.lower, name), kind
 
 
+def stamp_of(root: str, rel: str) -> Stamp | None:
+    """The stamp of the regular file `rel` below `root` (no symlink followed on the way),
+    or None when there is none."""
+    parent, _, name = rel.rpartition("/")
+    with _opened(root) as root_fd:
+        pfd = _open_rel(root_fd, parent)
+        if pfd is None:
+            return None
+        try:
+            return _stamp_at(pfd, name, rel)
+        finally:
+            os.close(pfd)
+
+
 def touched_entries(upper: str, lower: str) -> dict[str, Stamp]:
     """Before the unmount (the overlay still mounted, its lower unchanging): the disk files
     that applying `upper` will replace, keyed by their path in the layer. Regular files of the
@@ -1348,18 +1362,37 @@ class HeldFiles:
     def hold(cls, upper: str, target: str, snapshot: dict[str, Stamp], threshold: int) -> HeldFiles:
         """Right after the unmount, before anything replaces them: link every disk file the
         apply of `upper` replaces into the hold directory, and record the snapshot there."""
+        layer = _scan_layer(upper)
+        items = [(rel, source) for rel, source, _kind in _replaced_files(layer)]
+        return cls._hold_items(target, items, snapshot, threshold)
+
+    @classmethod
+    def hold_paths(
+        cls, target: str, rels: Iterable[str], snapshot: dict[str, Stamp], threshold: int
+    ) -> HeldFiles:
+        """The same for a write-back that replaces the files at `rels` (relative to `target`)
+        rather than a layer's (a copy pin's, after its unmount)."""
+        return cls._hold_items(target, [(rel, rel) for rel in rels], snapshot, threshold)
+
+    @classmethod
+    def _hold_items(
+        cls,
+        target: str,
+        items: Iterable[tuple[str, str]],
+        snapshot: dict[str, Stamp],
+        threshold: int,
+    ) -> HeldFiles:
         target = os.path.abspath(target)
         earlier = cls.load(target)
         if earlier is not None:  # left by an unpin cut short: finish it before starting over
             earlier.merge()
             earlier.finish()
-        layer = _scan_layer(upper)
         entries: list[_Held] = []
         with _opened(target) as target_fd:
             os.mkdir(HOLD_NAME, 0o700, dir_fd=target_fd)
             hold_fd = _open_dir_at(target_fd, HOLD_NAME)
             try:
-                for rel, source, _kind in _replaced_files(layer):
+                for rel, source in items:
                     parent, _, name = source.rpartition("/")
                     pfd = _open_rel(target_fd, parent)
                     if pfd is None:
@@ -1643,6 +1676,11 @@ class HeldFiles:
                 if e.done is None and e.base.ino == 0 and st.st_size == 0:
                     return []
                 return self._conflict(e, hold_fd, target_fd)
+            assert dst is not None
+            if (dst.st_dev, dst.st_ino) == (st.st_dev, st.st_ino):
+                # never replaced (a write-back cut short before it got there): what was
+                # written into it is at its name already
+                return []
             if e.done is None:
                 if not self._appended(e, held_fd):
                     return self._conflict(e, hold_fd, target_fd)

@@ -1,0 +1,300 @@
+"""Copy pins and the moments when the path shows the disk while RAM still holds changes not
+written back: an unpin whose RAM changed after its verified sync (a process still writing),
+and a pin rolled back after its bind. What processes write on disk in those moments stays, and
+what reached RAM is written back (copymode.WindowWriteBack)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.system import safety
+from tests.system.daemon_harness import Daemon, Env, make_env, running
+from tests.system.helpers import wait_for
+from tests.system.test_safety_disk import FAKE_RSYNC
+
+pytestmark = pytest.mark.system
+
+SYNCED = "unpin:copy-synced"
+UNMOUNTED = "unpin:unmounted"
+WRITTEN = "copy-window:written"
+
+
+def append(path: Path, text: str) -> None:
+    with open(path, "a") as f:  # open anew, write, close: a logger
+        f.write(text)
+
+
+def release(marker: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        marker.unlink()
+
+
+def assert_clean(env: Env, d: Path) -> None:
+    assert env.mounted_at(d) is None
+    assert env.status()["pins"] == []
+    assert not (d / ".rampiped-held").exists()
+    assert safety.no_leftover_mounts(env.runtime) == []
+    assert not [n for n in os.listdir(d) if "rampiped" in n], os.listdir(d)
+
+
+def seed(d: Path) -> None:
+    d.mkdir()
+    (d / "a.log").write_text("disk 1\n")
+    (d / "c.log").write_text("c disk\n")
+    (d / "gone").write_text("deleted in RAM\n")
+    (d / "old-dir").mkdir()
+    (d / "old-dir" / "x").write_text("x\n")
+
+
+def change_in_ram(d: Path) -> None:
+    append(d / "a.log", "ram 2\n")
+    (d / "made-in-ram").write_text("ram\n")
+    (d / "gone").unlink()
+    shutil.rmtree(d / "old-dir")
+
+
+def write_on_disk(d: Path) -> None:
+    append(d / "a.log", "disk 3\n")  # a file RAM changed too: the append follows RAM's version
+    append(d / "c.log", "c window\n")  # a file RAM did not change
+    (d / "made-on-disk").write_text("window\n")  # a new name
+    (d / "old-dir" / "new").write_text("window in a directory RAM deleted\n")
+
+
+def assert_both_kept(d: Path) -> None:
+    assert (d / "a.log").read_text() == "disk 1\nram 2\ndisk 3\n"
+    assert (d / "c.log").read_text() == "c disk\nc window\n"
+    assert (d / "made-on-disk").read_text() == "window\n"
+    assert (d / "made-in-ram").read_text() == "ram\n"
+    assert not (d / "gone").exists()  # deleted in RAM, untouched on disk: deleted
+    assert (d / "old-dir" / "new").read_text() == "window in a directory RAM deleted\n"
+    assert not (d / "old-dir" / "x").exists()
+
+
+@contextlib.contextmanager
+def paused(env: Env, mp: pytest.MonkeyPatch, marker: Path, stages: str) -> Iterator[Daemon]:
+    with safety.paused_daemon(env, mp, stages, marker) as dm:
+        yield dm
+
+
+def test_unpin_while_ram_still_changes_keeps_what_is_written_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAM changes after the verified sync (a process still writing at the unpin), so a
+    write-back follows the unmount; what a process writes on disk during it stays: an append
+    to a file RAM changed too, an append to one it did not, a new file, a file in a directory
+    RAM deleted."""
+    marker = tmp_path / "paused"
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "copy"
+        seed(d)
+        with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED},{WRITTEN}") as dm:
+            env.ctl("pin", "--mode", "copy", str(d), check=True)
+            append(d / "a.log", "ram 1b\n")
+            ctl = safety.ctl_async(env, "unpin", str(d))
+            try:
+                safety.wait_paused(marker, SYNCED)
+                assert env.mounted_at(d) is not None
+                change_in_ram(d)
+                release(marker)
+                safety.wait_paused(marker, UNMOUNTED)
+                assert env.mounted_at(d) is None
+                write_on_disk(d)
+                release(marker)
+                safety.wait_paused(marker, WRITTEN)
+                # RAM's version is at the name now; a logger opening it anew appends to it
+                append(d / "c.log", "c after\n")
+                release(marker)
+                out, err = ctl.communicate(timeout=120)
+                assert ctl.returncode == 0, (out, err, dm.log_text()[-3000:])
+            finally:
+                release(marker)
+                if ctl.poll() is None:
+                    ctl.kill()
+            assert (d / "a.log").read_text() == "disk 1\nram 1b\nram 2\ndisk 3\n"
+            assert (d / "c.log").read_text() == "c disk\nc window\nc after\n", dm.log_text()
+            assert (d / "made-on-disk").read_text() == "window\n"
+            assert (d / "made-in-ram").read_text() == "ram\n"
+            assert not (d / "gone").exists()
+            assert (d / "old-dir" / "new").read_text() == "window in a directory RAM deleted\n"
+            assert not (d / "old-dir" / "x").exists()
+            assert_clean(env, d)
+            assert "rampiped-conflict" not in dm.log_text()
+
+
+def test_a_rewrite_on_disk_during_the_write_back_is_kept_as_a_conflict_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "paused"
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "copy"
+        d.mkdir()
+        (d / "conf").write_text("version 1\n")
+        with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED}") as dm:
+            env.ctl("pin", "--mode", "copy", str(d), check=True)
+            ctl = safety.ctl_async(env, "unpin", str(d))
+            try:
+                safety.wait_paused(marker, SYNCED)
+                (d / "conf").write_text("version 2 (RAM)\n")
+                release(marker)
+                safety.wait_paused(marker, UNMOUNTED)
+                (d / "conf").write_text("v3 on disk\n")  # rewritten, not appended to
+                release(marker)
+                out, err = ctl.communicate(timeout=120)
+                assert ctl.returncode == 0, (out, err, dm.log_text()[-3000:])
+            finally:
+                release(marker)
+                if ctl.poll() is None:
+                    ctl.kill()
+            assert (d / "conf").read_text() == "version 2 (RAM)\n"
+            assert (d / "conf.rampiped-conflict").read_text() == "v3 on disk\n"
+            dm.wait_log(r"rewritten on disk during the write-back .*conf\.rampiped-conflict")
+
+
+def test_a_crash_during_the_write_back_after_the_unmount_is_finished_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "paused"
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "copy"
+        seed(d)
+        with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED},{WRITTEN}") as dm:
+            env.ctl("pin", "--mode", "copy", str(d), check=True)
+            append(d / "a.log", "ram 1b\n")
+            ctl = safety.ctl_async(env, "unpin", str(d))
+            safety.wait_paused(marker, SYNCED)
+            change_in_ram(d)
+            release(marker)
+            safety.wait_paused(marker, UNMOUNTED)
+            write_on_disk(d)
+            release(marker)
+            safety.wait_paused(marker, WRITTEN)
+            safety.count("crash points")
+            dm.kill()
+            ctl.kill()
+            ctl.communicate()
+            release(marker)
+        with running(env) as dm:
+            dm.wait_log(r"finished an interrupted draining: wrote \d+ files")
+            assert (d / "a.log").read_text() == "disk 1\nram 1b\nram 2\ndisk 3\n"
+            assert (d / "c.log").read_text() == "c disk\nc window\n"
+            assert (d / "made-on-disk").read_text() == "window\n"
+            assert (d / "made-in-ram").read_text() == "ram\n"
+            assert not (d / "gone").exists()
+            assert (d / "old-dir" / "new").exists()
+            assert_clean(env, d)
+
+
+def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rsync fails after the unmount: the copy covers the path again, and what was written on
+    disk meanwhile is in it (else the copy would hide it and the next checkpoint delete it);
+    the retried unpin writes it all."""
+    marker = tmp_path / "paused"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    flag = tmp_path / "rsync-fails"
+    fake = bindir / "rsync"
+    fake.write_text(FAKE_RSYNC.format(flag=flag, real=shutil.which("rsync")))
+    fake.chmod(0o755)
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "copy"
+        seed(d)
+        monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+        with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED}") as dm:
+            env.ctl("pin", "--mode", "copy", str(d), check=True)
+            ctl = safety.ctl_async(env, "unpin", str(d))
+            try:
+                safety.wait_paused(marker, SYNCED)
+                change_in_ram(d)
+                release(marker)
+                safety.wait_paused(marker, UNMOUNTED)
+                write_on_disk(d)
+                flag.touch()
+                safety.count("disk faults")
+                release(marker)
+                out, err = ctl.communicate(timeout=120)
+                assert ctl.returncode == 1, (out, err)
+                assert "exited with code 11" in err, err
+            finally:
+                release(marker)
+                if ctl.poll() is None:
+                    ctl.kill()
+            assert env.mounted_at(d) is not None  # the copy covers the path again
+            # with what the disk got meanwhile
+            assert (d / "made-on-disk").read_text() == "window\n"
+            assert (d / "c.log").read_text() == "c disk\nc window\n"
+            assert (d / "old-dir" / "new").exists()
+            assert (d / "a.log").read_text() == "disk 1\nram 2\n"
+            assert (d / "a.log.rampiped-conflict").read_text() == "disk 1\ndisk 3\n"
+            dm.wait_log(r"brought back into RAM what was written on disk")
+            flag.unlink()
+            done = re.compile(r"unpinned " + re.escape(str(d)))
+
+            def unpinned() -> bool:
+                release(marker)  # the retry passes the same pause points
+                return bool(done.search(dm.log_text()))
+
+            wait_for(unpinned, 90, "the retried unpin")
+        assert (d / "made-on-disk").read_text() == "window\n"
+        assert (d / "c.log").read_text() == "c disk\nc window\n"
+        assert (d / "a.log").read_text() == "disk 1\nram 2\n"
+        assert (d / "a.log.rampiped-conflict").read_text() == "disk 1\ndisk 3\n"
+        assert (d / "made-in-ram").read_text() == "ram\n"
+        assert not (d / "gone").exists()
+
+
+def test_a_pin_rolled_back_after_its_bind_writes_back_what_reached_ram(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write reaches the disk between the copy and the bind (through a file opened before),
+    so the pin is rolled back; what a process wrote into RAM in that moment is written back,
+    and the disk write stays."""
+    marker = tmp_path / "paused"
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "copy"
+        d.mkdir()
+        (d / "a.log").write_text("disk 1\n")
+        (d / "late.log").write_text("late 1\n")
+        with paused(env, monkeypatch, marker, "pin:layers,pin:bound") as dm:
+            ctl = safety.ctl_async(env, "pin", "--mode", "copy", str(d))
+            late = None
+            try:
+                safety.wait_paused(marker, "pin:layers")
+                late = open(d / "late.log", "a")  # noqa: SIM115 (opened after the holder check)
+                release(marker)
+                safety.wait_paused(marker, "pin:bound")
+                assert env.mounted_at(d) is not None
+                late.write("late 2 (disk)\n")
+                late.flush()
+                append(d / "a.log", "ram 2\n")  # through the bind: into RAM
+                (d / "made-in-ram").write_text("ram\n")
+                release(marker)
+                out, err = ctl.communicate(timeout=120)
+            finally:
+                release(marker)
+                if late is not None:
+                    late.close()
+                if ctl.poll() is None:
+                    ctl.kill()
+            assert ctl.returncode != 0, (out, err)
+            assert "written on disk during the pin" in err, err
+            assert env.mounted_at(d) is None
+            assert (d / "late.log").read_text() == "late 1\nlate 2 (disk)\n"
+            assert (d / "a.log").read_text() == "disk 1\nram 2\n"
+            assert (d / "made-in-ram").read_text() == "ram\n"
+            dm.wait_log(r"rolled back; wrote back what reached RAM meanwhile")
+            wait_for(lambda: env.status()["pins"] == [], 30, "the pin to be gone")
+            assert_clean(env, d)
