@@ -33,7 +33,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -135,6 +135,8 @@ class Pin:
     # copy mode: unmounted by an unpin whose write-back failed, RAM not shown again (see
     # PinManager._import_window): the retry writes back from here
     window: copymode.Window | None = None
+    # the mount the directory was on before the pin (None: not known, for an adopted pin)
+    under_mount: int | None = None
 
     @property
     def static(self) -> bool:
@@ -342,10 +344,12 @@ class PinManager:
             # following any symlink: a user who swaps the directory (or a parent) for a symlink
             # cannot make the mounts land anywhere else.
             dir_fd = open_dir_nofollow(path)
+            pin.under_mount = mounts.mount_id_of_fd(dir_fd)
             self._mount_layers(pin, undo, dir_fd)
             sync.pause_point("pin:layers")
             if mode == "overlay":
                 self._mount_overlay(pin, undo, dir_fd)
+                sync.pause_point("pin:overlay-mounted")
             else:
                 self._copy_and_bind(pin, undo, dir_fd)
             self._check_in_place(pin)
@@ -356,8 +360,17 @@ class PinManager:
                 refusal = f"cannot pin {path}: opened on disk during the pin by " + _holder_list(
                     late
                 )
-                if mode != "overlay" or not self._write_back_refused(pin):
+                if mode != "overlay":
                     raise PinRefused(refusal)
+                if not self._write_back_refused(pin):
+                    # a process holds a file in RAM: dropping the mounts would lose what it
+                    # wrote. The pin stays (mounted) and its unpin is retried with backoff.
+                    undo.clear()
+                    pin.unpin_requested = True
+                    raise _StillDraining(
+                        refusal + "; what reached RAM meanwhile stays pinned until its unpin,"
+                        " retried in the background, can write it back"
+                    )
                 written_back = refusal
             else:
                 sync.pause_point("pin:mounted")
@@ -564,12 +577,26 @@ class PinManager:
                 res.deleted,
             )
 
-    def _disk_holders(self, pin: Pin) -> list[holders.Holder]:
+    def _disk_holders(self, pin: Pin) -> list[handover.HeldFile]:
         """Processes holding files of the directory on disk after the mount (they opened it in
-        the moment between the check and the mount): their writes would bypass RAM."""
-        disk_dev = os.stat(self.disk(pin.id)).st_dev
+        the moment between the check and the mount): their writes would bypass RAM. Told by
+        the mount each file was reached through (st_dev cannot tell: a file on an overlay
+        reports the device of its layer); one that opened a file through the pin's mount in
+        that moment writes into RAM and is no reason to refuse."""
         found = holders.find_holders(pin.path, exclude_pids=self.exclude_pids())
-        return [h for h in found if getattr(h, "dev", disk_dev) == disk_dev]
+        top = mounts.mount_at(pin.path)
+        if top is None or top.source != SOURCE_PREFIX + pin.id:
+            return handover.describe(found)
+        return handover.not_on(found, top.mount_id)
+
+    def _beside_ram(self, pin: Pin, found: list[holders.Holder]) -> list[holders.Holder]:
+        """Of the holders found at an unpin, leave out the files held on the disk below the
+        pin (opened through the mount the directory is on, in this namespace): they do not
+        keep the unmount from working, and nothing they write is in RAM."""
+        if pin.under_mount is None or not found:
+            return found
+        described = handover.describe(found)
+        return [h for h, d in zip(found, described, strict=True) if d.mount_id != pin.under_mount]
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -883,8 +910,11 @@ class PinManager:
         Never a lazy detach."""
         deadline = time.monotonic() + BUSY_GRACE
         while True:
-            found = holders.find_holders(
-                pin.path, exclude_pids=self.exclude_pids(), mount_source=source
+            found = self._beside_ram(
+                pin,
+                holders.find_holders(
+                    pin.path, exclude_pids=self.exclude_pids(), mount_source=source
+                ),
             )
             if not found:
                 if before is not None:
@@ -898,8 +928,11 @@ class PinManager:
                     if time.monotonic() < deadline:
                         time.sleep(BUSY_POLL)
                         continue
-                    found = holders.find_holders(
-                        pin.path, exclude_pids=self.exclude_pids(), mount_source=source
+                    found = self._beside_ram(
+                        pin,
+                        holders.find_holders(
+                            pin.path, exclude_pids=self.exclude_pids(), mount_source=source
+                        ),
                     )
                     raise UnpinBusy(
                         f"{pin.path} is busy: "
@@ -1551,7 +1584,7 @@ def _holding(inodes: set[tuple[int, int]]) -> list[str]:
     return out
 
 
-def _holder_list(found: list[holders.Holder]) -> str:
+def _holder_list(found: Sequence[object]) -> str:
     shown = "; ".join(str(h) for h in found[:5])
     return shown + (f" and {len(found) - 5} more" if len(found) > 5 else "")
 

@@ -298,3 +298,99 @@ def test_a_pin_rolled_back_after_its_bind_writes_back_what_reached_ram(
             dm.wait_log(r"rolled back; wrote back what reached RAM meanwhile")
             wait_for(lambda: env.status()["pins"] == [], 30, "the pin to be gone")
             assert_clean(env, d)
+
+
+# -- the same moment for an overlay pin ---------------------------------------------------------
+
+
+def test_an_overlay_pin_refused_after_its_mount_writes_back_what_reached_ram(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process opens a file on disk between the holder check and the mount, so the pin is
+    refused after it; what another process wrote through the overlay meanwhile is written
+    back, and the late writer's writes stay."""
+    marker = tmp_path / "paused"
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "over"
+        d.mkdir()
+        (d / "a.log").write_text("disk 1\n")
+        (d / "late.log").write_text("late 1\n")
+        with paused(env, monkeypatch, marker, "pin:layers,pin:overlay-mounted") as dm:
+            ctl = safety.ctl_async(env, "pin", str(d))
+            late = None
+            try:
+                safety.wait_paused(marker, "pin:layers")
+                late = open(d / "late.log", "a")  # noqa: SIM115 (opened after the holder check)
+                release(marker)
+                safety.wait_paused(marker, "pin:overlay-mounted")
+                assert env.overlay_at(d)
+                append(d / "a.log", "ram 2\n")
+                (d / "made-in-ram").write_text("ram\n")
+                release(marker)
+                out, err = ctl.communicate(timeout=120)
+                late.write("late 2\n")
+                late.flush()
+            finally:
+                release(marker)
+                if late is not None:
+                    late.close()
+                if ctl.poll() is None:
+                    ctl.kill()
+            assert ctl.returncode != 0, (out, err)
+            assert "opened on disk during the pin" in err, err
+            assert "what reached RAM meanwhile was written back" in err, dm.log_text()
+            assert not env.overlay_at(d)
+            assert (d / "a.log").read_text() == "disk 1\nram 2\n"
+            assert (d / "made-in-ram").read_text() == "ram\n"
+            assert (d / "late.log").read_text() == "late 1\nlate 2\n"
+            wait_for(lambda: env.status()["pins"] == [], 30, "the pin to be gone")
+            assert safety.no_leftover_mounts(env.runtime) == []
+            assert "could not write back" not in dm.log_text()
+
+
+def test_an_overlay_pin_refused_while_ram_is_held_stays_until_it_can_be_written_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but a process also holds a file in RAM, so the write-back cannot be done at
+    once: the pin stays mounted (nothing is dropped) and the unpin is retried until it can."""
+    marker = tmp_path / "paused"
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "over"
+        d.mkdir()
+        (d / "a.log").write_text("disk 1\n")
+        (d / "late.log").write_text("late 1\n")
+        with paused(env, monkeypatch, marker, "pin:layers,pin:overlay-mounted") as dm:
+            ctl = safety.ctl_async(env, "pin", str(d))
+            late = held = None
+            try:
+                safety.wait_paused(marker, "pin:layers")
+                late = open(d / "late.log", "a")  # noqa: SIM115 (opened after the holder check)
+                release(marker)
+                safety.wait_paused(marker, "pin:overlay-mounted")
+                held = open(d / "a.log", "a")  # noqa: SIM115 (a writer holding it in RAM)
+                held.write("ram 2\n")
+                held.flush()
+                release(marker)
+                out, err = ctl.communicate(timeout=120)
+                assert ctl.returncode != 0, (out, err)
+                assert "stays pinned until its unpin" in err, err
+                assert env.overlay_at(d)  # nothing dropped
+                assert [p["path"] for p in env.status()["pins"]] == [str(d)]
+                held.write("ram 3\n")
+                held.close()
+                late.close()
+                dm.wait_log(r"unpinned " + re.escape(str(d)), timeout=90)
+            finally:
+                release(marker)
+                for f in (late, held):
+                    if f is not None:
+                        f.close()
+                if ctl.poll() is None:
+                    ctl.kill()
+            assert (d / "a.log").read_text() == "disk 1\nram 2\nram 3\n"
+            assert (d / "late.log").read_text() == "late 1\n"
+            wait_for(lambda: env.status()["pins"] == [], 30, "the pin to be gone")
+            assert safety.no_leftover_mounts(env.runtime) == []
+            dm.wait_log(r"unpinned " + re.escape(str(d)))
