@@ -137,6 +137,11 @@ class Pin:
     window: copymode.Window | None = None
     # the mount the directory was on before the pin (None: not known, for an adopted pin)
     under_mount: int | None = None
+    # overlay pin refused after its mount but kept (a process held a file in RAM): the disk
+    # files that processes opened below it in that moment, as they were then. Their writes
+    # from then on go to the disk file, below RAM's copy: the unpin carries them like those of
+    # its own window (sync.HeldFiles) instead of replacing them with RAM's version.
+    late_bases: dict[str, sync.Stamp] = field(default_factory=dict)
 
     @property
     def static(self) -> bool:
@@ -366,6 +371,7 @@ class PinManager:
                     # a process holds a file in RAM: dropping the mounts would lose what it
                     # wrote. The pin stays (mounted) and its unpin is retried with backoff.
                     undo.clear()
+                    pin.late_bases = self._late_bases(pin, late)
                     pin.unpin_requested = True
                     raise _StillDraining(
                         refusal + "; what reached RAM meanwhile stays pinned until its unpin,"
@@ -589,6 +595,23 @@ class PinManager:
             return handover.describe(found)
         return handover.not_on(found, top.mount_id)
 
+    def _late_bases(self, pin: Pin, late: list[handover.HeldFile]) -> dict[str, sync.Stamp]:
+        out: dict[str, sync.Stamp] = {}
+        prefix = pin.path.rstrip("/") + "/"
+        for held in late:
+            kind, _, rest = held.what.partition(" ")
+            target = rest.partition(" ")[2]
+            if kind != "fd" or not target.startswith(prefix):
+                continue
+            rel = target[len(prefix) :]
+            try:
+                found = sync.stamp_of(self.disk(pin.id), rel)
+            except OSError:
+                continue
+            if found is not None:
+                out[rel] = found
+        return out
+
     def _beside_ram(self, pin: Pin, found: list[holders.Holder]) -> list[holders.Holder]:
         """Of the holders found at an unpin, leave out the files held on the disk below the
         pin (opened through the mount the directory is on, in this namespace): they do not
@@ -726,6 +749,12 @@ class PinManager:
             threshold = time.time_ns() - sync.CLOCK_SLACK_NS
             try:
                 snapshot = sync.touched_entries(self.upper(pin.id), self.disk(pin.id))
+                for rel, base in pin.late_bases.items():
+                    # written on disk below the overlay since the pin (see late_bases): what
+                    # was added since then follows RAM's version
+                    found = snapshot.get(rel)
+                    if found is not None and found.source == rel and found.ino == base.ino:
+                        snapshot[rel] = base
             except (OSError, sync.SyncError) as exc:
                 log.warning(
                     "%s: could not record the disk files the write-back replaces (%s); writes"

@@ -353,7 +353,9 @@ def test_an_overlay_pin_refused_while_ram_is_held_stays_until_it_can_be_written_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As above, but a process also holds a file in RAM, so the write-back cannot be done at
-    once: the pin stays mounted (nothing is dropped) and the unpin is retried until it can."""
+    once: the pin stays mounted (nothing is dropped) and the unpin is retried until it can.
+    The late writer keeps writing to the disk file below RAM's copy of it; the unpin puts
+    what it added after RAM's version."""
     marker = tmp_path / "paused"
     with make_env(tmp_path) as env:
         env.write_config(adaptive={"enabled": False})
@@ -372,12 +374,15 @@ def test_an_overlay_pin_refused_while_ram_is_held_stays_until_it_can_be_written_
                 held = open(d / "a.log", "a")  # noqa: SIM115 (a writer holding it in RAM)
                 held.write("ram 2\n")
                 held.flush()
+                append(d / "late.log", "late ram\n")  # RAM's copy of the late writer's file
                 release(marker)
                 out, err = ctl.communicate(timeout=120)
                 assert ctl.returncode != 0, (out, err)
                 assert "stays pinned until its unpin" in err, err
                 assert env.overlay_at(d)  # nothing dropped
                 assert [p["path"] for p in env.status()["pins"]] == [str(d)]
+                late.write("late 2 (disk)\n")  # below the overlay
+                late.flush()
                 held.write("ram 3\n")
                 held.close()
                 late.close()
@@ -390,7 +395,7 @@ def test_an_overlay_pin_refused_while_ram_is_held_stays_until_it_can_be_written_
                 if ctl.poll() is None:
                     ctl.kill()
             assert (d / "a.log").read_text() == "disk 1\nram 2\nram 3\n"
-            assert (d / "late.log").read_text() == "late 1\n"
+            assert (d / "late.log").read_text() == "late 1\nlate ram\nlate 2 (disk)\n"
             wait_for(lambda: env.status()["pins"] == [], 30, "the pin to be gone")
             assert safety.no_leftover_mounts(env.runtime) == []
             dm.wait_log(r"unpinned " + re.escape(str(d)))
