@@ -19,11 +19,11 @@ import os
 import selectors
 import socket
 import struct
-import time
 from collections.abc import Callable
 from typing import Any
 
 from rampiped.errors import EXIT_FAILURE, NotRunning, RampipeError
+from rampiped.listener import Client, Listener
 
 PROTOCOL = 1
 MAX_REQUEST = 64 * 1024  # a request is a small JSON object; more is garbage or an attack
@@ -44,100 +44,52 @@ def error(message: str, code: int = EXIT_FAILURE) -> dict[str, Any]:
     return {"v": PROTOCOL, "ok": False, "error": message, "code": code}
 
 
-class _Client:
-    def __init__(self, sock: socket.socket, now: float) -> None:
-        self.sock = sock
-        self.inbuf = b""
-        self.outbuf = b""
-        self.since = now
-        self.answered = False  # a request was parsed; the reply may still be pending
-        self.closed = False
+class ControlServer(Listener):
+    recv_size = 65536
+    max_request = MAX_REQUEST
+    max_clients = MAX_CLIENTS
+    timeout = IDLE_TIMEOUT
+    terminators = (b"\n",)
 
-
-class ControlServer:
     def __init__(self, path: str, handler: Handler, selector: selectors.BaseSelector) -> None:
         self.path = path
         self.handler = handler
-        self.selector = selector
-        self.clients: dict[int, _Client] = {}
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
-            self.sock.bind(path)
+            sock.bind(path)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        self.sock.listen(16)
-        self.sock.setblocking(False)
-        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+        sock.listen(16)
+        super().__init__(sock, selector)
 
     def close(self) -> None:
-        for client in list(self.clients.values()):
-            self._close(client)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(self.sock)
-        self.sock.close()
+        super().close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    def expire(self, now: float) -> None:
-        """Drop clients that sent nothing useful in time (slow or stuck writers)."""
-        for client in list(self.clients.values()):
-            if not client.answered and now - client.since > IDLE_TIMEOUT:
-                self._send(client, error("request timed out"))
+    def _timed_out(self, client: Client) -> None:
+        """Drop clients that sent nothing useful in time (slow or stuck writers); a request
+        being worked on (a long sync) keeps its client."""
+        if not client.answered:
+            self._send(client, error("request timed out"))
 
-    def _accept(self, _mask: int) -> None:
-        try:
-            sock, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        sock.setblocking(False)
-        if len(self.clients) >= MAX_CLIENTS:
-            sock.close()
-            return
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    def _accepted(self, client: Client) -> None:
+        creds = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
-        client = _Client(sock, time.monotonic())
-        self.clients[sock.fileno()] = client
-        self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._io, client))
         if uid != 0:
             self._send(client, error("permission denied: the control socket is for root only"))
 
-    def _io(self, client: _Client, mask: int) -> None:
-        if mask & selectors.EVENT_READ and not client.closed:
-            self._read(client)
-        if mask & selectors.EVENT_WRITE and not client.closed:
-            self._flush(client)
+    def _too_large(self, client: Client) -> None:
+        self._send(client, error(f"request larger than {MAX_REQUEST} bytes"))
 
-    def _read(self, client: _Client) -> None:
-        try:
-            data = client.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(client)
-            return
-        if not data:
-            if not client.answered:
-                self._close(client)
-            else:
-                # the client half-closed while its reply is pending: stop reading, answer later
-                with contextlib.suppress(KeyError, ValueError):
-                    self.selector.unregister(client.sock)
-            return
-        if client.answered:
-            return  # one request per connection; ignore anything after it
-        client.inbuf += data
-        if b"\n" not in client.inbuf:
-            if len(client.inbuf) > MAX_REQUEST:
-                self._send(client, error(f"request larger than {MAX_REQUEST} bytes"))
-            return
+    def _request(self, client: Client) -> None:
         line = client.inbuf.split(b"\n", 1)[0]
-        client.answered = True
         if len(line) > MAX_REQUEST:
-            self._send(client, error(f"request larger than {MAX_REQUEST} bytes"))
+            self._too_large(client)
             return
         try:
             request = json.loads(line)
@@ -170,38 +122,8 @@ class ControlServer:
             log.exception("control command %r failed", request["cmd"])
             self._send(client, error(f"internal error: {exc}"))
 
-    def _send(self, client: _Client, response: dict[str, Any]) -> None:
-        if client.closed:
-            return
-        client.answered = True
-        client.outbuf += json.dumps(response).encode() + b"\n"
-        self._flush(client)
-
-    def _flush(self, client: _Client) -> None:
-        while client.outbuf:
-            try:
-                n = client.sock.send(client.outbuf)
-            except (BlockingIOError, InterruptedError):
-                callback = functools.partial(self._io, client)
-                try:
-                    self.selector.modify(client.sock, selectors.EVENT_WRITE, callback)
-                except (KeyError, ValueError):
-                    self.selector.register(client.sock, selectors.EVENT_WRITE, callback)
-                return
-            except OSError:
-                self._close(client)
-                return
-            client.outbuf = client.outbuf[n:]
-        self._close(client)
-
-    def _close(self, client: _Client) -> None:
-        if client.closed:
-            return
-        client.closed = True
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(client.sock)
-        self.clients.pop(client.sock.fileno(), None)
-        client.sock.close()
+    def _send(self, client: Client, response: dict[str, Any]) -> None:
+        self._reply(client, json.dumps(response).encode() + b"\n")
 
 
 def call(

@@ -35,7 +35,6 @@ Definitions (also in the HELP text of each metric):
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import selectors
@@ -50,6 +49,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from rampiped import __version__, config, pins
 from rampiped.engine import format_bytes, format_duration
+from rampiped.listener import Client, Listener
 
 log = logging.getLogger("rampiped")
 
@@ -367,18 +367,14 @@ class _Measured:
     took: float  # seconds the walk took
 
 
-class _HttpClient:
-    def __init__(self, sock: socket.socket, now: float) -> None:
-        self.sock = sock
-        self.since = now
-        self.inbuf = b""
-        self.outbuf = b""
-        self.answered = False
-        self.closed = False
-
-
-class HttpServer:
+class HttpServer(Listener):
     """GET /metrics on a loopback address, served from the daemon's selector loop."""
+
+    recv_size = 4096
+    max_request = HTTP_MAX_REQUEST
+    max_clients = HTTP_MAX_CLIENTS
+    timeout = HTTP_TIMEOUT
+    terminators = (b"\r\n\r\n", b"\n\n")
 
     def __init__(
         self,
@@ -387,75 +383,30 @@ class HttpServer:
         selector: selectors.BaseSelector,
         render: Callable[[], bytes],
     ) -> None:
-        self.selector = selector
         self.render = render
-        self.clients: dict[int, _HttpClient] = {}
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind((host, port))
-            self.sock.listen(16)
-            self.sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(16)
         except OSError:
-            self.sock.close()
+            sock.close()
             raise
-        self.address = self.sock.getsockname()[:2]
-        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+        self.address = sock.getsockname()[:2]
+        super().__init__(sock, selector)
 
-    def close(self) -> None:
-        for client in list(self.clients.values()):
-            self._close(client)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(self.sock)
-        self.sock.close()
+    def _timed_out(self, client: Client) -> None:
+        self._close(client)  # reading its request or its answer: too slow either way
 
-    def expire(self, now: float) -> None:
-        for client in list(self.clients.values()):
-            if now - client.since > HTTP_TIMEOUT:
-                self._close(client)
+    def _accept_failed(self, exc: OSError) -> None:
+        # EMFILE and the like: try again at the next wake-up
+        log.debug("metrics endpoint: accept failed: %s", exc)
 
-    def _accept(self, _mask: int) -> None:
-        while True:
-            try:
-                sock, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and the like: try again at the next wake-up
-                log.debug("metrics endpoint: accept failed: %s", exc)
-                return
-            if len(self.clients) >= HTTP_MAX_CLIENTS:
-                sock.close()
-                continue
-            sock.setblocking(False)
-            client = _HttpClient(sock, time.monotonic())
-            self.clients[sock.fileno()] = client
-            self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._io, client))
+    def _too_large(self, client: Client) -> None:
+        self._answer(client, "431 Request Header Fields Too Large", b"request too large\n")
 
-    def _io(self, client: _HttpClient, mask: int) -> None:
-        if mask & selectors.EVENT_READ and not client.closed:
-            self._read(client)
-        if mask & selectors.EVENT_WRITE and not client.closed:
-            self._flush(client)
-
-    def _read(self, client: _HttpClient) -> None:
-        try:
-            data = client.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close(client)
-            return
-        if not data:
-            self._close(client)
-            return
-        if client.answered:
-            return
-        client.inbuf += data
-        if b"\r\n\r\n" not in client.inbuf and b"\n\n" not in client.inbuf:
-            if len(client.inbuf) > HTTP_MAX_REQUEST:
-                self._answer(client, "431 Request Header Fields Too Large", b"request too large\n")
-            return
+    def _request(self, client: Client) -> None:
         parts = client.inbuf.split(b"\n", 1)[0].decode("latin-1").split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             self._answer(client, "400 Bad Request", b"not an HTTP request\n")
@@ -479,7 +430,7 @@ class HttpServer:
 
     def _answer(
         self,
-        client: _HttpClient,
+        client: Client,
         status: str,
         body: bytes,
         *,
@@ -487,7 +438,6 @@ class HttpServer:
         head: bool = False,
         extra: str = "",
     ) -> None:
-        client.answered = True
         lines = [
             f"HTTP/1.1 {status}",
             f"Content-Type: {content_type}",
@@ -496,32 +446,8 @@ class HttpServer:
         ]
         if extra:
             lines.append(extra)
-        client.outbuf = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (b"" if head else body)
-        self._flush(client)
-
-    def _flush(self, client: _HttpClient) -> None:
-        while client.outbuf:
-            try:
-                n = client.sock.send(client.outbuf)
-            except (BlockingIOError, InterruptedError):
-                self.selector.modify(
-                    client.sock, selectors.EVENT_WRITE, functools.partial(self._io, client)
-                )
-                return
-            except OSError:
-                self._close(client)
-                return
-            client.outbuf = client.outbuf[n:]
-        self._close(client)
-
-    def _close(self, client: _HttpClient) -> None:
-        if client.closed:
-            return
-        client.closed = True
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(client.sock)
-        self.clients.pop(client.sock.fileno(), None)
-        client.sock.close()
+        header = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+        self._reply(client, header + (b"" if head else body))
 
 
 class Observer:
