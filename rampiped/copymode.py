@@ -842,8 +842,11 @@ class Window:
         """While the copy still covers the path (nothing but rampiped writes the disk)."""
         before = snapshot(disk)
         bare = cls(before, since, threshold)
+        data = os.path.join(ram, DATA)
+        in_ram = snapshot(data)
+        changed = _ram_changes(in_ram, bare)
         stamps = {}
-        for rel in _ram_changes(snapshot(os.path.join(ram, DATA)), bare):
+        for rel in [*changed, *_changed_databases(data, in_ram, changed)]:
             if before.get(rel, ("",))[0] == "f":
                 found = stamp_of(disk, rel)
                 if found is not None:
@@ -900,6 +903,29 @@ def _ram_changes(in_ram: Snapshot, window: Window) -> list[str]:
     )
 
 
+def _changed_databases(data: str, in_ram: Snapshot, changed: Iterable[str]) -> list[str]:
+    """The databases in RAM that the write-back writes: changed themselves, or through a
+    companion only (a writer that never checkpointed leaves its rows in the -wal)."""
+    changed_set = set(changed)
+    return sorted(
+        db
+        for db in _databases(data, in_ram)
+        if changed_set & {db, *(db + s for s in DB_COMPANIONS)}
+    )
+
+
+def _hard_linked(before: Snapshot) -> set[int]:
+    """Inodes of the disk files that had several names before the unmount. Every link or
+    unlink of one of those names changes the change time of all of them: the write-back's own
+    (holding a name, deleting another) must not make the others look written."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for st in before.values():
+        if st[0] == "f":
+            (shared if st[4] in seen else seen).add(st[4])
+    return shared
+
+
 def _window_base(disk: str, rel: str, was: Stamp | None, known: StampOfFile | None) -> StampOfFile:
     """The disk file at `rel` as it was before the unmount: as recorded then, or as the
     write-back finds it when it is still the same; otherwise unknown (a change to it is then
@@ -938,8 +964,10 @@ def _written_before(data: str, disk: str, rel: str, window: Window) -> bool:
         return False
     if not (stat.S_ISREG(ram_st.st_mode) and stat.S_ISREG(disk_st.st_mode)):
         return False
-    if was is not None and was[4] == disk_st.st_ino:
-        return False  # still the old file
+    if was is not None and was[0] == "f" and was[4] == disk_st.st_ino:
+        # still the old file (held since, so its inode number cannot have been reused; a
+        # directory's or symlink's can, by the file written in its place)
+        return False
     if (ram_st.st_mode, ram_st.st_uid, ram_st.st_gid) != (
         disk_st.st_mode,
         disk_st.st_uid,
@@ -976,6 +1004,7 @@ def _delete_gone(disk: str, before: Snapshot, in_ram: Snapshot) -> tuple[int, li
         if rel != "." and (rel not in in_ram or (was[0] == "d" and in_ram[rel][0] != "d"))
     ]
     deleted, kept = 0, []
+    linked = _hard_linked(before)
     for rel in sorted(gone, key=lambda r: r.count("/"), reverse=True):
         full = os.path.join(disk, rel)
         try:
@@ -1008,7 +1037,11 @@ def _delete_gone(disk: str, before: Snapshot, in_ram: Snapshot) -> tuple[int, li
                     CONFLICT_SUFFIX,
                 )
             kept.append(rel)
-        elif _stamp(st) == was:
+        elif _stamp(st) == was or (
+            # one of several names of a file: its change time moved when we held or deleted
+            # another name; a write moves its mtime (multigrain timestamps, see Stamp)
+            was[4] in linked and st.st_ino == was[4] and _stamp(st)[:3] == was[:3]
+        ):
             os.unlink(full)
             deleted += 1
         else:
@@ -1020,6 +1053,29 @@ def _delete_gone(disk: str, before: Snapshot, in_ram: Snapshot) -> tuple[int, li
             ", ".join(kept[:10]),
         )
     return deleted, kept
+
+
+def _one_name_per_file(disk: str, rels: list[str], in_ram: Snapshot) -> list[str]:
+    """`rels` without the further names of a disk file whose names are one file in RAM too (a
+    hard-link group that rsync -H links again on disk): what is appended to a held file is
+    carried to the file at its name, so a second name of it would carry the same bytes again
+    into the same file."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for rel in rels:
+        try:
+            st = os.lstat(os.path.join(disk, rel))
+        except OSError:
+            out.append(rel)
+            continue
+        ram = in_ram.get(rel)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and ram is not None and ram[0] == "f":
+            key = (st.st_ino, ram[4])
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(rel)
+    return out
 
 
 @dataclass
@@ -1053,9 +1109,8 @@ class WindowWriteBack:
             for rel in changed
             if rel not in skip and rel != "." and not _written_before(data, disk, rel, window)
         ]
-        changed_set = set(changed)
-        dbs = sorted(d for d in databases if changed_set & {d, *(d + s for s in DB_COMPANIONS)})
-        replaced = [rel for rel in [*listed, *dbs] if rel != "."]
+        dbs = _changed_databases(data, in_ram, changed)
+        replaced = _one_name_per_file(disk, [rel for rel in [*listed, *dbs] if rel != "."], in_ram)
         bases = {
             rel: _window_base(disk, rel, window.before.get(rel), window.stamps.get(rel))
             for rel in replaced
@@ -1095,6 +1150,13 @@ class WindowWriteBack:
             stats = _rsync_stats(result.stdout)
             totals["files"] += stats["files"]
             totals["bytes"] += stats["bytes"]
+        # what was appended to the replaced files so far goes after RAM's version now, before
+        # a process that opens the name anew appends to that version: the order a plain disk
+        # would have (the caller's merges carry what comes later, and retry a failure here)
+        try:
+            self.held.merge()
+        except (OSError, SyncError) as exc:
+            log.warning("%s: carrying the appends made meanwhile failed (%s); retried", disk, exc)
         pause_point("copy-window:written")
         written: list[str] = []
         for rel in self.databases:
@@ -1139,6 +1201,11 @@ def import_window(ram: str, disk: str, window: Window) -> list[str]:
     in_ram = snapshot(data)
     on_disk = snapshot(disk)
     ram_changed = set(_ram_changes(in_ram, window))
+    # held files made conflict files: another name of the same file (a hard link) is no
+    # second conflict
+    conflicts = {
+        st[4] for rel, st in on_disk.items() if st[0] == "f" and rel.endswith(CONFLICT_SUFFIX)
+    }
     taken: list[str] = []
     for rel in sorted(on_disk, key=lambda r: r.count("/")):
         st = on_disk[rel]
@@ -1149,7 +1216,7 @@ def import_window(ram: str, disk: str, window: Window) -> list[str]:
         src = os.path.join(disk, rel)
         dst = os.path.join(data, rel)
         if rel in ram_changed:
-            if st[0] != "f" or os.path.lexists(src + CONFLICT_SUFFIX):
+            if st[0] != "f" or os.path.lexists(src + CONFLICT_SUFFIX) or st[4] in conflicts:
                 continue  # RAM's version wins; a held rewrite comes in under its own name
             dst += CONFLICT_SUFFIX
         parent = os.path.dirname(dst)
