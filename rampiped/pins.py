@@ -554,18 +554,9 @@ class PinManager:
         stays (draining) until a retry writes it back."""
         window.save(os.path.join(self.journal(pin.id), COPY_WINDOW))  # for a crash from here
         self._unmount_placed(pin)  # raises (and the rollback goes on) when still in use
-        held: sync.HeldFiles | None = None
         try:
-            plan = copymode.WindowWriteBack.prepare(
-                self.ram(pin.id), self.disk(pin.id), window, pin_id=pin.id
-            )
-            held = plan.held
-            res = plan.write(self.runner)
+            res, held = self._write_window(pin.id, window)
         except (OSError, sync.SyncError, copymode.CopyError) as exc:
-            if held is not None:
-                with contextlib.suppress(OSError, sync.SyncError):
-                    held.merge(conflicts_only=True)
-                    held.finish()
             undo.clear()  # keep the RAM copy: it holds what is not on disk
             pin.window = window
             pin.unpin_requested = True  # retried with backoff (PinManager._retry_window)
@@ -813,11 +804,7 @@ class PinManager:
                 # RAM changed after the verified sync (a process still wrote at the unpin):
                 # write those changes, leaving alone what is written on disk meanwhile
                 assert window is not None
-                plan = copymode.WindowWriteBack.prepare(
-                    self.ram(pin.id), self.disk(pin.id), window, pin_id=pin.id
-                )
-                held = plan.held
-                cres = plan.write(self.runner)
+                cres, held = self._write_window(pin.id, window)
                 files, nbytes = bulk_files + cres.files, bulk_bytes + cres.bytes
         except BaseException:
             if held is not None:
@@ -840,22 +827,28 @@ class PinManager:
             handover.run_reopen(pin.reopen, pin.path, self.runner)
         return SyncRecord(wall, True, time.monotonic() - start, files, nbytes)
 
+    def _write_window(
+        self, pid: str, window: copymode.Window
+    ) -> tuple[copymode.CheckpointResult, sync.HeldFiles]:
+        """A copy pin's write-back after its unmount (copymode.WindowWriteBack); the caller
+        settles the held files. When it fails, they are first kept as conflict files (the
+        copy may cover the path again and hide their names)."""
+        plan = copymode.WindowWriteBack.prepare(self.ram(pid), self.disk(pid), window, pin_id=pid)
+        try:
+            return plan.write(self.runner), plan.held
+        except BaseException:
+            with contextlib.suppress(OSError, sync.SyncError):
+                plan.held.merge(conflicts_only=True)
+                plan.held.finish()
+            raise
+
     def _retry_window(self, pin: Pin, window: copymode.Window) -> SyncRecord:
         """Unpin a copy pin left unmounted by a write-back that failed after its unmount."""
         start, wall = time.monotonic(), time.time()
         self._set_state(pin, "draining")
-        held: sync.HeldFiles | None = None
         try:
-            plan = copymode.WindowWriteBack.prepare(
-                self.ram(pin.id), self.disk(pin.id), window, pin_id=pin.id
-            )
-            held = plan.held
-            cres = plan.write(self.runner)
+            cres, held = self._write_window(pin.id, window)
         except BaseException:
-            if held is not None:
-                with contextlib.suppress(OSError, sync.SyncError):
-                    held.merge(conflicts_only=True)
-                    held.finish()
             if self._import_window(pin, window):
                 pin.window = None
                 self._remount(pin)
@@ -1150,18 +1143,9 @@ class PinManager:
                 if window is not None:
                     # the path showed the disk since the unmount: what was written there
                     # meanwhile stays (see copymode.WindowWriteBack)
-                    plan = copymode.WindowWriteBack.prepare(
-                        self.ram(pid), self.disk(pid), window, pin_id=pid
-                    )
-                    try:
-                        cres = plan.write(self.runner)
-                    except BaseException:
-                        with contextlib.suppress(OSError, sync.SyncError):
-                            plan.held.merge(conflicts_only=True)
-                            plan.held.finish()
-                        raise
-                    plan.held.merge()
-                    plan.held.finish()
+                    cres, held = self._write_window(pid, window)
+                    held.merge()
+                    held.finish()
                 else:
                     cres = copymode.final_sync(  # since=0: after a crash, write every file
                         self.ram(pid), self.disk(pid), pin_id=pid, runner=self.runner, since=0.0
