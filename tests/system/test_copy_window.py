@@ -9,7 +9,7 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,6 +77,26 @@ def assert_both_kept(d: Path) -> None:
     assert not (d / "old-dir" / "x").exists()
 
 
+def staged(
+    env: Env, marker: Path, args: list[str], steps: list[tuple[str, Callable[[], None]]]
+) -> tuple[int, str, str]:
+    """rampipectl `args` in the background; at each (stage, action) of `steps` in turn: wait
+    for the daemon to pause there, act, let it go on. Returns its exit code and output."""
+    ctl = safety.ctl_async(env, *args)
+    try:
+        for stage, action in steps:
+            safety.wait_paused(marker, stage)
+            action()
+            release(marker)
+        out, err = ctl.communicate(timeout=120)
+        return ctl.returncode, out, err
+    finally:
+        release(marker)
+        if ctl.poll() is None:
+            ctl.kill()
+            ctl.communicate()
+
+
 @contextlib.contextmanager
 def paused(env: Env, mp: pytest.MonkeyPatch, marker: Path, stages: str) -> Iterator[Daemon]:
     with safety.paused_daemon(env, mp, stages, marker) as dm:
@@ -98,26 +118,27 @@ def test_unpin_while_ram_still_changes_keeps_what_is_written_on_disk(
         with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED},{WRITTEN}") as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
             append(d / "a.log", "ram 1b\n")
-            ctl = safety.ctl_async(env, "unpin", str(d))
-            try:
-                safety.wait_paused(marker, SYNCED)
+
+            def in_ram() -> None:
                 assert env.mounted_at(d) is not None
                 change_in_ram(d)
-                release(marker)
-                safety.wait_paused(marker, UNMOUNTED)
+
+            def on_disk() -> None:
                 assert env.mounted_at(d) is None
                 write_on_disk(d)
-                release(marker)
-                safety.wait_paused(marker, WRITTEN)
-                # RAM's version is at the name now; a logger opening it anew appends to it
-                append(d / "c.log", "c after\n")
-                release(marker)
-                out, err = ctl.communicate(timeout=120)
-                assert ctl.returncode == 0, (out, err, dm.log_text()[-3000:])
-            finally:
-                release(marker)
-                if ctl.poll() is None:
-                    ctl.kill()
+
+            rc, out, err = staged(
+                env,
+                marker,
+                ["unpin", str(d)],
+                [
+                    (SYNCED, in_ram),
+                    (UNMOUNTED, on_disk),
+                    # RAM's version is at the name now; a logger opening it anew appends to it
+                    (WRITTEN, lambda: append(d / "c.log", "c after\n")),
+                ],
+            )
+            assert rc == 0, (out, err, dm.log_text()[-3000:])
             assert (d / "a.log").read_text() == "disk 1\nram 1b\nram 2\ndisk 3\n"
             assert (d / "c.log").read_text() == "c disk\nc window\nc after\n", dm.log_text()
             assert (d / "made-on-disk").read_text() == "window\n"
@@ -140,20 +161,17 @@ def test_a_rewrite_on_disk_during_the_write_back_is_kept_as_a_conflict_file(
         (d / "conf").write_text("version 1\n")
         with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED}") as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
-            ctl = safety.ctl_async(env, "unpin", str(d))
-            try:
-                safety.wait_paused(marker, SYNCED)
-                (d / "conf").write_text("version 2 (RAM)\n")
-                release(marker)
-                safety.wait_paused(marker, UNMOUNTED)
-                (d / "conf").write_text("v3 on disk\n")  # rewritten, not appended to
-                release(marker)
-                out, err = ctl.communicate(timeout=120)
-                assert ctl.returncode == 0, (out, err, dm.log_text()[-3000:])
-            finally:
-                release(marker)
-                if ctl.poll() is None:
-                    ctl.kill()
+            rc, out, err = staged(
+                env,
+                marker,
+                ["unpin", str(d)],
+                [
+                    (SYNCED, lambda: (d / "conf").write_text("version 2 (RAM)\n")),
+                    # rewritten, not appended to
+                    (UNMOUNTED, lambda: (d / "conf").write_text("v3 on disk\n")),
+                ],
+            )
+            assert rc == 0, (out, err, dm.log_text()[-3000:])
             assert (d / "conf").read_text() == "version 2 (RAM)\n"
             assert (d / "conf.rampiped-conflict").read_text() == "v3 on disk\n"
             dm.wait_log(r"rewritten on disk during the write-back .*conf\.rampiped-conflict")
@@ -170,19 +188,18 @@ def test_a_crash_during_the_write_back_after_the_unmount_is_finished_at_start(
         with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED},{WRITTEN}") as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
             append(d / "a.log", "ram 1b\n")
-            ctl = safety.ctl_async(env, "unpin", str(d))
-            safety.wait_paused(marker, SYNCED)
-            change_in_ram(d)
-            release(marker)
-            safety.wait_paused(marker, UNMOUNTED)
-            write_on_disk(d)
-            release(marker)
-            safety.wait_paused(marker, WRITTEN)
             safety.count("crash points")
-            dm.kill()
-            ctl.kill()
-            ctl.communicate()
-            release(marker)
+            rc, _, _ = staged(
+                env,
+                marker,
+                ["unpin", str(d)],
+                [
+                    (SYNCED, lambda: change_in_ram(d)),
+                    (UNMOUNTED, lambda: write_on_disk(d)),
+                    (WRITTEN, dm.kill),
+                ],
+            )
+            assert rc != 0
         with running(env) as dm:
             dm.wait_log(r"finished an interrupted draining: wrote \d+ files")
             assert (d / "a.log").read_text() == "disk 1\nram 1b\nram 2\ndisk 3\n"
@@ -214,23 +231,20 @@ def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
         monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
         with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED}") as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
-            ctl = safety.ctl_async(env, "unpin", str(d))
-            try:
-                safety.wait_paused(marker, SYNCED)
-                change_in_ram(d)
-                release(marker)
-                safety.wait_paused(marker, UNMOUNTED)
+
+            def disk_writes_then_rsync_fails() -> None:
                 write_on_disk(d)
                 flag.touch()
-                safety.count("disk faults")
-                release(marker)
-                out, err = ctl.communicate(timeout=120)
-                assert ctl.returncode == 1, (out, err)
-                assert "exited with code 11" in err, err
-            finally:
-                release(marker)
-                if ctl.poll() is None:
-                    ctl.kill()
+
+            safety.count("disk faults")
+            rc, out, err = staged(
+                env,
+                marker,
+                ["unpin", str(d)],
+                [(SYNCED, lambda: change_in_ram(d)), (UNMOUNTED, disk_writes_then_rsync_fails)],
+            )
+            assert rc == 1, (out, err)
+            assert "exited with code 11" in err, err
             assert env.mounted_at(d) is not None  # the copy covers the path again
             # with what the disk got meanwhile
             assert (d / "made-on-disk").read_text() == "window\n"
