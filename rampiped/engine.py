@@ -76,24 +76,25 @@ BACKOFF_MAX = 300.0
 
 
 @dataclass(frozen=True)
-class Pin:
+class _Move:
+    """A directory to move into or out of RAM, its rate when that was decided, and why."""
+
     path: str
     rate: float
     reason: str
 
 
-@dataclass(frozen=True)
-class Unpin:
-    path: str
-    rate: float
-    reason: str
+class Pin(_Move):
+    """Pin `path`: it has been hot for long enough."""
 
 
-@dataclass(frozen=True)
-class Evict:
-    path: str
-    rate: float
-    reason: str
+class Unpin(_Move):
+    """Write `path` back and unpin it: it has been cool for long enough, or the configuration
+    now forbids it."""
+
+
+class Evict(_Move):
+    """Write `path` back and unpin it to free RAM (the coldest adaptive pin)."""
 
 
 @dataclass(frozen=True)
