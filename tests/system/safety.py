@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -174,6 +175,30 @@ def paused_daemon(
             m.delenv("RAMPIPED_TEST_PAUSE_AT", raising=False)
         with running(env) as d:
             yield d
+
+
+FAKE_RSYNC = """#!/bin/sh
+# fails like rsync on an I/O error while {flag} exists, else is the real rsync
+if [ -e '{flag}' ] && [ "$1" != "--version" ]; then
+  echo 'rsync: [receiver] write failed on "x": Input/output error (5)' >&2
+  echo 'rsync error: error in file IO (code 11) at receiver.c(381) [receiver=3.2.7]' >&2
+  exit 11
+fi
+exec {real} "$@"
+"""
+
+
+def failing_rsync(tmp: Path, mp: pytest.MonkeyPatch) -> Path:
+    """Put an rsync first on PATH (through `mp`) that fails with exit code 11 (an I/O error)
+    while the returned flag file exists, and is the real rsync otherwise."""
+    bindir = tmp / "bin"
+    bindir.mkdir()
+    flag = tmp / "rsync-fails"
+    fake = bindir / "rsync"
+    fake.write_text(FAKE_RSYNC.format(flag=flag, real=shutil.which("rsync")))
+    fake.chmod(0o755)
+    mp.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return flag
 
 
 def ctl_async(env: Env, *args: str) -> subprocess.Popen[str]:

@@ -17,7 +17,6 @@ import pytest
 from tests.system import safety
 from tests.system.daemon_harness import Daemon, Env, make_env, running
 from tests.system.helpers import wait_for
-from tests.system.test_safety_disk import FAKE_RSYNC
 
 pytestmark = pytest.mark.system
 
@@ -218,17 +217,11 @@ def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
     disk meanwhile is in it (else the copy would hide it and the next checkpoint delete it);
     the retried unpin writes it all."""
     marker = tmp_path / "paused"
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    flag = tmp_path / "rsync-fails"
-    fake = bindir / "rsync"
-    fake.write_text(FAKE_RSYNC.format(flag=flag, real=shutil.which("rsync")))
-    fake.chmod(0o755)
+    flag = safety.failing_rsync(tmp_path, monkeypatch)
     with make_env(tmp_path) as env:
         env.write_config(adaptive={"enabled": False})
         d = env.data / "copy"
         seed(d)
-        monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
         with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED}") as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
 

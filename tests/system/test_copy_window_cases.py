@@ -28,7 +28,6 @@ import pytest
 from tests.system import safety
 from tests.system.daemon_harness import Daemon, Env, make_env, running
 from tests.system.helpers import wait_for
-from tests.system.test_safety_disk import FAKE_RSYNC
 
 pytestmark = pytest.mark.system
 
@@ -908,18 +907,12 @@ def test_a_failed_write_back_brings_every_kind_of_disk_write_into_ram(
     on disk meanwhile (a hard-linked file appended to, files in directories RAM replaced by
     files, a file RAM renamed away), and the retried unpin writes it all."""
     marker = tmp_path / "paused"
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    flag = tmp_path / "rsync-fails"
-    fake = bindir / "rsync"
-    fake.write_text(FAKE_RSYNC.format(flag=flag, real=shutil.which("rsync")))
-    fake.chmod(0o755)
+    flag = safety.failing_rsync(tmp_path, monkeypatch)
     with make_env(tmp_path) as env:
         env.write_config(adaptive={"enabled": False})
         d = env.data / "copy"
         d.mkdir()
         seed_mixed(d)
-        monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
         with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED}") as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
             ctl = safety.ctl_async(env, "unpin", str(d))

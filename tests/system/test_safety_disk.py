@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -163,31 +162,14 @@ def test_rsync_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert safety.check_tree(d, expected) == []
 
 
-FAKE_RSYNC = """#!/bin/sh
-# fails like rsync on an I/O error while {flag} exists, else is the real rsync
-if [ -e '{flag}' ] && [ "$1" != "--version" ]; then
-  echo 'rsync: [receiver] write failed on "x": Input/output error (5)' >&2
-  echo 'rsync error: error in file IO (code 11) at receiver.c(381) [receiver=3.2.7]' >&2
-  exit 11
-fi
-exec {real} "$@"
-"""
-
-
 def test_rsync_failing_on_a_copy_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with make_env(tmp_path) as env:
         env.write_config(adaptive={"enabled": False})
         d = env.data / "app"
         d.mkdir()
         before = write_files(d, version=0)
-        bindir = tmp_path / "bin"
-        bindir.mkdir()
-        flag = tmp_path / "rsync-fails"
-        fake = bindir / "rsync"
-        fake.write_text(FAKE_RSYNC.format(flag=flag, real=shutil.which("rsync")))
-        fake.chmod(0o755)
         with monkeypatch.context() as m:
-            m.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+            flag = safety.failing_rsync(tmp_path, m)
             with running(env) as dm:
                 env.ctl("pin", str(d), "--mode", "copy", check=True)
                 expected = write_files(d, version=1)
