@@ -111,6 +111,7 @@ class Config:
 # issue and goes on, and `ConfigError` reports them all at once.
 
 T = TypeVar("T")
+_Num = TypeVar("_Num", int, float)
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -437,18 +438,20 @@ def _glob_path(value: object) -> str:
     return _abs_path(value, glob=True)
 
 
-def _positive_duration(value: object) -> float:
-    seconds = _duration(value)
-    if seconds <= 0:
-        raise _Invalid("expected a duration greater than 0")
-    return seconds
+def _above_zero(convert: Callable[[object], _Num], what: str) -> Callable[[object], _Num]:
+    """`convert`, refusing 0: "expected <what> greater than 0"."""
+
+    def convert_above_zero(value: object) -> _Num:
+        result = convert(value)
+        if result <= 0:
+            raise _Invalid(f"expected {what} greater than 0")
+        return result
+
+    return convert_above_zero
 
 
-def _positive_size(value: object) -> int:
-    size = _size(value)
-    if size <= 0:
-        raise _Invalid("expected a size greater than 0")
-    return size
+_positive_duration = _above_zero(_duration, "a duration")
+_positive_size = _above_zero(_size, "a size")
 
 
 def _ram_max(value: object) -> Size:
@@ -481,11 +484,7 @@ def _events_per_second(value: object) -> float:
     return _check_number(value, "expected a number of events per second")
 
 
-def _positive_events_per_second(value: object) -> float:
-    rate = _events_per_second(value)
-    if rate <= 0:
-        raise _Invalid("expected a number of events per second greater than 0")
-    return rate
+_positive_events_per_second = _above_zero(_events_per_second, "a number of events per second")
 
 
 def _count(value: object) -> int:
