@@ -625,19 +625,41 @@ def _write_plan(stash_fd: int, plan: dict[str, object]) -> None:
     _fsync_dir(stash_fd)
 
 
+_PLAN_FILES = (_PLAN_NAME, _PLAN_NAME + ".tmp")
+
+
+def _stashed(stash_fd: int) -> list[str]:
+    """The directories in the stash (everything but the plan files)."""
+    return [n for n in os.listdir(stash_fd) if n not in _PLAN_FILES]
+
+
+def _stash_state(target_fd: int) -> tuple[dict[str, object] | None, list[str]]:
+    """The plan of the stash directory in the target (None: none readable) and what it holds."""
+    stash_fd = _open_dir_at(target_fd, STASH_NAME)
+    try:
+        return _read_plan(stash_fd), _stashed(stash_fd)
+    finally:
+        os.close(stash_fd)
+
+
+def _stash_finished(plan: dict[str, object] | None, stashed: list[str]) -> bool:
+    """A stash that a finished apply left (or one cut short before it moved anything)."""
+    return not stashed and (plan is None or plan.get("phase") == "done")
+
+
 def _remove_stash(target_fd: int, target: str) -> None:
     st = _lstat_at(target_fd, STASH_NAME)
     if st is None:
         return
     stash_fd = _open_dir_at(target_fd, STASH_NAME)
     try:
-        leftover = [n for n in os.listdir(stash_fd) if n not in (_PLAN_NAME, _PLAN_NAME + ".tmp")]
+        leftover = _stashed(stash_fd)
         if leftover:
             raise SyncError(
                 f"{target}/{STASH_NAME} still holds {leftover[:5]} after write-back; left in "
                 "place for inspection"
             )
-        for n in (_PLAN_NAME, _PLAN_NAME + ".tmp"):
+        for n in _PLAN_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(n, dir_fd=stash_fd)
     finally:
@@ -650,20 +672,19 @@ def _clear_finished_stash(target_fd: int, target: str) -> None:
     st = _lstat_at(target_fd, STASH_NAME)
     if st is None:
         return
-    if stat.S_ISDIR(st.st_mode):
-        stash_fd = _open_dir_at(target_fd, STASH_NAME)
-        try:
-            plan = _read_plan(stash_fd)
-            others = [n for n in os.listdir(stash_fd) if n not in (_PLAN_NAME, _PLAN_NAME + ".tmp")]
-        finally:
-            os.close(stash_fd)
-        if not others and (plan is None or plan.get("phase") == "done"):
-            _remove_stash(target_fd, target)
-            return
+    if stat.S_ISDIR(st.st_mode) and _stash_finished(*_stash_state(target_fd)):
+        _remove_stash(target_fd, target)
+        return
     raise SyncError(
         f"{target}/{STASH_NAME} holds an interrupted write-back and there is no journal to "
         f"resume it from: {target} is partly written; inspect it by hand"
     )
+
+
+def _placement_order(moves: list[tuple[str, str]]) -> list[int]:
+    """Indexes of `moves` in the order their directories are placed: shallowest destination
+    first (undone in reverse)."""
+    return sorted(range(len(moves)), key=lambda i: (moves[i][1].count("/"), moves[i][1]))
 
 
 def _move_renamed_dirs(
@@ -680,18 +701,11 @@ def _move_renamed_dirs(
     if st is not None:
         if not stat.S_ISDIR(st.st_mode):
             raise SyncError(f"{target}/{STASH_NAME} exists and is not a directory; refusing")
-        stash_fd = _open_dir_at(target_fd, STASH_NAME)
-        try:
-            plan = _read_plan(stash_fd)
-            others = [n for n in os.listdir(stash_fd) if n not in (_PLAN_NAME, _PLAN_NAME + ".tmp")]
-        finally:
-            os.close(stash_fd)
+        plan, others = _stash_state(target_fd)
         same = plan is not None and plan.get("layer") == identity and plan.get("moves") == encoded
         if same:
             log.info("resuming an interrupted write-back of %s into %s", upper, target)
-        elif (plan is not None and plan.get("phase") == "done" and not others) or (
-            plan is None and not others
-        ):
+        elif _stash_finished(plan, others):
             _remove_stash(target_fd, target)  # a finished apply's leftover: nothing pending
             plan = None
         else:
@@ -745,8 +759,7 @@ def _move_renamed_dirs(
             plan["phase"] = "place"
             _write_plan(stash_fd, plan)
         if plan["phase"] == "place":
-            order = sorted(range(len(moves)), key=lambda i: (moves[i][1].count("/"), moves[i][1]))
-            for i in order:
+            for i in _placement_order(moves):
                 if _lstat_at(stash_fd, str(i)) is None:
                     continue  # placed before the interruption
                 dest = moves[i][1]
@@ -782,8 +795,8 @@ def _undo_moves(target_fd: int, target: str, upper: str) -> bool:
         raw = plan.get("moves")
         assert isinstance(raw, list)
         moves = [(str(o), str(d)) for o, d in raw]
-        placement = sorted(range(len(moves)), key=lambda i: (moves[i][1].count("/"), moves[i][1]))
-        for i in reversed(placement if plan.get("phase") != "stash" else []):
+        placement = _placement_order(moves) if plan.get("phase") != "stash" else []
+        for i in reversed(placement):
             if _lstat_at(stash_fd, str(i)) is not None:
                 continue  # never placed
             parent, _, name = moves[i][1].rpartition("/")
