@@ -404,12 +404,17 @@ def _scan_layer(root: str) -> _Layer:
                     f"{root} holds an entry named {reserved}, which write-back reserves"
                 )
     if problems:
-        shown = "; ".join(problems[:10])
-        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise SyncError(f"refusing to apply layer {root}, nothing was changed: {shown}{more}")
+        raise SyncError(
+            f"refusing to apply layer {root}, nothing was changed: {_first_ten(problems)}"
+        )
     layer = _Layer(root, dirs, files, nbytes, [g for g in seen_inodes.values() if len(g) > 1])
     _resolve_lower_paths(layer)
     return layer
+
+
+def _first_ten(problems: list[str]) -> str:
+    more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+    return "; ".join(problems[:10]) + more
 
 
 def _valid_redirect(value: str) -> bool:
@@ -1085,10 +1090,8 @@ def _apply(
             _syncfs(target_fd, target)
             problems = verify_applied(upper, target, newer_than=keep_newer_than)
             if problems:
-                shown = "; ".join(problems[:10])
-                more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
                 raise SyncError(
-                    f"write-back of {upper} into {target} did not verify: {shown}{more}"
+                    f"write-back of {upper} into {target} did not verify: {_first_ten(problems)}"
                 )
         except SyncError as e:
             # Put renamed directories back where the layer expects them, so that the same
