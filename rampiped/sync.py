@@ -613,21 +613,26 @@ def _read_plan(stash_fd: int) -> dict[str, object] | None:
     return plan if isinstance(plan, dict) and plan.get("version") == _PLAN_VERSION else None
 
 
-def _write_plan(stash_fd: int, plan: dict[str, object]) -> None:
-    """Atomically (temporary file, fsync, rename, fsync of the directory)."""
-    tmp = _PLAN_NAME + ".tmp"
+def _write_json_at(dir_fd: int, name: str, doc: object) -> None:
+    """Write `name` below `dir_fd` atomically and durably: a temporary file, fsync, rename,
+    fsync of the directory."""
+    tmp = name + ".tmp"
     fd = os.open(
         tmp,
         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
         0o600,
-        dir_fd=stash_fd,
+        dir_fd=dir_fd,
     )
     with os.fdopen(fd, "wb") as f:
-        f.write(json.dumps(plan, sort_keys=True).encode())
+        f.write(json.dumps(doc, sort_keys=True).encode())
         f.flush()
         os.fsync(f.fileno())
-    os.rename(tmp, _PLAN_NAME, src_dir_fd=stash_fd, dst_dir_fd=stash_fd)
-    _fsync_dir(stash_fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    _fsync_dir(dir_fd)
+
+
+def _write_plan(stash_fd: int, plan: dict[str, object]) -> None:
+    _write_json_at(stash_fd, _PLAN_NAME, plan)
 
 
 _PLAN_FILES = (_PLAN_NAME, _PLAN_NAME + ".tmp")
@@ -1487,17 +1492,9 @@ class HeldFiles:
                 for e in self.entries
             ],
         }
-        tmp = _HELD_INDEX + ".tmp"
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=hold_fd
-        )
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(doc, sort_keys=True).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, _HELD_INDEX, src_dir_fd=hold_fd, dst_dir_fd=hold_fd)
-        # a recorded append (_Append) must be on disk before the append it announces is
-        _fsync_dir(hold_fd)
+        # durable on return: a recorded append (_Append) must be on disk before the append it
+        # announces is
+        _write_json_at(hold_fd, _HELD_INDEX, doc)
 
     def inodes(self) -> set[tuple[int, int]]:
         """(st_dev, st_ino) of the held files still linked."""
