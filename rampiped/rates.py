@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
 from rampiped.config import WatchRoot
@@ -208,6 +208,8 @@ class Attributor:
     first); an exclusion at or above it -> None; a static pin at or above it -> that pin; else
     the longest watch root R containing it: R plus the first `depth` components below R
     (None when the directory is fewer than `depth` levels below R; depth 0 -> R itself).
+
+    Fixed once made: the daemon makes a new one when the configuration or the pins change.
     """
 
     # Distinct directories written between two changes of the configuration or of the pins;
@@ -231,29 +233,9 @@ class Attributor:
         )
         self._exclude = tuple(PathPattern(e) for e in exclude)
         self._static = tuple(PathPattern(s) for s in static)
-        self._translate: tuple[tuple[str, str], ...] = ()
-        self._cache: dict[str, str | None] = {}
-        self.set_translate(translate or {})
-
-    @property
-    def translate(self) -> dict[str, str]:
-        return dict(self._translate)
-
-    def set_translate(self, mapping: Mapping[str, str]) -> None:
-        """Replace the RAM-side -> pinned-path mapping (when pins come and go)."""
-        pairs = {normalize(src): normalize(dst) for src, dst in mapping.items()}
+        pairs = {normalize(src): normalize(dst) for src, dst in (translate or {}).items()}
         self._translate = tuple(sorted(pairs.items(), key=lambda item: (-len(item[0]), item[0])))
-        self._cache.clear()
-
-    def with_translate(self, mapping: Mapping[str, str]) -> Attributor:
-        """`set_translate`, returning self for chaining."""
-        self.set_translate(mapping)
-        return self
-
-    def set_static(self, static: Iterable[str]) -> None:
-        """Replace the static pin paths."""
-        self._static = tuple(PathPattern(s) for s in static)
-        self._cache.clear()
+        self._cache: dict[str, str | None] = {}
 
     def candidate(self, dirpath: str) -> str | None:
         try:

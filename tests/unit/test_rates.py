@@ -292,24 +292,6 @@ def test_translation_to_a_deeper_path_keeps_the_rest() -> None:
     assert a.candidate("/run/rp/7/upper/c/d") == "/srv/data/a/b"
 
 
-def test_set_translate_replaces_mapping_and_clears_cache() -> None:
-    a = Attributor(WATCH, EXCLUDE)
-    upper = "/run/rampiped/pins/9/ram/upper/sub"
-    assert a.candidate(upper) is None
-    assert a.with_translate({"/run/rampiped/pins/9/ram/upper": "/var/log/apache2"}) is a
-    assert a.candidate(upper) == "/var/log/apache2"
-    assert a.translate == {"/run/rampiped/pins/9/ram/upper": "/var/log/apache2"}
-    a.set_translate({})
-    assert a.candidate(upper) is None
-
-
-def test_set_static_clears_cache() -> None:
-    a = Attributor(WATCH, EXCLUDE)
-    assert a.candidate("/opt/app/x") is None
-    a.set_static(["/opt/app"])
-    assert a.candidate("/opt/app/x") == "/opt/app"
-
-
 def test_cache_is_bounded() -> None:
     a = Attributor(WATCH, EXCLUDE)
     a.CACHE_LIMIT = 8
