@@ -396,12 +396,11 @@ def scan_holders(
             uninspected.append(pid)  # EACCES/EPERM: we may not look
     for pid, what in scanner.pin_holders():
         found[pid].append(what)
-    holders = [
-        Holder(pid, _command_of(pid), unit_of(pid), what)
-        for pid, whats in found.items()
-        if whats
-        for what in whats
-    ]
+    holders: list[Holder] = []
+    for pid, whats in found.items():
+        if whats:  # read once per process, not once per thing it holds
+            command, unit = _command_of(pid), unit_of(pid)
+            holders += [Holder(pid, command, unit, what) for what in whats]
     return HolderScan(tuple(holders), tuple(uninspected), count, time.monotonic() - start)
 
 
