@@ -398,11 +398,12 @@ def _scan_layer(root: str) -> _Layer:
                     seen_inodes[key] = []
                 if cst.st_nlink > 1:
                     seen_inodes[key].append(child_rel)
-        for reserved in (STASH_NAME, HOLD_NAME):
-            if rel == "" and reserved in current.children:
-                problems.append(
-                    f"{root} holds an entry named {reserved}, which write-back reserves"
-                )
+        if rel == "":
+            for reserved in (STASH_NAME, HOLD_NAME):
+                if reserved in current.children:
+                    problems.append(
+                        f"{root} holds an entry named {reserved}, which write-back reserves"
+                    )
     if problems:
         raise SyncError(
             f"refusing to apply layer {root}, nothing was changed: {_first_ten(problems)}"
