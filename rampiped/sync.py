@@ -1173,13 +1173,7 @@ def _digest_fd(fd: int, size: int) -> str:
     h = hashlib.sha256()
     spans = [(0, size)] if size <= _FULL_DIGEST_MAX else [(0, _EDGE), (size - _EDGE, _EDGE)]
     for offset, length in spans:
-        while length > 0:
-            chunk = os.pread(fd, min(length, 1 << 20), offset)
-            if not chunk:
-                break
-            h.update(chunk)
-            offset += len(chunk)
-            length -= len(chunk)
+        h.update(_read_at(fd, length, offset))
     return h.hexdigest()
 
 
