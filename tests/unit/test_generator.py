@@ -4,6 +4,7 @@ it fail or raise."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,25 +36,35 @@ def out(tmp_path: Path) -> list[Path]:
     return dirs
 
 
+@pytest.fixture
+def conf(tmp_path: Path) -> Path:
+    return tmp_path / "rampipe.conf"
+
+
+Run = Callable[..., tuple[int, str]]
+
+
+@pytest.fixture
 def run(
-    out: list[Path], conf: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str]:
-    monkeypatch.setenv(generator.CONFIG_ENV, str(conf))
-    code = generator.main([str(d) for d in out])
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    return code, captured.err
+    out: list[Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Run:
+    """run(conf, dirs=out): the generator's exit code and stderr (it prints nothing else)."""
+
+    def run_generator(conf: Path, dirs: list[Path] = out) -> tuple[int, str]:
+        monkeypatch.setenv(generator.CONFIG_ENV, str(conf))
+        code = generator.main([str(d) for d in dirs])
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        return code, captured.err
+
+    return run_generator
 
 
 def test_one_dropin_per_unit_with_every_pin_that_names_it(
-    tmp_path: Path,
-    out: list[Path],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    conf: Path, out: list[Path], run: Run
 ) -> None:
-    conf = tmp_path / "rampipe.conf"
     conf.write_text(CONFIG)
-    code, err = run(out, conf, monkeypatch, capsys)
+    code, err = run(conf)
     assert (code, err) == (0, "")
     written = files_below(out[0])
     assert sorted(written) == [
@@ -114,27 +125,15 @@ def test_orderings_keep_config_order_and_drop_repeats() -> None:
     }
 
 
-def test_no_pins_no_dropins(
-    tmp_path: Path,
-    out: list[Path],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    conf = tmp_path / "rampipe.conf"
+def test_no_pins_no_dropins(conf: Path, out: list[Path], run: Run) -> None:
     conf.write_text("sync: {interval: 1m}\n")
-    assert run(out, conf, monkeypatch, capsys) == (0, "")
+    assert run(conf) == (0, "")
     assert files_below(out[0]) == {}
 
 
-def test_invalid_config_writes_nothing_and_exits_0(
-    tmp_path: Path,
-    out: list[Path],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    conf = tmp_path / "rampipe.conf"
+def test_invalid_config_writes_nothing_and_exits_0(conf: Path, out: list[Path], run: Run) -> None:
     conf.write_text(CONFIG + "  - path: /srv/x\n    before: [not-a-unit]\n")
-    code, err = run(out, conf, monkeypatch, capsys)
+    code, err = run(conf)
     assert code == 0
     assert files_below(out[0]) == {}
     lines = err.splitlines()
@@ -146,14 +145,10 @@ def test_invalid_config_writes_nothing_and_exits_0(
 
 
 def test_yaml_syntax_error_writes_nothing_and_exits_0(
-    tmp_path: Path,
-    out: list[Path],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    conf: Path, out: list[Path], run: Run
 ) -> None:
-    conf = tmp_path / "rampipe.conf"
     conf.write_text("pins: [\n")
-    code, err = run(out, conf, monkeypatch, capsys)
+    code, err = run(conf)
     assert code == 0 and files_below(out[0]) == {}
     assert "YAML syntax error" in err and err.endswith(
         "is invalid: no unit is ordered after rampiped.service\n"
@@ -161,13 +156,10 @@ def test_yaml_syntax_error_writes_nothing_and_exits_0(
 
 
 def test_missing_config_writes_nothing_and_exits_0(
-    tmp_path: Path,
-    out: list[Path],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, out: list[Path], run: Run
 ) -> None:
     conf = tmp_path / "absent.conf"
-    code, err = run(out, conf, monkeypatch, capsys)
+    code, err = run(conf)
     assert code == 0 and files_below(out[0]) == {}
     assert err == (
         f"rampiped-generator: {conf} does not exist: no unit is ordered after rampiped.service\n"
@@ -175,18 +167,14 @@ def test_missing_config_writes_nothing_and_exits_0(
 
 
 def test_units_that_would_make_a_cycle_are_skipped_with_a_warning(
-    tmp_path: Path,
-    out: list[Path],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    conf: Path, out: list[Path], run: Run
 ) -> None:
-    conf = tmp_path / "rampipe.conf"
     conf.write_text(
         "pins:\n"
         "  - path: /srv/log\n"
         "    before: [local-fs.target, var-log.mount, rampiped.service, rsyslog.service]\n"
     )
-    code, err = run(out, conf, monkeypatch, capsys)
+    code, err = run(conf)
     assert code == 0
     assert sorted(files_below(out[0])) == ["rsyslog.service.d/50-rampiped.conf"]
     assert err.splitlines() == [
@@ -202,18 +190,13 @@ def test_units_that_would_make_a_cycle_are_skipped_with_a_warning(
 
 
 def test_unwritable_output_is_reported_not_raised(
-    tmp_path: Path,
-    out: list[Path],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, conf: Path, out: list[Path], run: Run
 ) -> None:
-    conf = tmp_path / "rampipe.conf"
     conf.write_text(CONFIG)
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    monkeypatch.setenv(generator.CONFIG_ENV, str(conf))
-    assert generator.main([str(blocker), str(out[1]), str(out[2])]) == 0
-    err = capsys.readouterr().err
+    code, err = run(conf, [blocker, out[1], out[2]])
+    assert code == 0
     assert err.startswith(
         "rampiped-generator: internal error, some units may not be ordered after"
         " rampiped.service: NotADirectoryError"
