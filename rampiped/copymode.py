@@ -36,7 +36,6 @@ import errno
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import sqlite3
@@ -56,9 +55,11 @@ from rampiped.sync import (
     Runner,
     SyncError,
     pause_point,
+    rsync_stat,
     run_command,
     stamp_of,
 )
+from rampiped.sync import RSYNC_COPY as _RSYNC
 from rampiped.sync import Stamp as StampOfFile
 
 log = logging.getLogger(__name__)
@@ -380,25 +381,15 @@ def _exclude_pattern(rel: str) -> str:
     return "/" + body + "[\\" + rel[-1] + "]"
 
 
-_STAT_LINES = {
-    "files": re.compile(r"^Number of regular files transferred: ([\d,.']+)", re.M),
-    "bytes": re.compile(r"^Total transferred file size: ([\d,.']+)", re.M),
-    "deleted": re.compile(r"^Number of deleted files: ([\d,.']+)", re.M),
+_STAT_LABELS = {
+    "files": "Number of regular files transferred",
+    "bytes": "Total transferred file size",
+    "deleted": "Number of deleted files",
 }
 
 
 def _rsync_stats(stdout: str) -> dict[str, int]:
-    out = {}
-    for key, pattern in _STAT_LINES.items():
-        m = pattern.search(stdout)
-        out[key] = int(re.sub(r"\D", "", m.group(1))) if m else 0
-    return out
-
-
-# --modify-window=-1: rsync's quick check (and whether it sets a directory's times) compares
-# whole seconds by default, so a same-size rewrite within the second of the last copy would be
-# skipped for good. -1 compares nanoseconds (receivers >= 3.1.3).
-_RSYNC = ("rsync", "-aHAX", "--numeric-ids", "--modify-window=-1")
+    return {key: rsync_stat(stdout, label) for key, label in _STAT_LABELS.items()}
 
 
 # -- copy in ----------------------------------------------------------------------------------

@@ -70,6 +70,12 @@ _GEN_TMP_RE = re.compile(r"gen-([0-9]+)\.tmp")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
+# rsync copying a tree as it is (checkpoints here and in copy mode). --modify-window=-1: rsync's
+# quick check (and whether it sets a directory's times) compares whole seconds by default, so a
+# same-size rewrite within the second of the last copy would be skipped for good, or hard-linked
+# from the last generation, stale. -1 compares nanoseconds (receivers >= 3.1.3).
+RSYNC_COPY = ("rsync", "-aHAX", "--numeric-ids", "--modify-window=-1")
+
 # Exit codes of rsync (rsync(1), EXIT VALUES), and the shell's 126/127.
 RSYNC_EXIT_MEANINGS: dict[int, str] = {
     1: "syntax or usage error",
@@ -1915,7 +1921,8 @@ def _generations(journal_fd: int) -> tuple[dict[int, str], list[str]]:
     return complete, partial
 
 
-def _parse_stat(text: str, label: str) -> int:
+def rsync_stat(text: str, label: str) -> int:
+    """A figure of rsync --stats output (`label`: the text before its colon); 0 when absent."""
     m = re.search(re.escape(label) + r":\s*([0-9][0-9,.']*)", text)
     return int(re.sub(r"[^0-9]", "", m.group(1))) if m else 0
 
@@ -1949,10 +1956,7 @@ def checkpoint(upper: str, journal: str, *, runner: Runner = run_command) -> Che
         latest = max(complete, default=0)
         gen = latest + 1
         tmp_name = f"gen-{gen}.tmp"
-        # --modify-window=-1: compare times to the nanosecond; rsync's default of whole
-        # seconds would hard-link a same-size rewrite within one second from the last
-        # generation, stale
-        argv = ["rsync", "-aHAX", "--numeric-ids", "--modify-window=-1", "--stats"]
+        argv = [*RSYNC_COPY, "--stats"]
         if latest:
             argv.append(f"--link-dest={journal}/{complete[latest]}")
         argv += [upper + "/", f"{journal}/{tmp_name}/"]
@@ -1977,8 +1981,8 @@ def checkpoint(upper: str, journal: str, *, runner: Runner = run_command) -> Che
         _fsync_dir(jfd)
     return CheckpointResult(
         gen,
-        _parse_stat(result.stdout, "Number of regular files transferred"),
-        _parse_stat(result.stdout, "Total transferred file size"),
+        rsync_stat(result.stdout, "Number of regular files transferred"),
+        rsync_stat(result.stdout, "Total transferred file size"),
         time.monotonic() - start,
     )
 
