@@ -205,3 +205,19 @@ def test_a_keep_that_is_a_symlink_refuses_the_pin(env: Env) -> None:
         assert mounts_below(env.tmp / "elsewhere") == []
         assert sorted(os.listdir(cache)) == ["old-file", "pip"]
         assert daemon.stop() == 0
+
+
+def test_without_size_the_tmpfs_is_one_and_a_half_times_ram_max(env: Env) -> None:
+    """The documented default of `size`: the size every pin's tmpfs has (ram.max, plus half
+    of it again as room for the writes that arrive while the coldest pin is evicted)."""
+    cache = make_cache(env, "alice")
+    env.write_config(
+        adaptive={"enabled": False},
+        ram={"max": "256M"},
+        pins=[{"path": str(cache), "mode": "volatile"}],
+    )
+    with running(env) as daemon:
+        rows = mount_rows(cache)
+        assert [r["fstype"] for r in rows] == ["tmpfs"], rows
+        assert "size=393216k" in rows[0]["options"]  # 384 MiB
+        assert daemon.stop() == 0
