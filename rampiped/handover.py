@@ -43,7 +43,7 @@ REOPEN_TIMEOUT = 30  # seconds the reopen command may take (it usually signals a
 SETTLE_DEADLINE = 5.0  # seconds the writers get to reopen their files after the command
 POLL = 0.1
 MARKER = "handover.json"  # in the pin's journal dir: the disk was written, do not apply again
-CONFLICT_SUFFIX = ".rampiped-conflict"
+CONFLICT_SUFFIX = sync.CONFLICT_SUFFIX
 
 _MNT_DETACH = 2
 _UMOUNT_NOFOLLOW = 8
