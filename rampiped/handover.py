@@ -33,7 +33,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rampiped import holders, mounts, sync
 
@@ -265,7 +265,7 @@ class MergeResult:
     files: int = 0
     bytes: int = 0
     appended: int = 0
-    conflicts: list[str] | None = None
+    conflicts: list[str] = field(default_factory=list)
 
 
 def _same_prefix(a: str, b: str, size: int) -> bool:
@@ -323,8 +323,7 @@ def merge_window(upper: str, disk: str, applied: dict[str, list[int]]) -> MergeR
     writer appended to a disk file meanwhile is never overwritten: the RAM side's new bytes are
     appended after it, or, when the RAM side was not merely appended to, written next to it
     as NAME.rampiped-conflict."""
-    res = MergeResult(conflicts=[])
-    assert res.conflicts is not None
+    res = MergeResult()
     for dirpath, _dirs, files in os.walk(upper):
         for name in files:
             src = os.path.join(dirpath, name)
