@@ -34,6 +34,7 @@ import stat
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import IO
 
 from rampiped import holders, mounts, sync
 
@@ -280,13 +281,19 @@ def _same_prefix(a: str, b: str, size: int) -> bool:
     return True
 
 
+def _pour(fs: IO[bytes], fd: IO[bytes]) -> int:
+    """Write the rest of `fs` into `fd`; returns the bytes written."""
+    n = 0
+    while chunk := fs.read(1 << 20):
+        fd.write(chunk)
+        n += len(chunk)
+    return n
+
+
 def _append(src: str, offset: int, dst: str) -> int:
     with open(src, "rb") as fs, open(dst, "ab") as fd:
         fs.seek(offset)
-        n = 0
-        while chunk := fs.read(1 << 20):
-            fd.write(chunk)
-            n += len(chunk)
+        n = _pour(fs, fd)
         fd.flush()
         os.fsync(fd.fileno())
     return n
@@ -294,10 +301,7 @@ def _append(src: str, offset: int, dst: str) -> int:
 
 def _rewrite(src: str, dst: str) -> int:
     with open(src, "rb") as fs, open(dst, "r+b") as fd:
-        n = 0
-        while chunk := fs.read(1 << 20):
-            fd.write(chunk)
-            n += len(chunk)
+        n = _pour(fs, fd)
         fd.truncate()
         fd.flush()
         os.fsync(fd.fileno())
