@@ -164,7 +164,8 @@ def fds_on_mount(mount_id: int, exclude_pids: Collection[int] = ()) -> list[Held
         pid = int(name)
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
-            comm = open(f"/proc/{pid}/comm").read().strip()  # noqa: SIM115 (closed by GC)
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
         except OSError:
             continue
         for kind in ("cwd", "root"):
