@@ -131,6 +131,14 @@ class Tally:
             f"{n} events in {path} (have {self.counts})",
         )
 
+    def settle(self, directory: Path, events: int = 3) -> None:
+        """A sentinel: another process makes one file in `directory` (create, modify, close:
+        3 events; `events` for a mark that leaves some out), and once that is counted every
+        earlier event has been read."""
+        with writer(directory.parent) as sentinel:
+            sentinel.do(f"files {directory.name} 1 s")
+        self.wait_count(directory, events)
+
 
 @pytest.fixture
 def monitor(loopfs: LoopFs, runtime_tmpfs: Path) -> Iterator[Monitor]:
@@ -167,9 +175,7 @@ def test_counts_per_directory_exactly(
         w.do("mkdir a/sub")  # 1 in a
         w.do("files a/sub 5 s")  # 15 in a/sub
         w.do("files b 7 f")  # 21
-    with writer(root) as sentinel:
-        sentinel.do("files c 1 s")
-    tally.wait_count(root / "c", 3)
+    tally.settle(root / "c")
     assert tally.counts == {
         str(root / "a"): 65,
         str(root / "a" / "sub"): 15,
@@ -189,16 +195,12 @@ def test_a_quiet_mark_leaves_each_write_out(monitor: Monitor, runtime_tmpfs: Pat
     tally = Tally(monitor)
     with writer(root) as w:
         w.do("files a 20 f")  # create + close each: 40, no modify
-    with writer(root) as sentinel:
-        sentinel.do("files c 1 s")  # 2
-    tally.wait_count(root / "c", 2)
+    tally.settle(root / "c", 2)  # create + close, no modify
     assert tally.counts == {str(root / "a"): 40, str(root / "c"): 2}
     monitor.add_filesystem(str(root))
     with writer(root) as w:
         w.do("files b 5 f")  # 15 again
-    with writer(root) as sentinel:
-        sentinel.do("files d 1 s")
-    tally.wait_count(root / "d", 3)
+    tally.settle(root / "d")
     assert tally.counts[str(root / "b")] == 15
     monitor.remove_filesystem(str(root))
     monitor.remove_filesystem(str(root))
@@ -211,9 +213,7 @@ def test_own_process_is_ignored(monitor: Monitor, loopfs: LoopFs) -> None:
     tally = Tally(monitor)
     for i in range(4):
         (root / f"mine{i}").write_text("x")  # by this process: create, modify, close each
-    with writer(root) as sentinel:
-        sentinel.do("files c 1 s")
-    tally.wait_count(root / "c", 3)
+    tally.settle(root / "c")
     assert tally.counts == {str(root / "c"): 3}
     assert tally.ignored == 12
 
@@ -234,9 +234,7 @@ def test_ignored_pid_and_its_descendants_are_not_counted(monitor: Monitor, loopf
         monitor.unignore_pid(w.pid, after=0.0)
         w.do("files a 2 late")  # after the grace period: counted (6)
         w.do("child files b 2 late")  # 6
-    with writer(root) as sentinel:
-        sentinel.do("files c 1 s")
-    tally.wait_count(root / "c", 3)
+    tally.settle(root / "c")
     assert tally.counts == {str(root / "a"): 6, str(root / "b"): 6, str(root / "c"): 3}
     assert tally.ignored == 60
 
@@ -281,9 +279,7 @@ def test_overflow_is_reported_not_silent(monitor: Monitor, loopfs: LoopFs) -> No
     wait_for(lambda: tally.drain().lost > 0, 10, "an overflow to be reported")
     assert 0 < tally.counts.get(str(root / "a"), 0) < 3 * (queue + 5000)
     # Counting goes on after an overflow.
-    with writer(root) as sentinel:
-        sentinel.do("files c 1 s")
-    tally.wait_count(root / "c", 3)
+    tally.settle(root / "c")
     assert monitor.stats()["lost"] == tally.lost >= 1
 
 
