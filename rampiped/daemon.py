@@ -3,14 +3,15 @@
 One loop owns the state. It waits on one selector for: the signal wake-up socket (handlers
 only record the signal), the monitor's "events ready" fd, the worker's "job done" fd and the
 control socket, with a timeout that makes the engine tick twice a second. Slow work (copies,
-rsync) runs in one worker thread, one job at a time, so the loop keeps answering `rampipectl`
-and the systemd watchdog while a sync runs.
+rsync, the size of a candidate) runs in one worker thread, one job at a time, so the loop keeps
+answering `rampipectl` and the systemd watchdog while a sync runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import glob
 import logging
@@ -55,11 +56,12 @@ EXTEND_BY_USEC = 30_000_000
 # At most this long between logind's sleep announcement and releasing the delay lock (logind
 # itself goes ahead after its InhibitDelayMaxSec, when that is shorter).
 SLEEP_DEADLINE = 20.0
+FACTS_MAX_AGE = 30.0  # seconds a candidate's filesystem facts and size are reused
 
 
 @dataclass
 class Job:
-    kind: str  # pin | unpin | checkpoint
+    kind: str  # pin | unpin | checkpoint | measure (a candidate's size)
     path: str
     fn: Callable[[], Any]
     replies: list[Callable[[Any, BaseException | None], None]] = field(default_factory=list)
@@ -192,6 +194,7 @@ class Daemon:
         self.last_extend = 0.0
         self.last_refusal: dict[str, str] = {}
         self.facts_cache: dict[str, tuple[float, engine.CandidateFacts]] = {}
+        self.measuring: set[str] = set()  # candidates whose size the worker is measuring
         self.lost_events = 0
         self.sleep_guard: logind.SleepGuard | None = None
         self.sleep_wait: set[str] = set()  # checkpoints the coming sleep waits for
@@ -481,6 +484,9 @@ class Daemon:
                 reply(result, exc)
 
     def _finish(self, job: Job, result: Any, exc: BaseException | None) -> None:
+        if job.kind == "measure":
+            self._measured(job.path, result if exc is None else None)
+            return
         now = time.monotonic()
         self.observer.finished(job.kind, job.path, job.mode, job.reason, result, exc)
         if job.kind == "pin":
@@ -771,9 +777,12 @@ class Daemon:
         return infos
 
     def _facts(self, path: str) -> engine.CandidateFacts:
+        """What the filesystem says about a candidate. Its size takes a walk of the tree, which
+        can take seconds, so the worker measures it: until the first measurement the estimate
+        is the most one pin may take, and a candidate that fits even so is not kept waiting."""
         now = time.monotonic()
         cached = self.facts_cache.get(path)
-        if cached and now - cached[0] < 30:
+        if cached and now - cached[0] < FACTS_MAX_AGE:
             return cached[1]
         try:
             is_dir = os.path.isdir(path) and not os.path.islink(path)
@@ -789,19 +798,38 @@ class Daemon:
             ram_estimate=0,
         )
         if is_dir:
-            limit = self._ram_limit(self.cfg) // max(1, self.cfg.adaptive.max_pins)
             facts = engine.CandidateFacts(
                 exists=True,
                 is_dir=True,
                 is_mountpoint=mounts.is_mountpoint(path),
                 contains_mount=bool(mounts.mounts_below(path)),
                 fstype=mounts.fs_type(path),
-                ram_estimate=min(mounts.du(path), limit),
+                # the last measurement while a new one is under way, or the most one pin may take
+                ram_estimate=(
+                    cached[1].ram_estimate if cached and cached[1].is_dir else self._max_estimate()
+                ),
             )
-        self.facts_cache[path] = (now, facts)
-        if len(self.facts_cache) > 1000:
+            if path not in self.measuring:
+                self.measuring.add(path)
+                self.worker.submit(Job("measure", path, lambda: mounts.du(path)))
+        if len(self.facts_cache) >= 1000:
             self.facts_cache.clear()
+        self.facts_cache[path] = (now, facts)
         return facts
+
+    def _max_estimate(self) -> int:
+        """The most one pin is expected to take: ram.max / max_pins."""
+        return self._ram_limit(self.cfg) // max(1, self.cfg.adaptive.max_pins)
+
+    def _measured(self, path: str, size: int | None) -> None:
+        """The worker measured a candidate (`size` None: the walk failed, and the estimate
+        stays as it was until the facts are next due)."""
+        self.measuring.discard(path)
+        cached = self.facts_cache.get(path)
+        if cached is not None and size is not None:
+            estimate = min(size, self._max_estimate())
+            facts = dataclasses.replace(cached[1], ram_estimate=estimate)
+            self.facts_cache[path] = (time.monotonic(), facts)
 
     def _decide(self, now: float) -> None:
         vm = psutil.virtual_memory()
@@ -1199,8 +1227,6 @@ def _iso(wall: float) -> str:
 
 
 def _keep_dirs(new: config.Config, old: config.Config) -> config.Config:
-    import dataclasses
-
     return dataclasses.replace(new, runtime_dir=old.runtime_dir, journal_dir=old.journal_dir)
 
 

@@ -97,6 +97,34 @@ def test_dry_run_mounts_nothing_and_logs_its_decisions(env: Env) -> None:
         assert daemon.stop() == 0
 
 
+def test_candidate_sizes_are_measured_and_decide_the_budget(env: Env) -> None:
+    """The worker measures a hot candidate's size; until then its estimate is the most one pin
+    may take (ram.max / max_pins: 128 MiB here), above the high watermark (102.4 MiB). Only the
+    measurement lets the small candidate in, and the large one is refused for its own size."""
+    small, big = env.data / "small", env.data / "big"
+    seed(small)
+    seed(big)
+    with open(big / "blob", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 110 << 20)
+    env.write_config(ram={"high_watermark": 0.4}, adaptive={"max_pins": 2})
+
+    def blocked() -> str:
+        cands = {c["path"]: c for c in env.status()["candidates"]}
+        return str(cands.get(str(big), {}).get("blocked") or "")
+
+    with running(env) as daemon:
+        writers = [Writer(small, rate=300), Writer(big, rate=300)]
+        try:
+            wait_for(lambda: env.overlay_at(small), 20, "the small candidate to be pinned")
+            wait_for(lambda: "+ estimate 110." in blocked(), 20, "the big one's measured size")
+            assert "> high watermark 102.4 MiB" in blocked()
+            assert not env.overlay_at(big)
+        finally:
+            for w in writers:
+                w.stop()
+        assert daemon.stop() == 0
+
+
 def test_holder_blocks_pin_until_it_exits(env: Env) -> None:
     hot = env.data / "hot"
     seed(hot)
