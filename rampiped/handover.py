@@ -69,11 +69,15 @@ def run_reopen(command: str, path: str, runner: sync.Runner) -> bool:
     if res.returncode == 0:
         log.info("%s: ran %r to make its writers reopen their files", path, command)
         return True
-    why = (
-        f"did not finish within {REOPEN_TIMEOUT} s"
-        if res.returncode == 124
-        else f"exited with {res.returncode} ({sync.describe_exit(res.returncode)})"
-    )
+    # sync.describe_exit explains rsync's exit codes, not this command's; timeout(1) itself
+    # answers 124 (time is up), 126 (cannot run the command) and 127 (no such command)
+    why = {
+        124: f"did not finish within {REOPEN_TIMEOUT} s",
+        126: "could not be run (exit code 126: not executable)",
+        127: "could not be run (exit code 127: command not found)",
+    }.get(res.returncode, f"exited with code {res.returncode}")
+    if res.returncode < 0:
+        why = sync.describe_exit(res.returncode)  # "was killed by SIGTERM"
     detail = (res.stderr or res.stdout).strip().splitlines()
     log.warning(
         "%s: the reopen command %s %s%s",

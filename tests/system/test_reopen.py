@@ -5,6 +5,7 @@ every line on disk afterwards; one that ignores the signal is rolled back, with 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from rampiped import handover
+from rampiped.sync import run_command
 from tests.system.daemon_harness import Env, make_env, running
 from tests.system.helpers import mountinfo, wait_for
 
@@ -195,3 +198,24 @@ def test_without_a_reopen_command_a_held_directory_is_refused(env: Env) -> None:
         assert_every_line(srv / "app.log", written)
     finally:
         server.kill()
+
+
+def test_a_failing_reopen_command_is_reported_with_its_own_exit_code(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="rampiped")
+    failing = "sh -c 'echo no such unit >&2; exit 1'"
+    assert handover.run_reopen(failing, "/srv", run_command) is False
+    assert handover.run_reopen("/nonexistent/reload", "/srv", run_command) is False
+    assert handover.run_reopen("true", "/srv", run_command) is True
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 2, lines
+    assert lines[0] == (
+        "/srv: the reopen command timeout --kill-after=5 30 sh -c 'echo no such unit >&2; "
+        "exit 1' exited with code 1: no such unit"
+    )
+    # timeout's own message follows; its quotes depend on the locale
+    assert lines[1].startswith(
+        "/srv: the reopen command timeout --kill-after=5 30 /nonexistent/reload could not be "
+        "run (exit code 127: command not found): timeout: failed to run command"
+    )
