@@ -96,22 +96,23 @@ def bind_keep(
             raise KeepError(f"{path} is no longer the pin's tmpfs")
         for i, part in enumerate(parts):
             shown = "/".join(parts[: i + 1])
+            parent: os.stat_result | None = None  # set when the directory is made here
             try:
                 nd = os.open(part, _DIR_FLAGS, dir_fd=dfd)
             except FileNotFoundError:
                 parent = os.fstat(dfd)
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o700, dir_fd=dfd)
-                except FileExistsError:
-                    pass
                 nd = _open_child(dfd, part, f"{path}/{shown} on disk")
-                os.fchown(nd, parent.st_uid, parent.st_gid)
-                os.fchmod(nd, stat.S_IMODE(parent.st_mode))
-                created(shown)
             except OSError as exc:
                 raise KeepError(_why(exc, f"{path}/{shown} on disk", dfd, part)) from None
+            # handed over before anything else can fail, so that `finally` closes it
             os.close(dfd)
             dfd = nd
+            if parent is not None:
+                os.fchown(dfd, parent.st_uid, parent.st_gid)
+                os.fchmod(dfd, stat.S_IMODE(parent.st_mode))
+                created(shown)
             st = os.fstat(dfd)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(part, 0o700, dir_fd=tfd)
@@ -122,9 +123,8 @@ def bind_keep(
             os.fchmod(tfd, stat.S_IMODE(st.st_mode))
         bind_fd(dfd, f"{path}/{name} on disk", tfd, f"{path}/{name}", private=False)
     finally:
-        for fd in (dfd, tfd):
-            if fd >= 0:
-                os.close(fd)
+        os.close(dfd)
+        os.close(tfd)
 
 
 def _open_child(dir_fd: int, name: str, shown: str) -> int:
