@@ -328,9 +328,15 @@ def _fsync_dir(path: str) -> None:
     _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def _tmp_path(path: str) -> str:
+    """A fresh temporary name next to `path`, marked as rampiped's (_TMP_MARK)."""
     directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}{_TMP_MARK}{secrets.token_hex(4)}")
+    return os.path.join(directory, f".{name}{_TMP_MARK}{secrets.token_hex(4)}")
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path)
+    tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -576,8 +582,8 @@ def _checkpoint_database(data: str, disk: str, rel: str) -> int | None:
         st = os.lstat(src)
     except FileNotFoundError:
         return None
-    directory, name = os.path.split(dst)
-    tmp = os.path.join(directory, f".{name}{_TMP_MARK}{secrets.token_hex(4)}")
+    directory = os.path.dirname(dst)
+    tmp = _tmp_path(dst)
     try:
         try:
             _backup(src, tmp)
@@ -1218,7 +1224,7 @@ def import_window(ram: str, disk: str, window: Window) -> list[str]:
                 continue
             shutil.copytree(src, dst, symlinks=True)
         elif st[0] in ("f", "l"):
-            tmp = os.path.join(parent, f".{os.path.basename(dst)}{_TMP_MARK}{secrets.token_hex(4)}")
+            tmp = _tmp_path(dst)
             shutil.copy2(src, tmp, follow_symlinks=False)
             os.replace(tmp, dst)
         else:
