@@ -749,12 +749,17 @@ def _meta(root: str, skip: set[str], databases: set[str]) -> dict[str, tuple[obj
     return out
 
 
+def _since_ns(since: float) -> int:
+    """A moment of the tmpfs's clock in seconds as ns, a microsecond early: the margin for the
+    float it travelled in."""
+    return int(since * 1e9) - 1000
+
+
 def _quick_check_misses(data: str, disk: str, before: Snapshot, since: float) -> list[str]:
     """Files changed since `since` that rsync's quick check (size and mtime) would skip: a
     same-size rewrite that put the old mtime back (cp -p, touch -r, an archive extracted).
-    `since` comes from the tmpfs's own clock (PinManager.ram_clock); a microsecond of margin
-    for the float it travelled in."""
-    since_ns = int(since * 1e9) - 1000
+    `since` comes from the tmpfs's own clock (PinManager.ram_clock)."""
+    since_ns = _since_ns(since)
     out = []
     for rel, st in before.items():
         if rel == "." or st[0] != "f" or st[3] < since_ns:
@@ -892,7 +897,7 @@ def _same_content(a: Stamp | None, b: Stamp | None) -> bool:
 
 def _ram_changes(in_ram: Snapshot, window: Window) -> list[str]:
     """RAM entries changed since window.since or not as the disk held them before."""
-    since_ns = int(window.since * 1e9) - 1000  # a microsecond for the float it travelled in
+    since_ns = _since_ns(window.since)
     return sorted(
         rel
         for rel, st in in_ram.items()
@@ -1121,7 +1126,7 @@ class WindowWriteBack:
         data = os.path.join(ram, DATA)
         deleted, _kept = _delete_gone(disk, self.window.before, self.in_ram)
         top = os.lstat(data)
-        if top.st_ctime_ns >= int(self.window.since * 1e9) - 1000:
+        if top.st_ctime_ns >= _since_ns(self.window.since):
             # the directory's own owner and mode (rsync is not given "." above)
             os.chown(disk, top.st_uid, top.st_gid, follow_symlinks=False)
             os.chmod(disk, stat.S_IMODE(top.st_mode))
