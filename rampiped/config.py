@@ -1030,6 +1030,7 @@ class _Loader:
         items = self.items(entry.value, "adaptive.watch", "expected a list of watch roots")
         if items is None:
             return default, []
+        d = WatchRoot("")  # the defaults of its keys
         roots: list[WatchRoot] = []
         accepted: list[_Placed] = []
         for item_path, item in items:
@@ -1044,8 +1045,8 @@ class _Loader:
             path = self.get(w, "path", item_path, _abs_path, "")
             root = WatchRoot(
                 path=path,
-                depth=self.get(w, "depth", item_path, _count, 1),
-                reopen=self.get(w, "reopen", item_path, _optional(_command), None),
+                depth=self.get(w, "depth", item_path, _count, d.depth),
+                reopen=self.get(w, "reopen", item_path, _optional(_command), d.reopen),
             )
             roots.append(root)
             path_key = _join(item_path, "path")
@@ -1085,21 +1086,24 @@ class _Loader:
         if "path" not in p:
             self.issue(item, _join(item_path, "path"), "required key is missing")
             return None
-        mode = self.get(p, "mode", item_path, _mode, "copy")
+        d = PinConfig("")  # the defaults of its keys
+        mode = self.get(p, "mode", item_path, _mode, d.mode)
         mode_ok = _join(item_path, "mode") not in self.bad
         pin = PinConfig(
             path=self.get(p, "path", item_path, _glob_path, ""),
             mode=mode,
-            sync_interval=self.get(p, "sync_interval", item_path, _optional(_duration), None),
-            max_size=self.get(p, "max_size", item_path, _optional(_positive_size), None),
+            sync_interval=self.get(
+                p, "sync_interval", item_path, _optional(_duration), d.sync_interval
+            ),
+            max_size=self.get(p, "max_size", item_path, _optional(_positive_size), d.max_size),
             before=self.string_list(
-                p, "before", item_path, "expected a list of systemd units", _unit_name, ()
+                p, "before", item_path, "expected a list of systemd units", _unit_name, d.before
             )[0],
-            size=self.get(p, "size", item_path, _optional(_positive_size), None),
+            size=self.get(p, "size", item_path, _optional(_positive_size), d.size),
             keep=self.string_list(
-                p, "keep", item_path, "expected a list of directory names", _keep_name, ()
+                p, "keep", item_path, "expected a list of directory names", _keep_name, d.keep
             )[0],
-            reopen=self.get(p, "reopen", item_path, _optional(_command), None),
+            reopen=self.get(p, "reopen", item_path, _optional(_command), d.reopen),
         )
         if mode_ok and mode != "volatile":
             for key in ("size", "keep"):
