@@ -45,7 +45,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from rampiped import mounts
+from rampiped import mounts, tree
 from rampiped.engine import format_bytes
 from rampiped.errors import RampipeError
 from rampiped.sync import (
@@ -156,29 +156,15 @@ def dir_size(path: str) -> int:
     without --sparse writes holes out in full. Symlinks are not followed."""
     total = 0
     seen: set[int] = set()
-    stack = [path]
-    while stack:
-        directory = stack.pop()
-        try:
-            it = os.scandir(directory)
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # removed while we walked
-        with it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
+    for _rel, st in tree.walk(path):
+        if stat.S_ISREG(st.st_mode):
+            if st.st_nlink > 1:
+                if st.st_ino in seen:
                     continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                elif stat.S_ISREG(st.st_mode):
-                    if st.st_nlink > 1:
-                        if st.st_ino in seen:
-                            continue
-                        seen.add(st.st_ino)
-                    total += st.st_size
-                elif stat.S_ISLNK(st.st_mode):
-                    total += st.st_size
+                seen.add(st.st_ino)
+            total += st.st_size
+        elif stat.S_ISLNK(st.st_mode):
+            total += st.st_size
     return total
 
 
@@ -229,23 +215,8 @@ def snapshot(root: str, paths: Iterable[str] | None = None) -> dict[str, Stamp]:
                 pass
         return out
     out["."] = _stamp(os.lstat(root))
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            it = os.scandir(os.path.join(root, rel_dir) if rel_dir else root)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with it:
-            for entry in it:
-                rel = rel_dir + "/" + entry.name if rel_dir else entry.name
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                out[rel] = _stamp(st)
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(rel)
+    for rel, st in tree.walk(root):
+        out[rel] = _stamp(st)
     return out
 
 

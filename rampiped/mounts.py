@@ -21,6 +21,8 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from rampiped import tree
+
 # <sys/mount.h>
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -516,27 +518,11 @@ def du(path: str) -> int:
     total = st.st_blocks * 512
     if not stat.S_ISDIR(st.st_mode):
         return total
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        try:
-            it = os.scandir(directory)
-        except FileNotFoundError:
-            continue  # removed while we walked
-        with it:
-            for entry in it:
-                if entry.path in skip:
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                elif st.st_nlink > 1:  # hard links: count the inode once
-                    key = (st.st_dev, st.st_ino)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                total += st.st_blocks * 512
+    for _rel, st in tree.walk(root, skip=skip):
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:  # hard links: the inode once
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+        total += st.st_blocks * 512
     return total

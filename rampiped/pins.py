@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rampiped import copymode, handover, holders, mounts, sync, volatile
+from rampiped import copymode, handover, holders, mounts, sync, tree, volatile
 from rampiped.engine import format_bytes, format_duration
 
 log = logging.getLogger("rampiped")
@@ -1531,37 +1531,24 @@ class PinManager:
             sentinel = os.path.join(self.ram(pin.id), copymode.SENTINEL)
             with contextlib.suppress(OSError):
                 since = max(since, os.lstat(sentinel).st_ctime)
-        total = entries = seen = 0
+        total = entries = 0
         oldest: float | None = None
         # The overlay's upper root gets its times when the pin is made; what changes below it
         # shows as entries (a deletion as a whiteout). A copy's root changes on a deletion.
-        stack = [self.ram_side(pin)]
+        root = self.ram_side(pin)
         if pin.mode == "copy":
             with contextlib.suppress(OSError):
-                root_ctime = os.lstat(stack[0]).st_ctime
+                root_ctime = os.lstat(root).st_ctime
                 if root_ctime >= since:
                     oldest = root_ctime
-        while stack:
-            try:
-                it = os.scandir(stack.pop())
-            except OSError:
-                continue
-            with it:
-                for entry in it:
-                    seen += 1
-                    if seen > limit:
-                        return Dirty(total, entries, oldest, complete=False)
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(entry.path)
-                    if st.st_ctime >= since:
-                        entries += 1
-                        total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-                        if oldest is None or st.st_ctime < oldest:
-                            oldest = st.st_ctime
+        for seen, (_rel, st) in enumerate(tree.walk(root, tolerate=(OSError,)), start=1):
+            if seen > limit:
+                return Dirty(total, entries, oldest, complete=False)
+            if st.st_ctime >= since:
+                entries += 1
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+                if oldest is None or st.st_ctime < oldest:
+                    oldest = st.st_ctime
         return Dirty(total, entries, oldest, complete=True)
 
 
@@ -1666,22 +1653,7 @@ def open_dir_nofollow(path: str) -> int:
 
 def largest_file(path: str) -> int:
     """Size of the largest regular file below `path` (symlinks not followed)."""
-    largest = 0
-    stack = [path]
-    while stack:
-        directory = stack.pop()
-        try:
-            it = os.scandir(directory)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with it:
-            for entry in it:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                elif stat.S_ISREG(st.st_mode):
-                    largest = max(largest, st.st_size)
-    return largest
+    return max(
+        (st.st_size for _rel, st in tree.walk(path) if stat.S_ISREG(st.st_mode)),
+        default=0,
+    )
