@@ -819,9 +819,7 @@ class PinManager:
         if held is not None:
             self._settle_window(pin, held)
         sync.pause_point("unpin:applied")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.journal(pin.id), COPY_WINDOW))
-        self._release(pin)
+        self._release(pin)  # removes the journal directory, COPY_WINDOW with it, last
         if pin.reopen:
             # writers that opened a file since: they follow the directory back to disk
             handover.run_reopen(pin.reopen, pin.path, self.runner)
