@@ -84,6 +84,11 @@ class Pin:
         sh("umount", self.disk)
         sh("umount", self.staging)
 
+    def power_cut(self) -> None:
+        """The overlay and the RAM are gone, nothing was applied."""
+        self.unmount_overlay()
+        sh("umount", self.ram)
+
     def cleanup(self) -> None:
         unmount_tree(self.disk)
         unmount_tree(self.staging)
@@ -182,6 +187,13 @@ class PowerCut(BaseException):
     """Stands for the process dying: no handler of ordinary exceptions runs."""
 
 
+def cut_at_rsync(argv: list[str]) -> CommandResult:
+    """A runner under which the process dies when the apply starts rsync."""
+    if argv[1:] == ["--version"]:
+        return run_command(argv)
+    raise PowerCut
+
+
 def test_interrupted_apply_resumes_without_moving_twice(pin: Pin, outside: Path) -> None:
     populate(pin.disk, outside)
     pin.mount()
@@ -191,13 +203,8 @@ def test_interrupted_apply_resumes_without_moving_twice(pin: Pin, outside: Path)
     before = oracle(pin.disk)
     pin.unmount_overlay()
 
-    def cut(argv: list[str]) -> CommandResult:
-        if argv[1:] == ["--version"]:
-            return run_command(argv)
-        raise PowerCut
-
     with pytest.raises(PowerCut):
-        apply_upper(str(pin.upper), str(pin.disk), runner=cut)
+        apply_upper(str(pin.upper), str(pin.disk), runner=cut_at_rsync)
     assert (pin.disk / STASH_NAME / "plan.json").exists()
     # The swap already happened on disk: a fresh start would swap again.
     assert (pin.disk / "swap/a/fb").exists()
@@ -211,13 +218,8 @@ def test_a_leftover_of_another_layer_is_refused(pin: Pin, outside: Path, tmp_pat
     changes.ch_swap(pin.disk)
     pin.unmount_overlay()
 
-    def cut(argv: list[str]) -> CommandResult:
-        if argv[1:] == ["--version"]:
-            return run_command(argv)
-        raise PowerCut
-
     with pytest.raises(PowerCut):
-        apply_upper(str(pin.upper), str(pin.disk), runner=cut)
+        apply_upper(str(pin.upper), str(pin.disk), runner=cut_at_rsync)
     half = manifest(pin.disk)
     other = tmp_path / "other-layer"
     write(other / "swap/new", "x")
@@ -483,10 +485,7 @@ def test_journal_survives_a_power_cut(pin: Pin, outside: Path, loopfs: LoopFs) -
 
     write(pin.disk / "after/lost", "written after the last checkpoint")
     os.unlink(pin.disk / "keep/file")
-    # Power cut: the overlay and the RAM are gone, nothing was applied.
-    sh("umount", pin.disk)
-    sh("umount", pin.staging)
-    sh("umount", pin.ram)
+    pin.power_cut()
     # A checkpoint cut short: a partial generation that must be ignored.
     partial = journal / "gen-3.tmp"
     whiteout(partial / "keep/sub")
@@ -542,17 +541,10 @@ def test_interrupted_journal_apply_resumes(pin: Pin, outside: Path, loopfs: Loop
     changes.ch_delete_in_renamed(pin.disk)
     checkpoint(str(pin.upper), str(journal))
     at_checkpoint = oracle(pin.disk)
-    sh("umount", pin.disk)
-    sh("umount", pin.staging)
-    sh("umount", pin.ram)
-
-    def cut(argv: list[str]) -> CommandResult:
-        if argv[1:] == ["--version"]:
-            return run_command(argv)
-        raise PowerCut
+    pin.power_cut()
 
     with pytest.raises(PowerCut):
-        apply_journal(str(journal), str(pin.disk), runner=cut)
+        apply_journal(str(journal), str(pin.disk), runner=cut_at_rsync)
     assert latest_generation(str(journal)) is not None
     result = apply_journal(str(journal), str(pin.disk))
     assert result is not None
