@@ -173,18 +173,15 @@ def test_a_crash_after_the_unmount_still_carries_the_window(
         d = env.data / "app"
         d.mkdir()
         (d / "a.log").write_text("disk 1\n")
-        with monkeypatch.context() as m:
-            for k, v in safety.pause_env("unpin:journaled", marker).items():
-                m.setenv(k, v)
-            with running(env) as dm:
-                env.ctl("pin", str(d), check=True)
-                append(d / "a.log", "ram 2\n")
-                ctl = ctl_async(env, "unpin", str(d))
-                safety.wait_paused(marker, "unpin:journaled")
-                append(d / "a.log", "disk 3\n")
-                assert (d / ".rampiped-held").is_dir()
-                dm.kill()
-                ctl.wait(30)
+        with safety.paused_daemon(env, monkeypatch, "unpin:journaled", marker) as dm:
+            env.ctl("pin", str(d), check=True)
+            append(d / "a.log", "ram 2\n")
+            ctl = ctl_async(env, "unpin", str(d))
+            safety.wait_paused(marker, "unpin:journaled")
+            append(d / "a.log", "disk 3\n")
+            assert (d / ".rampiped-held").is_dir()
+            dm.kill()
+            ctl.wait(30)
         marker.unlink()
         with daemon(env, monkeypatch, None) as dm:
             dm.wait_log(r"carried the writes made during an interrupted write-back")
@@ -204,24 +201,21 @@ def test_a_crash_right_after_a_carried_append_does_not_repeat_it(
         d = env.data / "app"
         d.mkdir()
         (d / "a.log").write_text("disk 1\n")
-        with monkeypatch.context() as m:
-            for k, v in safety.pause_env(f"{STAGE},held:appended", marker).items():
-                m.setenv(k, v)
-            with running(env) as dm:
-                env.ctl("pin", str(d), check=True)
-                append(d / "a.log", "ram 2\n")
-                # a hard link in the layer: rsync writes the file, and the window's lines are
-                # carried after the apply, by the merge that the crash cuts short
-                os.link(d / "a.log", d / "a.link")
-                ctl = ctl_async(env, "unpin", str(d))
-                safety.wait_paused(marker, STAGE)
-                append(d / "a.log", "disk 3\n")
-                append(d / "a.log", "disk 4\n")
-                marker.unlink()
-                safety.wait_paused(marker, "held:appended")
-                assert (d / "a.log").read_text() == "disk 1\nram 2\ndisk 3\ndisk 4\n"
-                dm.kill()
-                ctl.wait(30)
+        with safety.paused_daemon(env, monkeypatch, f"{STAGE},held:appended", marker) as dm:
+            env.ctl("pin", str(d), check=True)
+            append(d / "a.log", "ram 2\n")
+            # a hard link in the layer: rsync writes the file, and the window's lines are
+            # carried after the apply, by the merge that the crash cuts short
+            os.link(d / "a.log", d / "a.link")
+            ctl = ctl_async(env, "unpin", str(d))
+            safety.wait_paused(marker, STAGE)
+            append(d / "a.log", "disk 3\n")
+            append(d / "a.log", "disk 4\n")
+            marker.unlink()
+            safety.wait_paused(marker, "held:appended")
+            assert (d / "a.log").read_text() == "disk 1\nram 2\ndisk 3\ndisk 4\n"
+            dm.kill()
+            ctl.wait(30)
         marker.unlink()
         append(d / "a.log", "after the crash\n")
         with daemon(env, monkeypatch, None) as dm:
