@@ -1,5 +1,7 @@
-"""Shared pieces of the safety tests (tests/system/test_safety_*.py): the tally that the run's
-last lines report, files that tell whether they are whole, and faults (kill -9, power cut).
+"""Shared pieces of the safety tests (tests/system/test_safety_*.py, and the write-back window
+tests that drive the daemon through its pause points): the tally that the run's last lines
+report, files that tell whether they are whole, faults (kill -9, power cut, a failing rsync),
+and the daemon paused at a stage.
 
 The tally is filled by the tests as they check outcomes (before asserting, so that a failing
 run reports its losses too) and printed by `pytest_terminal_summary` in conftest.py:
@@ -14,12 +16,13 @@ import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from tests.system.daemon_harness import VENV_BIN, Daemon, Env, running
+from tests.system.daemon_harness import VENV_BIN, Daemon, Env, make_env, running
 from tests.system.helpers import mountinfo, wait_for
 
 TALLY: dict[str, int] = {
@@ -133,6 +136,26 @@ def drop_ram(run_mount: Path, data_root: Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def manual_env(tmp: Path) -> Iterator[Env]:
+    """make_env with adaptive pinning off: pins come and go only on command."""
+    with make_env(tmp) as env:
+        env.write_config(adaptive={"enabled": False})
+        yield env
+
+
+def append(path: Path, data: str | bytes) -> None:
+    """Open anew, write at the end, close: what a logger does."""
+    with open(path, "ab") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def release(marker: Path) -> None:
+    """Let the daemon paused at a pause point go on."""
+    with contextlib.suppress(FileNotFoundError):
+        marker.unlink()
+
+
 def wait_paused(marker: Path, stage: str, timeout: float = 60) -> None:
     wait_for(
         lambda: marker.exists() and marker.read_text().strip() == stage,
@@ -209,3 +232,28 @@ def ctl_async(env: Env, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@contextlib.contextmanager
+def pin_with_late_writer(
+    env: Env, marker: Path, args: Sequence[str], late_path: Path, mounted: str
+) -> Iterator[tuple[subprocess.Popen[str], IO[str]]]:
+    """`rampipectl pin ARGS` in the background against a daemon paused at pin:layers and then
+    at `mounted`: at pin:layers (after the holder check) a process opens `late_path` on disk
+    for appending; the body runs at `mounted` with rampipectl and that open file. Afterwards
+    the daemon goes on, the file is closed, and rampipectl is killed if it still runs."""
+    ctl = ctl_async(env, "pin", *args)
+    late = None
+    try:
+        wait_paused(marker, "pin:layers")
+        late = open(late_path, "a")  # noqa: SIM115 (closed below, after the body)
+        release(marker)
+        wait_paused(marker, mounted)
+        yield ctl, late
+    finally:
+        release(marker)
+        if late is not None:
+            late.close()
+        if ctl.poll() is None:
+            ctl.kill()
+            ctl.communicate()

@@ -5,34 +5,24 @@ what reached RAM is written back (copymode.WindowWriteBack)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import Daemon, Env, make_env, running
+from tests.system.daemon_harness import Env, running
 from tests.system.helpers import wait_for
+from tests.system.safety import append, release
 
 pytestmark = pytest.mark.system
 
 SYNCED = "unpin:copy-synced"
 UNMOUNTED = "unpin:unmounted"
 WRITTEN = "copy-window:written"
-
-
-def append(path: Path, text: str) -> None:
-    with open(path, "a") as f:  # open anew, write, close: a logger
-        f.write(text)
-
-
-def release(marker: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        marker.unlink()
 
 
 def assert_clean(env: Env, d: Path) -> None:
@@ -96,12 +86,6 @@ def staged(
             ctl.communicate()
 
 
-@contextlib.contextmanager
-def paused(env: Env, mp: pytest.MonkeyPatch, marker: Path, stages: str) -> Iterator[Daemon]:
-    with safety.paused_daemon(env, mp, stages, marker) as dm:
-        yield dm
-
-
 def test_unpin_while_ram_still_changes_keeps_what_is_written_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,11 +94,12 @@ def test_unpin_while_ram_still_changes_keeps_what_is_written_on_disk(
     to a file RAM changed too, an append to one it did not, a new file, a file in a directory
     RAM deleted."""
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "copy"
         seed(d)
-        with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED},{WRITTEN}") as dm:
+        with safety.paused_daemon(
+            env, monkeypatch, f"{SYNCED},{UNMOUNTED},{WRITTEN}", marker
+        ) as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
             append(d / "a.log", "ram 1b\n")
 
@@ -153,12 +138,11 @@ def test_a_rewrite_on_disk_during_the_write_back_is_kept_as_a_conflict_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "copy"
         d.mkdir()
         (d / "conf").write_text("version 1\n")
-        with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED}") as dm:
+        with safety.paused_daemon(env, monkeypatch, f"{SYNCED},{UNMOUNTED}", marker) as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
             rc, out, err = staged(
                 env,
@@ -180,11 +164,12 @@ def test_a_crash_during_the_write_back_after_the_unmount_is_finished_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "copy"
         seed(d)
-        with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED},{WRITTEN}") as dm:
+        with safety.paused_daemon(
+            env, monkeypatch, f"{SYNCED},{UNMOUNTED},{WRITTEN}", marker
+        ) as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
             append(d / "a.log", "ram 1b\n")
             safety.count("crash points")
@@ -218,11 +203,10 @@ def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
     the retried unpin writes it all."""
     marker = tmp_path / "paused"
     flag = safety.failing_rsync(tmp_path, monkeypatch)
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "copy"
         seed(d)
-        with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED}") as dm:
+        with safety.paused_daemon(env, monkeypatch, f"{SYNCED},{UNMOUNTED}", marker) as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
 
             def disk_writes_then_rsync_fails() -> None:
@@ -269,20 +253,15 @@ def test_a_pin_rolled_back_after_its_bind_writes_back_what_reached_ram(
     so the pin is rolled back; what a process wrote into RAM in that moment is written back,
     and the disk write stays."""
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "copy"
         d.mkdir()
         (d / "a.log").write_text("disk 1\n")
         (d / "late.log").write_text("late 1\n")
-        with paused(env, monkeypatch, marker, "pin:layers,pin:bound") as dm:
-            ctl = safety.ctl_async(env, "pin", "--mode", "copy", str(d))
-            late = None
-            try:
-                safety.wait_paused(marker, "pin:layers")
-                late = open(d / "late.log", "a")  # noqa: SIM115 (opened after the holder check)
-                release(marker)
-                safety.wait_paused(marker, "pin:bound")
+        with safety.paused_daemon(env, monkeypatch, "pin:layers,pin:bound", marker) as dm:
+            with safety.pin_with_late_writer(
+                env, marker, ["--mode", "copy", str(d)], d / "late.log", "pin:bound"
+            ) as (ctl, late):
                 assert env.mounted_at(d) is not None
                 late.write("late 2 (disk)\n")
                 late.flush()
@@ -290,12 +269,6 @@ def test_a_pin_rolled_back_after_its_bind_writes_back_what_reached_ram(
                 (d / "made-in-ram").write_text("ram\n")
                 release(marker)
                 out, err = ctl.communicate(timeout=120)
-            finally:
-                release(marker)
-                if late is not None:
-                    late.close()
-                if ctl.poll() is None:
-                    ctl.kill()
             assert ctl.returncode != 0, (out, err)
             assert "written on disk during the pin" in err, err
             assert env.mounted_at(d) is None
@@ -317,20 +290,15 @@ def test_an_overlay_pin_refused_after_its_mount_writes_back_what_reached_ram(
     refused after it; what another process wrote through the overlay meanwhile is written
     back, and the late writer's writes stay."""
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "over"
         d.mkdir()
         (d / "a.log").write_text("disk 1\n")
         (d / "late.log").write_text("late 1\n")
-        with paused(env, monkeypatch, marker, "pin:layers,pin:overlay-mounted") as dm:
-            ctl = safety.ctl_async(env, "pin", str(d))
-            late = None
-            try:
-                safety.wait_paused(marker, "pin:layers")
-                late = open(d / "late.log", "a")  # noqa: SIM115 (opened after the holder check)
-                release(marker)
-                safety.wait_paused(marker, "pin:overlay-mounted")
+        with safety.paused_daemon(env, monkeypatch, "pin:layers,pin:overlay-mounted", marker) as dm:
+            with safety.pin_with_late_writer(
+                env, marker, [str(d)], d / "late.log", "pin:overlay-mounted"
+            ) as (ctl, late):
                 assert env.overlay_at(d)
                 append(d / "a.log", "ram 2\n")
                 (d / "made-in-ram").write_text("ram\n")
@@ -338,12 +306,6 @@ def test_an_overlay_pin_refused_after_its_mount_writes_back_what_reached_ram(
                 out, err = ctl.communicate(timeout=120)
                 late.write("late 2\n")
                 late.flush()
-            finally:
-                release(marker)
-                if late is not None:
-                    late.close()
-                if ctl.poll() is None:
-                    ctl.kill()
             assert ctl.returncode != 0, (out, err)
             assert "opened on disk during the pin" in err, err
             assert "what reached RAM meanwhile was written back" in err, dm.log_text()
@@ -364,21 +326,18 @@ def test_an_overlay_pin_refused_while_ram_is_held_stays_until_it_can_be_written_
     The late writer keeps writing to the disk file below RAM's copy of it; the unpin puts
     what it added after RAM's version."""
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "over"
         d.mkdir()
         (d / "a.log").write_text("disk 1\n")
         (d / "late.log").write_text("late 1\n")
-        with paused(env, monkeypatch, marker, "pin:layers,pin:overlay-mounted") as dm:
-            ctl = safety.ctl_async(env, "pin", str(d))
-            late = held = None
-            try:
-                safety.wait_paused(marker, "pin:layers")
-                late = open(d / "late.log", "a")  # noqa: SIM115 (opened after the holder check)
-                release(marker)
-                safety.wait_paused(marker, "pin:overlay-mounted")
-                held = open(d / "a.log", "a")  # noqa: SIM115 (a writer holding it in RAM)
+        with safety.paused_daemon(env, monkeypatch, "pin:layers,pin:overlay-mounted", marker) as dm:
+            with (
+                safety.pin_with_late_writer(
+                    env, marker, [str(d)], d / "late.log", "pin:overlay-mounted"
+                ) as (ctl, late),
+                open(d / "a.log", "a") as held,  # a writer holding it in RAM
+            ):
                 held.write("ram 2\n")
                 held.flush()
                 append(d / "late.log", "late ram\n")  # RAM's copy of the late writer's file
@@ -394,15 +353,7 @@ def test_an_overlay_pin_refused_while_ram_is_held_stays_until_it_can_be_written_
                 held.close()
                 late.close()
                 dm.wait_log(r"unpinned " + re.escape(str(d)), timeout=90)
-            finally:
-                release(marker)
-                for f in (late, held):
-                    if f is not None:
-                        f.close()
-                if ctl.poll() is None:
-                    ctl.kill()
             assert (d / "a.log").read_text() == "disk 1\nram 2\nram 3\n"
             assert (d / "late.log").read_text() == "late 1\nlate ram\nlate 2 (disk)\n"
             wait_for(lambda: env.status()["pins"] == [], 30, "the pin to be gone")
             assert safety.no_leftover_mounts(env.runtime) == []
-            dm.wait_log(r"unpinned " + re.escape(str(d)))

@@ -10,7 +10,6 @@ wrote its files and started again (the write-back is then finished at start)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -19,15 +18,16 @@ import sqlite3
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import Daemon, Env, make_env, running
+from tests.system.daemon_harness import Daemon, Env, running
 from tests.system.helpers import wait_for
+from tests.system.safety import append, release
 
 pytestmark = pytest.mark.system
 
@@ -44,17 +44,6 @@ Step = Callable[[Path], None]
 
 def nothing(d: Path) -> None:
     pass
-
-
-def append(path: Path, data: str | bytes) -> None:
-    raw = data.encode() if isinstance(data, str) else data
-    with open(path, "ab") as f:  # open anew, write, close: a logger
-        f.write(raw)
-
-
-def release(marker: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        marker.unlink()
 
 
 # -- what a tree holds ----------------------------------------------------------------------
@@ -696,12 +685,6 @@ CASES = {
 # -- running a case -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def paused(env: Env, mp: pytest.MonkeyPatch, marker: Path, stages: str) -> Iterator[Daemon]:
-    with safety.paused_daemon(env, mp, stages, marker) as dm:
-        yield dm
-
-
 Meta = dict[str, tuple[str, int, int, int]]
 
 
@@ -756,12 +739,13 @@ def test_write_back_after_the_unmount(
 ) -> None:
     case = CASES[name]
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "copy"
         d.mkdir()
         case.seed(d)
-        with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED},{WRITTEN}") as dm:
+        with safety.paused_daemon(
+            env, monkeypatch, f"{SYNCED},{UNMOUNTED},{WRITTEN}", marker
+        ) as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
             ctl = safety.ctl_async(env, "unpin", str(d))
             try:
@@ -815,20 +799,15 @@ def test_write_back_after_a_rolled_back_bind(
     exactly RAM's tree then, with the late write."""
     case = CASES[name]
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "copy"
         d.mkdir()
         case.seed(d)
         (d / "late.log").write_text("late 1\n")
-        with paused(env, monkeypatch, marker, "pin:layers,pin:bound") as dm:
-            ctl = safety.ctl_async(env, "pin", "--mode", "copy", str(d))
-            late = None
-            try:
-                safety.wait_paused(marker, "pin:layers")
-                late = open(d / "late.log", "a")  # noqa: SIM115 (opened after the holder check)
-                release(marker)
-                safety.wait_paused(marker, "pin:bound")
+        with safety.paused_daemon(env, monkeypatch, "pin:layers,pin:bound", marker) as dm:
+            with safety.pin_with_late_writer(
+                env, marker, ["--mode", "copy", str(d)], d / "late.log", "pin:bound"
+            ) as (ctl, late):
                 assert env.mounted_at(d) is not None
                 case.ram(d)
                 in_ram = tree(d)
@@ -837,13 +816,6 @@ def test_write_back_after_a_rolled_back_bind(
                 late.flush()
                 release(marker)
                 out, err = ctl.communicate(timeout=120)
-            finally:
-                release(marker)
-                if late is not None:
-                    late.close()
-                if ctl.poll() is None:
-                    ctl.kill()
-                    ctl.communicate()
             assert ctl.returncode != 0, (out, err)
             assert "written on disk during the pin" in err, err
             wait_for(lambda: env.status()["pins"] == [], 30, "the pin to be gone")
@@ -908,12 +880,11 @@ def test_a_failed_write_back_brings_every_kind_of_disk_write_into_ram(
     files, a file RAM renamed away), and the retried unpin writes it all."""
     marker = tmp_path / "paused"
     flag = safety.failing_rsync(tmp_path, monkeypatch)
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "copy"
         d.mkdir()
         seed_mixed(d)
-        with paused(env, monkeypatch, marker, f"{SYNCED},{UNMOUNTED}") as dm:
+        with safety.paused_daemon(env, monkeypatch, f"{SYNCED},{UNMOUNTED}", marker) as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
             ctl = safety.ctl_async(env, "unpin", str(d))
             try:
