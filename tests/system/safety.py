@@ -178,12 +178,6 @@ def no_leftover_mounts(runtime: Path) -> list[str]:
     return [m["mountpoint"] for m in mountinfo() if m["mountpoint"].startswith(pins_dir)]
 
 
-def environ_with(extra: Mapping[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(extra)
-    return env
-
-
 @contextlib.contextmanager
 def paused_daemon(
     env: Env, mp: pytest.MonkeyPatch, stage: str | None = None, marker: Path | None = None
