@@ -22,9 +22,9 @@ import signal
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 SUITE = "bookworm"  # Debian 12, the release rampiped supports
 VARIANT = "minbase"
@@ -532,3 +532,33 @@ def copy_checkout(repo: Path, dst: Path) -> None:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)
+
+
+def journal(guest: Guest, *args: str) -> str:
+    """The guest's journal, messages only (`journalctl -o cat ARGS`)."""
+    argv = ["journalctl", "--no-pager", "-o", "cat", *args]
+    return guest.run(shlex.join(argv), check=False).stdout
+
+
+def wait(
+    guest: Guest,
+    cond: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.25,
+    state: Callable[[], str] | None = None,
+) -> Any:
+    """Poll `cond` until truthy; on timeout fail with the service's recent journal, after
+    `state()` (more of the guest worth seeing) when given."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tail = journal(guest, "-u", "rampiped", "-n", "40")
+            seen = state() if state is not None else ""
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}; {seen}journal:\n{tail}"
+            )
+        time.sleep(interval)

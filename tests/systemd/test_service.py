@@ -16,14 +16,13 @@ import re
 import shlex
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.systemd.conftest import SOURCE_IN_GUEST, record
-from tests.systemd.guest import Guest, GuestError
+from tests.systemd.guest import Guest, GuestError, wait
 
 pytestmark = pytest.mark.systemd
 
@@ -146,19 +145,6 @@ def mounts_under(guest: Guest, prefix: str) -> list[tuple[str, str]]:
         for m in json.loads(out)["filesystems"]
         if m["target"] == prefix or m["target"].startswith(prefix + "/")
     ]
-
-
-def wait(guest: Guest, cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `cond` until truthy; on timeout fail with the service's recent journal."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = journal(guest, "-n", "40")
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; journal:\n{tail}")
-        time.sleep(0.25)
 
 
 def ensure_writer(guest: Guest) -> None:

@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 
 from tests.systemd.conftest import SOURCE_IN_GUEST, record
-from tests.systemd.guest import Guest, GuestError
+from tests.systemd.guest import Guest, GuestError, journal
+from tests.systemd.guest import wait as guest_wait
 
 pytestmark = pytest.mark.systemd
 
@@ -55,11 +56,6 @@ pins:
 """
 
 
-def journal(guest: Guest, *args: str) -> str:
-    argv = ["journalctl", "--no-pager", "-o", "cat", *args]
-    return guest.run(shlex.join(argv), check=False).stdout
-
-
 def daemon_log(guest: Guest) -> list[str]:
     return journal(guest, "-u", "rampiped").splitlines()
 
@@ -75,19 +71,13 @@ def logged_since(guest: Guest, since: int) -> list[str]:
 
 
 def wait(guest: Guest, cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = journal(guest, "-u", "rampiped", "-n", "40")
-            sessions = guest.run("loginctl list-sessions --no-pager", check=False).stdout
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {what}; sessions:\n{sessions}\n"
-                f"journal:\n{tail}"
-            )
-        time.sleep(0.2)
+    """guest.wait, showing logind's sessions too on a timeout."""
+
+    def listed() -> str:
+        out = guest.run("loginctl list-sessions --no-pager", check=False).stdout
+        return f"sessions:\n{out}\n"
+
+    return guest_wait(guest, cond, timeout, what, interval=0.2, state=listed)
 
 
 def wait_logged(guest: Guest, since: int, pattern: str, what: str, timeout: float = 30) -> None:

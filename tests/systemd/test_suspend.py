@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
 from tests.systemd.conftest import SOURCE_IN_GUEST, record
-from tests.systemd.guest import Guest, GuestError
+from tests.systemd.guest import Guest, GuestError, journal, wait
 
 pytestmark = pytest.mark.systemd
 
@@ -41,26 +39,9 @@ pins:
 """
 
 
-def journal(guest: Guest, *args: str) -> str:
-    argv = ["journalctl", "--no-pager", "-o", "cat", *args]
-    return guest.run(shlex.join(argv), check=False).stdout
-
-
 def cursor(guest: Guest) -> str:
     out = guest.run("journalctl --no-pager -n 0 --show-cursor").stdout
     return out.strip().rsplit("cursor: ", 1)[-1]
-
-
-def wait(guest: Guest, cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = journal(guest, "-u", "rampiped", "-n", "40")
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; journal:\n{tail}")
-        time.sleep(0.25)
 
 
 def main_pid(guest: Guest) -> str:
