@@ -8,6 +8,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -222,3 +223,34 @@ def drop_lone_link_groups(m: dict[str, Any]) -> dict[str, Any]:
             entry = {k: v for k, v in entry.items() if k != "link_group"}
         out[key] = entry
     return out
+
+
+_HOLD_OPEN = (
+    "import sys; f = open(sys.argv[1], 'a'); f.write(sys.argv[2]); f.flush();"
+    " print('ready', flush=True); sys.stdin.read(); f.write(sys.argv[3])"
+)
+
+
+@contextlib.contextmanager
+def holding_open(path: Path, first: str = "", last: str = "") -> Iterator[subprocess.Popen[str]]:
+    """A separate process that holds `path` open for appending: it has written `first` when
+    this yields, and writes `last` when `release`d. Killed at the end whatever happened."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_OPEN, str(path), first, last],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def release(proc: subprocess.Popen[str]) -> int:
+    """Let a `holding_open` process write its last text and exit; its exit status."""
+    assert proc.stdin is not None
+    proc.stdin.close()
+    return proc.wait(10)

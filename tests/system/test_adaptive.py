@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +17,10 @@ from tests.system.helpers import (
     diff_manifests,
     drop_caches,
     drop_lone_link_groups,
+    holding_open,
     manifest,
     mount_points,
+    release,
     wait_for,
 )
 
@@ -128,19 +129,7 @@ def test_candidate_sizes_are_measured_and_decide_the_budget(env: Env) -> None:
 def test_holder_blocks_pin_until_it_exits(env: Env) -> None:
     hot = env.data / "hot"
     seed(hot)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; f = open(sys.argv[1], 'a'); print('ready', flush=True); sys.stdin.read()",
-            str(hot / "held.log"),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+    with holding_open(hot / "held.log") as holder:
         with running(env) as daemon:
             writer = Writer(hot, rate=300)
             try:
@@ -148,17 +137,12 @@ def test_holder_blocks_pin_until_it_exits(env: Env) -> None:
                 assert not env.overlay_at(hot)
                 cands = {c["path"]: c for c in env.status()["candidates"]}
                 assert str(holder.pid) in (cands[str(hot)]["blocked"] or "")
-                assert holder.stdin is not None
-                holder.stdin.close()
-                holder.wait(10)
+                release(holder)
                 wait_for(lambda: env.overlay_at(hot), 30, "the pin once the holder is gone")
             finally:
                 writer.stop()
             assert daemon.stop() == 0
         assert not env.overlay_at(hot)
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_holder_at_unpin_keeps_the_pin_until_it_exits(env: Env) -> None:
@@ -170,28 +154,10 @@ def test_holder_at_unpin_keeps_the_pin_until_it_exits(env: Env) -> None:
             wait_for(lambda: env.overlay_at(hot), 20, "the pin")
         finally:
             writer.stop()
-        holder = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys; f = open(sys.argv[1], 'a'); f.write('held\\n');"
-                " f.flush(); print('ready', flush=True); sys.stdin.read(); f.write('bye\\n')",
-                str(hot / "held.log"),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with holding_open(hot / "held.log", first="held\n", last="bye\n") as holder:
             daemon.wait_log(rf"cannot unpin {hot} yet: .*pid {holder.pid}", timeout=30)
             assert env.overlay_at(hot)
-            assert holder.stdin is not None
-            holder.stdin.close()
-            assert holder.wait(10) == 0
-        finally:
-            holder.kill()
-            holder.wait()
+            assert release(holder) == 0
         daemon.wait_log(rf"unpinned {hot}: ", timeout=60)
     assert (hot / "held.log").read_text() == "held\nbye\n"
 

@@ -14,7 +14,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.system.daemon_harness import VENV_BIN, Env, Writer, make_env, running
-from tests.system.helpers import wait_for
+from tests.system.helpers import holding_open, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -380,40 +379,24 @@ def test_explain_names_the_holder_and_the_exclusion(env: Env) -> None:
     seed(hot)
     seed(skip)
     env.write_config(adaptive={"exclude": [str(skip)]})
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; f = open(sys.argv[1], 'a'); print('ready', flush=True); sys.stdin.read()",
-            str(hot / "held.log"),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        with running(env) as daemon:
-            writer = Writer(hot, rate=300)
-            try:
-                daemon.wait_log(rf"not pinned: cannot pin {hot}: in use by pid {holder.pid}")
-                out = env.ctl("explain", str(hot), check=True).stdout.splitlines()
-                assert out[0] == f"{hot} is not pinned."
-                assert re.fullmatch(
-                    r"rate [\d.]+/s is above pin_above 50/s since [\w.]+ \(hot_for 1s\): .+", out[1]
-                ), out
-                blocked = next(line for line in out if line.startswith("blocked: "))
-                assert blocked.startswith(f"blocked: in use by pid {holder.pid} (python"), out
-                assert f"{hot}/held.log" in blocked
-                assert re.search(r"; retry in [\w.]+", blocked), blocked
-                assert out[-1].startswith("RAM budget: pins use 0 B of 256.0 MiB")
-                raw = env.ctl("explain", "--json", str(hot), check=True).stdout
-                assert f"in use by pid {holder.pid}" in raw
-            finally:
-                writer.stop()
-            out = env.ctl("explain", str(skip), check=True).stdout.splitlines()
-            assert out[:2] == [f"{skip} is not pinned.", f"blocked: excluded by {skip}"]
-            assert daemon.stop() == 0
-    finally:
-        holder.kill()
-        holder.wait()
+    with holding_open(hot / "held.log") as holder, running(env) as daemon:
+        writer = Writer(hot, rate=300)
+        try:
+            daemon.wait_log(rf"not pinned: cannot pin {hot}: in use by pid {holder.pid}")
+            out = env.ctl("explain", str(hot), check=True).stdout.splitlines()
+            assert out[0] == f"{hot} is not pinned."
+            assert re.fullmatch(
+                r"rate [\d.]+/s is above pin_above 50/s since [\w.]+ \(hot_for 1s\): .+", out[1]
+            ), out
+            blocked = next(line for line in out if line.startswith("blocked: "))
+            assert blocked.startswith(f"blocked: in use by pid {holder.pid} (python"), out
+            assert f"{hot}/held.log" in blocked
+            assert re.search(r"; retry in [\w.]+", blocked), blocked
+            assert out[-1].startswith("RAM budget: pins use 0 B of 256.0 MiB")
+            raw = env.ctl("explain", "--json", str(hot), check=True).stdout
+            assert f"in use by pid {holder.pid}" in raw
+        finally:
+            writer.stop()
+        out = env.ctl("explain", str(skip), check=True).stdout.splitlines()
+        assert out[:2] == [f"{skip} is not pinned.", f"blocked: excluded by {skip}"]
+        assert daemon.stop() == 0
