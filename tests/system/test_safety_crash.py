@@ -108,8 +108,7 @@ def test_kill_while_pinning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, stage: str
 ) -> None:
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "app"
         seed(d)
         with daemon(env, monkeypatch, stage, marker) as dm:
@@ -146,8 +145,7 @@ def test_kill_at_each_stage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, stage: str
 ) -> None:
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "app"
         seed(d)
         _pinned_checkpointed(env, monkeypatch, d, mode)
@@ -172,8 +170,7 @@ def test_power_cut_at_each_stage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, stage: str
 ) -> None:
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "app"
         seed(d)
         if stage.startswith("pin:"):

@@ -107,8 +107,7 @@ def test_checkpoint_on_a_full_disk_is_not_reported_as_written_and_backs_off(
 
 
 def test_disk_remounted_read_only(tmp_path: Path) -> None:
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "app"
         d.mkdir()
         with running(env) as dm:
@@ -133,8 +132,7 @@ def test_disk_remounted_read_only(tmp_path: Path) -> None:
 
 
 def test_rsync_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "app"
         d.mkdir()
         empty = tmp_path / "empty-bin"
@@ -163,8 +161,7 @@ def test_rsync_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_rsync_failing_on_a_copy_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "app"
         d.mkdir()
         before = write_files(d, version=0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import make_env, running
+from tests.system.daemon_harness import running
 from tests.system.helpers import wait_for
 
 pytestmark = pytest.mark.system
@@ -73,8 +73,7 @@ def namespace_shows(pid: int, path: Path) -> bool:
 
 @pytest.mark.parametrize("how", ["sees the pin", "works inside it"])
 def test_holder_in_another_mount_namespace_blocks_the_unpin(tmp_path: Path, how: str) -> None:
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         d = env.data / "app"
         d.mkdir()
         binary = holder_binary(tmp_path)

@@ -25,7 +25,7 @@ import pytest
 
 from rampiped import config
 from tests.system import safety
-from tests.system.daemon_harness import VENV_BIN, Env, make_env, running
+from tests.system.daemon_harness import VENV_BIN, Env, running
 from tests.system.helpers import wait_for
 from tests.unit.test_config import ERRORS, MEMORY, MEMORY_ERRORS, SRC
 
@@ -151,31 +151,29 @@ def test_programs_refuse_a_broken_config(tmp_path: Path, name: str) -> None:
 
 
 def test_reload_refuses_sizes_above_the_memory(tmp_path: Path) -> None:
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
-        with running(env) as daemon:
-            pid = env.status()["pid"]
-            env.write_config(adaptive={"enabled": False}, ram={"max": "64T", "min_free": "100T"})
-            lines = env.config_path.read_text().splitlines()
-            memory = _this_machines_memory()
-            want = [
-                f"{env.config_path}:{lines.index('  max: 64T') + 1}: ram.max: 64T is more than "
-                f"this machine's {memory} of memory (write a smaller size, or a percentage "
-                "like 25%)",
-                f"{env.config_path}:{lines.index('  min_free: 100T') + 1}: ram.min_free: 100T is "
-                f"more than this machine's {memory} of memory (nothing could ever be pinned: "
-                "MemAvailable is below it)",
-            ]
-            bad = env.ctl("reload")
-            safety.count("bad inputs")
-            assert bad.returncode == 78, bad
-            for line in want:
-                assert line in bad.stderr
-                daemon.wait_log(re.escape(line))
-            daemon.wait_log(r"reload refused")
-            st = env.status()
-            assert st["pid"] == pid
-            assert st["ram"]["max_bytes"] == 256 << 20  # the running configuration stays
+    with safety.manual_env(tmp_path) as env, running(env) as daemon:
+        pid = env.status()["pid"]
+        env.write_config(adaptive={"enabled": False}, ram={"max": "64T", "min_free": "100T"})
+        lines = env.config_path.read_text().splitlines()
+        memory = _this_machines_memory()
+        want = [
+            f"{env.config_path}:{lines.index('  max: 64T') + 1}: ram.max: 64T is more than "
+            f"this machine's {memory} of memory (write a smaller size, or a percentage "
+            "like 25%)",
+            f"{env.config_path}:{lines.index('  min_free: 100T') + 1}: ram.min_free: 100T is "
+            f"more than this machine's {memory} of memory (nothing could ever be pinned: "
+            "MemAvailable is below it)",
+        ]
+        bad = env.ctl("reload")
+        safety.count("bad inputs")
+        assert bad.returncode == 78, bad
+        for line in want:
+            assert line in bad.stderr
+            daemon.wait_log(re.escape(line))
+        daemon.wait_log(r"reload refused")
+        st = env.status()
+        assert st["pid"] == pid
+        assert st["ram"]["max_bytes"] == 256 << 20  # the running configuration stays
 
 
 # --- the control socket ----------------------------------------------------------------------
@@ -225,10 +223,8 @@ GARBAGE: list[tuple[str, bytes, str | None]] = [
 
 @pytest.fixture
 def daemon_env(tmp_path: Path) -> Iterator[Env]:
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
-        with running(env):
-            yield env
+    with safety.manual_env(tmp_path) as env, running(env):
+        yield env
 
 
 def _alive(env: Env) -> None:

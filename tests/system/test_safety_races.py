@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import Env, make_env, running
+from tests.system.daemon_harness import Env, running
 from tests.system.helpers import diff_manifests, manifest, mountinfo, wait_for
 
 pytestmark = pytest.mark.system
@@ -72,8 +72,7 @@ def mounts_under(path: Path) -> list[str]:
 
 def test_symlink_swapped_in_during_the_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         _u, x, outside = layout(env)
         before = manifest(outside)
         with daemon(env, monkeypatch, "pin:layers", marker):
@@ -94,8 +93,7 @@ def test_symlink_swapped_in_during_the_pin(tmp_path: Path, monkeypatch: pytest.M
 
 def test_parent_renamed_during_the_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         u, x, _outside = layout(env)
         with daemon(env, monkeypatch, "pin:layers", marker):
             pin = ctl_async(env, "pin", str(x))
@@ -113,8 +111,7 @@ def test_symlink_planted_in_the_directory_during_the_write_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         _u, x, outside = layout(env)
         before = manifest(outside)
         with daemon(env, monkeypatch, "unpin:unmounted", marker):
@@ -134,8 +131,7 @@ def test_symlink_planted_in_the_directory_during_the_write_back(
 
 
 def test_staging_bind_does_not_follow_symlinks(tmp_path: Path) -> None:
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         _u, x, outside = layout(env)
         with running(env):
             env.ctl("pin", str(x), check=True)
@@ -168,8 +164,7 @@ def test_directory_swapped_for_a_symlink_before_the_next_start(
     was moved); after a power cut nothing holds it, and the start refuses the path until the
     directory is back. Nothing is ever written through the symlink."""
     marker = tmp_path / "paused"
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         _u, x, outside = layout(env)
         before = manifest(outside)
         with daemon(env, monkeypatch, "unpin:unmounted", marker) as dm:
@@ -207,8 +202,7 @@ def test_directory_swapped_for_a_symlink_before_the_next_start(
 def test_parent_renamed_while_pinned(tmp_path: Path) -> None:
     """A pinned directory cannot be renamed (it is a mount point), but its parent can. The
     unpin must not unmount whatever now sits at the old path; the data stays reachable."""
-    with make_env(tmp_path) as env:
-        env.write_config(adaptive={"enabled": False})
+    with safety.manual_env(tmp_path) as env:
         u, x, _outside = layout(env)
         with running(env):
             env.ctl("pin", str(x), check=True)
