@@ -540,6 +540,15 @@ def journal(guest: Guest, *args: str) -> str:
     return guest.run(shlex.join(argv), check=False).stdout
 
 
+def pinned(guest: Guest, path: str) -> bool:
+    """`rampipectl status` in the guest lists `path` as pinned (False while it cannot say)."""
+    proc = guest.run("rampipectl status --json", check=False)
+    if proc.returncode != 0:
+        return False
+    states = {p["path"]: p.get("state") for p in json.loads(proc.stdout)["pins"]}
+    return bool(states.get(path) == "pinned")
+
+
 def wait(
     guest: Guest,
     cond: Callable[[], Any],

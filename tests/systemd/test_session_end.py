@@ -17,7 +17,6 @@ have an effect, or logind leaving the bus (a restart of systemd-logind), which t
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import time
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.systemd.conftest import SOURCE_IN_GUEST, record
-from tests.systemd.guest import Guest, GuestError, journal
+from tests.systemd.guest import Guest, GuestError, journal, pinned
 from tests.systemd.guest import wait as guest_wait
 
 pytestmark = pytest.mark.systemd
@@ -105,14 +104,6 @@ def sessions(guest: Guest) -> dict[str, str]:
     return found
 
 
-def pinned(guest: Guest) -> bool:
-    proc = guest.run("rampipectl status --json", check=False)
-    if proc.returncode != 0:
-        return False
-    pins = {p["path"]: p for p in json.loads(proc.stdout)["pins"]}
-    return pins.get(PIN, {}).get("state") == "pinned"
-
-
 class Session:
     """One logind session of USER, opened through PAM; it lasts until `end()`."""
 
@@ -180,7 +171,7 @@ def service(guest: Guest) -> Iterator[Guest]:
             f"`make install` exited with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
         )
     try:
-        wait(guest, lambda: pinned(guest), 60, f"{PIN} pinned")
+        wait(guest, lambda: pinned(guest, PIN), 60, f"{PIN} pinned")
         # Nothing else may end a session in these tests.
         assert sessions(guest) == {}
         yield guest
@@ -240,6 +231,6 @@ def test_without_the_option_a_logout_checkpoints_nothing(service: Guest) -> None
         assert not any(LAST_ENDED in text for text in logged), logged
         assert not any(CHECKPOINTED.search(text) for text in logged), logged
         assert not service.host_path(f"{PIN}/{name}").exists()
-        assert pinned(service)
+        assert pinned(service, PIN)
     finally:
         reconfigure(service, on_session_end=True)

@@ -12,7 +12,6 @@ and the guest's /sys stays read-only below it.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.systemd.conftest import SOURCE_IN_GUEST, record
-from tests.systemd.guest import Guest, GuestError, journal, wait
+from tests.systemd.guest import Guest, GuestError, journal, pinned, wait
 
 pytestmark = pytest.mark.systemd
 
@@ -72,14 +71,6 @@ def rampiped_lock(guest: Guest) -> dict[str, str] | None:
     return None
 
 
-def pinned(guest: Guest) -> bool:
-    proc = guest.run("rampipectl status --json", check=False)
-    if proc.returncode != 0:
-        return False
-    pins = {p["path"]: p for p in json.loads(proc.stdout)["pins"]}
-    return pins.get(PIN, {}).get("state") == "pinned"
-
-
 @pytest.fixture(scope="module")
 def service(guest: Guest) -> Iterator[Guest]:
     guest.run(f"mkdir -p {PIN}")
@@ -93,7 +84,7 @@ def service(guest: Guest) -> Iterator[Guest]:
             f"`make install` exited with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
         )
     try:
-        wait(guest, lambda: pinned(guest), 60, f"{PIN} pinned")
+        wait(guest, lambda: pinned(guest, PIN), 60, f"{PIN} pinned")
         yield guest
     finally:
         guest.run(f"cd {SOURCE_IN_GUEST} && make uninstall", check=False, timeout=300)
