@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -154,6 +155,18 @@ def release(marker: Path) -> None:
     """Let the daemon paused at a pause point go on."""
     with contextlib.suppress(FileNotFoundError):
         marker.unlink()
+
+
+def wait_unpinned_releasing(dm: Daemon, marker: Path, path: Path, timeout: float = 90) -> None:
+    """Wait for the daemon to log the unpin of `path`, letting it through every pause point
+    meanwhile (a retried unpin passes the same ones again)."""
+    done = re.compile(r"unpinned " + re.escape(str(path)))
+
+    def unpinned() -> bool:
+        release(marker)
+        return bool(done.search(dm.log_text()))
+
+    wait_for(unpinned, timeout, "the retried unpin")
 
 
 def wait_paused(marker: Path, stage: str, timeout: float = 60) -> None:

@@ -231,13 +231,7 @@ def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
             assert (d / "a.log.rampiped-conflict").read_text() == "disk 1\ndisk 3\n"
             dm.wait_log(r"brought back into RAM what was written on disk")
             flag.unlink()
-            done = re.compile(r"unpinned " + re.escape(str(d)))
-
-            def unpinned() -> bool:
-                release(marker)  # the retry passes the same pause points
-                return bool(done.search(dm.log_text()))
-
-            wait_for(unpinned, 90, "the retried unpin")
+            safety.wait_unpinned_releasing(dm, marker, d)
         assert (d / "made-on-disk").read_text() == "window\n"
         assert (d / "c.log").read_text() == "c disk\nc window\n"
         assert (d / "a.log").read_text() == "disk 1\nram 2\n"

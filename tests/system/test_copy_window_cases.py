@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import sqlite3
 import stat
@@ -914,13 +913,7 @@ def test_a_failed_write_back_brings_every_kind_of_disk_write_into_ram(
             }
             assert ino(d / "pair1") == ino(d / "pair2")
             flag.unlink()
-            done = re.compile(r"unpinned " + re.escape(str(d)))
-
-            def unpinned() -> bool:
-                release(marker)  # the retry passes the same pause points
-                return bool(done.search(dm.log_text()))
-
-            wait_for(unpinned, 90, "the retried unpin")
+            safety.wait_unpinned_releasing(dm, marker, d)
             case = Case(seed=seed_mixed, ram=ram_mixed, expected=MIXED_AFTER_RETRY)
             assert_outcome(env, d, case, ram_meta, dm)
             assert ino(d / "pair1") == ino(d / "pair2")
