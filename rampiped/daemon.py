@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import functools
 import glob
 import logging
 import os
@@ -25,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -59,14 +60,17 @@ SLEEP_DEADLINE = 20.0
 FACTS_MAX_AGE = 30.0  # seconds a candidate's filesystem facts and size are reused
 
 
+JobReply = Callable[[Any, BaseException | None], None]
+
+
 @dataclass
 class Job:
     kind: str  # pin | unpin | checkpoint | measure (a candidate's size)
     path: str
     fn: Callable[[], Any]
-    replies: list[Callable[[Any, BaseException | None], None]] = field(default_factory=list)
     reason: str = ""
     mode: str = ""  # the pin's mode (overlay, copy), for the metrics
+    reply: JobReply | None = None  # told the result once the loop has taken it in
 
 
 class Worker:
@@ -407,7 +411,7 @@ class Daemon:
         size: int | None = None,
         keep: tuple[str, ...] = (),
         reopen: str | None = None,
-        reply: Callable[[Any, BaseException | None], None] | None = None,
+        reply: JobReply | None = None,
     ) -> None:
         self.pending[path] = "pin"
         job = Job(
@@ -425,52 +429,36 @@ class Daemon:
             ),
             reason=reason,
             mode=mode,
+            reply=reply,
         )
-        if reply:
-            job.replies.append(reply)
         self.worker.submit(job)
 
-    def _submit_unpin(
-        self,
-        pin: pins.Pin,
-        reason: str,
-        reply: Callable[[Any, BaseException | None], None] | None = None,
-    ) -> None:
+    def _submit_unpin(self, pin: pins.Pin, reason: str, reply: JobReply | None = None) -> None:
         # A pin whose job result the loop has not collected yet is not done either: collecting
         # it starts watching its RAM side, which would make this unpin's unmount busy.
-        if pin.busy or self.pending.get(pin.path) == "pin":
-            if reply:
-                reply(None, RuntimeError(f"{pin.path} is busy with another operation"))
+        if not self._take(pin, reply, busy=self.pending.get(pin.path) == "pin"):
             return
-        pin.busy = True
         self.pending[pin.path] = "unpin"
         self._unwatch_pin(pin)  # the monitor's fds must not keep the tmpfs busy
-        job = Job("unpin", pin.path, lambda: self.pinmgr.unpin(pin), reason=reason, mode=pin.mode)
-        if reply:
-            job.replies.append(reply)
-        self.worker.submit(job)
+        fn = functools.partial(self.pinmgr.unpin, pin)
+        self.worker.submit(Job("unpin", pin.path, fn, reason, pin.mode, reply))
 
-    def _submit_checkpoint(
-        self,
-        pin: pins.Pin,
-        reason: str,
-        reply: Callable[[Any, BaseException | None], None] | None = None,
-    ) -> None:
-        if pin.busy:
+    def _submit_checkpoint(self, pin: pins.Pin, reason: str, reply: JobReply | None = None) -> None:
+        if not self._take(pin, reply):
+            return
+        fn = functools.partial(self.pinmgr.checkpoint, pin)
+        self.worker.submit(Job("checkpoint", pin.path, fn, reason, pin.mode, reply))
+
+    @staticmethod
+    def _take(pin: pins.Pin, reply: JobReply | None, busy: bool = False) -> bool:
+        """Mark `pin` busy with a job of the worker; False, and `reply` told so, when it (or
+        `busy`) says it is busy already."""
+        if busy or pin.busy:
             if reply:
                 reply(None, RuntimeError(f"{pin.path} is busy with another operation"))
-            return
+            return False
         pin.busy = True
-        job = Job(
-            "checkpoint",
-            pin.path,
-            lambda: self.pinmgr.checkpoint(pin),
-            reason=reason,
-            mode=pin.mode,
-        )
-        if reply:
-            job.replies.append(reply)
-        self.worker.submit(job)
+        return True
 
     def _collect(self, block: bool = False) -> None:
         if block:
@@ -480,8 +468,8 @@ class Daemon:
             sel.close()
         for job, result, exc in self.worker.collect():
             self._finish(job, result, exc)
-            for reply in job.replies:
-                reply(result, exc)
+            if job.reply:
+                job.reply(result, exc)
 
     def _finish(self, job: Job, result: Any, exc: BaseException | None) -> None:
         if job.kind == "measure":
@@ -611,11 +599,7 @@ class Daemon:
     def _checkpoint_all(self, reason: str, done: Callable[[set[str]], None] | None = None) -> None:
         """Checkpoint every pin that has something to write back; `done` is told when the
         checkpoints submitted here have all finished, with the paths that failed."""
-        targets = [
-            p
-            for p in self.pinmgr.pins.values()
-            if p.mode != "volatile" and p.handover_mount is None and not p.busy
-        ]
+        targets = self._checkpointable()
         waiting = {p.path for p in targets}
         failed: set[str] = set()
 
@@ -643,16 +627,21 @@ class Daemon:
         for pin in targets:
             self._submit_checkpoint(pin, reason, reply=one(pin))
 
+    def _checkpointable(self) -> list[pins.Pin]:
+        """Pins with something to write back and no job running: a volatile pin is never
+        written back, a handed-over one is leaving."""
+        return [
+            p
+            for p in self.pinmgr.pins.values()
+            if p.mode != "volatile" and p.handover_mount is None and not p.busy
+        ]
+
     def _before_sleep(self) -> None:
         guard = self.sleep_guard
         assert guard is not None
         now = time.monotonic()
         self.sleep_deadline = now + min(SLEEP_DEADLINE, guard.delay_max or SLEEP_DEADLINE)
-        self.sleep_wait = {
-            p.path
-            for p in self.pinmgr.pins.values()
-            if p.mode != "volatile" and p.handover_mount is None and not p.busy
-        }
+        self.sleep_wait = {p.path for p in self._checkpointable()}
 
         def done(failed: set[str]) -> None:
             if not self.sleep_wait and not failed:
