@@ -216,6 +216,9 @@ class Daemon:
     def _ram_limit(self, cfg: config.Config) -> int:
         return cfg.ram.max.resolve(self.total_ram)
 
+    def _ram_used(self) -> int:
+        return sum(self.pinmgr.ram_bytes(p) for p in self.pinmgr.pins.values())
+
     def _run_command(self, argv: list[str]) -> sync.CommandResult:
         """Run a child whose writes must not count as load (the monitor ignores its pid)."""
         try:
@@ -966,7 +969,7 @@ class Daemon:
         if self.dry_run:
             return f"dry run: would have {len(self.dry_pins)} pins"
         n = len(self.pinmgr.pins)
-        used = sum(self.pinmgr.ram_bytes(p) for p in self.pinmgr.pins.values())
+        used = self._ram_used()
         at_risk = self.observer.risk_text(time.monotonic())
         return f"{n} pinned, {engine.format_bytes(used)} in RAM{at_risk}"
 
@@ -1014,7 +1017,7 @@ class Daemon:
                     "blocked": info.get("blocked"),
                 }
             )
-        used = sum(self.pinmgr.ram_bytes(p) for p in self.pinmgr.pins.values())
+        used = sum(p["ram_bytes"] for p in pins_out)
         return {
             "version": __version__,
             "protocol": control.PROTOCOL,
@@ -1079,7 +1082,7 @@ class Daemon:
             },
             "sync_interval": self.cfg.sync.interval,
             "budget": {
-                "used_bytes": sum(self.pinmgr.ram_bytes(p) for p in self.pinmgr.pins.values()),
+                "used_bytes": self._ram_used(),
                 "max_bytes": max_bytes,
                 "high_watermark": self.cfg.ram.high_watermark,
                 "available_bytes": vm.available,
