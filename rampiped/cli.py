@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -82,8 +83,6 @@ def _raw_runtime_dir(path: str) -> str:
 
 
 def _abs(path: str) -> str:
-    import os
-
     return os.path.abspath(path)
 
 

@@ -140,6 +140,9 @@ class SleepGuard:
 
     def close(self) -> None:
         self.release("rampiped is stopping")
+        self._disconnect()
+
+    def _disconnect(self) -> None:
         if self.sock is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(self.sock)
@@ -177,11 +180,7 @@ class SleepGuard:
 
     def _lost(self, why: str) -> None:
         log.warning("%s; sleep and session events are no longer seen", why)
-        if self.sock is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(self.sock)
-            self.sock.close()
-            self.sock = None
+        self._disconnect()
         # the inhibitor lock is a pipe to logind, not tied to this connection: kept
 
     def _dispatch(self, msg: Message) -> None:
