@@ -790,12 +790,16 @@ class Daemon:
             ram_estimate=0,
         )
         if is_dir:
+            try:
+                fstype: str | None = mounts.fs_type(path)
+            except OSError:  # removed, or its mount detached, since the test above
+                fstype = None
             facts = engine.CandidateFacts(
                 exists=True,
                 is_dir=True,
                 is_mountpoint=mounts.is_mountpoint(path),
                 contains_mount=bool(mounts.mounts_below(path)),
-                fstype=mounts.fs_type(path),
+                fstype=fstype,
                 # the last measurement while a new one is under way, or the most one pin may take
                 ram_estimate=(
                     cached[1].ram_estimate if cached and cached[1].is_dir else self._max_estimate()
