@@ -1011,7 +1011,7 @@ class Daemon:
             )
         snapshot = self.rates.snapshot(now)
         candidates = []
-        for path, rate in self.engine.top(now, snapshot, 10):
+        for path, rate in self.engine.top(snapshot, 10):
             info = self.engine.explain(path, now)
             candidates.append(
                 {

@@ -588,7 +588,6 @@ class Engine:
             "refusals": backoff.refusals if backoff is not None else 0,
         }
 
-    def top(self, now: float, rates: Mapping[str, float], n: int) -> list[tuple[str, float]]:
+    def top(self, rates: Mapping[str, float], n: int) -> list[tuple[str, float]]:
         """The `n` hottest candidates, hottest first (ties by path)."""
-        del now  # the rates are already readings at a time; kept for a uniform signature
         return sorted(rates.items(), key=lambda item: (-item[1], item[0]))[: max(n, 0)]

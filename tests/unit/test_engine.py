@@ -658,8 +658,8 @@ def test_explain_reports_the_timers() -> None:
 def test_top() -> None:
     e = make()
     rates = {NGINX: 1.0, APACHE: 30.0, MYSQL: 30.0, "/var/log/x": 2.0}
-    assert e.top(0.0, rates, 3) == [(APACHE, 30.0), (MYSQL, 30.0), ("/var/log/x", 2.0)]
-    assert e.top(0.0, rates, 0) == []
+    assert e.top(rates, 3) == [(APACHE, 30.0), (MYSQL, 30.0), ("/var/log/x", 2.0)]
+    assert e.top(rates, 0) == []
 
 
 @pytest.mark.parametrize(
