@@ -48,6 +48,9 @@ from dataclasses import dataclass, field
 from rampiped import mounts, tree
 from rampiped.engine import format_bytes
 from rampiped.errors import RampipeError
+from rampiped.ledger import Ledger, with_links
+from rampiped.ledger import Scan as LedgerScan
+from rampiped.ledger import scan as ledger_scan
 from rampiped.sync import (
     CONFLICT_SUFFIX,
     HOLD_NAME,
@@ -145,6 +148,9 @@ class CheckpointResult:
     seconds: float
     unstable: list[str]  # changed during every attempt; on disk as last seen (whole)
     databases: list[str]  # written through SQLite's backup API
+    # what the disk holds of each file after it, by content (see ledger.py); databases and
+    # their companions are left out (every checkpoint writes them through the backup API)
+    ledger: Ledger | None = field(default=None, repr=False, compare=False)
 
 
 # -- sizes ------------------------------------------------------------------------------------
@@ -601,11 +607,17 @@ def checkpoint(
     runner: Runner = run_command,
     stable_attempts: int = 3,
     since: float | None = None,
+    ledger: Ledger | None = None,
 ) -> CheckpointResult:
     """Make `disk` equal `ram`/data while applications keep writing into it.
 
     1. rsync -aHAX --delete --fsync of everything but the databases and their companions
-       (temporary name + fsync + rename per file, never in place);
+       (temporary name + fsync + rename per file, never in place). Whether a file changed is
+       decided by its content, not by size and mtime alone: `ledger` (the result's `ledger` of
+       the last checkpoint, or of the copy-in) says what the disk holds, and files whose
+       content differs from it are copied even when rsync's quick check would skip them (a
+       same-size rewrite that kept its mtime, stores through a shared mapping). Without a
+       ledger the pass compares every file's content (--checksum: reads the disk side);
     2. files whose stamp changed during the pass may be torn: copied again (only they), up to
        `stable_attempts` times; those that never held still are reported in `unstable`;
     3. each database through SQLite's backup API, settled and renamed into place;
@@ -618,11 +630,15 @@ def checkpoint(
     _verify_target(ram, disk)
     data = os.path.join(ram, DATA)
     before = snapshot(data)
+    found = ledger_scan(data)
     databases = _databases(data, before)
     excludes = [f"--exclude={_exclude_pattern(p)}" for p in sorted(_with_companions(databases))]
     # looked at before the pass: afterwards every file it copied would look like a miss
     misses = _quick_check_misses(data, disk, before, since) if since is not None else []
-    argv = [*_RSYNC, "--delete", "--fsync", "--stats", *excludes, data + "/", disk + "/"]
+    if ledger is not None:
+        misses += _content_misses(data, disk, found, ledger)
+    compare = [] if ledger is not None else ["--checksum"]
+    argv = [*_RSYNC, "--delete", "--fsync", "--stats", *compare, *excludes, data + "/", disk + "/"]
     result = runner(argv)
     if result.returncode not in (0, 24):  # 24: files deleted in RAM meanwhile, handled below
         raise SyncError.from_command(f"checkpoint of {data} to {disk}", argv, result)
@@ -680,6 +696,7 @@ def checkpoint(
             totals["bytes"] += size
     _restore_dir_times(data, disk, written)
     mounts.syncfs(disk)
+    skip = _with_companions(databases)
     outcome = CheckpointResult(
         files=totals["files"],
         bytes=totals["bytes"],
@@ -687,6 +704,7 @@ def checkpoint(
         seconds=time.monotonic() - start,
         unstable=unstable,
         databases=written,
+        ledger=Ledger.of({rel: seen for rel, seen in found.items() if rel not in skip}),
     )
     if failures:
         raise CheckpointIncomplete(
@@ -747,20 +765,45 @@ def _quick_check_misses(data: str, disk: str, before: Snapshot, since: float) ->
     return out
 
 
+def _content_misses(data: str, disk: str, found: LedgerScan, ledger: Ledger) -> list[str]:
+    """Files whose content is not what the disk holds (per `ledger`) but whose disk copy has
+    RAM's size and mtime, so rsync's quick check would skip them; with the other names of
+    their hard-link groups (copied alone, a name would leave its group)."""
+    out = []
+    for rel in ledger.changed(found):
+        seen = found[rel]
+        try:
+            on_disk = os.lstat(os.path.join(disk, rel))
+        except OSError:
+            continue  # missing on disk: the quick check copies it
+        if on_disk.st_size == seen.size and on_disk.st_mtime_ns == seen.mtime_ns:
+            out.append(rel)
+    return sorted(with_links(found, out))
+
+
 def final_sync(
-    ram: str, disk: str, *, pin_id: str, runner: Runner = run_command, since: float | None = None
+    ram: str,
+    disk: str,
+    *,
+    pin_id: str,
+    runner: Runner = run_command,
+    since: float | None = None,
+    ledger: Ledger | None = None,
 ) -> CheckpointResult:
     """The last checkpoint, once the applications have stopped (the bind over the original path
     is unmounted): the same as checkpoint, then verified. Nothing may change any more, so a file
     that did not hold still or any difference between RAM and disk (type, mode, owner, size,
-    mtime, link target; databases: a valid database on disk) raises NotVerified: the RAM copy
-    must then not be dropped."""
-    result = checkpoint(ram, disk, pin_id=pin_id, runner=runner, since=since)
+    mtime, link target; content, against what the checkpoint recorded; databases: a valid
+    database on disk) raises NotVerified: the RAM copy must then not be dropped."""
+    result = checkpoint(ram, disk, pin_id=pin_id, runner=runner, since=since, ledger=ledger)
     data = os.path.join(ram, DATA)
     databases = _databases(data, snapshot(data))
     skip = _with_companions(databases)
     in_ram, on_disk = _meta(data, skip, databases), _meta(disk, skip, databases)
     differences = [f"changed while syncing: {p}" for p in result.unstable]
+    if result.ledger is not None:
+        now = {rel: seen for rel, seen in ledger_scan(data).items() if rel not in skip}
+        differences += [f"{p}: content changed while syncing" for p in result.ledger.changed(now)]
     for rel in sorted(in_ram.keys() | on_disk.keys()):
         if rel == ".":
             continue
@@ -809,14 +852,26 @@ class Window:
     # the disk files that RAM's changes replace, with their content digests, as they were
     # then: bytes appended to one of them afterwards are told from a rewrite by these
     stamps: Mapping[str, StampOfFile] = field(default_factory=dict)
+    # RAM files whose content the disk does not hold although their stamps say nothing
+    # changed (stores through a shared mapping, a rewrite that kept size and mtime)
+    forced: frozenset[str] = frozenset()
 
     @classmethod
-    def take(cls, ram: str, disk: str, since: float, threshold: int) -> Window:
-        """While the copy still covers the path (nothing but rampiped writes the disk)."""
+    def take(
+        cls, ram: str, disk: str, since: float, threshold: int, ledger: Ledger | None = None
+    ) -> Window:
+        """While the copy still covers the path (nothing but rampiped writes the disk).
+        `ledger`: what the disk holds, by content (None: not known; then RAM's files are
+        compared with the disk's)."""
         before = snapshot(disk)
-        bare = cls(before, since, threshold)
         data = os.path.join(ram, DATA)
         in_ram = snapshot(data)
+        # databases go through the backup API whenever their stamps or companions changed
+        # (SQLite writes with write(2), never through its mapping), so they are not compared
+        skip = _with_companions(_databases(data, in_ram))
+        content = {r: s for r, s in ledger_scan(data).items() if r not in skip}
+        known = ledger if ledger is not None else Ledger.of(ledger_scan(disk, content))
+        bare = cls(before, since, threshold, forced=frozenset(known.changed(content)))
         changed = _ram_changes(in_ram, bare)
         stamps = {}
         for rel in [*changed, *_changed_databases(data, in_ram, changed)]:
@@ -824,7 +879,7 @@ class Window:
                 found = stamp_of(disk, rel)
                 if found is not None:
                     stamps[rel] = found
-        return cls(before, since, threshold, stamps)
+        return cls(before, since, threshold, stamps, bare.forced)
 
     def save(self, path: str) -> None:
         doc = {
@@ -832,6 +887,7 @@ class Window:
             "threshold": self.threshold,
             "before": {rel: list(st) for rel, st in self.before.items()},
             "stamps": {rel: dataclasses.asdict(st) for rel, st in self.stamps.items()},
+            "forced": sorted(self.forced),
         }
         _write_atomic(path, json.dumps(doc).encode())
 
@@ -845,7 +901,8 @@ class Window:
                 for rel, st in doc["before"].items()
             }
             stamps = {str(rel): StampOfFile(**st) for rel, st in doc.get("stamps", {}).items()}
-            return cls(before, float(doc["since"]), int(doc["threshold"]), stamps)
+            forced = frozenset(str(rel) for rel in doc.get("forced", []))
+            return cls(before, float(doc["since"]), int(doc["threshold"]), stamps, forced)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
@@ -867,12 +924,15 @@ def _same_content(a: Stamp | None, b: Stamp | None) -> bool:
 
 
 def _ram_changes(in_ram: Snapshot, window: Window) -> list[str]:
-    """RAM entries changed since window.since or not as the disk held them before."""
+    """RAM entries changed since window.since, not as the disk held them before, or whose
+    content the disk does not hold (window.forced)."""
     since_ns = _since_ns(window.since)
     return sorted(
         rel
         for rel, st in in_ram.items()
-        if st[3] >= since_ns or not _same_content(st, window.before.get(rel))
+        if st[3] >= since_ns
+        or not _same_content(st, window.before.get(rel))
+        or rel in window.forced
     )
 
 

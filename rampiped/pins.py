@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rampiped import copymode, handover, holders, mounts, sync, tree, volatile
+from rampiped import ledger as ledger_mod
 from rampiped.engine import format_bytes, format_duration
 
 log = logging.getLogger("rampiped")
@@ -142,6 +143,10 @@ class Pin:
     # from then on go to the disk file, below RAM's copy: the unpin carries them like those of
     # its own window (sync.HeldFiles) instead of replacing them with RAM's version.
     late_bases: dict[str, sync.Stamp] = field(default_factory=dict)
+    # what the disk (copy) or the journal's last generation (overlay) holds of each file, by
+    # content (ledger.py); None: not known (adopted, or a write-back failed), and the next
+    # write-back compares content instead
+    ledger: ledger_mod.Ledger | None = field(default=None, repr=False)
 
     @property
     def static(self) -> bool:
@@ -524,6 +529,8 @@ class PinManager:
     def _copy_and_bind(self, pin: Pin, undo: list[Callable[[], None]], dir_fd: int) -> None:
         ram, disk = self.ram(pin.id), self.disk(pin.id)
         copied = copymode.copy_in(disk, ram, pin_id=pin.id, runner=self.runner, path=pin.path)
+        # nothing but rampiped sees the copy before the bind: the disk holds what it holds
+        pin.ledger = ledger_mod.Ledger.of(ledger_mod.scan(self.data(pin.id)))
         # RAM and disk are equal from here: the copy's own change times must not make the
         # first checkpoint write every file again
         pin.last_ok_wall = self.ram_clock(pin)
@@ -540,7 +547,10 @@ class PinManager:
                 + ")"
             )
             window = copymode.Window(
-                copied.snapshot, pin.last_ok_wall, time.time_ns() - sync.CLOCK_SLACK_NS
+                copied.snapshot,
+                pin.last_ok_wall,
+                time.time_ns() - sync.CLOCK_SLACK_NS,
+                forced=frozenset(pin.ledger.changed(ledger_mod.scan(self.data(pin.id)))),
             )
             self._write_back_rolled_copy(pin, undo, window, refusal)
             raise PinRefused(refusal)
@@ -640,7 +650,10 @@ class PinManager:
         clock = self.ram_clock(pin)  # what changes from here on, the next checkpoint writes
         try:
             if pin.mode == "overlay":
-                res = sync.checkpoint(self.upper(pin.id), self.journal(pin.id), runner=self.runner)
+                res = sync.checkpoint(
+                    self.upper(pin.id), self.journal(pin.id), runner=self.runner, ledger=pin.ledger
+                )
+                known = res.ledger
                 record = SyncRecord(wall, True, time.monotonic() - start, res.files, res.bytes)
             else:
                 cres = copymode.checkpoint(
@@ -649,7 +662,9 @@ class PinManager:
                     pin_id=pin.id,
                     runner=self.runner,
                     since=pin.last_ok_wall or 0.0,
+                    ledger=pin.ledger,
                 )
+                known = cres.ledger
                 if cres.unstable:
                     log.warning(
                         "checkpoint of %s: files that never held still, written as last seen: %s",
@@ -659,7 +674,9 @@ class PinManager:
                 record = SyncRecord(wall, True, time.monotonic() - start, cres.files, cres.bytes)
         except (OSError, sync.SyncError, copymode.CopyError) as exc:
             record = SyncRecord(wall, False, time.monotonic() - start, error=str(exc))
+            known = None  # partly written: the next write-back compares content
         with self.lock:
+            pin.ledger = known
             pin.last_sync = record
             if record.ok:
                 pin.last_sync_mono = start
@@ -698,12 +715,14 @@ class PinManager:
             bulk_wall = self.ram_clock(pin)
             before_sync = copymode.snapshot(self.data(pin.id))
             try:
+                pin.ledger, known = None, pin.ledger  # until the disk is known again
                 bulk = copymode.final_sync(
                     self.ram(pin.id),
                     self.disk(pin.id),
                     pin_id=pin.id,
                     runner=self.runner,
                     since=pin.last_ok_wall or 0.0,
+                    ledger=known,
                 )
                 verified = before_sync
             except copymode.NotVerified:
@@ -715,6 +734,7 @@ class PinManager:
                     runner=self.runner,
                     since=pin.last_ok_wall or 0.0,
                 )
+            pin.ledger = bulk.ledger
             bulk_files, bulk_bytes = bulk.files, bulk.bytes
             sync.pause_point("unpin:copy-synced")
         snapshot: dict[str, sync.Stamp] = {}
@@ -730,6 +750,7 @@ class PinManager:
                 self.disk(pin.id),
                 bulk_wall,
                 time.time_ns() - sync.CLOCK_SLACK_NS,
+                pin.ledger,
             )
             window.save(os.path.join(self.journal(pin.id), COPY_WINDOW))
 
@@ -783,7 +804,10 @@ class PinManager:
                 )
                 # through the journal: an apply cut short by a power loss is then replayed
                 # from disk at the next start (the RAM layer is gone by then)
-                sync.checkpoint(self.upper(pin.id), self.journal(pin.id), runner=self.runner)
+                sync.checkpoint(
+                    self.upper(pin.id), self.journal(pin.id), runner=self.runner, ledger=pin.ledger
+                )
+                pin.ledger = None  # the apply removes the journal it describes
                 # from here on the journal, not the RAM layer, is what gets applied: applying
                 # the layer a second time after this apply moved renamed directories would
                 # find their origins gone
@@ -795,7 +819,12 @@ class PinManager:
                 if res is None:
                     raise sync.SyncError(f"the journal of {pin.path} vanished before its apply")
                 files, nbytes = res.files, res.bytes
-            elif verified is not None and copymode.snapshot(self.data(pin.id)) == verified:
+            elif (
+                verified is not None
+                and window is not None
+                and not window.forced
+                and copymode.snapshot(self.data(pin.id)) == verified
+            ):
                 # RAM did not change from before the verified sync to the unmount: the disk
                 # holds it all, and nothing is written after the unmount, so a file a process
                 # writes on disk in this moment (the path shows the disk now) is left alone

@@ -46,6 +46,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from rampiped.ledger import Ledger, with_links
+from rampiped.ledger import Scan as LedgerScan
+from rampiped.ledger import scan as ledger_scan
+
 log = logging.getLogger(__name__)
 
 # Overlay features, chosen on purpose rather than inherited from the kernel's build defaults:
@@ -267,6 +271,8 @@ class CheckpointResult:
     files: int  # regular files copied (unchanged ones are hard links to the last generation)
     bytes: int
     seconds: float
+    # what the new generation holds of each file of the layer, by content (see ledger.py)
+    ledger: Ledger | None = field(default=None, repr=False, compare=False)
 
 
 # --- reading a layer --------------------------------------------------------------------------
@@ -1927,12 +1933,24 @@ def rsync_stat(text: str, label: str) -> int:
     return int(re.sub(r"[^0-9]", "", m.group(1))) if m else 0
 
 
-def checkpoint(upper: str, journal: str, *, runner: Runner = run_command) -> CheckpointResult:
+def checkpoint(
+    upper: str,
+    journal: str,
+    *,
+    runner: Runner = run_command,
+    ledger: Ledger | None = None,
+) -> CheckpointResult:
     """Copy the upper layer of a mounted overlay (whiteouts, trusted.overlay.* attributes and
     all: a faithful copy of the layer) into a new generation of `journal`, on disk outside the
     pinned tree. The generation is written as gen-N.tmp, flushed, renamed to gen-N and the
-    older ones removed: a power cut at any point leaves the last complete generation. Files
-    unchanged since the last generation are hard links to it."""
+    older ones removed: a power cut at any point leaves the last complete generation.
+
+    `ledger`: what the last generation holds of each file, by content (the result's `ledger`
+    of the checkpoint that wrote it). With it, files whose content is still what the last
+    generation holds are hard links to it; every other file is copied, whatever its size and
+    mtime say (rsync's --link-dest alone links a same-size rewrite that kept its mtime, and a
+    file changed through a shared mapping, to the stale copy). Without it (not known, e.g. a
+    pin adopted after a restart) every file is copied."""
     start = time.monotonic()
     upper = os.path.abspath(upper)
     journal = os.path.abspath(journal)
@@ -1949,6 +1967,9 @@ def checkpoint(upper: str, journal: str, *, runner: Runner = run_command) -> Che
         os.makedirs(journal, mode=0o700, exist_ok=True)
         with _opened(parent) as pfd:
             _fsync_dir(pfd)
+    # read before the copy: a file that changes after this is copied again next time, since
+    # its content then differs from what the new ledger records
+    found = ledger_scan(upper)
     with _opened(journal) as jfd:
         complete, partial = _generations(jfd)
         for name in partial:  # a checkpoint cut short: never used, removed now
@@ -1957,7 +1978,8 @@ def checkpoint(upper: str, journal: str, *, runner: Runner = run_command) -> Che
         gen = latest + 1
         tmp_name = f"gen-{gen}.tmp"
         argv = [*RSYNC_COPY, "--stats"]
-        if latest:
+        linked = bool(latest) and ledger is not None
+        if linked:
             argv.append(f"--link-dest={journal}/{complete[latest]}")
         argv += [upper + "/", f"{journal}/{tmp_name}/"]
         _rsync_has_fsync(runner)  # says "rsync is not installed" when it is not
@@ -1967,6 +1989,17 @@ def checkpoint(upper: str, journal: str, *, runner: Runner = run_command) -> Che
         # as any copy of a layer that is being written.
         if result.returncode not in (0, 24):
             raise SyncError.from_command(f"checkpoint of {upper} into {journal}", argv, result)
+        files = rsync_stat(result.stdout, "Number of regular files transferred")
+        nbytes = rsync_stat(result.stdout, "Total transferred file size")
+        if linked:
+            assert ledger is not None
+            stale = _linked_stale(
+                ledger.changed(found), f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}"
+            )
+            if stale:
+                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, stale, found)
+                files += rsync_stat(redo.stdout, "Number of regular files transferred")
+                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
         pause_point("checkpoint:copied")
         tmp_fd = _open_dir_at(jfd, tmp_name)
         try:
@@ -1979,12 +2012,49 @@ def checkpoint(upper: str, journal: str, *, runner: Runner = run_command) -> Che
         for name in complete.values():
             _remove_at(jfd, name)
         _fsync_dir(jfd)
-    return CheckpointResult(
-        gen,
-        rsync_stat(result.stdout, "Number of regular files transferred"),
-        rsync_stat(result.stdout, "Total transferred file size"),
-        time.monotonic() - start,
-    )
+    return CheckpointResult(gen, files, nbytes, time.monotonic() - start, ledger=Ledger.of(found))
+
+
+def _linked_stale(changed: list[str], previous: str, new: str) -> list[str]:
+    """Of the files whose content changed, those that --link-dest linked to the previous
+    generation's copy (the same inode in both): their new generation holds stale content."""
+    out = []
+    for rel in changed:
+        try:
+            a = os.lstat(os.path.join(previous, rel))
+            b = os.lstat(os.path.join(new, rel))
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not in the previous generation: copied, not linked
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            out.append(rel)
+    return out
+
+
+def _copy_listed(
+    runner: Runner, src: str, dst: str, list_dir: str, rels: list[str], found: LedgerScan
+) -> CommandResult:
+    """Copy exactly the files `rels` (with the other names of their hard-link groups) from
+    `src` to `dst`, even when size and mtime look equal (-I): a new file renamed over each
+    name, which breaks a hard link to an older copy. A file gone meanwhile is skipped (24).
+    The list is written into `list_dir`, outside both trees."""
+    listed = sorted(with_links(found, rels))
+    listing = os.path.join(list_dir, ".rampiped-copy-list")
+    with open(listing, "wb") as f:
+        f.write(b"\0".join(os.fsencode(p) for p in listed) + b"\0")
+    argv = [
+        *RSYNC_COPY, "--stats", "--no-r", "-I", "--from0", f"--files-from={listing}",
+        src + "/", dst + "/",
+    ]  # fmt: skip
+    try:
+        result = runner(argv)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listing)
+    if result.returncode not in (0, 24):
+        raise SyncError.from_command(
+            f"checkpoint of {src} into {dst} (changed files)", argv, result
+        )
+    return result
 
 
 def latest_generation(journal: str) -> str | None:

@@ -469,7 +469,7 @@ def test_journal_survives_a_power_cut(pin: Pin, outside: Path, loopfs: LoopFs) -
     changes.ch_swap(pin.disk)
     changes.ch_opaque(pin.disk)
     changes.ch_file_to_dir(pin.disk)
-    second = checkpoint(str(pin.upper), str(journal))
+    second = checkpoint(str(pin.upper), str(journal), ledger=first.ledger)
     assert second.generation == 2
     assert sorted(os.listdir(journal)) == ["gen-2"]
     gen2 = journal / "gen-2"
