@@ -48,18 +48,21 @@ from dataclasses import dataclass, field
 from rampiped import mounts, tree
 from rampiped.engine import format_bytes
 from rampiped.errors import RampipeError
-from rampiped.ledger import Ledger, with_links
+from rampiped.ledger import Ledger, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
 from rampiped.sync import (
     CONFLICT_SUFFIX,
     HOLD_NAME,
+    SCRATCH_NAME,
     HeldFiles,
     Runner,
     SyncError,
     pause_point,
     rsync_stat,
     run_command,
+    scratch_dir,
+    source_churn_only,
     stamp_of,
 )
 from rampiped.sync import RSYNC_COPY as _RSYNC
@@ -404,8 +407,9 @@ def copy_in(
     os.makedirs(data, exist_ok=True)
     # A database's temporary copy that a power cut left on disk is not brought into RAM; so the
     # first checkpoint's --delete removes it from the disk.
-    leftovers = f"--exclude=.*{_TMP_MARK}*"
-    argv = [*_RSYNC, "--delete", leftovers, src.rstrip("/") + "/", data + "/"]
+    # exactly _tmp_path's names (8 hex digits): a user's look-alike is copied like any file
+    leftovers = [f"--exclude=.*{_TMP_MARK}" + "[0-9a-f]" * 8, f"--exclude=/{SCRATCH_NAME}"]
+    argv = [*_RSYNC, "--delete", *leftovers, src.rstrip("/") + "/", data + "/"]
     attempt = 0
     while True:
         attempt += 1
@@ -638,9 +642,17 @@ def checkpoint(
     if ledger is not None:
         misses += _content_misses(data, disk, found, ledger)
     compare = [] if ledger is not None else ["--checksum"]
+    if os.path.lexists(os.path.join(data, SCRATCH_NAME)):
+        raise CopyError(
+            f"{data} holds an entry named {SCRATCH_NAME}, which write-back reserves: rename it"
+            " (nothing was written)"
+        )
     argv = [*_RSYNC, "--delete", "--fsync", "--stats", *compare, *excludes, data + "/", disk + "/"]
-    result = runner(argv)
-    if result.returncode not in (0, 24):  # 24: files deleted in RAM meanwhile, handled below
+    with scratch_dir(disk) as scratch:
+        argv[-2:-2] = scratch
+        result = runner(argv)
+    # 23/24 for files that vanished or changed while rsync read them: handled below
+    if result.returncode != 0 and not source_churn_only(result):
         raise SyncError.from_command(f"checkpoint of {data} to {disk}", argv, result)
     pause_point("copy-checkpoint:copied")
     totals = _rsync_stats(result.stdout)
@@ -670,9 +682,11 @@ def checkpoint(
             *_RSYNC, "--fsync", "--stats", "--no-r", "-I", "--delete-missing-args", "--force",
             "--from0", f"--files-from={listing}", *excludes, data + "/", disk + "/",
         ]  # fmt: skip
-        redo = runner(argv)
+        with scratch_dir(disk) as scratch:
+            argv[-2:-2] = scratch
+            redo = runner(argv)
         os.unlink(listing)
-        if redo.returncode not in (0, 24):
+        if redo.returncode != 0 and not source_churn_only(redo):
             raise SyncError.from_command(
                 f"checkpoint of {data} to {disk} (changed files)", argv, redo
             )
@@ -704,7 +718,7 @@ def checkpoint(
         seconds=time.monotonic() - start,
         unstable=unstable,
         databases=written,
-        ledger=Ledger.of({rel: seen for rel, seen in found.items() if rel not in skip}),
+        ledger=settled({rel: seen for rel, seen in found.items() if rel not in skip}, data),
     )
     if failures:
         raise CheckpointIncomplete(
@@ -1174,7 +1188,9 @@ class WindowWriteBack:
                 "--from0", f"--files-from={listing}", *excludes, data + "/", disk + "/",
             ]  # fmt: skip
             try:
-                result = runner(argv)
+                with scratch_dir(disk) as scratch:
+                    argv[-2:-2] = scratch
+                    result = runner(argv)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(listing)

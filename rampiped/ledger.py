@@ -40,6 +40,7 @@ class Seen:
     nlink: int
     size: int
     mtime_ns: int
+    ctime_ns: int
     digest: str
 
 
@@ -80,7 +81,9 @@ def scan(root: str, paths: Iterable[str] | None = None) -> dict[str, Seen]:
         found = digest_file(os.path.join(root, rel))
         if found is not None:
             st, digest = found
-            out[rel] = Seen(st.st_ino, st.st_nlink, st.st_size, st.st_mtime_ns, digest)
+            out[rel] = Seen(
+                st.st_ino, st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest
+            )
     return out
 
 
@@ -100,6 +103,26 @@ class Ledger:
         links only names copied together)."""
         out = {rel for rel, seen in found.items() if self.digests.get(rel) != seen.digest}
         return sorted(with_links(found, out))
+
+
+def settled(found: Scan, root: str) -> Ledger:
+    """The ledger after a write-back that read `root` from the moment `found` was taken: files
+    whose stamps moved since then are left out (they changed while being copied, or vanished
+    or changed type, which rsync reports and skips), so the next write-back copies them."""
+    out = {}
+    for rel, seen in found.items():
+        try:
+            st = os.lstat(os.path.join(root, rel))
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and (
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        ) == (seen.ino, seen.size, seen.mtime_ns, seen.ctime_ns):
+            out[rel] = seen.digest
+    return Ledger(out)
 
 
 def with_links(found: Scan, rels: Iterable[str]) -> set[str]:

@@ -147,10 +147,34 @@ class Pin:
     # content (ledger.py); None: not known (adopted, or a write-back failed), and the next
     # write-back compares content instead
     ledger: ledger_mod.Ledger | None = field(default=None, repr=False)
+    # adopted at start after a crash: an overlay's lower may hold what that crash left of a
+    # write-back's temporary files, removed once the unpin frees the directory (never while
+    # the overlay is mounted: its lower must not change under it)
+    adopted: bool = False
 
     @property
     def static(self) -> bool:
         return self.origin != "adaptive"
+
+
+@dataclass
+class Stranded:
+    """A write-back found unfinished at start that could not complete (a full disk, an I/O
+    error): what it holds is on disk only in the journal, or in RAM only. It is kept, retried,
+    and reported (status, STATUS line, metrics) until it completes; its directory is not
+    pinned again meanwhile (a new pin would take over the same journal)."""
+
+    id: str
+    path: str
+    mode: str
+    where: str  # the journal generation or RAM copy that holds what the directory lacks
+    bytes: int
+    error: str
+    since: float  # wall clock
+    record: dict[str, Any] = field(repr=False)
+    attempts: int = 1
+    retry_at: float = 0.0  # monotonic
+    backoff: float = 0.0
 
 
 class PinManager:
@@ -169,6 +193,7 @@ class PinManager:
         self.runner = runner
         self.exclude_pids = exclude_pids
         self.pins: dict[str, Pin] = {}
+        self.stranded: dict[str, Stranded] = {}
         self.lock = threading.RLock()
 
     # -- paths -------------------------------------------------------------------------------
@@ -281,12 +306,24 @@ class PinManager:
         """The preconditions, checked again right before acting (the engine decided earlier).
         With `writers_ok` (a reopen command moves them), holders that only hold files open for
         writing are let through."""
+        stranded = self.stranded.get(path)
+        if stranded is not None:
+            raise PinRefused(
+                f"cannot pin {path}: its earlier write-back has not completed"
+                f" ({format_bytes(stranded.bytes)} in {stranded.where}: {stranded.error})"
+            )
         try:
             st = os.lstat(path)
         except OSError as exc:
             raise PinRefused(f"cannot pin {path}: {exc.strerror}") from exc
         if not stat.S_ISDIR(st.st_mode):
             raise PinRefused(f"cannot pin {path}: not a directory")
+        for reserved in (sync.STASH_NAME, sync.HOLD_NAME, sync.SCRATCH_NAME):
+            if os.path.lexists(os.path.join(path, reserved)):
+                raise PinRefused(
+                    f"cannot pin {path}: it holds an entry named {reserved}, which rampiped's"
+                    " write-back uses (a leftover of another tool, or a file of yours: rename it)"
+                )
         if mounts.is_mountpoint(path):
             raise PinRefused(f"cannot pin {path}: it is a mount point")
         below = mounts.mounts_below(path)
@@ -650,6 +687,15 @@ class PinManager:
         clock = self.ram_clock(pin)  # what changes from here on, the next checkpoint writes
         try:
             if pin.mode == "overlay":
+                # deferred, loudly, when the generation and the apply that follows at the
+                # unpin would not both fit: a generation that cannot be applied strands data
+                sync.check_space(
+                    self.upper(pin.id),
+                    self.journal(pin.id),
+                    self.disk(pin.id),
+                    pin.ledger,
+                    f"checkpoint of {pin.path}",
+                )
                 res = sync.checkpoint(
                     self.upper(pin.id), self.journal(pin.id), runner=self.runner, ledger=pin.ledger
                 )
@@ -672,6 +718,9 @@ class PinManager:
                         ", ".join(cres.unstable[:10]),
                     )
                 record = SyncRecord(wall, True, time.monotonic() - start, cres.files, cres.bytes)
+        except sync.NoSpace as exc:
+            record = SyncRecord(wall, False, time.monotonic() - start, error=str(exc))
+            known = pin.ledger  # refused before writing anything
         except (OSError, sync.SyncError, copymode.CopyError) as exc:
             record = SyncRecord(wall, False, time.monotonic() - start, error=str(exc))
             known = None  # partly written: the next write-back compares content
@@ -776,6 +825,16 @@ class PinManager:
                 )
                 snapshot = {}
 
+        if pin.mode == "overlay":
+            # the journal generation and the apply must both fit, or the write-back would fail
+            # half way with its data in the journal only: refused while RAM still serves
+            sync.check_space(
+                self.upper(pin.id),
+                self.journal(pin.id),
+                self.disk(pin.id),
+                pin.ledger,
+                f"write-back of {pin.path}",
+            )
         try:
             self._unmount_when_free(
                 pin,
@@ -849,6 +908,9 @@ class PinManager:
             self._settle_window(pin, held)
         sync.pause_point("unpin:applied")
         self._release(pin)  # removes the journal directory, COPY_WINDOW with it, last
+        if pin.adopted and pin.mode == "overlay":
+            for line in self._scrub(pin.id, pin.path, pin.mode):
+                log.info("%s", line)
         if pin.reopen:
             # writers that opened a file since: they follow the directory back to disk
             handover.run_reopen(pin.reopen, pin.path, self.runner)
@@ -1075,12 +1137,93 @@ class PinManager:
                 else:
                     line = self._reconcile_one(pid, path, mode, rec)
             except Exception as exc:
-                line = f"{path}: could not reconcile: {exc}"
-                log.error("%s", line)
+                line = self._strand(pid, path, mode, rec, exc)
             if line:
                 done.append(line)
+            if mode != "volatile":
+                done += self._scrub(pid, path, mode)
         self.save_state()
         return done
+
+    def _strand(self, pid: str, path: str, mode: str, rec: dict[str, Any], exc: Exception) -> str:
+        """A recovery that failed: record what it leaves stranded, for the status and retries."""
+        gen = sync.latest_generation(self.journal(pid))
+        where = gen or (self.ram(pid) if os.path.ismount(self.ram(pid)) else None)
+        if where is None:
+            line = f"{path}: could not reconcile: {exc}"
+            log.error("%s", line)
+            return line
+        size = copymode.dir_size(where)
+        with self.lock:
+            self.stranded[path] = Stranded(
+                pid,
+                path,
+                mode,
+                where,
+                size,
+                str(exc),
+                time.time(),
+                rec,
+                retry_at=time.monotonic() + RETRY_MIN,
+                backoff=RETRY_MIN,
+            )
+        line = (
+            f"{path}: NOT WRITTEN BACK: {format_bytes(size)} that the directory lacks are only in"
+            f" {where}; retrying every {format_duration(RETRY_MIN)} and longer ({exc})"
+        )
+        log.error("%s", line)
+        return line
+
+    def retry_stranded(self, path: str) -> str:
+        """Try a stranded write-back again (worker thread). Returns the line to log when it
+        completed; raises when it failed again (the record then says when to retry)."""
+        st = self.stranded[path]
+        try:
+            line = self._reconcile_one(st.id, st.path, st.mode, st.record)
+        except Exception as exc:
+            with self.lock:
+                st.attempts += 1
+                st.error = str(exc)
+                st.backoff = min(RETRY_MAX, max(RETRY_MIN, st.backoff * 2))
+                st.retry_at = time.monotonic() + st.backoff
+                gen = sync.latest_generation(self.journal(st.id))
+                if gen is not None:
+                    st.where, st.bytes = gen, copymode.dir_size(gen)
+            raise
+        with self.lock:
+            self.stranded.pop(path, None)
+        scrubbed = self._scrub(st.id, st.path, st.mode)
+        return "; ".join([line or f"{path}: written back", *scrubbed])
+
+    def _scrub(self, pid: str, path: str, mode: str) -> list[str]:
+        """Remove the temporary files that a crash during a write-back left in the directory
+        on disk (and, for an adopted copy pin, in its RAM copy, which checkpoints copy)."""
+        pin = self.pins.get(path)
+        try:
+            if pin is not None and pin.id == pid:
+                if mode != "copy":
+                    return []  # nothing of rampiped's writes below a mounted overlay
+                gone = sync.scrub_leftovers(self.disk(pid)) + sync.scrub_leftovers(self.data(pid))
+            else:
+                top = mounts.mount_at(path)
+                if top is not None and top.source.startswith(SOURCE_PREFIX):
+                    return []  # a pin mount left alone (reported above)
+                try:
+                    fd = open_dir_nofollow(path)
+                except (PinRefused, FileNotFoundError):
+                    return []
+                try:
+                    gone = sync.scrub_leftovers(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            line = f"{path}: could not remove the temporary files a crash left: {exc}"
+            log.warning("%s", line)
+            return [line]
+        if not gone:
+            return []
+        shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if gone[5:] else "")
+        return [f"{path}: removed {len(gone)} temporary files a crash left behind ({shown})"]
 
     def _journal_metas(self) -> Iterator[dict[str, Any]]:
         try:
@@ -1129,6 +1272,7 @@ class PinManager:
                 pinned_at=now,
                 pinned_wall=float(rec.get("pinned_wall") or time.time()),
                 sync_interval=rec.get("sync_interval"),
+                adopted=True,
             )
             last = rec.get("last_sync")
             if isinstance(last, dict):

@@ -46,7 +46,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from rampiped.ledger import Ledger, with_links
+from rampiped import tree
+from rampiped.engine import format_bytes
+from rampiped.ledger import Ledger, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
 
@@ -230,6 +232,30 @@ def _tail(text: str, lines: int = 8, chars: int = 1500) -> str:
     return f"; stderr: {tail}"
 
 
+# What rsync says when a file of a live tree changes under it while it reads: a file gone,
+# shrunk (read errors mapping, then a failed verification), or replaced by a directory or a
+# symlink. The sender's errnos: ENOENT, ENOTDIR, EISDIR, EINVAL (readlink of what is no longer
+# a symlink), ELOOP, ENODATA, ESTALE. Anything else (a receiver's error, a full disk) is not.
+_CHURN_LINES = (
+    re.compile(r"rsync: \[sender\] .* \((2|20|21|22|40|61|116)\)"),
+    re.compile(r"(rsync: )?file has vanished: .*"),
+    re.compile(r"(WARNING|ERROR): .* failed verification -- update discarded.*"),
+    re.compile(r"rsync error: some files(/attrs were not transferred| vanished) .*"),
+    re.compile(r"rsync warning: some files vanished .*"),
+)
+
+
+def source_churn_only(result: CommandResult) -> bool:
+    """rsync exited 23 or 24 only because files of the live source changed while it read
+    them: the transfer is complete but for those files, which the next pass takes."""
+    if result.returncode == 24:
+        return True
+    if result.returncode != 23:
+        return False
+    lines = [ln.strip() for ln in result.stderr.splitlines() if ln.strip()]
+    return bool(lines) and all(any(p.fullmatch(ln) for p in _CHURN_LINES) for ln in lines)
+
+
 _FSYNC_SUPPORT: dict[str | None, bool] = {}
 
 
@@ -411,7 +437,7 @@ def _scan_layer(root: str) -> _Layer:
                 if cst.st_nlink > 1:
                     seen_inodes[key].append(child_rel)
         if rel == "":
-            for reserved in (STASH_NAME, HOLD_NAME):
+            for reserved in (STASH_NAME, HOLD_NAME, SCRATCH_NAME):
                 if reserved in current.children:
                     problems.append(
                         f"{root} holds an entry named {reserved}, which write-back reserves"
@@ -482,6 +508,74 @@ def _moves(layer: _Layer) -> list[tuple[str, str]]:
             raise SyncError(f"refusing to apply layer {layer.root}: redirect touches {STASH_NAME}")
     moves.sort(key=lambda m: (-m[0].count("/"), m[0]))
     return moves
+
+
+# --- rampiped's own names in a user's directory ----------------------------------------------
+#
+# rsync writes each file as a temporary `.NAME.XXXXXX` next to it and renames it into place; a
+# crash (kill -9, power cut) in between leaves that temporary in the user's directory, where
+# nothing tells it from a user's file. So every rsync that writes into a pinned directory on
+# disk gets a scratch directory of its own at the directory's top (--temp-dir: same
+# filesystem, so the rename stays atomic), which exists only while rsync runs, and the
+# start-up recovery removes what a crash left of it and of rampiped's other temporary names.
+SCRATCH_NAME = ".rampiped-tmp"
+# copymode's `.NAME.rampiped-tmp-XXXXXXXX`, handover's `NAME.rampiped-tmp`, the write-back
+# window's `.NAME.rampiped-new`
+_LEFTOVER_RE = re.compile(r"\..+\.rampiped-tmp-[0-9a-f]{8}|.+\.rampiped-tmp|\..+\.rampiped-new")
+
+
+@contextlib.contextmanager
+def scratch_dir(target: str) -> Iterator[list[str]]:
+    """rsync's options for writing into `target` (a pinned directory on disk) with its
+    temporary files in `target`/SCRATCH_NAME, created empty (a leftover removed) and removed
+    again afterwards; the scratch directory is excluded, so --delete leaves it alone."""
+    with _opened(target) as tfd:
+        if _lstat_at(tfd, SCRATCH_NAME) is not None:
+            _remove_at(tfd, SCRATCH_NAME)
+        os.mkdir(SCRATCH_NAME, 0o700, dir_fd=tfd)
+        try:
+            yield [
+                f"--temp-dir={os.path.join(target, SCRATCH_NAME)}",
+                f"--exclude=/{SCRATCH_NAME}",
+            ]
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                _remove_at(tfd, SCRATCH_NAME)
+
+
+def scrub_leftovers(root: str | int) -> list[str]:
+    """Remove what a crash left of rampiped's temporary files below `root` (a pinned directory
+    on disk, or a RAM copy; a path or a descriptor of it, O_PATH will do): the scratch
+    directory at the top and every name of the temporary patterns, without following
+    symlinks. Returns the relative paths removed."""
+    if isinstance(root, str):
+        root_fd = os.open(root, _DIR_FLAGS)
+    else:
+        root_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root)
+    removed: list[str] = []
+    stack: list[tuple[str, int]] = [("", root_fd)]
+    try:
+        if _lstat_at(root_fd, SCRATCH_NAME) is not None:
+            _remove_at(root_fd, SCRATCH_NAME)
+            removed.append(SCRATCH_NAME)
+        while stack:
+            rel, fd = stack.pop()
+            try:
+                for entry in os.scandir(fd):
+                    child = _join(rel, entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                            stack.append((child, _open_dir_at(fd, entry.name)))
+                    elif _LEFTOVER_RE.fullmatch(entry.name):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.name, dir_fd=fd)
+                            removed.append(child)
+            finally:
+                os.close(fd)
+    finally:
+        for _, fd in stack:
+            os.close(fd)
+    return removed
 
 
 # --- fd-relative operations on the target -----------------------------------------------------
@@ -982,7 +1076,11 @@ def _set_times(layer: _Layer, target_fd: int) -> None:
 
 
 def _rsync_apply_argv(
-    upper: str, target: str, fsync: bool, exclude_from: str | None = None
+    upper: str,
+    target: str,
+    fsync: bool,
+    exclude_from: str | None = None,
+    scratch: list[str] | None = None,
 ) -> list[str]:
     argv = [
         "rsync",
@@ -1000,6 +1098,7 @@ def _rsync_apply_argv(
         argv.append("--fsync")
     if exclude_from is not None:
         argv += ["--from0", f"--exclude-from={exclude_from}"]
+    argv += scratch or []
     argv += [upper.rstrip("/") + "/", target.rstrip("/") + "/"]
     return argv
 
@@ -1081,8 +1180,8 @@ def _apply(
                     "is unchanged"
                 ) from e
             own = window.own_writes(layer) if window is not None else []
-            with _exclude_file(own) as exclude_from:
-                argv = _rsync_apply_argv(upper, target, fsync, exclude_from)
+            with _exclude_file(own) as exclude_from, scratch_dir(target) as scratch:
+                argv = _rsync_apply_argv(upper, target, fsync, exclude_from, scratch)
                 result = runner(argv)
             if result.returncode != 0:
                 raise SyncError.from_command(
@@ -1984,10 +2083,10 @@ def checkpoint(
         argv += [upper + "/", f"{journal}/{tmp_name}/"]
         _rsync_has_fsync(runner)  # says "rsync is not installed" when it is not
         result = runner(argv)
-        # 24: a file vanished while the live layer was copied (deleted or renamed through the
-        # overlay meanwhile); the next checkpoint sees the new state, and this one is as good
-        # as any copy of a layer that is being written.
-        if result.returncode not in (0, 24):
+        # 23/24 for source churn only: a file vanished, shrank or became a directory while
+        # the live layer was copied; the next checkpoint sees the new state (the ledger leaves
+        # those files out), and this one is as good as any copy of a layer being written.
+        if result.returncode != 0 and not source_churn_only(result):
             raise SyncError.from_command(f"checkpoint of {upper} into {journal}", argv, result)
         files = rsync_stat(result.stdout, "Number of regular files transferred")
         nbytes = rsync_stat(result.stdout, "Total transferred file size")
@@ -2012,7 +2111,93 @@ def checkpoint(
         for name in complete.values():
             _remove_at(jfd, name)
         _fsync_dir(jfd)
-    return CheckpointResult(gen, files, nbytes, time.monotonic() - start, ledger=Ledger.of(found))
+    return CheckpointResult(
+        gen, files, nbytes, time.monotonic() - start, ledger=settled(found, upper)
+    )
+
+
+# Left free beyond what a write-back needs: the filesystem's own reserve is already out of
+# f_bavail, this is for the directories, the scratch files and what other writers add meanwhile.
+SPACE_MARGIN = 8 << 20
+INODE_MARGIN = 64
+
+
+class NoSpace(SyncError):
+    """A checkpoint or write-back that would not fit on the disk: refused before writing."""
+
+
+@dataclass(frozen=True)
+class SpaceNeed:
+    journal_bytes: int  # the new generation's copied files
+    journal_inodes: int
+    apply_bytes: int  # the apply writes every file of the layer anew
+    apply_inodes: int
+
+
+def space_need(upper: str, ledger: Ledger | None, found: LedgerScan | None = None) -> SpaceNeed:
+    """What a checkpoint of `upper` into the journal, and the apply of that generation into
+    the directory afterwards, write: files whose content the last generation does not hold
+    (all of them without a ledger) into the journal, every file of the layer into the
+    directory; an inode per directory and entry written."""
+    found = ledger_scan(upper) if found is None else found
+    changed = set(found) if ledger is None else set(ledger.changed(found))
+    seen: set[int] = set()
+    layer_bytes = changed_bytes = 0
+    for rel, s in found.items():
+        if s.ino in seen:
+            continue
+        seen.add(s.ino)
+        layer_bytes += s.size
+        if rel in changed:
+            changed_bytes += s.size
+    entries = sum(1 for _ in tree.walk(upper))
+    dirs = entries - len(found)
+    return SpaceNeed(changed_bytes, dirs + len(changed), layer_bytes, entries)
+
+
+def check_space(
+    upper: str, journal: str, target: str, ledger: Ledger | None, what: str
+) -> SpaceNeed:
+    """Refuse (NoSpace) a checkpoint or write-back of `upper` that would not fit: the new
+    journal generation on the journal's filesystem, and the apply into `target` afterwards on
+    the target's, both on one filesystem when they share it (the generation stays until the
+    apply is verified). Filesystems that report no inode count (btrfs, tmpfs with nr_inodes=0)
+    are checked for bytes only."""
+    need = space_need(upper, ledger)
+    os.makedirs(journal, mode=0o700, exist_ok=True)
+    jst, tst = os.statvfs(journal), os.statvfs(target)
+    same = os.stat(journal).st_dev == os.stat(target).st_dev
+    checks = (
+        [
+            (
+                target,
+                tst,
+                need.journal_bytes + need.apply_bytes,
+                need.journal_inodes + need.apply_inodes,
+            )
+        ]
+        if same
+        else [
+            (journal, jst, need.journal_bytes, need.journal_inodes),
+            (target, tst, need.apply_bytes, need.apply_inodes),
+        ]
+    )
+    for where, st, nbytes, inodes in checks:
+        free = st.f_bavail * st.f_frsize
+        if nbytes + SPACE_MARGIN > free:
+            raise NoSpace(
+                f"{what}: not enough space: it needs {format_bytes(nbytes)} on the filesystem of "
+                f"{where}"
+                + (" (journal and directory share it)" if same else "")
+                + f", {format_bytes(free)} are free; the changes stay in RAM until space is freed"
+            )
+        if st.f_files and inodes + INODE_MARGIN > st.f_favail:
+            raise NoSpace(
+                f"{what}: not enough inodes: it needs {inodes} on the filesystem of {where}"
+                + (" (journal and directory share it)" if same else "")
+                + f", {st.f_favail} are free; the changes stay in RAM until some are freed"
+            )
+    return need
 
 
 def _linked_stale(changed: list[str], previous: str, new: str) -> list[str]:
@@ -2050,7 +2235,7 @@ def _copy_listed(
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(listing)
-    if result.returncode not in (0, 24):
+    if result.returncode != 0 and not source_churn_only(result):
         raise SyncError.from_command(
             f"checkpoint of {src} into {dst} (changed files)", argv, result
         )
