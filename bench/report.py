@@ -62,6 +62,24 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
     ("monitored_workload_ratio", ">=", 0.9, "create-write-close ops/s, watched over unwatched"),
     ("daemon_cpu_pct_at_10k_events", None, None, "daemon CPU, % of one core, at 10k events/s"),
     ("daemon_rss_mb", "<=", 50.0, "daemon resident memory"),
+    (
+        "ledger_read_mib_per_s",
+        None,
+        None,
+        "content check of a write-back (ledger.py): RAM side read and digested, MiB/s",
+    ),
+    (
+        "ledger_s_per_gib",
+        None,
+        None,
+        "its time per GiB of pinned files, added to each checkpoint (bytes read = the pin)",
+    ),
+    (
+        "ledger_s_per_10k_small_files",
+        None,
+        None,
+        "its time per 10,000 files of 200 bytes (a tree of many small files)",
+    ),
 ]
 
 # Why a figure can miss, and what would close it; shown only for figures that missed.

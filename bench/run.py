@@ -516,6 +516,36 @@ def fanotify_cost(b: Bench, directory: Path) -> None:
         )
 
 
+def ledger_cost(b: Bench) -> None:
+    """What deciding by content costs each write-back (rampiped/ledger.py): every regular file
+    of the RAM side read and digested, on a tmpfs like a pin's. Two trees: large files (the
+    read rate), and many small ones (the cost per file). Median of the plan's rounds."""
+    from rampiped import ledger
+
+    root = b.mount_tmpfs(b.tmp / "ledger", "1g")
+    large = root / "large"
+    nbytes = _write_large(large, 4, b.plan.large_file_mb)
+    small = root / "small"
+    small.mkdir()
+    count = 2_000 if b.plan == QUICK else 10_000
+    for i in range(count):
+        sub = small / f"d{i % 100:02d}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"f{i}").write_bytes(os.urandom(200))
+    times: dict[str, list[float]] = {"large": [], "small": []}
+    for _ in range(max(1, b.plan.rounds)):
+        for label, tree in (("large", large), ("small", small)):
+            t = time.perf_counter()
+            found = ledger.scan(str(tree))
+            times[label].append(time.perf_counter() - t)
+            assert len(found) == (4 if label == "large" else count)
+    large_s = statistics.median(times["large"])
+    small_s = statistics.median(times["small"])
+    b.results["ledger_read_mib_per_s"] = round(nbytes / MiB / large_s, 1)
+    b.results["ledger_s_per_gib"] = round(large_s * (1 << 30) / nbytes, 3)
+    b.results["ledger_s_per_10k_small_files"] = round(small_s * 10_000 / count, 3)
+
+
 # --------------------------------------------------------------------------- 4. write-back
 
 
@@ -960,6 +990,8 @@ def run(plan: Plan, out: Path, parts: set[str] | None = None) -> dict[str, Any]:
             steps.append(("write-back bytes against log2ram", lambda: writeback_bytes(b)))
         if want("monitor"):
             steps.append(("monitor", lambda: monitor(b)))
+        if want("ledger"):
+            steps.append(("content check cost", lambda: ledger_cost(b)))
         if sql is not None:
             steps.append(("SQLite experiment", sql.finish))
         for what, step in steps:
@@ -995,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         nargs="+",
-        choices=["sqlite", "matrix", "timing", "wbbytes", "monitor"],
+        choices=["sqlite", "matrix", "timing", "wbbytes", "monitor", "ledger"],
         help="run only these parts (the stick profile always runs)",
     )
     ap.add_argument("--any-namespace", action="store_true", help=argparse.SUPPRESS)
