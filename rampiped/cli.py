@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 
 from rampiped import __version__, config, control, explain, top
-from rampiped.engine import format_bytes
+from rampiped.engine import format_bytes, format_duration
 from rampiped.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s = sub.add_parser("sync", help="checkpoint every pin, or DIR, to disk now")
     s.add_argument("dir", nargs="?")
+    s.add_argument(
+        "--timeout",
+        type=_duration,
+        default=control.SYNC_WAIT,
+        metavar="DURATION",
+        help="how long to wait for an operation already running on a pin (a checkpoint, an"
+        " unpin) before its checkpoint: 30s, 5m, ... (default"
+        f" {format_duration(control.SYNC_WAIT)}); past it, exit 1",
+    )
     s = sub.add_parser("pin", help="pin DIR now")
     s.add_argument("dir")
     s.add_argument("--mode", choices=["overlay", "copy"], default="overlay")
@@ -55,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=1.0, help="seconds between updates (default 1)"
     )
     return p
+
+
+def _duration(text: str) -> float:
+    try:
+        return config.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _socket_path(args: argparse.Namespace) -> str:
@@ -86,8 +102,13 @@ def _abs(path: str) -> str:
     return os.path.abspath(path)
 
 
-def _request(args: argparse.Namespace, cmd: str, body: dict[str, Any] | None = None) -> Any:
-    response = control.call(_socket_path(args), cmd, body)
+def _request(
+    args: argparse.Namespace,
+    cmd: str,
+    body: dict[str, Any] | None = None,
+    timeout: float = control.ANSWER_WAIT,
+) -> Any:
+    response = control.call(_socket_path(args), cmd, body, timeout=timeout)
     if not response.get("ok"):
         code = response.get("code", EXIT_FAILURE)
         err = RampipeError(str(response.get("error", "failed")))
@@ -162,7 +183,11 @@ def run(argv: list[str] | None) -> int:
             print_status(st)
     elif args.command == "sync":
         start = time.monotonic()
-        res = _request(args, "sync", {"path": _abs(args.dir)} if args.dir else {})
+        body: dict[str, Any] = {"wait": args.timeout}
+        if args.dir:
+            body["path"] = _abs(args.dir)
+        # the daemon answers after waiting (at most --timeout) and checkpointing
+        res = _request(args, "sync", body, timeout=args.timeout + control.ANSWER_WAIT)
         print(f"synced {len(res['synced'])} pins in {time.monotonic() - start:.1f} s")
     elif args.command == "pin":
         _request(args, "pin", {"path": _abs(args.dir), "mode": args.mode})

@@ -5,6 +5,8 @@ Response: {"v": 1, "ok": true, "result": ...} or {"v": 1, "ok": false, "error": 
 
 The server lives in the daemon's main loop (non-blocking, no threads). A command that takes time
 (sync, pin, unpin) is answered when its work is done; the loop keeps serving others meanwhile.
+`sync` ({"path": DIR or absent for all, "wait": seconds}) waits up to "wait" (SYNC_WAIT when
+absent) for an operation already running on a pin, then checkpoints it.
 Only root may connect: the socket is mode 0600 and the peer's uid is checked (SO_PEERCRED).
 """
 
@@ -28,6 +30,10 @@ from rampiped.listener import Client, Listener
 PROTOCOL = 1
 MAX_REQUEST = 64 * 1024  # a request is a small JSON object; more is garbage or an attack
 IDLE_TIMEOUT = 10.0  # seconds a client may take to send its request line
+# seconds `rampipectl sync` waits for an operation running on a pin before its checkpoint,
+# unless told otherwise (`--timeout`): long enough for the write-back of a big pin
+SYNC_WAIT = 600.0
+ANSWER_WAIT = 600.0  # seconds a client waits for the answer to a command (for sync: on top)
 MAX_CLIENTS = 64
 
 log = logging.getLogger("rampiped")
@@ -127,7 +133,7 @@ class ControlServer(Listener):
 
 
 def call(
-    path: str, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = 600.0
+    path: str, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = ANSWER_WAIT
 ) -> dict[str, Any]:
     """Send one request and wait for its response. Raises NotRunning when nobody listens."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

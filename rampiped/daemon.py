@@ -52,6 +52,12 @@ log = logging.getLogger("rampiped")
 TICK = 0.5  # seconds between engine decisions
 BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
 STOP_RETRIES = 3  # busy unpins retried at stop before a pin is left mounted
+# The stop retries an unpin that failed during the stop after this long, not after the pin's
+# own backoff: that one doubles up to BACKOFF_MAX (5 min), far past the unit's stop timeout
+# (90 s). A retry due before the stop began (a failed checkpoint or unpin) is not waited for
+# at all. STOP_RETRIES attempts wait (STOP_RETRIES - 1) * STOP_RETRY_DELAY in all, which
+# gives holders a moment to let go without spinning on a pin that stays busy.
+STOP_RETRY_DELAY = 5.0
 EXTEND_EVERY = 5.0  # seconds between EXTEND_TIMEOUT_USEC messages during the final sync
 EXTEND_BY_USEC = 30_000_000
 # At most this long between logind's sleep announcement and releasing the delay lock (logind
@@ -61,6 +67,16 @@ FACTS_MAX_AGE = 30.0  # seconds a candidate's filesystem facts and size are reus
 
 
 JobReply = Callable[[Any, BaseException | None], None]
+
+
+@dataclass
+class SyncWait:
+    """`rampipectl sync` of a pin that was busy with another operation: its checkpoint is made
+    when that operation ends, unless `deadline` (monotonic) passes first."""
+
+    deadline: float
+    limit: float  # seconds it was allowed to wait, for the message
+    reply: JobReply
 
 
 @dataclass
@@ -189,6 +205,11 @@ class Daemon:
         self.control: control.ControlServer | None = None
         self.stopping = False
         self.stop_attempts: dict[str, int] = {}
+        # the stop's own retries of unpins that failed during it: path -> monotonic time
+        self.stop_retry_at: dict[str, float] = {}
+        self.stop_started: set[str] = set()  # pins whose final write-back the stop began
+        self.running: dict[str, str] = {}  # path -> kind of the worker's job on that pin
+        self.sync_waits: dict[str, list[SyncWait]] = {}  # path -> syncs waiting for it
         self.exit_code = EXIT_OK
         self.want_reload = False
         self.want_stop = False
@@ -436,24 +457,25 @@ class Daemon:
         )
         self.worker.submit(job)
 
-    def _submit_unpin(self, pin: pins.Pin, reason: str, reply: JobReply | None = None) -> None:
+    def _submit_unpin(self, pin: pins.Pin, reason: str, reply: JobReply | None = None) -> bool:
+        """Queue the unpin of `pin`; False (and `reply` told so) when it is busy."""
         # A pin whose job result the loop has not collected yet is not done either: collecting
         # it starts watching its RAM side, which would make this unpin's unmount busy.
-        if not self._take(pin, reply, busy=self.pending.get(pin.path) == "pin"):
-            return
+        if not self._take(pin, "unpin", reply, busy=self.pending.get(pin.path) == "pin"):
+            return False
         self.pending[pin.path] = "unpin"
         self._unwatch_pin(pin)  # the monitor's fds must not keep the tmpfs busy
         fn = functools.partial(self.pinmgr.unpin, pin)
         self.worker.submit(Job("unpin", pin.path, fn, reason, pin.mode, reply))
+        return True
 
     def _submit_checkpoint(self, pin: pins.Pin, reason: str, reply: JobReply | None = None) -> None:
-        if not self._take(pin, reply):
+        if not self._take(pin, "checkpoint", reply):
             return
         fn = functools.partial(self.pinmgr.checkpoint, pin)
         self.worker.submit(Job("checkpoint", pin.path, fn, reason, pin.mode, reply))
 
-    @staticmethod
-    def _take(pin: pins.Pin, reply: JobReply | None, busy: bool = False) -> bool:
+    def _take(self, pin: pins.Pin, kind: str, reply: JobReply | None, busy: bool = False) -> bool:
         """Mark `pin` busy with a job of the worker; False, and `reply` told so, when it (or
         `busy`) says it is busy already."""
         if busy or pin.busy:
@@ -461,6 +483,7 @@ class Daemon:
                 reply(None, RuntimeError(f"{pin.path} is busy with another operation"))
             return False
         pin.busy = True
+        self.running[pin.path] = kind
         return True
 
     def _collect(self, block: bool = False) -> None:
@@ -469,10 +492,15 @@ class Daemon:
             sel.register(self.worker.rfd, selectors.EVENT_READ)
             sel.select(timeout=1.0)
             sel.close()
-        for job, result, exc in self.worker.collect():
+        done = self.worker.collect()
+        for job, result, exc in done:
+            if job.kind in ("unpin", "checkpoint"):
+                self.running.pop(job.path, None)
             self._finish(job, result, exc)
             if job.reply:
                 job.reply(result, exc)
+        if done and self.sync_waits:
+            self._serve_sync_waits(time.monotonic())
 
     def _finish(self, job: Job, result: Any, exc: BaseException | None) -> None:
         if job.kind == "measure":
@@ -534,6 +562,17 @@ class Daemon:
             self._watch_pin(pin)
             pin.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, pin.backoff * 2))
             pin.retry_at = now + pin.backoff
+            retry = f"retrying in {engine.format_duration(pin.backoff)}"
+            if self.stopping:
+                attempts = self.stop_attempts.get(job.path, 0) + 1
+                self.stop_attempts[job.path] = attempts
+                self.stop_retry_at[job.path] = now + STOP_RETRY_DELAY
+                retry = (
+                    f"retrying in {engine.format_duration(STOP_RETRY_DELAY)}"
+                    f" (attempt {attempts} of {STOP_RETRIES} at stop)"
+                    if attempts < STOP_RETRIES
+                    else f"not retried: the stop tried {attempts} times"
+                )
             if isinstance(exc, pins.UnpinBusy):
                 holders_now = [str(h) for h in exc.holders]
                 level = logging.WARNING if holders_now != pin.holders else logging.DEBUG
@@ -541,21 +580,19 @@ class Daemon:
                 pin.error = str(exc)
                 log.log(
                     level,
-                    "cannot unpin %s yet: %s; staying pinned, retrying in %s",
+                    "cannot unpin %s yet: %s; staying pinned, %s",
                     job.path,
                     exc,
-                    engine.format_duration(pin.backoff),
+                    retry,
                 )
             else:
                 pin.error = str(exc)
                 log.error(
-                    "write-back of %s failed, staying pinned (nothing lost), retrying in %s: %s",
+                    "write-back of %s failed, staying pinned (nothing lost), %s: %s",
                     job.path,
-                    engine.format_duration(pin.backoff),
+                    retry,
                     exc,
                 )
-            if self.stopping:
-                self.stop_attempts[job.path] = self.stop_attempts.get(job.path, 0) + 1
         elif job.kind == "checkpoint":
             pin = self.pinmgr.pins.get(job.path)
             if pin is not None:
@@ -717,6 +754,8 @@ class Daemon:
         self._drain_monitor(now)
         if self.control is not None:
             self.control.expire(now)
+        if self.sync_waits:
+            self._serve_sync_waits(now)
         self.notifier.tick(now)
         self.observer.tick(now)
         if self.sleep_wait and now >= self.sleep_deadline and self.sleep_guard is not None:
@@ -926,9 +965,16 @@ class Daemon:
         log.info("stopping: writing %d pins back", len(self.pinmgr.pins))
         self.notifier.send("STOPPING=1", "STATUS=stopping: writing back to disk")
         self.last_extend = 0.0
+        self._drop_sync_waits(
+            "rampiped began to stop while this sync waited for the running {kind}:"
+            " no checkpoint made; the stop writes every pin back to disk"
+        )
 
     def _stop_step(self, now: float) -> bool:
-        """One step of the stop; True when there is nothing left to do."""
+        """One step of the stop; True when there is nothing left to do. Every pin's final
+        write-back starts at once, or as soon as the job running on it ends: a retry that a
+        failed checkpoint or unpin scheduled before the stop (pin.retry_at, up to BACKOFF_MAX
+        away) is not waited for."""
         if now - self.last_extend >= EXTEND_EVERY:
             self.last_extend = now
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={EXTEND_BY_USEC}")
@@ -940,8 +986,17 @@ class Daemon:
             if self.stop_attempts.get(pin.path, 0) >= STOP_RETRIES:
                 continue
             left = True
-            if now >= pin.retry_at:
-                self._submit_unpin(pin, "stopping")
+            if now < self.stop_retry_at.get(pin.path, 0.0):
+                continue  # an unpin that failed during the stop: its short retry delay
+            first = pin.path not in self.stop_started
+            if self._submit_unpin(pin, "stopping") and first:
+                self.stop_started.add(pin.path)
+                due = pin.retry_at - now
+                log.info(
+                    "stopping: writing %s back%s",
+                    pin.path,
+                    f" now (its retry was due in {engine.format_duration(due)})" if due > 0 else "",
+                )
         if left or self.worker.pending:
             return False
         for pin in list(self.pinmgr.pins.values()):
@@ -956,6 +1011,7 @@ class Daemon:
         return True
 
     def shutdown(self) -> None:
+        self._drop_sync_waits("rampiped exited while this sync waited for the running {kind}")
         if self.control is not None:
             self.control.close()
         if self.sleep_guard is not None:
@@ -1118,6 +1174,14 @@ class Daemon:
             reply(control.error(f"unknown command {cmd!r}", EXIT_USAGE))
 
     def _cmd_sync(self, args: dict[str, Any], reply: control.Reply) -> None:
+        """Checkpoint one pin or all. A pin busy with another operation (a checkpoint, an
+        unpin) is checkpointed when that ends, if it ends within `wait` seconds; the answer
+        comes once every checkpoint is done (the loop goes on meanwhile)."""
+        wait = args.get("wait", control.SYNC_WAIT)
+        number = isinstance(wait, (int, float)) and not isinstance(wait, bool)
+        if not number or not 0 <= wait < float("inf"):  # NaN fails the comparison too
+            reply(control.error(f"'wait' must be a number of seconds, not {wait!r}", EXIT_USAGE))
+            return
         path = args.get("path")
         if path:
             path = _arg_path(args)
@@ -1154,11 +1218,59 @@ class Daemon:
 
             return done
 
+        now = time.monotonic()
         for pin in targets:
             if pin.busy:
-                one(pin)(None, RuntimeError("busy with another operation; try again"))
+                kind = self.running.get(pin.path, "operation")
+                log.debug(
+                    "sync of %s waits for the running %s (at most %s)",
+                    pin.path,
+                    kind,
+                    engine.format_duration(wait),
+                )
+                self.sync_waits.setdefault(pin.path, []).append(
+                    SyncWait(now + wait, float(wait), one(pin))
+                )
             else:
                 self._submit_checkpoint(pin, "asked by rampipectl", reply=one(pin))
+
+    def _serve_sync_waits(self, now: float) -> None:
+        """Syncs waiting for a pin's operation: checkpoint the pins whose operation ended (one
+        checkpoint answers every sync that waited for it: all of them asked before it began),
+        and answer those that waited past their limit."""
+        for path, waits in list(self.sync_waits.items()):
+            pin = self.pinmgr.pins.get(path)
+            if pin is None:
+                # the operation was its unpin, which wrote everything back to disk
+                del self.sync_waits[path]
+                log.debug("sync of %s: unpinned meanwhile, its data is on disk", path)
+                for w in waits:
+                    w.reply(None, None)
+            elif not pin.busy:
+                del self.sync_waits[path]
+                fan_out = functools.partial(_tell_all, [w.reply for w in waits])
+                self._submit_checkpoint(pin, "asked by rampipectl", reply=fan_out)
+            else:
+                kind = self.running.get(path, "operation")
+                for w in [w for w in waits if now >= w.deadline]:
+                    waits.remove(w)
+                    w.reply(
+                        None,
+                        RuntimeError(
+                            f"waited {engine.format_duration(w.limit)} for the running {kind}"
+                            " to end; no checkpoint made (rampipectl sync --timeout waits longer)"
+                        ),
+                    )
+                if not waits:
+                    del self.sync_waits[path]
+
+    def _drop_sync_waits(self, message: str) -> None:
+        """Answer every waiting sync with `message` ({kind}: the operation it waited for)."""
+        waits, self.sync_waits = self.sync_waits, {}
+        for path, ws in waits.items():
+            kind = self.running.get(path, "operation")
+            for w in ws:
+                w.reply(None, RuntimeError(message.format(kind=kind)))
 
     def _cmd_pin(self, args: dict[str, Any], reply: control.Reply) -> None:
         path = _arg_path(args)
@@ -1209,6 +1321,11 @@ class Daemon:
                 reply(control.error(f"{exc} (rampiped keeps trying)"))
 
         self._submit_unpin(pin, "asked by rampipectl", reply=done)
+
+
+def _tell_all(replies: list[JobReply], result: Any, exc: BaseException | None) -> None:
+    for reply in replies:
+        reply(result, exc)
 
 
 def _arg_path(args: dict[str, Any]) -> str:

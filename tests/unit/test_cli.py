@@ -81,3 +81,75 @@ def test_daemon_error_code_is_the_exit_code(
     code, _, err = run(capsys, "--socket", str(sock), "reload")
     t.join(5)
     assert code == 78 and "x.conf:3: ram.max: bad" in err
+
+
+def _recording_daemon(
+    path: Path, response: dict[str, object], requests: list[dict[str, object]]
+) -> threading.Thread:
+    """A fake daemon that answers one request with `response` and keeps what was asked."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        buf = b""
+        while b"\n" not in buf:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        requests.append(json.loads(buf.split(b"\n", 1)[0]))
+        conn.sendall(json.dumps(response).encode() + b"\n")
+        conn.close()
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize(
+    ("argv", "args"),
+    [
+        ((), {"wait": 600.0}),  # the default limit: 10 minutes
+        (("/srv/x",), {"path": "/srv/x", "wait": 600.0}),
+        (("/srv/x", "--timeout", "90s"), {"path": "/srv/x", "wait": 90.0}),
+        (("--timeout", "1m30s"), {"wait": 90.0}),
+        (("--timeout", "0"), {"wait": 0.0}),
+    ],
+)
+def test_sync_sends_how_long_to_wait_for_a_running_operation(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: tuple[str, ...],
+    args: dict[str, object],
+) -> None:
+    sock = tmp_path / "c.sock"
+    requests: list[dict[str, object]] = []
+    t = _recording_daemon(
+        sock, {"v": 1, "ok": True, "result": {"synced": [], "failed": []}}, requests
+    )
+    code, out, err = run(capsys, "--socket", str(sock), "sync", *argv)
+    t.join(5)
+    assert (code, err) == (0, "")
+    assert out.startswith("synced 0 pins in ")
+    assert requests == [{"v": 1, "cmd": "sync", "args": args}]
+
+
+@pytest.mark.parametrize("value", ["soon", "-5s", "10x"])
+def test_sync_timeout_must_be_a_duration(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    code, out, err = run(capsys, "--socket", "/nonexistent.sock", "sync", f"--timeout={value}")
+    assert code == 2 and out == ""
+    assert "argument --timeout: expected a duration like 10s, 5m or a number of seconds" in err
+
+
+def test_sync_that_waited_too_long_exits_1_with_the_daemons_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock = tmp_path / "c.sock"
+    message = "/srv/x: waited 1s for the running checkpoint to end; no checkpoint made"
+    t = _recording_daemon(sock, {"v": 1, "ok": False, "error": message, "code": 1}, [])
+    code, out, err = run(capsys, "--socket", str(sock), "sync", "/srv/x", "--timeout", "1s")
+    t.join(5)
+    assert (code, out, err) == (1, "", f"rampipectl: {message}\n")
