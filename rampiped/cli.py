@@ -152,6 +152,14 @@ def print_status(st: dict[str, Any]) -> None:
                 print(f"    {p['error']}")
     else:
         print("nothing pinned")
+    for s in st.get("stranded", []):
+        print()
+        print(
+            f"NOT WRITTEN BACK: {s['path']} lacks {format_bytes(s['bytes'])} that are only in"
+            f" {s['where']} (since {s['since']}, {s['attempts']} attempts, next in"
+            f" {s['next_retry_s']:.0f}s)"
+        )
+        print(f"    {s['error']}")
     cands = [c for c in st.get("candidates", []) if not c.get("pinned")]
     if cands:
         print()

@@ -300,12 +300,19 @@ class Daemon:
         self.observer.start(self.selector)
         mode = " (dry run: nothing is mounted)" if self.dry_run else ""
         roots = ", ".join(f"{w.path} (depth {w.depth})" for w in cfg.adaptive.watch) or "none"
-        log.info(
-            "rampiped %s started%s: watching %s; %d pinned",
+        stranded = list(self.pinmgr.stranded.values())
+        log.log(
+            logging.ERROR if stranded else logging.INFO,
+            "rampiped %s started%s: watching %s; %d pinned%s",
             __version__,
             mode,
             roots if cfg.adaptive.enabled else "nothing (adaptive pinning off)",
             len(self.pinmgr.pins),
+            f"; {len(stranded)} WRITE-BACKS NOT COMPLETED ("
+            + ", ".join(f"{s.path}: {engine.format_bytes(s.bytes)} in {s.where}" for s in stranded)
+            + "), retried until they complete"
+            if stranded
+            else "",
         )
         self.notifier.send("READY=1", "STATUS=" + self.status_line())
 
@@ -421,6 +428,15 @@ class Daemon:
             elif now >= at and path not in self.pinmgr.pins and path not in self.pending:
                 self._submit_static(path, pc)
 
+    def _retry_stranded(self, now: float) -> None:
+        """Write-backs found unfinished at start that could not complete: tried again with
+        backoff (a full disk gets room, a directory swapped for a symlink comes back)."""
+        for path, st in list(self.pinmgr.stranded.items()):
+            if now >= st.retry_at and path not in self.pending and path not in self.running:
+                self.pending[path] = "stranded"
+                fn = functools.partial(self.pinmgr.retry_stranded, path)
+                self.worker.submit(Job("stranded", path, fn, "retrying a stranded write-back"))
+
     # -- jobs --------------------------------------------------------------------------------
 
     def _submit_pin(
@@ -505,6 +521,23 @@ class Daemon:
     def _finish(self, job: Job, result: Any, exc: BaseException | None) -> None:
         if job.kind == "measure":
             self._measured(job.path, result if exc is None else None)
+            return
+        if job.kind == "stranded":
+            self.pending.pop(job.path, None)
+            if exc is None:
+                log.info("%s", result)
+                self.static_retry.pop(job.path, None)  # its static pin may be made now
+            else:
+                st = self.pinmgr.stranded.get(job.path)
+                log.error(
+                    "%s: write-back still NOT COMPLETED (%s in %s; attempt %d, next in %s): %s",
+                    job.path,
+                    engine.format_bytes(st.bytes) if st else "?",
+                    st.where if st else "?",
+                    st.attempts if st else 0,
+                    engine.format_duration(st.backoff) if st else "?",
+                    exc,
+                )
             return
         now = time.monotonic()
         self.observer.finished(job.kind, job.path, job.mode, job.reason, result, exc)
@@ -765,6 +798,7 @@ class Daemon:
         if not self.stopping:
             self._decide(now)
             if not self.dry_run:
+                self._retry_stranded(now)
                 self._retry_static(now)
             self.rates.prune(now)
         self.notifier.status(self.status_line())
@@ -999,6 +1033,16 @@ class Daemon:
                 )
         if left or self.worker.pending:
             return False
+        for st in list(self.pinmgr.stranded.values()):
+            self.exit_code = EXIT_FAILURE
+            log.critical(
+                "%s: its write-back never completed (%s): %s are still only in %s; the next"
+                " start tries again",
+                st.path,
+                st.error,
+                engine.format_bytes(st.bytes),
+                st.where,
+            )
         for pin in list(self.pinmgr.pins.values()):
             self.exit_code = EXIT_FAILURE
             log.critical(
@@ -1031,7 +1075,14 @@ class Daemon:
         n = len(self.pinmgr.pins)
         used = self._ram_used()
         at_risk = self.observer.risk_text(time.monotonic())
-        return f"{n} pinned, {engine.format_bytes(used)} in RAM{at_risk}"
+        stranded = list(self.pinmgr.stranded.values())
+        warn = (
+            f"NOT WRITTEN BACK: {engine.format_bytes(sum(s.bytes for s in stranded))} of"
+            f" {', '.join(s.path for s in stranded)} (see the log); "
+            if stranded
+            else ""
+        )
+        return f"{warn}{n} pinned, {engine.format_bytes(used)} in RAM{at_risk}"
 
     def status(self, now: float) -> dict[str, Any]:
         pins_out: list[dict[str, Any]] = []
@@ -1094,6 +1145,21 @@ class Daemon:
             "monitor": {"lost_events": self.lost_events, **self.monitor.stats()},
             "pins": pins_out,
             "candidates": candidates,
+            # write-backs found unfinished at start that could not complete: what the
+            # directory lacks is only in `where` (a journal generation, or a RAM copy)
+            "stranded": [
+                {
+                    "path": s.path,
+                    "mode": s.mode,
+                    "where": s.where,
+                    "bytes": s.bytes,
+                    "error": s.error,
+                    "since": _iso(s.since),
+                    "attempts": s.attempts,
+                    "next_retry_s": round(max(0.0, s.retry_at - now), 1),
+                }
+                for s in sorted(self.pinmgr.stranded.values(), key=lambda s: s.path)
+            ],
         }
 
     def explain(self, path: str, now: float) -> dict[str, Any]:
@@ -1183,8 +1249,21 @@ class Daemon:
             reply(control.error(f"'wait' must be a number of seconds, not {wait!r}", EXIT_USAGE))
             return
         path = args.get("path")
+        for st in list(self.pinmgr.stranded.values()):
+            if not path or st.path == _arg_path(args):
+                st.retry_at = 0.0  # a stranded write-back is tried again at the next tick
         if path:
             path = _arg_path(args)
+            if path in self.pinmgr.stranded:
+                st = self.pinmgr.stranded[path]
+                reply(
+                    control.error(
+                        f"{path} is not pinned: its earlier write-back has not completed"
+                        f" ({engine.format_bytes(st.bytes)} in {st.where}: {st.error});"
+                        " trying it again now (see the log)"
+                    )
+                )
+                return
             if path not in self.pinmgr.pins:
                 reply(control.error(f"{path} is not pinned"))
                 return

@@ -41,7 +41,7 @@ import selectors
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -109,6 +109,7 @@ class Sample:
     pins: tuple[PinSample, ...]
     ram_max_bytes: int
     monitor: Mapping[str, int]  # Monitor.stats() and the daemon's lost_events
+    stranded: Mapping[str, int] = field(default_factory=dict)  # path -> bytes not on disk
 
 
 def _label(path: str) -> str:
@@ -167,6 +168,13 @@ class Metrics:
             registry=r,
         )
         self.pin_ram = Gauge("rampiped_pin_ram_bytes", "RAM used by the pin.", by_pin, registry=r)
+        self.stranded = Gauge(
+            "rampiped_stranded_bytes",
+            "Bytes of a write-back that could not complete: in the journal or RAM only, not in"
+            " the directory (retried until it completes).",
+            ["path"],
+            registry=r,
+        )
         self.pin_dirty = Gauge(
             "rampiped_pin_dirty_bytes",
             "Bytes of the pin not yet on disk: files changed since its last good checkpoint.",
@@ -326,6 +334,9 @@ class Metrics:
             self.pin_dirty.labels(label, p.mode).set(p.dirty_bytes)
             self.pin_at_risk.labels(label, p.mode).set(p.at_risk_s)
         self._totals.values = dict(sample.monitor)
+        self.stranded.clear()
+        for path, nbytes in sample.stranded.items():
+            self.stranded.labels(_label(path)).set(nbytes)
 
     def render(self) -> bytes:
         """The Prometheus text format."""
@@ -590,7 +601,8 @@ class Observer:
         for path in list(self._measured):
             if path not in self.pinmgr.pins:
                 del self._measured[path]
-        return Sample(tuple(out), self.ram_max(), self.monitor())
+        stranded = {s.path: s.bytes for s in list(self.pinmgr.stranded.values())}
+        return Sample(tuple(out), self.ram_max(), self.monitor(), stranded)
 
     def render(self, now: float | None = None) -> bytes:
         self.metrics.update(self.sample(time.monotonic() if now is None else now))

@@ -695,6 +695,7 @@ class PinManager:
                     self.disk(pin.id),
                     pin.ledger,
                     f"checkpoint of {pin.path}",
+                    pin.path,
                 )
                 res = sync.checkpoint(
                     self.upper(pin.id), self.journal(pin.id), runner=self.runner, ledger=pin.ledger
@@ -834,6 +835,7 @@ class PinManager:
                 self.disk(pin.id),
                 pin.ledger,
                 f"write-back of {pin.path}",
+                pin.path,
             )
         try:
             self._unmount_when_free(

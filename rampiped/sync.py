@@ -2156,21 +2156,27 @@ def space_need(upper: str, ledger: Ledger | None, found: LedgerScan | None = Non
 
 
 def check_space(
-    upper: str, journal: str, target: str, ledger: Ledger | None, what: str
+    upper: str,
+    journal: str,
+    target: str,
+    ledger: Ledger | None,
+    what: str,
+    target_name: str | None = None,
 ) -> SpaceNeed:
     """Refuse (NoSpace) a checkpoint or write-back of `upper` that would not fit: the new
     journal generation on the journal's filesystem, and the apply into `target` afterwards on
     the target's, both on one filesystem when they share it (the generation stays until the
     apply is verified). Filesystems that report no inode count (btrfs, tmpfs with nr_inodes=0)
-    are checked for bytes only."""
+    are checked for bytes only. `target_name`: the directory as its users know it."""
     need = space_need(upper, ledger)
+    shown = target_name or target
     os.makedirs(journal, mode=0o700, exist_ok=True)
     jst, tst = os.statvfs(journal), os.statvfs(target)
     same = os.stat(journal).st_dev == os.stat(target).st_dev
     checks = (
         [
             (
-                target,
+                shown,
                 tst,
                 need.journal_bytes + need.apply_bytes,
                 need.journal_inodes + need.apply_inodes,
@@ -2179,7 +2185,7 @@ def check_space(
         if same
         else [
             (journal, jst, need.journal_bytes, need.journal_inodes),
-            (target, tst, need.apply_bytes, need.apply_inodes),
+            (shown, tst, need.apply_bytes, need.apply_inodes),
         ]
     )
     for where, st, nbytes, inodes in checks:
