@@ -61,6 +61,7 @@ from rampiped.sync import (
     pause_point,
     rsync_stat,
     run_command,
+    run_pass,
     scratch_dir,
     source_churn_only,
     stamp_of,
@@ -650,7 +651,7 @@ def checkpoint(
     argv = [*_RSYNC, "--delete", "--fsync", "--stats", *compare, *excludes, data + "/", disk + "/"]
     with scratch_dir(disk) as scratch:
         argv[-2:-2] = scratch
-        result = runner(argv)
+        result = run_pass(runner, argv)
     # 23/24 for files that vanished or changed while rsync read them: handled below
     if result.returncode != 0 and not source_churn_only(result):
         raise SyncError.from_command(f"checkpoint of {data} to {disk}", argv, result)
@@ -684,7 +685,7 @@ def checkpoint(
         ]  # fmt: skip
         with scratch_dir(disk) as scratch:
             argv[-2:-2] = scratch
-            redo = runner(argv)
+            redo = run_pass(runner, argv)
         os.unlink(listing)
         if redo.returncode != 0 and not source_churn_only(redo):
             raise SyncError.from_command(

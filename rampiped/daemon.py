@@ -251,11 +251,10 @@ class Daemon:
         self.children.add(proc.pid)
         self.monitor.ignore_pid(proc.pid)
         try:
-            out, err = proc.communicate()
+            return sync.communicate_watched(proc)
         finally:
             self.monitor.unignore_pid(proc.pid)
             self.children.discard(proc.pid)
-        return sync.CommandResult(proc.returncode, out, err)
 
     # -- start-up ----------------------------------------------------------------------------
 

@@ -53,7 +53,8 @@ def digest_file(path: str) -> tuple[os.stat_result, str] | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+        # gone, or no longer a regular file (a whiteout on a nodev tmpfs answers EACCES)
+        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EACCES):
             return None
         raise
     try:

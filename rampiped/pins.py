@@ -1722,6 +1722,11 @@ class PinManager:
                 total += st.st_size if stat.S_ISREG(st.st_mode) else 0
                 if oldest is None or st.st_ctime < oldest:
                     oldest = st.st_ctime
+        if oldest is not None and pin.last_sync is not None and not pin.last_sync.ok:
+            # Checkpoints fail: a file changed again and again since the last good one shows
+            # only its latest change time, while its first change not on disk is older. The
+            # honest bound is the last good checkpoint (or the pin).
+            oldest = min(oldest, pin.last_ok_wall or pin.pinned_wall)
         return Dirty(total, entries, oldest, complete=True)
 
 

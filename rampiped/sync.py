@@ -80,7 +80,10 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # quick check (and whether it sets a directory's times) compares whole seconds by default, so a
 # same-size rewrite within the second of the last copy would be skipped for good, or hard-linked
 # from the last generation, stale. -1 compares nanoseconds (receivers >= 3.1.3).
-RSYNC_COPY = ("rsync", "-aHAX", "--numeric-ids", "--modify-window=-1")
+# --no-inc-recursive: with incremental recursion, rsync -H deadlocked in 6 of 79 runs against a
+# tree churned without pause (all its processes waiting in poll() for each other); with the
+# whole file list built first, in none of 342.
+RSYNC_COPY = ("rsync", "-aHAX", "--no-inc-recursive", "--numeric-ids", "--modify-window=-1")
 
 # Exit codes of rsync (rsync(1), EXIT VALUES), and the shell's 126/127.
 RSYNC_EXIT_MEANINGS: dict[int, str] = {
@@ -167,16 +170,97 @@ Runner = Callable[[list[str]], CommandResult]
 def run_command(argv: list[str]) -> CommandResult:
     """Run a command to completion and capture its output (the default Runner)."""
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
     except FileNotFoundError:
         return CommandResult(127, "", f"{argv[0]}: command not found")
     except PermissionError as e:
         return CommandResult(126, "", f"{argv[0]}: {e.strerror}")
-    return CommandResult(
-        proc.returncode,
-        proc.stdout.decode("utf-8", "replace"),
-        proc.stderr.decode("utf-8", "replace"),
-    )
+    return communicate_watched(proc)
+
+
+# rsync -H deadlocks now and then when the files of its source change under it (seen here: 10
+# of 80 runs of `rsync -aHAX` against a tree churned without pause, none without -H, none with
+# --no-inc-recursive, which RSYNC_COPY now passes): its
+# sender, generator and receiver all wait in poll() for each other, forever, and the worker
+# with them. A command whose processes all sit in poll() or select() while none of them reads
+# or writes a byte for this long is killed and reported as hung. A process waiting for the
+# disk (fsync on a slow stick, state D) is not waiting in poll(): a slow write-back is never
+# taken for a hang.
+HANG_AFTER = 10.0
+HUNG_EXIT = 30  # rsync's own code for "timeout in data send/receive"
+_WATCH_EVERY = 2.0
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants, parents first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _waiting_and_io(pids: list[int]) -> tuple[bool, int]:
+    """(every process waits in poll/select, bytes read and written by all of them so far)."""
+    waiting, io = True, 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/wchan") as f:
+                wchan = f.read()
+            with open(f"/proc/{p}/io") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in ("rchar", "wchar"):
+                        io += int(value)
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if "poll" not in wchan and "select" not in wchan:
+            waiting = False
+    return waiting, io
+
+
+def communicate_watched(proc: subprocess.Popen[str]) -> CommandResult:
+    """proc.communicate(), killing the command when it hangs (see HANG_AFTER)."""
+    stalled_since: float | None = None
+    last_io = -1
+    while True:
+        try:
+            out, err = proc.communicate(timeout=_WATCH_EVERY)
+            return CommandResult(proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            pass
+        pids = _tree(proc.pid)
+        waiting, io = _waiting_and_io(pids)
+        now = time.monotonic()
+        if not waiting or io != last_io:
+            stalled_since, last_io = None, io
+            continue
+        if stalled_since is None:
+            stalled_since = now
+        elif now - stalled_since >= HANG_AFTER:
+            for p in reversed(pids):  # the deepest first: none cleans up after the others
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGKILL)
+            out, err = proc.communicate()
+            return CommandResult(
+                HUNG_EXIT,
+                out,
+                (err or "")
+                + f"\nrampiped: no byte read or written for {HANG_AFTER:.0f} s with every process"
+                " of the command waiting on another: hung, killed\n",
+            )
 
 
 class SyncError(Exception):
@@ -191,10 +275,13 @@ class SyncError(Exception):
 
     @classmethod
     def from_command(cls, action: str, argv: list[str], result: CommandResult) -> SyncError:
+        tail = _tail(result.stderr)
+        first = _first_unexpected(result.stderr)
         return cls(
             f"{action} failed: `{shlex.join(argv)}` {describe_exit(result.returncode)}"
             + _cause_hint(result.stderr)
-            + _tail(result.stderr),
+            + (f"; first error: {first}" if first and first not in tail else "")
+            + tail,
             argv=argv,
             returncode=result.returncode,
         )
@@ -235,14 +322,44 @@ def _tail(text: str, lines: int = 8, chars: int = 1500) -> str:
 # What rsync says when a file of a live tree changes under it while it reads: a file gone,
 # shrunk (read errors mapping, then a failed verification), or replaced by a directory or a
 # symlink. The sender's errnos: ENOENT, ENOTDIR, EISDIR, EINVAL (readlink of what is no longer
-# a symlink), ELOOP, ENODATA, ESTALE. Anything else (a receiver's error, a full disk) is not.
+# a symlink), ELOOP, ENODATA, ESTALE, and EACCES (a name deleted through an overlay became a
+# whiteout, a device that its nodev tmpfs does not open; root reads everything else there).
+# The generator's reads of ACLs and xattrs of an entry that changed kind meanwhile. Anything
+# else (a receiver's write error, a full disk) is not.
 _CHURN_LINES = (
-    re.compile(r"rsync: \[sender\] .* \((2|20|21|22|40|61|116)\)"),
-    re.compile(r"(rsync: )?file has vanished: .*"),
+    re.compile(r"rsync: \[sender\] .* \((2|13|20|21|22|40|61|116)\)"),
+    re.compile(
+        r"rsync: \[generator\] (get_acl|get_xattr|rsync_xal_get)\b.*"
+        r" \((2|13|20|21|40|61)\)"
+    ),
+    re.compile(r"(rsync: )?(file|directory) has vanished: .*"),
     re.compile(r"(WARNING|ERROR): .* failed verification -- update discarded.*"),
     re.compile(r"rsync error: some files(/attrs were not transferred| vanished) .*"),
     re.compile(r"rsync warning: some files vanished .*"),
 )
+
+
+def run_pass(runner: Runner, argv: list[str], tries: int = 3) -> CommandResult:
+    """One rsync pass over a live tree, run again (up to `tries` times in all) when it hung
+    (HUNG_EXIT) or aborted with a protocol error (2: rsync -H does under churn, "Invalid packet
+    at end of run"); a pass is idempotent. Any other outcome is returned as it is."""
+    result = runner(argv)
+    for _ in range(tries - 1):
+        if result.returncode not in (HUNG_EXIT, 2):
+            break
+        log.warning("`%s` %s; running it again", argv[0], describe_exit(result.returncode))
+        result = runner(argv)
+    return result
+
+
+def _first_unexpected(stderr: str) -> str | None:
+    """The first line of rsync's stderr that is not about its source changing under it: the
+    one that failed the run (the tail shown may hold only churn lines)."""
+    for ln in stderr.splitlines():
+        ln = ln.strip()
+        if ln and not any(p.fullmatch(ln) for p in _CHURN_LINES):
+            return ln[:500]
+    return None
 
 
 def source_churn_only(result: CommandResult) -> bool:
@@ -1085,6 +1202,7 @@ def _rsync_apply_argv(
     argv = [
         "rsync",
         "-aHAX",  # recursive, symlinks, perms, times, owner, group, specials; links, ACLs, xattrs
+        "--no-inc-recursive",  # see RSYNC_COPY
         "--numeric-ids",
         # Every file in the layer changed (it was copied up); size and mtime equal to the disk's
         # prove nothing, and a skipped file would get its attributes changed in place, on an
@@ -2082,7 +2200,7 @@ def checkpoint(
             argv.append(f"--link-dest={journal}/{complete[latest]}")
         argv += [upper + "/", f"{journal}/{tmp_name}/"]
         _rsync_has_fsync(runner)  # says "rsync is not installed" when it is not
-        result = runner(argv)
+        result = run_pass(runner, argv)
         # 23/24 for source churn only: a file vanished, shrank or became a directory while
         # the live layer was copied; the next checkpoint sees the new state (the ledger leaves
         # those files out), and this one is as good as any copy of a layer being written.
@@ -2237,7 +2355,7 @@ def _copy_listed(
         src + "/", dst + "/",
     ]  # fmt: skip
     try:
-        result = runner(argv)
+        result = run_pass(runner, argv)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(listing)

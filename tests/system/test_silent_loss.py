@@ -170,6 +170,7 @@ def check_disk(env: Env, path: Path, expected: View, problems: list[str]) -> Non
     problems += differences(expected, view(path), "after the stop")
     remount(env)
     found = view(path)
+    safety.count("stamp-blind changes")
     safety.count("files lost", lost(expected, found))
     problems += differences(expected, found, "after the stop and a remount")
     assert not problems, "\n".join(problems)
