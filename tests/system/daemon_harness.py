@@ -185,8 +185,8 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def make_env(tmp: Path, disk_mb: int = 256) -> Iterator[Env]:
-    with make_loopfs(tmp / "disk", size_mb=disk_mb) as disk:
+def make_env(tmp: Path, disk_mb: int = 256, inodes: int | None = None) -> Iterator[Env]:
+    with make_loopfs(tmp / "disk", size_mb=disk_mb, inodes=inodes) as disk:
         runtime = tmp / "run"
         runtime.mkdir()
         subprocess.run(

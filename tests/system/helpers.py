@@ -24,7 +24,9 @@ class LoopFs:
 
 
 @contextlib.contextmanager
-def make_loopfs(mountpoint: Path, size_mb: int = 256, fstype: str = "ext4") -> Iterator[LoopFs]:
+def make_loopfs(
+    mountpoint: Path, size_mb: int = 256, fstype: str = "ext4", inodes: int | None = None
+) -> Iterator[LoopFs]:
     """Create an image, attach it to a loop device, make a filesystem and mount it.
 
     Everything is undone on exit, also when the body raised: the mounts below the mount point
@@ -45,7 +47,7 @@ def make_loopfs(mountpoint: Path, size_mb: int = 256, fstype: str = "ext4") -> I
         raise RuntimeError(f"losetup --find --show {image} failed: {proc.stderr.strip()}")
     try:
         subprocess.run(
-            ["mkfs." + fstype, "-q", device]
+            ["mkfs." + fstype, "-q", *(["-N", str(inodes)] if inodes else []), device]
             if fstype.startswith("ext")
             else ["mkfs." + fstype, device],
             check=True,

@@ -178,7 +178,7 @@ def test_rsync_failing_on_a_copy_pin(tmp_path: Path, monkeypatch: pytest.MonkeyP
                 assert proc.returncode == 1
                 assert "exited with code 11 (error in file I/O" in proc.stderr, proc.stderr
                 assert "cause: an I/O error on a device" in proc.stderr
-                assert "`rsync -aHAX --numeric-ids" in proc.stderr
+                assert "`rsync -aHAX --no-inc-recursive --numeric-ids" in proc.stderr
                 record = pin_state(env, d)["last_sync"]
                 assert isinstance(record, dict) and record["ok"] is False
                 # the disk still holds what it held: nothing was written and called written

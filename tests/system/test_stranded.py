@@ -88,6 +88,34 @@ def test_a_checkpoint_that_would_not_fit_twice_is_refused_before_writing(tmp_pat
         assert files(d) == view
 
 
+def test_a_checkpoint_that_would_run_out_of_inodes_is_refused_before_writing(
+    tmp_path: Path,
+) -> None:
+    # 4096 inodes: 2,500 files fit on the plain disk, not twice (journal, then the directory)
+    with make_env(tmp_path, disk_mb=128, inodes=4096) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "tree"
+        d.mkdir()
+        with running(env) as dm:
+            env.ctl("pin", str(d), check=True)
+            for i in range(2_500):
+                sub = d / f"d{i % 50:02d}"
+                sub.mkdir(exist_ok=True)
+                (sub / f"f{i}").write_text(f"{i}\n")
+            proc = env.ctl("sync", str(d))
+            safety.count("disk faults")
+            assert proc.returncode == 1, proc.stdout
+            assert "not enough inodes: it needs" in proc.stderr, proc.stderr
+            assert generations(env) == []
+            for i in range(1_500):  # the user removes most of them; the rest fits
+                (d / f"d{i % 50:02d}" / f"f{i}").unlink()
+            view = files(d)
+            env.ctl("sync", str(d), check=True)
+            assert dm.stop() == 0
+        assert not env.overlay_at(d)
+        assert files(d) == view
+
+
 def test_a_recovery_that_does_not_fit_is_stranded_reported_and_retried(tmp_path: Path) -> None:
     with make_env(tmp_path, disk_mb=128) as env:
         textfile = env.tmp / "rampiped.prom"

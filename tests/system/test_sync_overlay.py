@@ -252,7 +252,7 @@ def test_rsync_failure_is_reported_and_renames_are_undone(
     with pytest.raises(SyncError) as info:
         apply_upper(str(pin.upper), str(pin.disk))
     message = str(info.value)
-    assert "`rsync -aHAX --numeric-ids --ignore-times" in message
+    assert "`rsync -aHAX --no-inc-recursive --numeric-ids --ignore-times" in message
     assert f"{pin.upper}/ {pin.disk}/`" in message
     assert "exited with code 12 (error in the rsync protocol data stream" in message
     assert "fake failure" in message
