@@ -47,20 +47,33 @@ class Seen:
 Scan = Mapping[str, Seen]
 
 
-def digest_file(path: str) -> tuple[os.stat_result, str] | None:
-    """The lstat and the sha256 of the regular file at `path` (no symlink followed), or None
-    when there is none (gone, or not a regular file)."""
+def open_regular(name: str, dir_fd: int | None = None) -> tuple[int, os.stat_result] | None:
+    """An fd and the fstat of the regular file `name` (below `dir_fd`), no symlink followed;
+    None when there is none: gone, or something else (a symlink, a directory, a device; a
+    whiteout on a nodev tmpfs answers EACCES, a fifo ENXIO, never blocking)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd
+        )
     except OSError as e:
-        # gone, or no longer a regular file (a whiteout on a nodev tmpfs answers EACCES)
         if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EACCES):
             return None
         raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def digest_file(path: str) -> tuple[os.stat_result, str] | None:
+    """The lstat and the sha256 of the regular file at `path` (no symlink followed), or None
+    when there is none (gone, or not a regular file)."""
+    found = open_regular(path)
+    if found is None:
+        return None
+    fd, st = found
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
         h = hashlib.sha256()
         while chunk := os.read(fd, _CHUNK):
             h.update(chunk)

@@ -687,16 +687,7 @@ class PinManager:
         clock = self.ram_clock(pin)  # what changes from here on, the next checkpoint writes
         try:
             if pin.mode == "overlay":
-                # deferred, loudly, when the generation and the apply that follows at the
-                # unpin would not both fit: a generation that cannot be applied strands data
-                sync.check_space(
-                    self.upper(pin.id),
-                    self.journal(pin.id),
-                    self.disk(pin.id),
-                    pin.ledger,
-                    f"checkpoint of {pin.path}",
-                    pin.path,
-                )
+                self._check_room(pin, "checkpoint")  # deferred, loudly, when it would not fit
                 res = sync.checkpoint(
                     self.upper(pin.id), self.journal(pin.id), runner=self.runner, ledger=pin.ledger
                 )
@@ -740,6 +731,19 @@ class PinManager:
                 record.error = f"{record.error} (retrying in {format_duration(pin.backoff)})"
         self.save_state()
         return record
+
+    def _check_room(self, pin: Pin, what: str) -> None:
+        """An overlay pin's journal generation and the apply that follows must both fit (on
+        one filesystem, twice the changed data): a generation that cannot be applied strands
+        its data in the journal. Raises sync.NoSpace before anything is written."""
+        sync.check_space(
+            self.upper(pin.id),
+            self.journal(pin.id),
+            self.disk(pin.id),
+            pin.ledger,
+            f"{what} of {pin.path}",
+            pin.path,
+        )
 
     # -- unpinning ---------------------------------------------------------------------------
 
@@ -827,16 +831,7 @@ class PinManager:
                 snapshot = {}
 
         if pin.mode == "overlay":
-            # the journal generation and the apply must both fit, or the write-back would fail
-            # half way with its data in the journal only: refused while RAM still serves
-            sync.check_space(
-                self.upper(pin.id),
-                self.journal(pin.id),
-                self.disk(pin.id),
-                pin.ledger,
-                f"write-back of {pin.path}",
-                pin.path,
-            )
+            self._check_room(pin, "write-back")  # refused while RAM still serves the path
         try:
             self._unmount_when_free(
                 pin,

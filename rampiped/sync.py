@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 from rampiped import tree
 from rampiped.engine import format_bytes
-from rampiped.ledger import Ledger, settled, with_links
+from rampiped.ledger import Ledger, open_regular, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
 
@@ -333,6 +333,8 @@ _CHURN_LINES = (
         r" \((2|13|20|21|40|61)\)"
     ),
     re.compile(r"(rsync: )?(file|directory) has vanished: .*"),
+    # a listed file's directory gone or no longer a directory when the list was read
+    re.compile(r"WARNING: parent dir is absent in the file list: .*"),
     re.compile(r"(WARNING|ERROR): .* failed verification -- update discarded.*"),
     re.compile(r"rsync error: some files(/attrs were not transferred| vanished) .*"),
     re.compile(r"rsync warning: some files vanished .*"),
@@ -1407,18 +1409,11 @@ def _digest_fd(fd: int, size: int) -> str:
 
 
 def _stamp_at(dir_fd: int, name: str, source: str) -> Stamp | None:
+    found = open_regular(name, dir_fd)
+    if found is None:
+        return None
+    fd, st = found
     try:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd
-        )
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-            return None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
         return Stamp(
             source,
             st.st_ino,

@@ -256,3 +256,24 @@ def release(proc: subprocess.Popen[str]) -> int:
     assert proc.stdin is not None
     proc.stdin.close()
     return proc.wait(10)
+
+
+def tree(root: Path) -> dict[str, bytes | str]:
+    """Every entry below `root` by relative path: a regular file's bytes, "dir", "-> TARGET"
+    for a symlink, the type otherwise."""
+    out: dict[str, bytes | str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode):
+                with open(full, "rb") as f:
+                    out[rel] = f.read()
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = "dir"
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = "-> " + os.readlink(full)
+            else:
+                out[rel] = f"type {stat.S_IFMT(st.st_mode):o}"
+    return out

@@ -5,7 +5,7 @@ A file that vanishes, shrinks or turns into a directory while a checkpoint reads
 fail the checkpoint: it is taken at the next one. Under constant churn the oldest change not
 yet on disk must stay under two checkpoint intervals.
 
-A churner (a separate process) keeps about 50 names of a static pin with `sync_interval: 1s`
+A churner (a separate process) keeps about 50 names of a static pin with `sync_interval: 2s`
 changing as fast as it can with a small pacing: files of random sizes created, rewritten,
 patched in place and truncated (a shrink during rsync's read: "read errors mapping"), replaced
 by directories and back ("send_files failed to open ...: Is a directory (21)"), renamed,
@@ -21,8 +21,9 @@ complete generation of the pin's journal. A pass that has written `zz/clock` no 
 file is newer than `clock`); while a pass is under way (`clock` newer than `zz/clock`) only the
 last complete pass counts. So at a sample the oldest change not on disk is at most `now` minus
 that time old (give or take the 20 ms of the markers, and the files rsync skipped because they
-changed under it: those are taken at the next pass). That lag must stay under 2 s, no
-checkpoint may fail, and at least 5 must have been made.
+changed under it: those are taken at the next pass). That lag must stay under two intervals
+(4 s), no checkpoint may fail, and at least 5 must have been made. Seen here: 1.8 to 2.0 s in
+copy mode and 2.2 s in overlay mode at a 2 s interval; 0.9 to 1.1 s and 1.6 to 1.7 s at 1 s.
 
 Then the churner stops, `rampipectl sync` runs, and after a clean stop the disk holds exactly
 what the pinned path showed just before the stop (names, bytes, file or directory)."""
@@ -34,7 +35,6 @@ import json
 import os
 import re
 import signal
-import stat
 import statistics
 import subprocess
 import sys
@@ -49,12 +49,12 @@ import pytest
 
 from rampiped import pins as pinsmod
 from tests.system.daemon_harness import Daemon, Env, make_env, running
-from tests.system.helpers import wait_for
+from tests.system.helpers import tree, wait_for
 from tests.system.test_static_pins import assert_pinned_copy, disk_view, the_pin
 
 pytestmark = [pytest.mark.system, pytest.mark.parametrize("mode", ["copy", "overlay"])]
 
-INTERVAL = 1.0  # the pin's sync_interval, in seconds
+INTERVAL = 2.0  # the pin's sync_interval, in seconds
 CHURN_SECONDS = 15.0
 NAMES = 50
 
@@ -317,24 +317,6 @@ class LagSampler(threading.Thread):
 
 
 # -- what a tree holds --------------------------------------------------------------------------
-
-
-def tree(root: Path) -> dict[str, bytes | str]:
-    """Every entry below `root` by relative path: a regular file's bytes, or its kind."""
-    out: dict[str, bytes | str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            st = os.lstat(full)
-            if stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    out[rel] = f.read()
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = "directory"
-            else:
-                out[rel] = f"mode {st.st_mode:o}"
-    return out
 
 
 def describe(entry: bytes | str | None) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import pytest
 
 from tests.system import safety
 from tests.system.daemon_harness import Daemon, Env, make_env, running
-from tests.system.helpers import wait_for
+from tests.system.helpers import tree, wait_for
 from tests.system.test_silent_loss import remount
 from tests.system.test_static_pins import assert_pinned_copy, disk_view
 
@@ -60,27 +59,6 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 
 # -- what a tree holds --------------------------------------------------------------------------
-
-
-def tree(root: Path) -> dict[str, bytes | str]:
-    """Every entry below `root` by relative path: a regular file's bytes, "dir", "-> TARGET"
-    for a symlink, the type otherwise."""
-    out: dict[str, bytes | str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            st = os.lstat(full)
-            if stat.S_ISREG(st.st_mode):
-                with open(full, "rb") as f:
-                    out[rel] = f.read()
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = "dir"
-            elif stat.S_ISLNK(st.st_mode):
-                out[rel] = "-> " + os.readlink(full)
-            else:
-                out[rel] = f"type {stat.S_IFMT(st.st_mode):o}"
-    return out
 
 
 def short(value: bytes | str | None) -> str:

@@ -106,6 +106,7 @@ def test_settled_leaves_out_what_moved_after_the_scan(tmp_path: Path) -> None:
             "Permission denied (13)\n",
             True,
         ),
+        (23, "WARNING: parent dir is absent in the file list: n03\n", True),
         (23, 'rsync: [sender] read errors mapping "/r/f": Input/output error (5)\n', False),
         (2, "Invalid packet at end of run (17) [sender]\n", False),
         (23, "", False),
