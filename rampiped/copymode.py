@@ -128,9 +128,10 @@ class CheckpointIncomplete(CopyError):
 class NotVerified(CopyError):
     """After a final sync the disk does not hold what RAM holds."""
 
-    def __init__(self, message: str, differences: list[str]) -> None:
+    def __init__(self, message: str, differences: list[str], ledger: Ledger | None = None) -> None:
         super().__init__(message)
         self.differences = differences
+        self.ledger = ledger  # what the disk holds after the sync that did not verify
 
 
 @dataclass(frozen=True)
@@ -841,6 +842,7 @@ def final_sync(
             + (f" and {len(differences) - 5} more" if differences[5:] else "")
             + "): keeping the RAM copy",
             differences,
+            result.ledger,
         )
     return result
 

@@ -779,7 +779,7 @@ class PinManager:
                     ledger=known,
                 )
                 verified = before_sync
-            except copymode.NotVerified:
+            except copymode.NotVerified as unverified:
                 # still being written: a plain checkpoint now, the verified sync after the unmount
                 bulk = copymode.checkpoint(
                     self.ram(pin.id),
@@ -787,6 +787,7 @@ class PinManager:
                     pin_id=pin.id,
                     runner=self.runner,
                     since=pin.last_ok_wall or 0.0,
+                    ledger=unverified.ledger,
                 )
             pin.ledger = bulk.ledger
             bulk_files, bulk_bytes = bulk.files, bulk.bytes
