@@ -830,6 +830,7 @@ class PinManager:
                     exc,
                 )
                 snapshot = {}
+            sync.pause_point("unpin:recorded")  # the overlay still mounted, its users free
 
         if pin.mode == "overlay":
             self._check_room(pin, "write-back")  # refused while RAM still serves the path

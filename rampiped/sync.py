@@ -1427,6 +1427,8 @@ def _stamp_at(dir_fd: int, name: str, source: str) -> Stamp | None:
 
 
 _ABSENT_DIGEST = hashlib.sha256(b"").hexdigest()
+# touched_entries: a disk file not in the layer yet, its digest to be taken from the layer
+_DIGEST_FROM_LAYER = "from-layer"
 
 
 def _replaced_files(layer: _Layer) -> Iterator[tuple[str, str, str]]:
@@ -1477,6 +1479,65 @@ def touched_entries(upper: str, lower: str) -> dict[str, Stamp]:
                 out[rel] = found
             elif kind == "file" and (pfd is None or not exists):
                 out[rel] = Stamp(source, 0, 0, 0, 0, _ABSENT_DIGEST)
+        # A disk file beside those that is not in the layer yet may be copied up between this
+        # scan and the unmount, and written on disk right after it: record what it is now
+        # (nothing writes a mounted lower); its digest is taken from the layer's copy, once
+        # the layer is unmounted (HeldFiles.hold)
+        for rel, d in layer.dirs.items():
+            if d.lower is None:
+                continue
+            pfd = _open_rel(lower_fd, d.lower)
+            if pfd is None:
+                continue
+            try:
+                for name in os.listdir(pfd):
+                    if name in d.children:
+                        continue
+                    st = _lstat_at(pfd, name)
+                    if st is not None and stat.S_ISREG(st.st_mode):
+                        out[_join(rel, name)] = Stamp(
+                            _join(d.lower, name),
+                            st.st_ino,
+                            st.st_size,
+                            st.st_mtime_ns,
+                            st.st_ctime_ns,
+                            _DIGEST_FROM_LAYER,
+                        )
+            finally:
+                os.close(pfd)
+    return out
+
+
+def _with_layer_digests(
+    upper: str, snapshot: dict[str, Stamp], rels: list[str]
+) -> dict[str, Stamp]:
+    """`snapshot` with the digest of each of `rels` that was recorded without one (copied up
+    after touched_entries looked) taken from the layer's copy: the copy-up copied the disk
+    file as it was, so when RAM only appended to it, its first `size` bytes are the disk's.
+    When the copy is shorter than that (RAM truncated it) the stamp is dropped: unknown."""
+    out = dict(snapshot)
+    with _opened(upper) as upper_fd:
+        for rel in rels:
+            base = out.get(rel)
+            if base is None or base.digest != _DIGEST_FROM_LAYER:
+                continue
+            del out[rel]
+            parent, _, name = rel.rpartition("/")
+            pfd = _open_rel(upper_fd, parent)
+            if pfd is None:
+                continue
+            try:
+                found = open_regular(name, pfd)
+            finally:
+                os.close(pfd)
+            if found is None:
+                continue
+            fd, st = found
+            try:
+                if st.st_size >= base.size:
+                    out[rel] = dataclasses.replace(base, digest=_digest_fd(fd, base.size))
+            finally:
+                os.close(fd)
     return out
 
 
@@ -1605,6 +1666,7 @@ class HeldFiles:
         apply of `upper` replaces into the hold directory, and record the snapshot there."""
         layer = _scan_layer(upper)
         items = [(rel, source) for rel, source, _kind in _replaced_files(layer)]
+        snapshot = _with_layer_digests(upper, snapshot, [rel for rel, _source in items])
         return cls._hold_items(target, items, snapshot, threshold)
 
     @classmethod

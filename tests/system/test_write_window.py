@@ -67,6 +67,43 @@ def assert_clean(env: Env, d: Path) -> None:
     assert leftovers == []
 
 
+def test_a_file_first_written_just_before_the_unmount_keeps_its_appends_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file first written through the pin after the disk files were recorded, in the instant
+    before the unmount (seen once under load): what is appended to it on disk during the
+    write-back follows RAM's version, as for any other file, not a conflict file."""
+    marker = tmp_path / "paused"
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        d.mkdir()
+        (d / "a.log").write_text("a disk\n")
+        (d / "b.log").write_text("b disk\n")
+        stages = "unpin:recorded,unpin:unmounted"
+        with safety.paused_daemon(env, monkeypatch, stages, marker) as dm:
+            env.ctl("pin", str(d), check=True)
+            append(d / "a.log", "a ram\n")  # in RAM before the record
+            ctl = ctl_async(env, "unpin", str(d))
+            try:
+                safety.wait_paused(marker, "unpin:recorded")
+                assert env.overlay_at(d)
+                append(d / "b.log", "b ram\n")  # copied up only now
+                safety.release(marker)
+                safety.wait_paused(marker, "unpin:unmounted")
+                append(d / "b.log", "b window\n")
+                append(d / "a.log", "a window\n")
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    marker.unlink()
+                out, err = ctl.communicate(timeout=120)
+            assert ctl.returncode == 0, (out, err, dm.log_text()[-3000:])
+            assert (d / "b.log").read_text() == "b disk\nb ram\nb window\n"
+            assert (d / "a.log").read_text() == "a disk\na ram\na window\n"
+            assert not list(d.glob("*.rampiped-conflict"))
+            assert_clean(env, d)
+
+
 def test_appends_in_the_window_follow_the_ram_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
