@@ -687,9 +687,13 @@ class PinManager:
         clock = self.ram_clock(pin)  # what changes from here on, the next checkpoint writes
         try:
             if pin.mode == "overlay":
-                self._check_room(pin, "checkpoint")  # deferred, loudly, when it would not fit
+                need = self._check_room(pin, "checkpoint")  # deferred, loudly, if it won't fit
                 res = sync.checkpoint(
-                    self.upper(pin.id), self.journal(pin.id), runner=self.runner, ledger=pin.ledger
+                    self.upper(pin.id),
+                    self.journal(pin.id),
+                    runner=self.runner,
+                    ledger=pin.ledger,
+                    found=need.found,  # read just now: once per checkpoint
                 )
                 known = res.ledger
                 record = SyncRecord(wall, True, time.monotonic() - start, res.files, res.bytes)
@@ -732,11 +736,11 @@ class PinManager:
         self.save_state()
         return record
 
-    def _check_room(self, pin: Pin, what: str) -> None:
+    def _check_room(self, pin: Pin, what: str) -> sync.SpaceNeed:
         """An overlay pin's journal generation and the apply that follows must both fit (on
         one filesystem, twice the changed data): a generation that cannot be applied strands
         its data in the journal. Raises sync.NoSpace before anything is written."""
-        sync.check_space(
+        return sync.check_space(
             self.upper(pin.id),
             self.journal(pin.id),
             self.disk(pin.id),

@@ -45,6 +45,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from rampiped import tree
 from rampiped.engine import format_bytes
@@ -53,6 +54,7 @@ from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Overlay features, chosen on purpose rather than inherited from the kernel's build defaults:
 # - redirect_dir=on: renaming a directory that came from disk works (without it rename(2) fails
@@ -185,9 +187,9 @@ def run_command(argv: list[str]) -> CommandResult:
     return communicate_watched(proc)
 
 
-# rsync -H deadlocks now and then when the files of its source change under it (seen here: 10
-# of 80 runs of `rsync -aHAX` against a tree churned without pause, none without -H, none with
-# --no-inc-recursive, which RSYNC_COPY now passes): its
+# rsync -H deadlocks now and then when the files of its source change under it (seen here: 6
+# of 79 runs of `rsync -aHAX` against a tree churned without pause; with --no-inc-recursive,
+# which RSYNC_COPY passes since, none of 342): its
 # sender, generator and receiver all wait in poll() for each other, forever, and the worker
 # with them. A command whose processes all sit in poll() or select() while none of them reads
 # or writes a byte for this long is killed and reported as hung. A process waiting for the
@@ -777,6 +779,19 @@ def _open_rel(root_fd: int, rel: str) -> int | None:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _at_rel(root_fd: int, rel: str, fn: Callable[[int, str], _T]) -> _T | None:
+    """fn(parent fd, name) for the entry `rel` below root_fd, its parent reached without
+    following symlinks; None when that parent is missing or not a real directory."""
+    parent, _, name = rel.rpartition("/")
+    pfd = _open_rel(root_fd, parent)
+    if pfd is None:
+        return None
+    try:
+        return fn(pfd, name)
+    finally:
+        os.close(pfd)
 
 
 def _make_dirs_rel(root_fd: int, rel: str) -> tuple[int, int]:
@@ -1445,15 +1460,8 @@ def _replaced_files(layer: _Layer) -> Iterator[tuple[str, str, str]]:
 def stamp_of(root: str, rel: str) -> Stamp | None:
     """The stamp of the regular file `rel` below `root` (no symlink followed on the way),
     or None when there is none."""
-    parent, _, name = rel.rpartition("/")
     with _opened(root) as root_fd:
-        pfd = _open_rel(root_fd, parent)
-        if pfd is None:
-            return None
-        try:
-            return _stamp_at(pfd, name, rel)
-        finally:
-            os.close(pfd)
+        return _at_rel(root_fd, rel, lambda pfd, name: _stamp_at(pfd, name, rel))
 
 
 def touched_entries(upper: str, lower: str) -> dict[str, Stamp]:
@@ -1522,14 +1530,7 @@ def _with_layer_digests(
             if base is None or base.digest != _DIGEST_FROM_LAYER:
                 continue
             del out[rel]
-            parent, _, name = rel.rpartition("/")
-            pfd = _open_rel(upper_fd, parent)
-            if pfd is None:
-                continue
-            try:
-                found = open_regular(name, pfd)
-            finally:
-                os.close(pfd)
+            found = _at_rel(upper_fd, rel, lambda pfd, name: open_regular(name, pfd))
             if found is None:
                 continue
             fd, st = found
@@ -2082,14 +2083,7 @@ def verify_applied(upper: str, target: str, *, newer_than: int | None = None) ->
         for group in layer.link_groups:
             inodes = set()
             for rel in group:
-                parent, _, name = rel.rpartition("/")
-                pfd = _open_rel(target_fd, parent)
-                if pfd is None:
-                    continue
-                try:
-                    st = _lstat_at(pfd, name)
-                finally:
-                    os.close(pfd)
+                st = _at_rel(target_fd, rel, _lstat_at)
                 if st is not None:
                     inodes.add((st.st_dev, st.st_ino))
             if len(inodes) > 1:
@@ -2213,6 +2207,7 @@ def checkpoint(
     *,
     runner: Runner = run_command,
     ledger: Ledger | None = None,
+    found: LedgerScan | None = None,
 ) -> CheckpointResult:
     """Copy the upper layer of a mounted overlay (whiteouts, trusted.overlay.* attributes and
     all: a faithful copy of the layer) into a new generation of `journal`, on disk outside the
@@ -2224,7 +2219,8 @@ def checkpoint(
     generation holds are hard links to it; every other file is copied, whatever its size and
     mtime say (rsync's --link-dest alone links a same-size rewrite that kept its mtime, and a
     file changed through a shared mapping, to the stale copy). Without it (not known, e.g. a
-    pin adopted after a restart) every file is copied."""
+    pin adopted after a restart) every file is copied. `found`: the layer read just before
+    (SpaceNeed.found), instead of reading it again here."""
     start = time.monotonic()
     upper = os.path.abspath(upper)
     journal = os.path.abspath(journal)
@@ -2243,7 +2239,7 @@ def checkpoint(
             _fsync_dir(pfd)
     # read before the copy: a file that changes after this is copied again next time, since
     # its content then differs from what the new ledger records
-    found = ledger_scan(upper)
+    found = ledger_scan(upper) if found is None else found
     with _opened(journal) as jfd:
         complete, partial = _generations(jfd)
         for name in partial:  # a checkpoint cut short: never used, removed now
@@ -2307,14 +2303,15 @@ class SpaceNeed:
     journal_inodes: int
     apply_bytes: int  # the apply writes every file of the layer anew
     apply_inodes: int
+    found: LedgerScan = field(repr=False)  # the layer's files, read for this (see checkpoint)
 
 
-def space_need(upper: str, ledger: Ledger | None, found: LedgerScan | None = None) -> SpaceNeed:
+def space_need(upper: str, ledger: Ledger | None) -> SpaceNeed:
     """What a checkpoint of `upper` into the journal, and the apply of that generation into
     the directory afterwards, write: files whose content the last generation does not hold
     (all of them without a ledger) into the journal, every file of the layer into the
     directory; an inode per directory and entry written."""
-    found = ledger_scan(upper) if found is None else found
+    found = ledger_scan(upper)
     changed = set(found) if ledger is None else set(ledger.changed(found))
     seen: set[int] = set()
     layer_bytes = changed_bytes = 0
@@ -2327,7 +2324,7 @@ def space_need(upper: str, ledger: Ledger | None, found: LedgerScan | None = Non
             changed_bytes += s.size
     entries = sum(1 for _ in tree.walk(upper))
     dirs = entries - len(found)
-    return SpaceNeed(changed_bytes, dirs + len(changed), layer_bytes, entries)
+    return SpaceNeed(changed_bytes, dirs + len(changed), layer_bytes, entries, found)
 
 
 def check_space(
