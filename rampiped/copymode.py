@@ -612,7 +612,6 @@ def checkpoint(
     pin_id: str,
     runner: Runner = run_command,
     stable_attempts: int = 3,
-    since: float | None = None,
     ledger: Ledger | None = None,
 ) -> CheckpointResult:
     """Make `disk` equal `ram`/data while applications keep writing into it.
@@ -640,9 +639,7 @@ def checkpoint(
     databases = _databases(data, before)
     excludes = [f"--exclude={_exclude_pattern(p)}" for p in sorted(_with_companions(databases))]
     # looked at before the pass: afterwards every file it copied would look like a miss
-    misses = _quick_check_misses(data, disk, before, since) if since is not None else []
-    if ledger is not None:
-        misses += _content_misses(data, disk, found, ledger)
+    misses = _content_misses(data, disk, found, ledger) if ledger is not None else []
     compare = [] if ledger is not None else ["--checksum"]
     if os.path.lexists(os.path.join(data, SCRATCH_NAME)):
         raise CopyError(
@@ -760,27 +757,6 @@ def _since_ns(since: float) -> int:
     return int(since * 1e9) - 1000
 
 
-def _quick_check_misses(data: str, disk: str, before: Snapshot, since: float) -> list[str]:
-    """Files changed since `since` that rsync's quick check (size and mtime) would skip: a
-    same-size rewrite that put the old mtime back (cp -p, touch -r, an archive extracted).
-    `since` comes from the tmpfs's own clock (PinManager.ram_clock)."""
-    since_ns = _since_ns(since)
-    out = []
-    for rel, st in before.items():
-        if rel == "." or st[0] != "f" or st[3] < since_ns:
-            continue
-        try:
-            on_disk = os.lstat(os.path.join(disk, rel))
-            in_ram = os.lstat(os.path.join(data, rel))
-        except OSError:
-            continue  # missing on disk: the quick check copies it; gone from RAM: nothing to do
-        if in_ram.st_nlink > 1:
-            continue  # copied alone it would leave its hard-link group (the main pass keeps it)
-        if on_disk.st_size == st[1] and on_disk.st_mtime_ns == st[2]:
-            out.append(rel)
-    return out
-
-
 def _content_misses(data: str, disk: str, found: LedgerScan, ledger: Ledger) -> list[str]:
     """Files whose content is not what the disk holds (per `ledger`) but whose disk copy has
     RAM's size and mtime, so rsync's quick check would skip them; with the other names of
@@ -803,7 +779,6 @@ def final_sync(
     *,
     pin_id: str,
     runner: Runner = run_command,
-    since: float | None = None,
     ledger: Ledger | None = None,
 ) -> CheckpointResult:
     """The last checkpoint, once the applications have stopped (the bind over the original path
@@ -811,7 +786,7 @@ def final_sync(
     that did not hold still or any difference between RAM and disk (type, mode, owner, size,
     mtime, link target; content, against what the checkpoint recorded; databases: a valid
     database on disk) raises NotVerified: the RAM copy must then not be dropped."""
-    result = checkpoint(ram, disk, pin_id=pin_id, runner=runner, since=since, ledger=ledger)
+    result = checkpoint(ram, disk, pin_id=pin_id, runner=runner, ledger=ledger)
     data = os.path.join(ram, DATA)
     databases = _databases(data, snapshot(data))
     skip = _with_companions(databases)

@@ -703,7 +703,6 @@ class PinManager:
                     self.disk(pin.id),
                     pin_id=pin.id,
                     runner=self.runner,
-                    since=pin.last_ok_wall or 0.0,
                     ledger=pin.ledger,
                 )
                 known = cres.ledger
@@ -779,7 +778,6 @@ class PinManager:
                     self.disk(pin.id),
                     pin_id=pin.id,
                     runner=self.runner,
-                    since=pin.last_ok_wall or 0.0,
                     ledger=known,
                 )
                 verified = before_sync
@@ -790,7 +788,6 @@ class PinManager:
                     self.disk(pin.id),
                     pin_id=pin.id,
                     runner=self.runner,
-                    since=pin.last_ok_wall or 0.0,
                     ledger=unverified.ledger,
                 )
             pin.ledger = bulk.ledger
@@ -1321,8 +1318,9 @@ class PinManager:
                     held.merge()
                     held.finish()
                 else:
-                    cres = copymode.final_sync(  # since=0: after a crash, write every file
-                        self.ram(pid), self.disk(pid), pin_id=pid, runner=self.runner, since=0.0
+                    # no ledger after a crash: every file compared by content
+                    cres = copymode.final_sync(
+                        self.ram(pid), self.disk(pid), pin_id=pid, runner=self.runner
                     )
                 what = f"wrote {cres.files} files, {format_bytes(cres.bytes)}"
             else:
