@@ -69,6 +69,11 @@ _COUNTED_STATES = frozenset({"pinning", "pinned", "draining"})
 # a holder that keeps a file open (a daemon's log) is rarely gone within seconds, and a retry
 # costs a scan of /proc.
 BACKOFF_FIRST = 5.0
+# An eviction takes effect this long after the RAM figures that call for it (up to one tick
+# until the next decision, then the checks before the unmount). A pin that grows fast is evicted
+# when it would pass the high watermark within this time, not once it has passed it: the
+# writes that land meanwhile must fit in the headroom of its tmpfs, or they fail with ENOSPC.
+EVICT_LEAD = 1.0
 BACKOFF_MAX = 300.0
 
 
@@ -207,6 +212,7 @@ class Engine:
         self._backoff: dict[str, _Backoff] = {}
         self._pins: dict[str, PinInfo] = {}
         self._pressure: str | None = None
+        self._last_ram: tuple[float, dict[str, int]] | None = None  # (when, pinned pins' bytes)
         self.reconfigure(adaptive, ram, sync, runtime_dir, journal_dir)
 
     def reconfigure(
@@ -259,9 +265,10 @@ class Engine:
         used = sum(info.ram_bytes for info in by_path.values())
         max_bytes = self._ram.max.resolve(memory.total)
         high = self._ram.high_watermark * max_bytes
+        growth = self._growth(now, by_path)
 
         acted: set[str] = set()
-        evictions = self._evictions(rates, by_path, memory, used, high, max_bytes)
+        evictions = self._evictions(rates, by_path, memory, used, high, max_bytes, growth)
         acted.update(a.path for a in evictions)
         unpins = self._unpins(now, rates, by_path, acted)
         acted.update(a.path for a in unpins)
@@ -324,6 +331,16 @@ class Engine:
             if (info is not None and info.state == "pinned") or rates.get(path, 0.0) < below:
                 del self._backoff[path]
 
+    def _growth(self, now: float, by_path: Mapping[str, PinInfo]) -> float:
+        """Bytes per second by which the pinned pins grew since the last `decide` (pins being
+        made or drained do not count: their RAM moves for reasons of their own)."""
+        sizes = {p: i.ram_bytes for p, i in by_path.items() if i.state == "pinned"}
+        last, self._last_ram = self._last_ram, (now, sizes)
+        if last is None or now <= last[0]:
+            return 0.0
+        grown = sum(max(0, n - last[1][p]) for p, n in sizes.items() if p in last[1])
+        return grown / (now - last[0])
+
     def _evictions(
         self,
         rates: Mapping[str, float],
@@ -332,13 +349,19 @@ class Engine:
         used: int,
         high: float,
         max_bytes: int,
+        growth: float = 0.0,
     ) -> list[Evict]:
         why = []
+        mark = (
+            f"high watermark {format_bytes(high)} ({_num(self._ram.high_watermark * 100)}% of "
+            f"{format_bytes(max_bytes)})"
+        )
         if used > high:
+            why.append(f"RAM used by pins {format_bytes(used)} above {mark}")
+        elif used + growth * EVICT_LEAD > high:
             why.append(
-                f"RAM used by pins {format_bytes(used)} above high watermark "
-                f"{format_bytes(high)} ({_num(self._ram.high_watermark * 100)}% of "
-                f"{format_bytes(max_bytes)})"
+                f"RAM used by pins {format_bytes(used)}, growing {format_bytes(growth)}/s, would"
+                f" pass {mark} within {_num(EVICT_LEAD)}s"
             )
         if memory.available < self._ram.min_free:
             why.append(

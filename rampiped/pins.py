@@ -58,6 +58,9 @@ FINAL_MARK = "final.json"
 # write-back after it, and its recovery after a crash, leave alone what processes write there
 COPY_WINDOW = "copy-window.json"
 BUSY_POLL = 0.05
+# An unmount that finds a file open is tried again at once, this often, for this long, before
+# the holders are looked for: most holds of busy writers end within a millisecond.
+UMOUNT_SPIN, UMOUNT_SPIN_POLL = 0.2, 0.002
 # After a write-back, processes that opened a replaced disk file during it and still hold it
 # get this long to let go (their last bytes are carried over) before a warning names them.
 WINDOW_GRACE = 2.0
@@ -1032,7 +1035,7 @@ class PinManager:
                     before()
                 self._set_state(pin, "draining")
                 try:
-                    self._unmount_path(pin)
+                    self._unmount_soon(pin)
                     return
                 except mounts.MountBusy as exc:
                     self._set_state(pin, "pinned")
@@ -1056,6 +1059,20 @@ class PinManager:
             if time.monotonic() >= deadline:
                 raise UnpinBusy(f"{pin.path} is in use by " + _holder_list(found), found)
             time.sleep(BUSY_POLL)
+
+    def _unmount_soon(self, pin: Pin) -> None:
+        """Unmount the pin's mount, trying again for up to UMOUNT_SPIN: a writer that opens,
+        writes and closes holds the mount busy only for moments, and a full holders scan
+        between tries would let it write much more into RAM (an eviction is a race with it)."""
+        deadline = time.monotonic() + UMOUNT_SPIN
+        while True:
+            try:
+                self._unmount_path(pin)
+                return
+            except mounts.MountBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(UMOUNT_SPIN_POLL)
 
     def _remount(self, pin: Pin) -> None:
         """After a failed write-back: show the RAM side again, so nothing written is hidden."""

@@ -2306,12 +2306,13 @@ class SpaceNeed:
     found: LedgerScan = field(repr=False)  # the layer's files, read for this (see checkpoint)
 
 
-def space_need(upper: str, ledger: Ledger | None) -> SpaceNeed:
+def space_need(upper: str, ledger: Ledger | None, found: LedgerScan | None = None) -> SpaceNeed:
     """What a checkpoint of `upper` into the journal, and the apply of that generation into
     the directory afterwards, write: files whose content the last generation does not hold
     (all of them without a ledger) into the journal, every file of the layer into the
-    directory; an inode per directory and entry written."""
-    found = ledger_scan(upper)
+    directory; an inode per directory and entry written. `found`: the layer's scan, if made."""
+    if found is None:
+        found = ledger_scan(upper)
     changed = set(found) if ledger is None else set(ledger.changed(found))
     seen: set[int] = set()
     layer_bytes = changed_bytes = 0
@@ -2339,12 +2340,35 @@ def check_space(
     journal generation on the journal's filesystem, and the apply into `target` afterwards on
     the target's, both on one filesystem when they share it (the generation stays until the
     apply is verified). Filesystems that report no inode count (btrfs, tmpfs with nr_inodes=0)
-    are checked for bytes only. `target_name`: the directory as its users know it."""
-    need = space_need(upper, ledger)
+    are checked for bytes only. `target_name`: the directory as its users know it.
+
+    The content of the layer is read only when it matters: if the write-back fits even with
+    every file counted as changed, no file is read (an eviction must unmount quickly)."""
     shown = target_name or target
     os.makedirs(journal, mode=0o700, exist_ok=True)
     jst, tst = os.statvfs(journal), os.statvfs(target)
     same = os.stat(journal).st_dev == os.stat(target).st_dev
+    bound = space_need(upper, None)
+    if ledger is None or _short_of_space(bound, jst, tst, same, what, shown, journal) is None:
+        need = bound
+    else:
+        need = space_need(upper, ledger, bound.found)
+    refusal = _short_of_space(need, jst, tst, same, what, shown, journal)
+    if refusal is not None:
+        raise NoSpace(refusal)
+    return need
+
+
+def _short_of_space(
+    need: SpaceNeed,
+    jst: os.statvfs_result,
+    tst: os.statvfs_result,
+    same: bool,
+    what: str,
+    shown: str,
+    journal: str,
+) -> str | None:
+    """Why `need` does not fit (None: it fits)."""
     checks = (
         [
             (
@@ -2360,22 +2384,21 @@ def check_space(
             (shown, tst, need.apply_bytes, need.apply_inodes),
         ]
     )
+    shared = " (journal and directory share it)" if same else ""
     for where, st, nbytes, inodes in checks:
         free = st.f_bavail * st.f_frsize
         if nbytes + SPACE_MARGIN > free:
-            raise NoSpace(
+            return (
                 f"{what}: not enough space: it needs {format_bytes(nbytes)} on the filesystem of "
-                f"{where}"
-                + (" (journal and directory share it)" if same else "")
-                + f", {format_bytes(free)} are free; the changes stay in RAM until space is freed"
+                f"{where}{shared}, {format_bytes(free)} are free; the changes stay in RAM until"
+                " space is freed"
             )
         if st.f_files and inodes + INODE_MARGIN > st.f_favail:
-            raise NoSpace(
+            return (
                 f"{what}: not enough inodes: it needs {inodes} on the filesystem of {where}"
-                + (" (journal and directory share it)" if same else "")
-                + f", {st.f_favail} are free; the changes stay in RAM until some are freed"
+                f"{shared}, {st.f_favail} are free; the changes stay in RAM until some are freed"
             )
-    return need
+    return None
 
 
 def _linked_stale(changed: list[str], previous: str, new: str) -> list[str]:

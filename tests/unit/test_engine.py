@@ -343,6 +343,38 @@ def test_evicts_the_coldest_pin_above_the_high_watermark() -> None:
     assert e.pressure is not None and e.pressure.startswith("RAM used by pins 95.0 MiB")
 
 
+def test_a_fast_growing_pin_is_evicted_before_it_passes_the_watermark() -> None:
+    # 40 MiB at 10.0 s, 70 MiB half a second later: 60 MiB/s would pass 90 MiB within the
+    # eviction's lead time, and the writes landing meanwhile would find the tmpfs full
+    e = make()
+    rates = {NGINX: 20.0, APACHE: 10.0}
+    assert run(e, 10.0, rates, pins_of(pinned(NGINX, ram=MiB), pinned(APACHE, ram=40 * MiB))) == []
+    assert run(e, 10.5, rates, pins_of(pinned(NGINX, ram=MiB), pinned(APACHE, ram=70 * MiB))) == [
+        Evict(
+            APACHE,
+            10.0,
+            "RAM used by pins 71.0 MiB, growing 60.0 MiB/s, would pass high watermark 90.0 MiB"
+            " (90% of 100.0 MiB) within 1s; coldest pin at 10.0 events/s",
+        )
+    ]
+
+
+def test_slow_growth_and_pins_being_made_do_not_evict_early() -> None:
+    e = make()
+    rates = {NGINX: 20.0, APACHE: 10.0}
+    assert run(e, 10.0, rates, pins_of(pinned(APACHE, ram=40 * MiB))) == []
+    # 5 MiB in half a second: 10 MiB/s, 55 MiB within the lead time
+    assert run(e, 10.5, rates, pins_of(pinned(APACHE, ram=45 * MiB))) == []
+    # a pin being made grows by its initial copy: that is not a writer filling RAM
+    making = pins_of(pinned(APACHE, ram=45 * MiB), pinned(NGINX, ram=0, state="pinning"))
+    assert run(e, 11.0, rates, making) == []
+    made = pins_of(pinned(APACHE, ram=45 * MiB), pinned(NGINX, ram=40 * MiB, state="pinning"))
+    assert run(e, 11.5, rates, made) == []
+    both = pins_of(pinned(APACHE, ram=45 * MiB), pinned(NGINX, ram=40 * MiB))
+    assert run(e, 12.0, rates, both) == []
+    assert e.pressure is None
+
+
 def test_no_eviction_at_exactly_the_high_watermark() -> None:
     e = make()
     pins = pins_of(pinned(NGINX, ram=45 * MiB), pinned(APACHE, ram=45 * MiB))
