@@ -577,6 +577,11 @@ class Engine:
         refusals = 1 if previous is None else previous.refusals + 1
         delay = min(BACKOFF_FIRST * 2.0 ** min(refusals - 1, 32), BACKOFF_MAX)
         self._backoff[path] = _Backoff(refusals, now + delay, reason)
+        # Not a pin (being made) any more, and as hot as when it was tried: `explain` says so
+        # before the next `decide` (an attempt can take a second: holders are waited out).
+        if self._pins.get(path) is not None and self._pins[path].state == "pinning":
+            del self._pins[path]
+            self._hot_since.setdefault(path, now)
 
     def explain(self, path: str, now: float) -> dict[str, object]:
         """Why `path` is or is not pinned, from the engine's side (times are the `now` clock)."""

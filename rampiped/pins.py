@@ -58,6 +58,9 @@ FINAL_MARK = "final.json"
 # write-back after it, and its recovery after a crash, leave alone what processes write there
 COPY_WINDOW = "copy-window.json"
 BUSY_POLL = 0.05
+# A pin that finds a file of the directory open looks again this often, for this long, before
+# it is refused (and retried with backoff): most writers hold a file only while they write.
+HOLD_WAIT, HOLD_POLL = 1.0, 0.005
 # An unmount that finds a file open is tried again at once, this often, for this long, before
 # the holders are looked for: most holds of busy writers end within a millisecond.
 UMOUNT_SPIN, UMOUNT_SPIN_POLL = 0.2, 0.002
@@ -68,6 +71,29 @@ WINDOW_GRACE = 2.0
 RETRY_MIN, RETRY_MAX = 5.0, 300.0
 SOURCE_PREFIX = "rampiped-"  # every mount rampiped makes carries "rampiped-<id>" as its source
 _COPIED_XATTR_PREFIXES = ("user.", "system.posix_acl_", "security.")
+
+
+def _is_prefix(short: str, long: str, chunk: int = 1 << 20) -> bool:
+    """Whether regular file `short` holds the first bytes of regular file `long` (no symlink
+    followed; False when either is something else or cannot be read)."""
+    a = ledger_mod.open_regular(short)
+    b = ledger_mod.open_regular(long) if a is not None else None
+    try:
+        if a is None or b is None or a[1].st_size > b[1].st_size:
+            return False
+        left = a[1].st_size
+        while left > 0:
+            n = min(chunk, left)
+            if os.read(a[0], n) != os.read(b[0], n):
+                return False
+            left -= n
+        return True
+    except OSError:
+        return False
+    finally:
+        for opened in (a, b):
+            if opened is not None:
+                os.close(opened[0])
 
 
 class PinRefused(Exception):
@@ -332,9 +358,15 @@ class PinManager:
         below = mounts.mounts_below(path)
         if below:
             raise PinRefused(f"cannot pin {path}: {below[0].mountpoint} is mounted inside it")
-        found = holders.find_holders(path, exclude_pids=self.exclude_pids())
-        if found and not (writers_ok and handover.only_writers(found)):
-            raise PinRefused(f"cannot pin {path}: in use by " + _holder_list(found))
+        deadline = time.monotonic() + HOLD_WAIT
+        while True:
+            # a writer that opens, writes and closes holds its file for moments: waited out
+            found = holders.find_holders(path, exclude_pids=self.exclude_pids())
+            if not found or (writers_ok and handover.only_writers(found)):
+                return
+            if time.monotonic() >= deadline:
+                raise PinRefused(f"cannot pin {path}: in use by " + _holder_list(found))
+            time.sleep(HOLD_POLL)
 
     def pin(
         self,
@@ -406,17 +438,19 @@ class PinManager:
             if reopen is not None:
                 self._reopen_after_pin(pin, undo)
             late = [] if reopen is not None else self._disk_holders(pin)
+            if late and mode == "overlay" and self._late_writes_shown(pin, late):
+                late = []  # held for moments, and all they wrote is what the overlay shows
             if late:
                 refusal = f"cannot pin {path}: opened on disk during the pin by " + _holder_list(
                     late
                 )
                 if mode != "overlay":
                     raise PinRefused(refusal)
+                pin.late_bases = self._late_bases(pin, late)
                 if not self._write_back_refused(pin):
                     # a process holds a file in RAM: dropping the mounts would lose what it
                     # wrote. The pin stays (mounted) and its unpin is retried with backoff.
                     undo.clear()
-                    pin.late_bases = self._late_bases(pin, late)
                     pin.unpin_requested = True
                     raise _StillDraining(
                         refusal + "; what reached RAM meanwhile stays pinned until its unpin,"
@@ -636,6 +670,32 @@ class PinManager:
             return handover.describe(found)
         return handover.not_on(found, top.mount_id)
 
+    def _late_writes_shown(self, pin: Pin, late: list[handover.HeldFile]) -> bool:
+        """Processes that opened files on disk in the moment between the check and the mount
+        (`late`): whether they all let go within HOLD_WAIT (a logger that opens, appends and
+        closes does at once) and everything they could have written there is what the overlay
+        shows. It is, for a file not copied up (the overlay reads the disk file), and for one
+        whose disk content is a prefix of its copy in RAM (copied up after their last write,
+        or appended to since): the write-back then carries every byte of it."""
+        sync.pause_point("pin:late-holders")
+        deadline = time.monotonic() + HOLD_WAIT
+        while self._disk_holders(pin):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(HOLD_POLL)
+        prefix = pin.path.rstrip("/") + "/"
+        for held in late:
+            kind, _, rest = held.what.partition(" ")
+            target = rest.partition(" ")[2]
+            if kind != "fd" or not target.startswith(prefix):
+                return False  # a working directory or a mapping: writes may still come
+            rel = target[len(prefix) :]
+            if os.path.lexists(os.path.join(self.upper(pin.id), rel)) and not _is_prefix(
+                os.path.join(self.disk(pin.id), rel), os.path.join(self.upper(pin.id), rel)
+            ):
+                return False
+        return True
+
     def _late_bases(self, pin: Pin, late: list[handover.HeldFile]) -> dict[str, sync.Stamp]:
         out: dict[str, sync.Stamp] = {}
         prefix = pin.path.rstrip("/") + "/"
@@ -645,8 +705,15 @@ class PinManager:
             if kind != "fd" or not target.startswith(prefix):
                 continue
             rel = target[len(prefix) :]
+            copy = os.path.join(self.upper(pin.id), rel)
             try:
-                found = sync.stamp_of(self.disk(pin.id), rel)
+                # copied into RAM already: what the disk file holds beyond the bytes both share
+                # was written below RAM's copy, and is kept by the write-back
+                found = (
+                    sync.shared_stamp(self.disk(pin.id), rel, copy)
+                    if os.path.lexists(copy)
+                    else sync.stamp_of(self.disk(pin.id), rel)
+                )
             except OSError:
                 continue
             if found is not None:

@@ -1464,6 +1464,48 @@ def stamp_of(root: str, rel: str) -> Stamp | None:
         return _at_rel(root_fd, rel, lambda pfd, name: _stamp_at(pfd, name, rel))
 
 
+def shared_stamp(root: str, rel: str, copy: str) -> Stamp | None:
+    """The stamp of the regular file `rel` below `root` cut to the bytes it shares, from its
+    start, with the regular file `copy` (RAM's copy of it). A write-back that takes this as the
+    disk file's state before it keeps what the disk file holds beyond those bytes: appended to
+    RAM's version, or as a conflict file. None when `rel` is not a regular file."""
+
+    def at(pfd: int, name: str) -> Stamp | None:
+        found = open_regular(name, pfd)
+        if found is None:
+            return None
+        fd, st = found
+        try:
+            other = open_regular(copy)
+            shared = 0
+            if other is not None:
+                try:
+                    shared = _shared_length(fd, other[0], min(st.st_size, other[1].st_size))
+                finally:
+                    os.close(other[0])
+            return Stamp(
+                rel, st.st_ino, shared, st.st_mtime_ns, st.st_ctime_ns, _digest_fd(fd, shared)
+            )
+        finally:
+            os.close(fd)
+
+    with _opened(root) as root_fd:
+        return _at_rel(root_fd, rel, at)
+
+
+def _shared_length(a_fd: int, b_fd: int, limit: int, chunk: int = 1 << 20) -> int:
+    """How many bytes, from the start, two files hold alike (up to `limit`)."""
+    done = 0
+    while done < limit:
+        n = min(chunk, limit - done)
+        a, b = _read_at(a_fd, n, done), _read_at(b_fd, n, done)
+        same = _common_prefix(a, b)
+        done += same
+        if same < n or len(a) < n or len(b) < n:
+            break
+    return done
+
+
 def touched_entries(upper: str, lower: str) -> dict[str, Stamp]:
     """Before the unmount (the overlay still mounted, its lower unchanging): the disk files
     that applying `upper` will replace, keyed by their path in the layer. Regular files of the

@@ -123,6 +123,14 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
         time.sleep(interval)
 
 
+def remount(fs: LoopFs) -> None:
+    """The loop filesystem unmounted and mounted again: what it holds is read from the device."""
+    os.sync()
+    for argv in (["umount", str(fs.mountpoint)], ["mount", fs.device, str(fs.mountpoint)]):
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr}"
+
+
 def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:

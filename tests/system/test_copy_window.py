@@ -351,3 +351,70 @@ def test_an_overlay_pin_refused_while_ram_is_held_stays_until_it_can_be_written_
             assert (d / "late.log").read_text() == "late 1\nlate ram\nlate 2 (disk)\n"
             wait_for(lambda: env.status()["pins"] == [], 30, "the pin to be gone")
             assert safety.no_leftover_mounts(env.runtime) == []
+
+
+def test_an_overlay_pin_waits_out_a_late_writer_that_lets_go_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process opens a file on disk between the holder check and the mount, appends to it
+    there and closes it a moment later (the way loggers write): the pin is made, the overlay
+    shows what it appended, and the disk keeps it after the unpin."""
+    marker = tmp_path / "paused"
+    stages = "pin:layers,pin:overlay-mounted,pin:late-holders"
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "over"
+        d.mkdir()
+        (d / "late.log").write_text("late 1\n")
+        with safety.paused_daemon(env, monkeypatch, stages, marker) as dm:
+            with safety.pin_with_late_writer(
+                env, marker, [str(d)], d / "late.log", "pin:overlay-mounted"
+            ) as (ctl, late):
+                release(marker)
+                safety.wait_paused(marker, "pin:late-holders")  # it was seen holding the file
+                late.write("late 2\n")
+                late.close()
+                release(marker)
+                out, err = ctl.communicate(timeout=120)
+            assert ctl.returncode == 0, (out, err)
+            assert env.overlay_at(d)
+            assert (d / "late.log").read_text() == "late 1\nlate 2\n"
+            append(d / "late.log", "ram 3\n")
+            env.ctl("unpin", str(d), check=True)
+            assert not env.overlay_at(d)
+            assert (d / "late.log").read_text() == "late 1\nlate 2\nram 3\n"
+            assert "cannot pin" not in dm.log_text()
+
+
+def test_a_late_writer_behind_ram_copy_of_its_file_refuses_the_pin_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the file was copied into RAM (written through the overlay) before the
+    late writer's last write reached the disk below: the overlay does not show that write, so
+    the pin is refused, and both writes are kept after its write-back (before this, the disk
+    file was replaced by RAM's copy, and the late write was lost)."""
+    marker = tmp_path / "paused"
+    stages = "pin:layers,pin:overlay-mounted,pin:late-holders"
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "over"
+        d.mkdir()
+        (d / "late.log").write_text("late 1\n")
+        with safety.paused_daemon(env, monkeypatch, stages, marker) as dm:
+            with safety.pin_with_late_writer(
+                env, marker, [str(d)], d / "late.log", "pin:overlay-mounted"
+            ) as (ctl, late):
+                append(d / "late.log", "ram 2\n")  # through the overlay: copied up
+                release(marker)
+                safety.wait_paused(marker, "pin:late-holders")
+                late.write("late 2\n")  # to the disk file below RAM's copy
+                late.close()
+                release(marker)
+                out, err = ctl.communicate(timeout=120)
+            assert ctl.returncode != 0, (out, err)
+            assert "opened on disk during the pin" in err, err
+            assert not env.overlay_at(d)
+            wait_for(lambda: env.status()["pins"] == [], 30, "the pin to be gone")
+            # what the disk file holds beyond the bytes RAM's copy shares with it is appended
+            assert sorted(os.listdir(d)) == ["late.log"]
+            assert (d / "late.log").read_text() == "late 1\nram 2\nlate 2\n"
+            assert safety.no_leftover_mounts(env.runtime) == []
+            assert "could not write back" not in dm.log_text()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system import safety
+from tests.system import helpers, safety
 from tests.system.daemon_harness import Daemon, Env, make_env, running
 from tests.system.helpers import wait_for
 from tests.system.test_static_pins import assert_pinned_copy, disk_view
@@ -154,13 +154,7 @@ def stop(daemon: Daemon, path: Path) -> View:
 
 def remount(env: Env) -> None:
     """The loop filesystem unmounted and mounted again: what it holds is read from the device."""
-    os.sync()
-    for argv in (
-        ["umount", str(env.disk.mountpoint)],
-        ["mount", env.disk.device, str(env.disk.mountpoint)],
-    ):
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr}"
+    helpers.remount(env.disk)
 
 
 def check_disk(env: Env, path: Path, expected: View, problems: list[str]) -> None:
