@@ -46,7 +46,7 @@ from bench import monitor_capacity, report, workloads
 from bench.stick import Stick, blkio_root, profile, stick, sweep_stale_rules
 from bench.tmpfscopy import TmpfsCopy
 from rampiped import control
-from tests.system.daemon_harness import Daemon, Env, Writer
+from tests.system.daemon_harness import Daemon, Env, FsyncLogger, Writer
 from tests.system.helpers import (
     LoopFs,
     diff_manifests,
@@ -90,6 +90,7 @@ class Plan:
     cpu_events_per_s: float = 10_000.0
     cpu_seconds: float = 10.0
     stick_mb: int = 512
+    busy_tries: int = 20
 
 
 QUICK = Plan(
@@ -110,6 +111,7 @@ QUICK = Plan(
     ratio_steps=4_000,
     cpu_seconds=2.0,
     stick_mb=128,
+    busy_tries=3,
 )
 
 
@@ -713,6 +715,48 @@ def timing(b: Bench) -> None:
             b.facts.setdefault("timing_log", []).append(line)
 
 
+def busy_pin(b: Bench) -> None:
+    """A logger that opens, appends, fsyncs and closes 200 times a second, started in a new
+    directory `busy_tries` times: how long until the directory is pinned (hot_for is 1 s, and a
+    refused pin would wait 5 s for its next try), and how many tries were refused."""
+    s = b.new_stick("busy")
+    env, d = b.daemon("busy", s, adaptive={"hot_for": "1s", "cool_for": "30m"})
+    waits: list[float] = []
+    for i in range(b.plan.busy_tries):
+        where = s.mountpoint / "data" / f"logs{i:02d}"
+        logger = FsyncLogger(where / "app.log")
+        t = time.monotonic()
+        try:
+            try:
+                wait_for(lambda where=where: mounted(where, "overlay"), 60, f"the pin of {where}")
+            except AssertionError as exc:
+                raise RuntimeError(f"{exc}:\n" + "\n".join(d.lines[-20:])) from None
+            waits.append(time.monotonic() - t)
+        finally:
+            logger.stop()
+
+        def cooled(where: Path = where) -> bool:  # or it is pinned again at once
+            st = status(env)
+            return all(
+                c["rate"] < 5 for c in st["pins"] + st["candidates"] if c["path"] == str(where)
+            )
+
+        wait_for(cooled, 60, f"the rate of {where} to fall")
+        try:
+            command(env, "unpin", where)
+        except RuntimeError as exc:
+            if "keeps trying" not in str(exc):  # asked while its pin was still being made
+                raise
+        wait_for(lambda where=where: not mounted(where), 60, f"the unpin of {where}")
+    refused = sum(1 for line in d.lines if "not pinned: cannot pin" in line)
+    r = b.results
+    r["busy_writer_tries"] = len(waits)
+    r["busy_writer_pinned_within_hot_for_plus_2s"] = sum(1 for w in waits if w <= 1.0 + 2.0)
+    r["busy_writer_pin_s_median"] = round(statistics.median(waits), 2)
+    r["busy_writer_pin_s_max"] = round(max(waits), 2)
+    r["busy_writer_refusals"] = refused
+
+
 # --------------------------------------------------------------------------- 6. bytes back
 
 
@@ -992,6 +1036,8 @@ def run(plan: Plan, out: Path, parts: set[str] | None = None) -> dict[str, Any]:
             steps.append(("monitor", lambda: monitor(b)))
         if want("ledger"):
             steps.append(("content check cost", lambda: ledger_cost(b)))
+        if want("busy"):
+            steps.append(("pins of a busy logger", lambda: busy_pin(b)))
         if sql is not None:
             steps.append(("SQLite experiment", sql.finish))
         for what, step in steps:
@@ -1027,7 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         nargs="+",
-        choices=["sqlite", "matrix", "timing", "wbbytes", "monitor", "ledger"],
+        choices=["sqlite", "matrix", "timing", "wbbytes", "monitor", "ledger", "busy"],
         help="run only these parts (the stick profile always runs)",
     )
     ap.add_argument("--any-namespace", action="store_true", help=argparse.SUPPRESS)

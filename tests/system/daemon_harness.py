@@ -264,3 +264,57 @@ class Writer:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+# The way loggers write: open(O_APPEND), a line, fsync, close; `rate` times a second into one
+# file until the stop file exists. Each file is held only while a line goes in.
+FSYNC_LOGGER = r"""
+import os, sys, time
+path, rate, stop = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+os.makedirs(os.path.dirname(path), exist_ok=True)
+print('ready', flush=True)
+n, start = 0, time.monotonic()
+while not os.path.exists(stop):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b'line %06d\n' % n)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    n += 1
+    delay = start + n / rate - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+print(n, flush=True)
+"""
+
+
+class FsyncLogger:
+    """A separate process running FSYNC_LOGGER into `path`."""
+
+    def __init__(self, path: Path, rate: float = 200) -> None:
+        self.path = path
+        self.stop_file = path.parent.parent / (".stop-" + path.parent.name)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FSYNC_LOGGER, str(path), str(rate), str(self.stop_file)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def stop(self) -> int:
+        """Lines written."""
+        self.stop_file.touch()
+        try:
+            assert self.proc.stdout is not None
+            out = self.proc.stdout.read()
+            self.proc.wait(30)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.stop_file.unlink()
+        return int(out.strip().splitlines()[-1])
+
+    @staticmethod
+    def expected(lines: int) -> bytes:
+        return b"".join(b"line %06d\n" % n for n in range(lines))
