@@ -45,7 +45,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from rampiped import mounts, tree
+from rampiped import mounts, osutil, tree
 from rampiped.engine import format_bytes
 from rampiped.errors import RampipeError
 from rampiped.ledger import Ledger, settled, with_links
@@ -317,19 +317,8 @@ def _tmp_path(path: str) -> str:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    """osutil.write_atomic by way of a temporary name marked as rampiped's (_tmp_path)."""
+    osutil.write_atomic(path, data, tmp=os.path.basename(_tmp_path(path)))
 
 
 def _is_sqlite(path: str) -> bool:

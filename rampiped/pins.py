@@ -40,6 +40,7 @@ from typing import Any
 from rampiped import copymode, handover, holders, mounts, sync, tree, volatile
 from rampiped import ledger as ledger_mod
 from rampiped.engine import format_bytes, format_duration
+from rampiped.osutil import write_json_atomic
 
 log = logging.getLogger("rampiped")
 
@@ -1796,20 +1797,6 @@ def copy_root_attributes(src: str, dst: str) -> None:
                     dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False
                 )
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
-def write_json_atomic(path: str, doc: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_dir_nofollow(path: str) -> int:

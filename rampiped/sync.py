@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from rampiped import tree
+from rampiped import osutil, tree
 from rampiped.engine import format_bytes
 from rampiped.ledger import Ledger, open_regular, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
@@ -855,21 +855,10 @@ def _read_plan(stash_fd: int) -> dict[str, object] | None:
 
 
 def _write_json_at(dir_fd: int, name: str, doc: object) -> None:
-    """Write `name` below `dir_fd` atomically and durably: a temporary file, fsync, rename,
-    fsync of the directory."""
-    tmp = name + ".tmp"
-    fd = os.open(
-        tmp,
-        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-        0o600,
-        dir_fd=dir_fd,
-    )
-    with os.fdopen(fd, "wb") as f:
-        f.write(json.dumps(doc, sort_keys=True).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    _fsync_dir(dir_fd)
+    """Write `name` below `dir_fd` atomically and durably (osutil.write_atomic_at), by way of
+    NAME.tmp (which the stash's cleanup knows), readable by root only."""
+    data = json.dumps(doc, sort_keys=True).encode()
+    osutil.write_atomic_at(dir_fd, name, data, tmp=name + ".tmp", mode=0o600)
 
 
 def _write_plan(stash_fd: int, plan: dict[str, object]) -> None:
