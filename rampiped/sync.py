@@ -27,7 +27,6 @@ is applied with the same rules (`apply_journal`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import hashlib
@@ -822,14 +821,13 @@ def _fsync_dir(fd: int) -> None:
     os.fsync(fd)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _syncfs(fd: int, path: str) -> None:
     """Flush the whole filesystem holding `fd`; it also reports earlier writeback errors."""
-    if _libc.syncfs(ctypes.c_int(fd)) != 0:
-        err = ctypes.get_errno()
-        raise SyncError(f"syncfs on {path} failed: {os.strerror(err)} (errno {err})")
+    try:
+        osutil.syncfs(fd)
+    except OSError as e:
+        err = e.errno or errno.EIO  # always set by osutil.syncfs
+        raise SyncError(f"syncfs on {path} failed: {os.strerror(err)} (errno {err})") from None
 
 
 # --- the stash: moving renamed directories, resumable -----------------------------------------
