@@ -112,22 +112,6 @@ RSYNC_EXIT_MEANINGS: dict[int, str] = {
 }
 
 
-def overlay_options(lower: str, upper: str, work: str) -> str:
-    """The -o argument of `mount -t overlay` for one pin, with the features fixed above."""
-    for role, path in (("lowerdir", lower), ("upperdir", upper), ("workdir", work)):
-        if not os.path.isabs(path):
-            raise ValueError(f"overlay {role} must be an absolute path: {path!r}")
-        bad = sorted({c for c in path if c in ",:\\" or c.isspace() or ord(c) < 32})
-        if bad:
-            # mount(8) splits options at commas and overlayfs splits lowerdir at colons; an
-            # escaped path is easy to get subtly wrong, so such paths are refused outright.
-            raise ValueError(
-                f"overlay {role} {path!r} contains {', '.join(repr(c) for c in bad)}, "
-                "which overlay mount options cannot carry"
-            )
-    return f"lowerdir={lower},upperdir={upper},workdir={work},{OVERLAY_FEATURES}"
-
-
 # --- test pause points ------------------------------------------------------------------------
 
 # For the crash and power-cut tests only, and inert unless both variables are set: when
