@@ -442,25 +442,6 @@ def _xattr_text(path: str, name: str) -> str | None:
         raise
 
 
-def _kind(st: os.stat_result) -> str:
-    mode = st.st_mode
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode):
-        return "whiteout" if st.st_rdev == 0 else "chardev"
-    if stat.S_ISBLK(mode):
-        return "blockdev"
-    return "other"
-
-
 def _scan_layer(root: str) -> _Layer:
     """Read the layer's structure; raise SyncError for anything apply cannot reproduce."""
     try:
@@ -492,7 +473,7 @@ def _scan_layer(root: str) -> _Layer:
                 attrs = set(os.listxattr(child_path, follow_symlinks=False))
             except OSError as e:
                 raise SyncError(f"layer entry {child_path} cannot be read: {e.strerror}") from e
-            kind = _kind(cst)
+            kind = osutil.file_kind(cst)
             current.children[name] = kind
             if kind not in ("file", "whiteout"):  # rsync sets file times exactly
                 current.times[name] = (cst.st_atime_ns, cst.st_mtime_ns)
@@ -1091,7 +1072,7 @@ def _apply_deletions(layer: _Layer, target_fd: int, keep_newer_than: int | None 
                     st = _lstat_at(fd, name)
                     if st is None:
                         continue
-                    disk_kind = _kind(st)
+                    disk_kind = osutil.file_kind(st)
                     if kind == "whiteout":
                         deleted += remove(fd, name)
                     elif kind == "dir":
@@ -2085,7 +2066,7 @@ def _verify_dir(
         st = _lstat_at(fd, name)
         if kind == "whiteout":
             if st is not None and not written_since(name):
-                diffs.append(f"{rel}: deleted in the layer, still on disk ({_kind(st)})")
+                diffs.append(f"{rel}: deleted in the layer, still on disk ({osutil.file_kind(st)})")
             continue
         if st is None:
             diffs.append(f"{rel}: missing on disk")
@@ -2097,7 +2078,7 @@ def _verify_dir(
             and st.st_mtime_ns >= newer_than
         )
         diffs += _compare(rel, ust, st, written_after=appended)
-        if _kind(st) != kind:
+        if osutil.file_kind(st) != kind:
             continue
         if kind == "symlink":
             want = os.readlink(os.path.join(upper_dir, name))
@@ -2125,7 +2106,7 @@ def _verify_dir(
 def _compare(
     rel: str, want: os.stat_result, have: os.stat_result, *, written_after: bool = False
 ) -> list[str]:
-    kind_w, kind_h = _kind(want), _kind(have)
+    kind_w, kind_h = osutil.file_kind(want), osutil.file_kind(have)
     if kind_w != kind_h:
         return [f"{rel}: {kind_h} on disk, {kind_w} in the layer"]
     out = []
