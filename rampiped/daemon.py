@@ -44,16 +44,16 @@ from rampiped import (
     sync,
 )
 from rampiped import log as logsetup
+from rampiped.backoff import RETRY
 from rampiped.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from rampiped.monitor import Monitor, MonitorError
 
 log = logging.getLogger("rampiped")
 
 TICK = 0.5  # seconds between engine decisions
-BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
 STOP_RETRIES = 3  # busy unpins retried at stop before a pin is left mounted
 # The stop retries an unpin that failed during the stop after this long, not after the pin's
-# own backoff: that one doubles up to BACKOFF_MAX (5 min), far past the unit's stop timeout
+# own backoff: that one doubles up to RETRY.max (5 min), far past the unit's stop timeout
 # (90 s). A retry due before the stop began (a failed checkpoint or unpin) is not waited for
 # at all. STOP_RETRIES attempts wait (STOP_RETRIES - 1) * STOP_RETRY_DELAY in all, which
 # gives holders a moment to let go without spinning on a pin that stays busy.
@@ -551,8 +551,7 @@ class Daemon:
             elif job.path in self.static_paths:
                 # asked for by the configuration: say so loudly, once per reason, and try again
                 reason = str(exc)
-                backoff = self.static_retry.get(job.path, (0.0, BACKOFF_MIN / 2))[1] * 2
-                backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, backoff))
+                backoff = RETRY.next(self.static_retry.get(job.path, (0.0, 0.0))[1])
                 self.static_retry[job.path] = (now + backoff, backoff)
                 repeated = self.last_refusal.get(job.path) == reason
                 self.last_refusal[job.path] = reason
@@ -592,7 +591,7 @@ class Daemon:
                 return
             pin.busy = False
             self._watch_pin(pin)
-            pin.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, pin.backoff * 2))
+            pin.backoff = RETRY.next(pin.backoff)
             pin.retry_at = now + pin.backoff
             retry = f"retrying in {engine.format_duration(pin.backoff)}"
             if self.stopping:
@@ -1006,7 +1005,7 @@ class Daemon:
     def _stop_step(self, now: float) -> bool:
         """One step of the stop; True when there is nothing left to do. Every pin's final
         write-back starts at once, or as soon as the job running on it ends: a retry that a
-        failed checkpoint or unpin scheduled before the stop (pin.retry_at, up to BACKOFF_MAX
+        failed checkpoint or unpin scheduled before the stop (pin.retry_at, up to RETRY.max
         away) is not waited for."""
         if now - self.last_extend >= EXTEND_EVERY:
             self.last_extend = now

@@ -39,6 +39,7 @@ from typing import Any
 
 from rampiped import copymode, handover, holders, mounts, sync, tree, volatile
 from rampiped import ledger as ledger_mod
+from rampiped.backoff import RETRY
 from rampiped.engine import format_bytes, format_duration
 from rampiped.osutil import write_json_atomic
 
@@ -65,8 +66,8 @@ UMOUNT_SPIN, UMOUNT_SPIN_POLL = 0.2, 0.002
 # After a write-back, processes that opened a replaced disk file during it and still hold it
 # get this long to let go (their last bytes are carried over) before a warning names them.
 WINDOW_GRACE = 2.0
-# Failed checkpoints are retried with this backoff (seconds), doubled after each failure.
-RETRY_MIN, RETRY_MAX = 5.0, 300.0
+# Failed checkpoints and stranded write-backs are retried with backoff.RETRY: first after this.
+RETRY_MIN = RETRY.first
 SOURCE_PREFIX = "rampiped-"  # every mount rampiped makes carries "rampiped-<id>" as its source
 _COPIED_XATTR_PREFIXES = ("user.", "system.posix_acl_", "security.")
 
@@ -733,7 +734,7 @@ class PinManager:
             else:
                 # the engine leaves a pin alone until retry_at: no rsync every tick against a
                 # full or read-only disk
-                pin.backoff = min(RETRY_MAX, max(RETRY_MIN, pin.backoff * 2))
+                pin.backoff = RETRY.next(pin.backoff)
                 pin.retry_at = time.monotonic() + pin.backoff
                 record.error = f"{record.error} (retrying in {format_duration(pin.backoff)})"
         self.save_state()
@@ -1202,7 +1203,7 @@ class PinManager:
             with self.lock:
                 st.attempts += 1
                 st.error = str(exc)
-                st.backoff = min(RETRY_MAX, max(RETRY_MIN, st.backoff * 2))
+                st.backoff = RETRY.next(st.backoff)
                 st.retry_at = time.monotonic() + st.backoff
                 gen = sync.latest_generation(self.journal(st.id))
                 if gen is not None:
