@@ -589,10 +589,16 @@ class Daemon:
             if pin is None:
                 log.error("unpin of %s failed: %s", job.path, exc)
                 return
-            pin.busy = False
+            held = [str(h) for h in exc.holders] if isinstance(exc, pins.UnpinBusy) else None
+            with self.pinmgr.lock:  # the worker sets a pin's fields under it (pins.PinManager)
+                pin.busy = False
+                pin.backoff = RETRY.next(pin.backoff)
+                pin.retry_at = now + pin.backoff
+                pin.error = str(exc)
+                held_before = pin.holders
+                if held is not None:
+                    pin.holders = held
             self._watch_pin(pin)
-            pin.backoff = RETRY.next(pin.backoff)
-            pin.retry_at = now + pin.backoff
             retry = f"retrying in {engine.format_duration(pin.backoff)}"
             if self.stopping:
                 attempts = self.stop_attempts.get(job.path, 0) + 1
@@ -604,11 +610,8 @@ class Daemon:
                     if attempts < STOP_RETRIES
                     else f"not retried: the stop tried {attempts} times"
                 )
-            if isinstance(exc, pins.UnpinBusy):
-                holders_now = [str(h) for h in exc.holders]
-                level = logging.WARNING if holders_now != pin.holders else logging.DEBUG
-                pin.holders = holders_now
-                pin.error = str(exc)
+            if held is not None:
+                level = logging.WARNING if held != held_before else logging.DEBUG
                 log.log(
                     level,
                     "cannot unpin %s yet: %s; staying pinned, %s",
@@ -617,7 +620,6 @@ class Daemon:
                     retry,
                 )
             else:
-                pin.error = str(exc)
                 log.error(
                     "write-back of %s failed, staying pinned (nothing lost), %s: %s",
                     job.path,
@@ -627,7 +629,8 @@ class Daemon:
         elif job.kind == "checkpoint":
             pin = self.pinmgr.pins.get(job.path)
             if pin is not None:
-                pin.busy = False
+                with self.pinmgr.lock:
+                    pin.busy = False
             if exc is not None:
                 log.error("checkpoint of %s failed: %s", job.path, exc)
                 return

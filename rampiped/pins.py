@@ -1205,9 +1205,13 @@ class PinManager:
                 st.error = str(exc)
                 st.backoff = RETRY.next(st.backoff)
                 st.retry_at = time.monotonic() + st.backoff
-                gen = sync.latest_generation(self.journal(st.id))
-                if gen is not None:
-                    st.where, st.bytes = gen, copymode.dir_size(gen)
+            # measured outside the lock: the main loop takes it too, and must not wait for a
+            # walk of the generation
+            gen = sync.latest_generation(self.journal(st.id))
+            if gen is not None:
+                size = copymode.dir_size(gen)
+                with self.lock:
+                    st.where, st.bytes = gen, size
             raise
         with self.lock:
             self.stranded.pop(path, None)
