@@ -497,7 +497,8 @@ class Daemon:
             if reply:
                 reply(None, RuntimeError(f"{pin.path} is busy with another operation"))
             return False
-        pin.busy = True
+        with self.pinmgr.lock:
+            pin.busy = True
         self.running[pin.path] = kind
         return True
 
@@ -1252,7 +1253,8 @@ class Daemon:
         path = args.get("path")
         for st in list(self.pinmgr.stranded.values()):
             if not path or st.path == _arg_path(args):
-                st.retry_at = 0.0  # a stranded write-back is tried again at the next tick
+                with self.pinmgr.lock:
+                    st.retry_at = 0.0  # a stranded write-back is tried again at the next tick
         if path:
             path = _arg_path(args)
             if path in self.pinmgr.stranded:
@@ -1397,7 +1399,8 @@ class Daemon:
                     )
                 )
             else:
-                pin.unpin_requested = True  # keep trying in the background
+                with self.pinmgr.lock:
+                    pin.unpin_requested = True  # keep trying in the background
                 reply(control.error(f"{exc} (rampiped keeps trying)"))
 
         self._submit_unpin(pin, "asked by rampipectl", reply=done)
