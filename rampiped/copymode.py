@@ -45,7 +45,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from rampiped import mounts, tree
+from rampiped import mounts, osutil, tree
 from rampiped.engine import format_bytes
 from rampiped.errors import RampipeError
 from rampiped.ledger import Ledger, settled, with_links
@@ -198,20 +198,18 @@ def check_fits(path: str, max_size: int | None) -> None:
 # -- snapshots --------------------------------------------------------------------------------
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "f"
-    if stat.S_ISDIR(mode):
-        return "d"
-    if stat.S_ISLNK(mode):
-        return "l"
-    if stat.S_ISFIFO(mode):
-        return "p"
-    return "o"
+# Snapshots name the kind of an entry in one letter (osutil.file_kind's "file" is "f", and so
+# on; sockets, devices and whiteouts are all "o"): the copy window of an unpin is saved to
+# disk with them (COPY_WINDOW), and a daemon reads back what an earlier one saved.
+_KIND_LETTERS = {"file": "f", "dir": "d", "symlink": "l", "fifo": "p"}
+
+
+def _kind(st: os.stat_result) -> str:
+    return _KIND_LETTERS.get(osutil.file_kind(st), "o")
 
 
 def _stamp(st: os.stat_result) -> Stamp:
-    return (_kind(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    return (_kind(st), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def snapshot(root: str, paths: Iterable[str] | None = None) -> dict[str, Stamp]:
@@ -317,19 +315,8 @@ def _tmp_path(path: str) -> str:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    """osutil.write_atomic by way of a temporary name marked as rampiped's (_tmp_path)."""
+    osutil.write_atomic(path, data, tmp=os.path.basename(_tmp_path(path)))
 
 
 def _is_sqlite(path: str) -> bool:
@@ -741,7 +728,7 @@ def _meta(root: str, skip: set[str], databases: set[str]) -> dict[str, tuple[obj
             st = os.lstat(full)
         except FileNotFoundError:
             continue
-        kind = _kind(st.st_mode)
+        kind = _kind(st)
         row: tuple[object, ...] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
         if kind == "f" and rel not in databases:
             row += (st.st_size, st.st_mtime_ns)
@@ -1197,7 +1184,7 @@ class WindowWriteBack:
         missing = []
         for rel in self.listed:
             try:
-                ok = _kind(os.lstat(os.path.join(disk, rel)).st_mode) == self.in_ram[rel][0]
+                ok = _kind(os.lstat(os.path.join(disk, rel))) == self.in_ram[rel][0]
             except OSError:
                 ok = False
             if not ok:

@@ -44,16 +44,16 @@ from rampiped import (
     sync,
 )
 from rampiped import log as logsetup
+from rampiped.backoff import RETRY
 from rampiped.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from rampiped.monitor import Monitor, MonitorError
 
 log = logging.getLogger("rampiped")
 
 TICK = 0.5  # seconds between engine decisions
-BACKOFF_MIN, BACKOFF_MAX = 5.0, 300.0
 STOP_RETRIES = 3  # busy unpins retried at stop before a pin is left mounted
 # The stop retries an unpin that failed during the stop after this long, not after the pin's
-# own backoff: that one doubles up to BACKOFF_MAX (5 min), far past the unit's stop timeout
+# own backoff: that one doubles up to RETRY.max (5 min), far past the unit's stop timeout
 # (90 s). A retry due before the stop began (a failed checkpoint or unpin) is not waited for
 # at all. STOP_RETRIES attempts wait (STOP_RETRIES - 1) * STOP_RETRY_DELAY in all, which
 # gives holders a moment to let go without spinning on a pin that stays busy.
@@ -497,7 +497,8 @@ class Daemon:
             if reply:
                 reply(None, RuntimeError(f"{pin.path} is busy with another operation"))
             return False
-        pin.busy = True
+        with self.pinmgr.lock:
+            pin.busy = True
         self.running[pin.path] = kind
         return True
 
@@ -551,8 +552,7 @@ class Daemon:
             elif job.path in self.static_paths:
                 # asked for by the configuration: say so loudly, once per reason, and try again
                 reason = str(exc)
-                backoff = self.static_retry.get(job.path, (0.0, BACKOFF_MIN / 2))[1] * 2
-                backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, backoff))
+                backoff = RETRY.next(self.static_retry.get(job.path, (0.0, 0.0))[1])
                 self.static_retry[job.path] = (now + backoff, backoff)
                 repeated = self.last_refusal.get(job.path) == reason
                 self.last_refusal[job.path] = reason
@@ -590,10 +590,16 @@ class Daemon:
             if pin is None:
                 log.error("unpin of %s failed: %s", job.path, exc)
                 return
-            pin.busy = False
+            held = [str(h) for h in exc.holders] if isinstance(exc, pins.UnpinBusy) else None
+            with self.pinmgr.lock:  # the worker sets a pin's fields under it (pins.PinManager)
+                pin.busy = False
+                pin.backoff = RETRY.next(pin.backoff)
+                pin.retry_at = now + pin.backoff
+                pin.error = str(exc)
+                held_before = pin.holders
+                if held is not None:
+                    pin.holders = held
             self._watch_pin(pin)
-            pin.backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, pin.backoff * 2))
-            pin.retry_at = now + pin.backoff
             retry = f"retrying in {engine.format_duration(pin.backoff)}"
             if self.stopping:
                 attempts = self.stop_attempts.get(job.path, 0) + 1
@@ -605,11 +611,8 @@ class Daemon:
                     if attempts < STOP_RETRIES
                     else f"not retried: the stop tried {attempts} times"
                 )
-            if isinstance(exc, pins.UnpinBusy):
-                holders_now = [str(h) for h in exc.holders]
-                level = logging.WARNING if holders_now != pin.holders else logging.DEBUG
-                pin.holders = holders_now
-                pin.error = str(exc)
+            if held is not None:
+                level = logging.WARNING if held != held_before else logging.DEBUG
                 log.log(
                     level,
                     "cannot unpin %s yet: %s; staying pinned, %s",
@@ -618,7 +621,6 @@ class Daemon:
                     retry,
                 )
             else:
-                pin.error = str(exc)
                 log.error(
                     "write-back of %s failed, staying pinned (nothing lost), %s: %s",
                     job.path,
@@ -628,7 +630,8 @@ class Daemon:
         elif job.kind == "checkpoint":
             pin = self.pinmgr.pins.get(job.path)
             if pin is not None:
-                pin.busy = False
+                with self.pinmgr.lock:
+                    pin.busy = False
             if exc is not None:
                 log.error("checkpoint of %s failed: %s", job.path, exc)
                 return
@@ -1006,7 +1009,7 @@ class Daemon:
     def _stop_step(self, now: float) -> bool:
         """One step of the stop; True when there is nothing left to do. Every pin's final
         write-back starts at once, or as soon as the job running on it ends: a retry that a
-        failed checkpoint or unpin scheduled before the stop (pin.retry_at, up to BACKOFF_MAX
+        failed checkpoint or unpin scheduled before the stop (pin.retry_at, up to RETRY.max
         away) is not waited for."""
         if now - self.last_extend >= EXTEND_EVERY:
             self.last_extend = now
@@ -1250,7 +1253,8 @@ class Daemon:
         path = args.get("path")
         for st in list(self.pinmgr.stranded.values()):
             if not path or st.path == _arg_path(args):
-                st.retry_at = 0.0  # a stranded write-back is tried again at the next tick
+                with self.pinmgr.lock:
+                    st.retry_at = 0.0  # a stranded write-back is tried again at the next tick
         if path:
             path = _arg_path(args)
             if path in self.pinmgr.stranded:
@@ -1395,7 +1399,8 @@ class Daemon:
                     )
                 )
             else:
-                pin.unpin_requested = True  # keep trying in the background
+                with self.pinmgr.lock:
+                    pin.unpin_requested = True  # keep trying in the background
                 reply(control.error(f"{exc} (rampiped keeps trying)"))
 
         self._submit_unpin(pin, "asked by rampipectl", reply=done)

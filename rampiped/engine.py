@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from rampiped.backoff import RETRY
 from rampiped.config import AdaptiveConfig, RamConfig, SyncConfig
 from rampiped.rates import PathPattern, is_within, normalize
 
@@ -65,16 +66,15 @@ NEVER_PIN = ("/proc", "/sys", "/dev", "/run", "/boot")
 # Adaptive pins in these states take one of the `max_pins` places.
 _COUNTED_STATES = frozenset({"pinning", "pinned", "draining"})
 
-# Retry a refused pin after 5 s, doubling per consecutive refusal, at most every 5 minutes:
-# a holder that keeps a file open (a daemon's log) is rarely gone within seconds, and a retry
-# costs a scan of /proc.
-BACKOFF_FIRST = 5.0
+# Retry a refused pin after 5 s, doubling per consecutive refusal, at most every 5 minutes
+# (backoff.RETRY, as every retry): a holder that keeps a file open (a daemon's log) is rarely
+# gone within seconds, and a retry costs a scan of /proc.
+BACKOFF_FIRST, BACKOFF_MAX = RETRY.first, RETRY.max
 # An eviction takes effect this long after the RAM figures that call for it (up to one tick
 # until the next decision, then the checks before the unmount). A pin that grows fast is evicted
 # when it would pass the high watermark within this time, not once it has passed it: the
 # writes that land meanwhile must fit in the headroom of its tmpfs, or they fail with ENOSPC.
 EVICT_LEAD = 1.0
-BACKOFF_MAX = 300.0
 
 
 # --------------------------------------------------------------------------- actions
@@ -575,7 +575,7 @@ class Engine:
         path = normalize(path)
         previous = self._backoff.get(path)
         refusals = 1 if previous is None else previous.refusals + 1
-        delay = min(BACKOFF_FIRST * 2.0 ** min(refusals - 1, 32), BACKOFF_MAX)
+        delay = RETRY.after(refusals)
         self._backoff[path] = _Backoff(refusals, now + delay, reason)
         # Not a pin (being made) any more, and as hot as when it was tried: `explain` says so
         # before the next `decide` (an attempt can take a second: holders are waited out).

@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from rampiped import tree
+from rampiped import osutil, tree
 
 # <sys/mount.h>
 MS_RDONLY = 0x1
@@ -45,8 +45,6 @@ _libc.mount.argtypes = [
 _libc.mount.restype = ctypes.c_int
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
-_libc.syncfs.argtypes = [ctypes.c_int]
-_libc.syncfs.restype = ctypes.c_int
 
 # Names of the directories overlayfs creates inside its workdir: a workdir holding only these
 # was used by an overlay before and may be reused.
@@ -501,9 +499,12 @@ def syncfs(path: str) -> None:
     """Write out every dirty page and inode of the filesystem that holds `path` (syncfs(2))."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise MountError(err, f"cannot sync the filesystem of {path}: {_errno_text(err)}", path)
+        osutil.syncfs(fd)
+    except OSError as e:
+        err = e.errno or errno.EIO  # always set by osutil.syncfs
+        raise MountError(
+            err, f"cannot sync the filesystem of {path}: {_errno_text(err)}", path
+        ) from None
     finally:
         os.close(fd)
 

@@ -39,7 +39,9 @@ from typing import Any
 
 from rampiped import copymode, handover, holders, mounts, sync, tree, volatile
 from rampiped import ledger as ledger_mod
+from rampiped.backoff import RETRY
 from rampiped.engine import format_bytes, format_duration
+from rampiped.osutil import write_json_atomic
 
 log = logging.getLogger("rampiped")
 
@@ -67,8 +69,8 @@ UMOUNT_SPIN, UMOUNT_SPIN_POLL = 0.2, 0.002
 # After a write-back, processes that opened a replaced disk file during it and still hold it
 # get this long to let go (their last bytes are carried over) before a warning names them.
 WINDOW_GRACE = 2.0
-# Failed checkpoints are retried with this backoff (seconds), doubled after each failure.
-RETRY_MIN, RETRY_MAX = 5.0, 300.0
+# Failed checkpoints and stranded write-backs are retried with backoff.RETRY: first after this.
+RETRY_MIN = RETRY.first
 SOURCE_PREFIX = "rampiped-"  # every mount rampiped makes carries "rampiped-<id>" as its source
 _COPIED_XATTR_PREFIXES = ("user.", "system.posix_acl_", "security.")
 
@@ -799,7 +801,7 @@ class PinManager:
             else:
                 # the engine leaves a pin alone until retry_at: no rsync every tick against a
                 # full or read-only disk
-                pin.backoff = min(RETRY_MAX, max(RETRY_MIN, pin.backoff * 2))
+                pin.backoff = RETRY.next(pin.backoff)
                 pin.retry_at = time.monotonic() + pin.backoff
                 record.error = f"{record.error} (retrying in {format_duration(pin.backoff)})"
         self.save_state()
@@ -1268,11 +1270,15 @@ class PinManager:
             with self.lock:
                 st.attempts += 1
                 st.error = str(exc)
-                st.backoff = min(RETRY_MAX, max(RETRY_MIN, st.backoff * 2))
+                st.backoff = RETRY.next(st.backoff)
                 st.retry_at = time.monotonic() + st.backoff
-                gen = sync.latest_generation(self.journal(st.id))
-                if gen is not None:
-                    st.where, st.bytes = gen, copymode.dir_size(gen)
+            # measured outside the lock: the main loop takes it too, and must not wait for a
+            # walk of the generation
+            gen = sync.latest_generation(self.journal(st.id))
+            if gen is not None:
+                size = copymode.dir_size(gen)
+                with self.lock:
+                    st.where, st.bytes = gen, size
             raise
         with self.lock:
             self.stranded.pop(path, None)
@@ -1863,20 +1869,6 @@ def copy_root_attributes(src: str, dst: str) -> None:
                     dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False
                 )
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
-def write_json_atomic(path: str, doc: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_dir_nofollow(path: str) -> int:

@@ -27,7 +27,6 @@ is applied with the same rules (`apply_journal`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import hashlib
@@ -47,7 +46,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from rampiped import tree
+from rampiped import osutil, tree
 from rampiped.engine import format_bytes
 from rampiped.ledger import Ledger, open_regular, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
@@ -111,22 +110,6 @@ RSYNC_EXIT_MEANINGS: dict[int, str] = {
     126: "the command could not be executed",
     127: "rsync is not installed (command not found)",
 }
-
-
-def overlay_options(lower: str, upper: str, work: str) -> str:
-    """The -o argument of `mount -t overlay` for one pin, with the features fixed above."""
-    for role, path in (("lowerdir", lower), ("upperdir", upper), ("workdir", work)):
-        if not os.path.isabs(path):
-            raise ValueError(f"overlay {role} must be an absolute path: {path!r}")
-        bad = sorted({c for c in path if c in ",:\\" or c.isspace() or ord(c) < 32})
-        if bad:
-            # mount(8) splits options at commas and overlayfs splits lowerdir at colons; an
-            # escaped path is easy to get subtly wrong, so such paths are refused outright.
-            raise ValueError(
-                f"overlay {role} {path!r} contains {', '.join(repr(c) for c in bad)}, "
-                "which overlay mount options cannot carry"
-            )
-    return f"lowerdir={lower},upperdir={upper},workdir={work},{OVERLAY_FEATURES}"
 
 
 # --- test pause points ------------------------------------------------------------------------
@@ -459,25 +442,6 @@ def _xattr_text(path: str, name: str) -> str | None:
         raise
 
 
-def _kind(st: os.stat_result) -> str:
-    mode = st.st_mode
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode):
-        return "whiteout" if st.st_rdev == 0 else "chardev"
-    if stat.S_ISBLK(mode):
-        return "blockdev"
-    return "other"
-
-
 def _scan_layer(root: str) -> _Layer:
     """Read the layer's structure; raise SyncError for anything apply cannot reproduce."""
     try:
@@ -509,7 +473,7 @@ def _scan_layer(root: str) -> _Layer:
                 attrs = set(os.listxattr(child_path, follow_symlinks=False))
             except OSError as e:
                 raise SyncError(f"layer entry {child_path} cannot be read: {e.strerror}") from e
-            kind = _kind(cst)
+            kind = osutil.file_kind(cst)
             current.children[name] = kind
             if kind not in ("file", "whiteout"):  # rsync sets file times exactly
                 current.times[name] = (cst.st_atime_ns, cst.st_mtime_ns)
@@ -822,14 +786,13 @@ def _fsync_dir(fd: int) -> None:
     os.fsync(fd)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _syncfs(fd: int, path: str) -> None:
     """Flush the whole filesystem holding `fd`; it also reports earlier writeback errors."""
-    if _libc.syncfs(ctypes.c_int(fd)) != 0:
-        err = ctypes.get_errno()
-        raise SyncError(f"syncfs on {path} failed: {os.strerror(err)} (errno {err})")
+    try:
+        osutil.syncfs(fd)
+    except OSError as e:
+        err = e.errno or errno.EIO  # always set by osutil.syncfs
+        raise SyncError(f"syncfs on {path} failed: {os.strerror(err)} (errno {err})") from None
 
 
 # --- the stash: moving renamed directories, resumable -----------------------------------------
@@ -855,21 +818,10 @@ def _read_plan(stash_fd: int) -> dict[str, object] | None:
 
 
 def _write_json_at(dir_fd: int, name: str, doc: object) -> None:
-    """Write `name` below `dir_fd` atomically and durably: a temporary file, fsync, rename,
-    fsync of the directory."""
-    tmp = name + ".tmp"
-    fd = os.open(
-        tmp,
-        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-        0o600,
-        dir_fd=dir_fd,
-    )
-    with os.fdopen(fd, "wb") as f:
-        f.write(json.dumps(doc, sort_keys=True).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    _fsync_dir(dir_fd)
+    """Write `name` below `dir_fd` atomically and durably (osutil.write_atomic_at), by way of
+    NAME.tmp (which the stash's cleanup knows), readable by root only."""
+    data = json.dumps(doc, sort_keys=True).encode()
+    osutil.write_atomic_at(dir_fd, name, data, tmp=name + ".tmp", mode=0o600)
 
 
 def _write_plan(stash_fd: int, plan: dict[str, object]) -> None:
@@ -1120,7 +1072,7 @@ def _apply_deletions(layer: _Layer, target_fd: int, keep_newer_than: int | None 
                     st = _lstat_at(fd, name)
                     if st is None:
                         continue
-                    disk_kind = _kind(st)
+                    disk_kind = osutil.file_kind(st)
                     if kind == "whiteout":
                         deleted += remove(fd, name)
                     elif kind == "dir":
@@ -2156,7 +2108,7 @@ def _verify_dir(
         st = _lstat_at(fd, name)
         if kind == "whiteout":
             if st is not None and not written_since(name):
-                diffs.append(f"{rel}: deleted in the layer, still on disk ({_kind(st)})")
+                diffs.append(f"{rel}: deleted in the layer, still on disk ({osutil.file_kind(st)})")
             continue
         if st is None:
             diffs.append(f"{rel}: missing on disk")
@@ -2168,7 +2120,7 @@ def _verify_dir(
             and st.st_mtime_ns >= newer_than
         )
         diffs += _compare(rel, ust, st, written_after=appended)
-        if _kind(st) != kind:
+        if osutil.file_kind(st) != kind:
             continue
         if kind == "symlink":
             want = os.readlink(os.path.join(upper_dir, name))
@@ -2196,7 +2148,7 @@ def _verify_dir(
 def _compare(
     rel: str, want: os.stat_result, have: os.stat_result, *, written_after: bool = False
 ) -> list[str]:
-    kind_w, kind_h = _kind(want), _kind(have)
+    kind_w, kind_h = osutil.file_kind(want), osutil.file_kind(have)
     if kind_w != kind_h:
         return [f"{rel}: {kind_h} on disk, {kind_w} in the layer"]
     out = []

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from rampiped import sync
+from rampiped import mounts, sync
 from rampiped.sync import (
     STASH_NAME,
     CommandResult,
@@ -26,7 +26,6 @@ from rampiped.sync import (
     checkpoint,
     discard_journal,
     latest_generation,
-    overlay_options,
     run_command,
     verify_applied,
 )
@@ -43,6 +42,21 @@ from tests.system.helpers import (
 )
 
 pytestmark = pytest.mark.system
+
+
+def overlay_options(lower: str, upper: str, work: str) -> str:
+    """The -o argument of the `mount -t overlay` calls here: the daemon's own option string
+    (mounts.overlay_options with sync.OVERLAY_FEATURES), for paths that also pass through
+    mount(8)'s command line unescaped (ValueError otherwise)."""
+    for role, path in (("lowerdir", lower), ("upperdir", upper), ("workdir", work)):
+        if not os.path.isabs(path):
+            raise ValueError(f"overlay {role} must be an absolute path: {path!r}")
+        bad = sorted({c for c in path if c in ",:\\" or c.isspace() or ord(c) < 32})
+        if bad:
+            raise ValueError(f"overlay {role} {path!r} contains {bad}")
+    return mounts.overlay_options(
+        lower=lower, upper=upper, work=work, features=sync.OVERLAY_FEATURES
+    )
 
 
 def oracle(root: Path) -> dict[str, Any]:
