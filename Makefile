@@ -5,6 +5,10 @@ PREFIX ?= /opt/rampiped
 BINDIR ?= /usr/local/bin
 UNITDIR ?= /etc/systemd/system
 CONF   ?= /etc/rampipe.conf
+# The manual pages (man8, man5 below it) and the bash completion of rampipectl; both are
+# searched there by default (man-db's MANDATORY_MANPATH, bash-completion's XDG_DATA_DIRS).
+MANDIR ?= /usr/local/share/man
+COMPLETIONDIR ?= /usr/local/share/bash-completion/completions
 PYTEST_ARGS ?=
 
 # Debian packages the daemon and its tests call: rsync for write-back, acl/attr for the
@@ -66,10 +70,12 @@ bench: venv $(VENV)/.stamp-bench deps
 	$(IN_PRIVATE_NS) $(VENV)/bin/python -m bench.run
 
 install:
-	sh packaging/install.sh install "$(PREFIX)" "$(BINDIR)" "$(UNITDIR)" "$(CONF)"
+	sh packaging/install.sh install "$(PREFIX)" "$(BINDIR)" "$(UNITDIR)" "$(CONF)" \
+	  "$(MANDIR)" "$(COMPLETIONDIR)"
 
 uninstall:
-	sh packaging/install.sh uninstall "$(PREFIX)" "$(BINDIR)" "$(UNITDIR)" "$(CONF)"
+	sh packaging/install.sh uninstall "$(PREFIX)" "$(BINDIR)" "$(UNITDIR)" "$(CONF)" \
+	  "$(MANDIR)" "$(COMPLETIONDIR)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
