@@ -1,16 +1,20 @@
 #!/bin/sh
 # Installs or removes rampiped on a Debian machine.
 #
-#   sh packaging/install.sh install|uninstall PREFIX BINDIR UNITDIR CONF
+#   sh packaging/install.sh install|uninstall PREFIX BINDIR UNITDIR CONF [MANDIR [COMPLETIONDIR]]
 #
 # (`sudo make install` / `sudo make uninstall` call it with PREFIX=/opt/rampiped,
-# BINDIR=/usr/local/bin, UNITDIR=/etc/systemd/system, CONF=/etc/rampipe.conf.)
+# BINDIR=/usr/local/bin, UNITDIR=/etc/systemd/system, CONF=/etc/rampipe.conf,
+# MANDIR=/usr/local/share/man, COMPLETIONDIR=/usr/local/share/bash-completion/completions;
+# the last two are also the defaults when they are not given.)
 #
 # install: the Debian packages it needs when missing, a virtualenv in PREFIX with rampiped
-# built from this checkout, rampiped and rampipectl linked into BINDIR, the unit in UNITDIR,
-# CONF from rampipe.conf.example unless CONF exists (an edited configuration is never
-# overwritten); then, when systemd runs, the service is enabled and started (restarted when it
-# already ran, so that the new code runs). Running it again is harmless.
+# built from this checkout, rampiped and rampipectl linked into BINDIR, the manual pages into
+# MANDIR and the bash completion of rampipectl into COMPLETIONDIR (packaging/install-docs.sh),
+# the unit in UNITDIR, CONF from rampipe.conf.example unless CONF exists (an edited
+# configuration is never overwritten); then, when systemd runs, the service is enabled and
+# started (restarted when it already ran, so that the new code runs). Running it again is
+# harmless.
 #
 # uninstall: stops the service, which writes every pinned directory back to disk, then removes
 # what install added, except CONF and the Debian packages (other programs may use them).
@@ -37,24 +41,26 @@ die() {
 }
 
 usage() {
-    echo "usage: sh packaging/install.sh install|uninstall PREFIX BINDIR UNITDIR CONF" >&2
+    echo "usage: sh packaging/install.sh install|uninstall PREFIX BINDIR UNITDIR CONF [MANDIR [COMPLETIONDIR]]" >&2
     exit 2
 }
 
-[ $# -eq 5 ] || usage
+[ $# -ge 5 ] && [ $# -le 7 ] || usage
 ACTION=$1
 PREFIX=$2
 BINDIR=$3
 UNITDIR=$4
 CONF=$5
+MANDIR=${6:-/usr/local/share/man}
+COMPLETIONDIR=${7:-/usr/local/share/bash-completion/completions}
 case $ACTION in install | uninstall) ;; *) usage ;; esac
 case $PREFIX in
 / | /usr | /usr/local | /opt | /etc | /var | /home) die "PREFIX=$PREFIX: give rampiped a directory of its own, e.g. /opt/rampiped" ;;
 esac
-for path in "$PREFIX" "$BINDIR" "$UNITDIR" "$CONF"; do
+for path in "$PREFIX" "$BINDIR" "$UNITDIR" "$CONF" "$MANDIR" "$COMPLETIONDIR"; do
     case $path in
     /?*) ;;
-    *) die "'$path' is not an absolute path other than / (PREFIX, BINDIR, UNITDIR and CONF must be)" ;;
+    *) die "'$path' is not an absolute path other than / (PREFIX, BINDIR, UNITDIR, CONF, MANDIR and COMPLETIONDIR must be)" ;;
     esac
 done
 
@@ -202,6 +208,7 @@ do_install() {
     install_missing_packages
     make_venv
     link_commands
+    sh "$SRC/packaging/install-docs.sh" install "$MANDIR" "$COMPLETIONDIR"
     install_generator
     install_config
     install_unit
@@ -249,6 +256,7 @@ do_uninstall() {
         systemctl daemon-reload
         systemctl reset-failed "$UNIT_NAME" 2>/dev/null || true
     fi
+    sh "$SRC/packaging/install-docs.sh" uninstall "$MANDIR" "$COMPLETIONDIR"
     for cmd in rampiped rampipectl; do
         if [ -L "$BINDIR/$cmd" ]; then
             case $(readlink "$BINDIR/$cmd") in

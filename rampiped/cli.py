@@ -29,16 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--config",
+        metavar="PATH",
         help=f"configuration file (default {config.DEFAULT_PATH});"
         " its runtime_dir locates the control socket",
     )
-    where.add_argument("--socket", help="control socket path")
+    where.add_argument(
+        "--socket", metavar="PATH", help="control socket path (instead of --config's)"
+    )
     p.add_argument("--version", action="version", version=f"rampipectl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("status", help="what is pinned, RAM used, data not yet on disk")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s = sub.add_parser("sync", help="checkpoint every pin, or DIR, to disk now")
-    s.add_argument("dir", nargs="?")
+    s.add_argument(
+        "dir", nargs="?", metavar="DIR", help="the pinned directory (default: every pin)"
+    )
     s.add_argument(
         "--timeout",
         type=_duration,
@@ -49,19 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
         f" {format_duration(control.SYNC_WAIT)}); past it, exit 1",
     )
     s = sub.add_parser("pin", help="pin DIR now")
-    s.add_argument("dir")
-    s.add_argument("--mode", choices=["overlay", "copy"], default="overlay")
+    s.add_argument("dir", metavar="DIR", help="the directory to pin")
+    s.add_argument(
+        "--mode",
+        choices=["overlay", "copy"],
+        default="overlay",
+        metavar="MODE",
+        help="how to pin DIR, one of %(choices)s: overlay puts a RAM layer over it (only files"
+        " that change take RAM), copy copies it into RAM and mounts the copy over it"
+        " (default %(default)s)",
+    )
     s = sub.add_parser("unpin", help="write DIR back to disk and unpin it")
-    s.add_argument("dir")
+    s.add_argument("dir", metavar="DIR", help="the pinned directory")
     sub.add_parser("reload", help="reload the configuration (fails if it is invalid)")
     s = sub.add_parser("check-config", help="validate a configuration file")
-    s.add_argument("path", nargs="?")
+    s.add_argument(
+        "path",
+        nargs="?",
+        metavar="PATH",
+        help=f"the file to check (default: --config's, or {config.DEFAULT_PATH})",
+    )
     s = sub.add_parser("explain", help="why DIR is or is not pinned")
-    s.add_argument("dir")
+    s.add_argument("dir", metavar="DIR", help="the directory, pinned or not")
     s.add_argument("--json", action="store_true", help="the daemon's raw facts")
     s = sub.add_parser("top", help="the hottest directories, live (q quits)")
     s.add_argument(
-        "--interval", type=float, default=1.0, help="seconds between updates (default 1)"
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between updates (default 1)",
     )
     return p
 

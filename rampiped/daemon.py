@@ -1426,22 +1426,36 @@ def _keep_dirs(new: config.Config, old: config.Config) -> config.Config:
     return dataclasses.replace(new, runtime_dir=old.runtime_dir, journal_dir=old.journal_dir)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The daemon's command line (its manual page is generated from it too)."""
     p = argparse.ArgumentParser(
         prog="rampiped",
         description="Keeps write-hot directories in RAM and writes them back to disk, safely.",
     )
     p.add_argument(
-        "--config", default=config.DEFAULT_PATH, help="configuration file (default %(default)s)"
+        "--config",
+        default=config.DEFAULT_PATH,
+        metavar="PATH",
+        help="configuration file (default %(default)s)",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="watch and log every decision; mount nothing"
     )
     p.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"], type=str.lower
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        type=str.lower,
+        metavar="LEVEL",
+        help="the least important messages logged, one of %(choices)s; debug adds"
+        " checkpoints and per-decision detail (default %(default)s)",
     )
     p.add_argument("--version", action="version", version=f"rampiped {__version__}")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

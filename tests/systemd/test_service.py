@@ -100,6 +100,15 @@ while True:
 '''
 
 
+# What `make install` puts where from the checkout, besides the venv, the commands and the unit.
+DOCS = {
+    "/usr/local/share/man/man8/rampiped.8": "man/rampiped.8",
+    "/usr/local/share/man/man8/rampipectl.8": "man/rampipectl.8",
+    "/usr/local/share/man/man5/rampipe.conf.5": "man/rampipe.conf.5",
+    "/usr/local/share/bash-completion/completions/rampipectl": (
+        "packaging/bash-completion/rampipectl"
+    ),
+}
 # What the first `make install` printed, for the test that reads it.
 INSTALL_OUTPUT: dict[str, str] = {}
 
@@ -228,6 +237,8 @@ def test_make_install_puts_everything_in_place(service: Guest) -> None:
     assert service.run("rampipectl --version").stdout.strip().endswith("0.1.0")
     installed_unit = service.read("/etc/systemd/system/rampiped.service")
     assert installed_unit == service.read(f"{SOURCE_IN_GUEST}/packaging/systemd/rampiped.service")
+    for installed, source in DOCS.items():
+        assert service.read(installed) == service.read(f"{SOURCE_IN_GUEST}/{source}"), installed
 
 
 def test_unit_verifies_on_the_installed_system(service: Guest) -> None:
@@ -442,7 +453,7 @@ def test_uninstall_writes_back_and_keeps_the_config(service: Guest) -> None:
     assert show(service, "LoadState") == "not-found"
     leftovers = service.run(
         "ls -d /opt/rampiped /usr/local/bin/rampiped /usr/local/bin/rampipectl "
-        "/etc/systemd/system/rampiped.service 2>/dev/null || true"
+        f"/etc/systemd/system/rampiped.service {' '.join(DOCS)} 2>/dev/null || true"
     ).stdout
     assert leftovers == ""
 

@@ -1,0 +1,1 @@
+"""The manual pages: their sources (man/src/*.txt) and the generator (man/build.py)."""
