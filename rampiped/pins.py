@@ -333,10 +333,15 @@ class PinManager:
             self.pins[pin.path] = pin
         self.save_state()
 
-    def check_pinnable(self, path: str, *, writers_ok: bool = False) -> None:
+    def check_pinnable(
+        self, path: str, *, writers_ok: bool = False, late_ok: bool = False
+    ) -> list[int]:
         """The preconditions, checked again right before acting (the engine decided earlier).
         With `writers_ok` (a reopen command moves them), holders that only hold files open for
-        writing are let through."""
+        writing are let through. With `late_ok` (an overlay pin), so are such holders that
+        are still there after HOLD_WAIT: a writer that opens, writes and closes back to back
+        (fsync on a slow disk) always holds a file, but lets go of each at once after the mount,
+        which `pin` waits for. Returns the pids let through that way."""
         stranded = self.stranded.get(path)
         if stranded is not None:
             raise PinRefused(
@@ -365,8 +370,10 @@ class PinManager:
             # a writer that opens, writes and closes holds its file for moments: waited out
             found = holders.find_holders(path, exclude_pids=self.exclude_pids())
             if not found or (writers_ok and handover.only_writers(found)):
-                return
+                return []
             if time.monotonic() >= deadline:
+                if late_ok and handover.only_writers(found):
+                    return sorted({h.pid for h in found})
                 raise PinRefused(f"cannot pin {path}: in use by " + _holder_list(found))
             time.sleep(HOLD_POLL)
 
@@ -389,7 +396,9 @@ class PinManager:
             if path in self.pins:
                 raise PinRefused(f"{path} is already pinned")
         reopen = reopen if mode == "overlay" else None
-        self.check_pinnable(path, writers_ok=reopen is not None)
+        held_at_check = self.check_pinnable(
+            path, writers_ok=reopen is not None, late_ok=mode == "overlay" and reopen is None
+        )
         if mode == "volatile":
             return self._pin_volatile(path, origin, size or self.tmpfs_size(), keep)
         if max_size is not None:
@@ -443,9 +452,13 @@ class PinManager:
             if late and mode == "overlay" and self._late_writes_shown(pin, late):
                 late = []  # held for moments, and all they wrote is what the overlay shows
             if late:
-                refusal = f"cannot pin {path}: opened on disk during the pin by " + _holder_list(
-                    late
+                # held from before the check to after the mount: in use, as for the check
+                how = (
+                    "in use by "
+                    if any(h.pid in held_at_check for h in late)
+                    else "opened on disk during the pin by "
                 )
+                refusal = f"cannot pin {path}: {how}" + _holder_list(late)
                 if mode != "overlay":
                     raise PinRefused(refusal)
                 pin.late_bases = self._late_bases(pin, late)
