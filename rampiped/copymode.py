@@ -51,7 +51,7 @@ from rampiped.errors import RampipeError
 from rampiped.ledger import Ledger, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
-from rampiped.sync import (
+from rampiped.writeback import (
     CONFLICT_SUFFIX,
     HOLD_NAME,
     SCRATCH_NAME,
@@ -66,8 +66,8 @@ from rampiped.sync import (
     source_churn_only,
     stamp_of,
 )
-from rampiped.sync import RSYNC_COPY as _RSYNC
-from rampiped.sync import Stamp as StampOfFile
+from rampiped.writeback import RSYNC_COPY as _RSYNC
+from rampiped.writeback import Stamp as StampOfFile
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from rampiped import (
     mounts,
     pins,
     rates,
-    sync,
+    writeback,
 )
 from rampiped import log as logsetup
 from rampiped.backoff import RETRY
@@ -240,18 +240,18 @@ class Daemon:
     def _ram_used(self) -> int:
         return sum(self.pinmgr.ram_bytes(p) for p in self.pinmgr.pins.values())
 
-    def _run_command(self, argv: list[str]) -> sync.CommandResult:
+    def _run_command(self, argv: list[str]) -> writeback.CommandResult:
         """Run a child whose writes must not count as load (the monitor ignores its pid)."""
         try:
             proc = subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace"
             )
         except FileNotFoundError:
-            return sync.CommandResult(127, "", f"{argv[0]}: command not found")
+            return writeback.CommandResult(127, "", f"{argv[0]}: command not found")
         self.children.add(proc.pid)
         self.monitor.ignore_pid(proc.pid)
         try:
-            return sync.communicate_watched(proc)
+            return writeback.communicate_watched(proc)
         finally:
             self.monitor.unignore_pid(proc.pid)
             self.children.discard(proc.pid)

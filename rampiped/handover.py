@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import IO
 
-from rampiped import holders, mounts, osutil, sync
+from rampiped import holders, mounts, osutil, writeback
 
 log = logging.getLogger("rampiped")
 
@@ -44,7 +44,7 @@ REOPEN_TIMEOUT = 30  # seconds the reopen command may take (it usually signals a
 SETTLE_DEADLINE = 5.0  # seconds the writers get to reopen their files after the command
 POLL = 0.1
 MARKER = "handover.json"  # in the pin's journal dir: the disk was written, do not apply again
-CONFLICT_SUFFIX = sync.CONFLICT_SUFFIX
+CONFLICT_SUFFIX = writeback.CONFLICT_SUFFIX
 
 _MNT_DETACH = 2
 _UMOUNT_NOFOLLOW = 8
@@ -62,14 +62,14 @@ def reopen_argv(command: str) -> list[str]:
     return ["timeout", "--kill-after=5", str(REOPEN_TIMEOUT), *shlex.split(command)]
 
 
-def run_reopen(command: str, path: str, runner: sync.Runner) -> bool:
+def run_reopen(command: str, path: str, runner: writeback.Runner) -> bool:
     """Run the reopen command; a failure is logged (the holder check that follows decides)."""
     argv = reopen_argv(command)
     res = runner(argv)
     if res.returncode == 0:
         log.info("%s: ran %r to make its writers reopen their files", path, command)
         return True
-    # sync.describe_exit explains rsync's exit codes, not this command's; timeout(1) itself
+    # writeback.describe_exit explains rsync's exit codes, not this command's; timeout(1) itself
     # answers 124 (time is up), 126 (cannot run the command) and 127 (no such command)
     why = {
         124: f"did not finish within {REOPEN_TIMEOUT} s",
@@ -77,7 +77,7 @@ def run_reopen(command: str, path: str, runner: sync.Runner) -> bool:
         127: "could not be run (exit code 127: command not found)",
     }.get(res.returncode, f"exited with code {res.returncode}")
     if res.returncode < 0:
-        why = sync.describe_exit(res.returncode)  # "was killed by SIGTERM"
+        why = writeback.describe_exit(res.returncode)  # "was killed by SIGTERM"
     detail = (res.stderr or res.stdout).strip().splitlines()
     log.warning(
         "%s: the reopen command %s %s%s",

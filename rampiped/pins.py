@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rampiped import copymode, handover, holders, mounts, sync, tree, volatile
+from rampiped import copymode, handover, holders, mounts, tree, volatile, writeback
 from rampiped import ledger as ledger_mod
 from rampiped.backoff import RETRY
 from rampiped.engine import format_bytes, format_duration
@@ -172,8 +172,8 @@ class Pin:
     # overlay pin refused after its mount but kept (a process held a file in RAM): the disk
     # files that processes opened below it in that moment, as they were then. Their writes
     # from then on go to the disk file, below RAM's copy: the unpin carries them like those of
-    # its own window (sync.HeldFiles) instead of replacing them with RAM's version.
-    late_bases: dict[str, sync.Stamp] = field(default_factory=dict)
+    # its own window (writeback.HeldFiles) instead of replacing them with RAM's version.
+    late_bases: dict[str, writeback.Stamp] = field(default_factory=dict)
     # what the disk (copy) or the journal's last generation (overlay) holds of each file, by
     # content (ledger.py); None: not known (adopted, or a write-back failed), and the next
     # write-back compares content instead
@@ -215,7 +215,7 @@ class PinManager:
         journal_dir: str,
         *,
         ram_limit: int,
-        runner: sync.Runner = sync.run_command,
+        runner: writeback.Runner = writeback.run_command,
         exclude_pids: Callable[[], set[int]] = set,
     ) -> None:
         self.runtime_dir = runtime_dir
@@ -354,7 +354,7 @@ class PinManager:
             raise PinRefused(f"cannot pin {path}: {exc.strerror}") from exc
         if not stat.S_ISDIR(st.st_mode):
             raise PinRefused(f"cannot pin {path}: not a directory")
-        for reserved in (sync.STASH_NAME, sync.HOLD_NAME, sync.SCRATCH_NAME):
+        for reserved in (writeback.STASH_NAME, writeback.HOLD_NAME, writeback.SCRATCH_NAME):
             if os.path.lexists(os.path.join(path, reserved)):
                 raise PinRefused(
                     f"cannot pin {path}: it holds an entry named {reserved}, which rampiped's"
@@ -408,7 +408,7 @@ class PinManager:
                 raise PinRefused(str(exc)) from exc
         self._check_budget(path, mode)
         pid = pin_id(path)
-        if sync.latest_generation(self.journal(pid)) is not None:
+        if writeback.latest_generation(self.journal(pid)) is not None:
             # a checkpoint that a failed start-up could not apply: a new pin would discard it
             raise PinRefused(
                 f"cannot pin {path}: {self.journal(pid)} holds a checkpoint not yet written to"
@@ -439,10 +439,10 @@ class PinManager:
             dir_fd = open_dir_nofollow(path)
             pin.under_mount = mounts.mount_id_of_fd(dir_fd)
             self._mount_layers(pin, undo, dir_fd)
-            sync.pause_point("pin:layers")
+            writeback.pause_point("pin:layers")
             if mode == "overlay":
                 self._mount_overlay(pin, undo, dir_fd)
-                sync.pause_point("pin:overlay-mounted")
+                writeback.pause_point("pin:overlay-mounted")
             else:
                 self._copy_and_bind(pin, undo, dir_fd)
             self._check_in_place(pin)
@@ -473,7 +473,7 @@ class PinManager:
                     )
                 written_back = refusal
             else:
-                sync.pause_point("pin:mounted")
+                writeback.pause_point("pin:mounted")
         except BaseException as exc:
             for step in reversed(undo):
                 try:
@@ -486,11 +486,13 @@ class PinManager:
             self.save_state()
             if not os.path.ismount(self.ram(pid)):
                 shutil.rmtree(self.base(pid), ignore_errors=True)
-                if not sync.latest_generation(self.journal(pid)):
+                if not writeback.latest_generation(self.journal(pid)):
                     shutil.rmtree(self.journal(pid), ignore_errors=True)
             if isinstance(exc, PinRefused):
                 raise
-            if isinstance(exc, (OSError, mounts.MountError, sync.SyncError, copymode.CopyError)):
+            if isinstance(
+                exc, (OSError, mounts.MountError, writeback.SyncError, copymode.CopyError)
+            ):
                 raise PinRefused(f"cannot pin {path}: {exc}") from exc
             raise
         finally:
@@ -509,7 +511,7 @@ class PinManager:
         self._set_state(pin, "pinned")
         try:
             self.unpin(pin)
-        except (UnpinBusy, OSError, sync.SyncError) as exc:
+        except (UnpinBusy, OSError, writeback.SyncError) as exc:
             log.warning(
                 "%s: could not write back the refused pin (%s); rolling it back", pin.path, exc
             )
@@ -602,7 +604,7 @@ class PinManager:
             lower=self.disk(pin.id),
             upper=upper,
             work=work,
-            features=sync.OVERLAY_FEATURES,
+            features=writeback.OVERLAY_FEATURES,
             source=SOURCE_PREFIX + pin.id,
         )
         undo.append(lambda: self._rollback_overlay(pin))
@@ -613,7 +615,7 @@ class PinManager:
         self._unmount_placed(pin)
         upper = self.upper(pin.id)
         if os.listdir(upper):
-            sync.apply_upper(upper, self.disk(pin.id), runner=self.runner)
+            writeback.apply_upper(upper, self.disk(pin.id), runner=self.runner)
 
     def _copy_and_bind(self, pin: Pin, undo: list[Callable[[], None]], dir_fd: int) -> None:
         ram, disk = self.ram(pin.id), self.disk(pin.id)
@@ -625,7 +627,7 @@ class PinManager:
         pin.last_ok_wall = self.ram_clock(pin)
         mounts.bind(self.data(pin.id), f"/proc/self/fd/{dir_fd}", private=False)
         undo.append(lambda: self._unmount_placed(pin))
-        sync.pause_point("pin:bound")
+        writeback.pause_point("pin:bound")
         # a write that reached the disk between the end of the copy and the bind would be
         # overwritten by the first checkpoint: roll back and let the pin be tried again
         raced = copymode.changed_since(disk, copied.snapshot)
@@ -638,7 +640,7 @@ class PinManager:
             window = copymode.Window(
                 copied.snapshot,
                 pin.last_ok_wall,
-                time.time_ns() - sync.CLOCK_SLACK_NS,
+                time.time_ns() - writeback.CLOCK_SLACK_NS,
                 forced=frozenset(pin.ledger.changed(ledger_mod.scan(self.data(pin.id)))),
             )
             self._write_back_rolled_copy(pin, undo, window, refusal)
@@ -655,7 +657,7 @@ class PinManager:
         self._unmount_placed(pin)  # raises (and the rollback goes on) when still in use
         try:
             res, held = self._write_window(pin.id, window)
-        except (OSError, sync.SyncError, copymode.CopyError) as exc:
+        except (OSError, writeback.SyncError, copymode.CopyError) as exc:
             undo.clear()  # keep the RAM copy: it holds what is not on disk
             pin.window = window
             pin.unpin_requested = True  # retried with backoff (PinManager._retry_window)
@@ -692,7 +694,7 @@ class PinManager:
         shows. It is, for a file not copied up (the overlay reads the disk file), and for one
         whose disk content is a prefix of its copy in RAM (copied up after their last write,
         or appended to since): the write-back then carries every byte of it."""
-        sync.pause_point("pin:late-holders")
+        writeback.pause_point("pin:late-holders")
         deadline = time.monotonic() + HOLD_WAIT
         while self._disk_holders(pin):
             if time.monotonic() >= deadline:
@@ -711,8 +713,8 @@ class PinManager:
                 return False
         return True
 
-    def _late_bases(self, pin: Pin, late: list[handover.HeldFile]) -> dict[str, sync.Stamp]:
-        out: dict[str, sync.Stamp] = {}
+    def _late_bases(self, pin: Pin, late: list[handover.HeldFile]) -> dict[str, writeback.Stamp]:
+        out: dict[str, writeback.Stamp] = {}
         prefix = pin.path.rstrip("/") + "/"
         for held in late:
             kind, _, rest = held.what.partition(" ")
@@ -725,9 +727,9 @@ class PinManager:
                 # copied into RAM already: what the disk file holds beyond the bytes both share
                 # was written below RAM's copy, and is kept by the write-back
                 found = (
-                    sync.shared_stamp(self.disk(pin.id), rel, copy)
+                    writeback.shared_stamp(self.disk(pin.id), rel, copy)
                     if os.path.lexists(copy)
-                    else sync.stamp_of(self.disk(pin.id), rel)
+                    else writeback.stamp_of(self.disk(pin.id), rel)
                 )
             except OSError:
                 continue
@@ -773,7 +775,7 @@ class PinManager:
         try:
             if pin.mode == "overlay":
                 need = self._check_room(pin, "checkpoint")  # deferred, loudly, if it won't fit
-                res = sync.checkpoint(
+                res = writeback.checkpoint(
                     self.upper(pin.id),
                     self.journal(pin.id),
                     runner=self.runner,
@@ -798,10 +800,10 @@ class PinManager:
                         ", ".join(cres.unstable[:10]),
                     )
                 record = SyncRecord(wall, True, time.monotonic() - start, cres.files, cres.bytes)
-        except sync.NoSpace as exc:
+        except writeback.NoSpace as exc:
             record = SyncRecord(wall, False, time.monotonic() - start, error=str(exc))
             known = pin.ledger  # refused before writing anything
-        except (OSError, sync.SyncError, copymode.CopyError) as exc:
+        except (OSError, writeback.SyncError, copymode.CopyError) as exc:
             record = SyncRecord(wall, False, time.monotonic() - start, error=str(exc))
             known = None  # partly written: the next write-back compares content
         with self.lock:
@@ -820,11 +822,11 @@ class PinManager:
         self.save_state()
         return record
 
-    def _check_room(self, pin: Pin, what: str) -> sync.SpaceNeed:
+    def _check_room(self, pin: Pin, what: str) -> writeback.SpaceNeed:
         """An overlay pin's journal generation and the apply that follows must both fit (on
         one filesystem, twice the changed data): a generation that cannot be applied strands
-        its data in the journal. Raises sync.NoSpace before anything is written."""
-        return sync.check_space(
+        its data in the journal. Raises writeback.NoSpace before anything is written."""
+        return writeback.check_space(
             self.upper(pin.id),
             self.journal(pin.id),
             self.disk(pin.id),
@@ -877,8 +879,8 @@ class PinManager:
                 )
             pin.ledger = bulk.ledger
             bulk_files, bulk_bytes = bulk.files, bulk.bytes
-            sync.pause_point("unpin:copy-synced")
-        snapshot: dict[str, sync.Stamp] = {}
+            writeback.pause_point("unpin:copy-synced")
+        snapshot: dict[str, writeback.Stamp] = {}
         threshold = 0
         window: copymode.Window | None = None
 
@@ -890,25 +892,25 @@ class PinManager:
                 self.ram(pin.id),
                 self.disk(pin.id),
                 bulk_wall,
-                time.time_ns() - sync.CLOCK_SLACK_NS,
+                time.time_ns() - writeback.CLOCK_SLACK_NS,
                 pin.ledger,
             )
             window.save(os.path.join(self.journal(pin.id), COPY_WINDOW))
 
         def before_unmount() -> None:
             # the disk files the write-back will replace, as they are while nothing can write
-            # them (the overlay still covers the path): see sync.HeldFiles
+            # them (the overlay still covers the path): see writeback.HeldFiles
             nonlocal snapshot, threshold
-            threshold = time.time_ns() - sync.CLOCK_SLACK_NS
+            threshold = time.time_ns() - writeback.CLOCK_SLACK_NS
             try:
-                snapshot = sync.touched_entries(self.upper(pin.id), self.disk(pin.id))
+                snapshot = writeback.touched_entries(self.upper(pin.id), self.disk(pin.id))
                 for rel, base in pin.late_bases.items():
                     # written on disk below the overlay since the pin (see late_bases): what
                     # was added since then follows RAM's version
                     found = snapshot.get(rel)
                     if found is not None and found.source == rel and found.ino == base.ino:
                         snapshot[rel] = base
-            except (OSError, sync.SyncError) as exc:
+            except (OSError, writeback.SyncError) as exc:
                 log.warning(
                     "%s: could not record the disk files the write-back replaces (%s); writes"
                     " to them during the write-back are kept as conflict files",
@@ -916,7 +918,7 @@ class PinManager:
                     exc,
                 )
                 snapshot = {}
-            sync.pause_point("unpin:recorded")  # the overlay still mounted, its users free
+            writeback.pause_point("unpin:recorded")  # the overlay still mounted, its users free
 
         if pin.mode == "overlay":
             self._check_room(pin, "write-back")  # refused while RAM still serves the path
@@ -939,16 +941,16 @@ class PinManager:
                 raise
             # writers that keep their files open: hand them over to the disk
             return self._handover(pin, top.mount_id, start, wall)
-        sync.pause_point("unpin:unmounted")
-        held: sync.HeldFiles | None = None
+        writeback.pause_point("unpin:unmounted")
+        held: writeback.HeldFiles | None = None
         try:
             if pin.mode == "overlay":
-                held = sync.HeldFiles.hold(
+                held = writeback.HeldFiles.hold(
                     self.upper(pin.id), self.disk(pin.id), snapshot, threshold
                 )
                 # through the journal: an apply cut short by a power loss is then replayed
                 # from disk at the next start (the RAM layer is gone by then)
-                sync.checkpoint(
+                writeback.checkpoint(
                     self.upper(pin.id), self.journal(pin.id), runner=self.runner, ledger=pin.ledger
                 )
                 pin.ledger = None  # the apply removes the journal it describes
@@ -956,12 +958,14 @@ class PinManager:
                 # the layer a second time after this apply moved renamed directories would
                 # find their origins gone
                 write_json_atomic(os.path.join(self.journal(pin.id), FINAL_MARK), {"final": True})
-                sync.pause_point("unpin:journaled")
-                res = sync.apply_journal(
+                writeback.pause_point("unpin:journaled")
+                res = writeback.apply_journal(
                     self.journal(pin.id), self.disk(pin.id), runner=self.runner, window=held
                 )
                 if res is None:
-                    raise sync.SyncError(f"the journal of {pin.path} vanished before its apply")
+                    raise writeback.SyncError(
+                        f"the journal of {pin.path} vanished before its apply"
+                    )
                 files, nbytes = res.files, res.bytes
             elif (
                 verified is not None
@@ -982,7 +986,7 @@ class PinManager:
         except BaseException:
             if held is not None:
                 # the RAM layer is mounted again and hides the disk files at those names
-                with contextlib.suppress(OSError, sync.SyncError):
+                with contextlib.suppress(OSError, writeback.SyncError):
                     held.merge(conflicts_only=True)
                     held.finish()
             if window is not None and not self._import_window(pin, window):
@@ -991,7 +995,7 @@ class PinManager:
             raise
         if held is not None:
             self._settle_window(pin, held)
-        sync.pause_point("unpin:applied")
+        writeback.pause_point("unpin:applied")
         self._release(pin)  # removes the journal directory, COPY_WINDOW with it, last
         if pin.adopted and pin.mode == "overlay":
             for line in self._scrub(pin.id, pin.path, pin.mode):
@@ -1003,7 +1007,7 @@ class PinManager:
 
     def _write_window(
         self, pid: str, window: copymode.Window
-    ) -> tuple[copymode.CheckpointResult, sync.HeldFiles]:
+    ) -> tuple[copymode.CheckpointResult, writeback.HeldFiles]:
         """A copy pin's write-back after its unmount (copymode.WindowWriteBack); the caller
         settles the held files. When it fails, they are first kept as conflict files (the
         copy may cover the path again and hide their names)."""
@@ -1011,7 +1015,7 @@ class PinManager:
         try:
             return plan.write(self.runner), plan.held
         except BaseException:
-            with contextlib.suppress(OSError, sync.SyncError):
+            with contextlib.suppress(OSError, writeback.SyncError):
                 plan.held.merge(conflicts_only=True)
                 plan.held.finish()
             raise
@@ -1054,7 +1058,7 @@ class PinManager:
             return False
         return True
 
-    def _settle_window(self, pin: Pin, held: sync.HeldFiles) -> None:
+    def _settle_window(self, pin: Pin, held: writeback.HeldFiles) -> None:
         """Carry into the written-back files what processes wrote into the replaced disk files
         during the write-back; wait up to WINDOW_GRACE for those that still hold one."""
         deadline = time.monotonic() + WINDOW_GRACE
@@ -1077,19 +1081,19 @@ class PinManager:
                     break
                 time.sleep(BUSY_POLL)
             held.finish()
-        except (OSError, sync.SyncError) as exc:
+        except (OSError, writeback.SyncError) as exc:
             log.error(
                 "%s: carrying the writes made during the write-back failed (%s); the files"
                 " they went to stay in %s/%s",
                 pin.path,
                 exc,
                 pin.path,
-                sync.HOLD_NAME,
+                writeback.HOLD_NAME,
             )
 
     def _finish_window(self, pid: str, path: str) -> None:
         """At start-up, after the apply: what an unpin cut short left in the hold directory."""
-        held = sync.HeldFiles.load(self.disk(pid))
+        held = writeback.HeldFiles.load(self.disk(pid))
         if held is None:
             return
         held.merge()
@@ -1174,7 +1178,7 @@ class PinManager:
                     lower=self.disk(pin.id),
                     upper=self.upper(pin.id),
                     work=work,
-                    features=sync.OVERLAY_FEATURES,
+                    features=writeback.OVERLAY_FEATURES,
                     source=SOURCE_PREFIX + pin.id,
                 )
             else:
@@ -1196,7 +1200,7 @@ class PinManager:
         mounts.umount(self.disk(pin.id))
         mounts.umount(self.ram(pin.id))
         shutil.rmtree(self.base(pin.id), ignore_errors=True)
-        sync.discard_journal(self.journal(pin.id))
+        writeback.discard_journal(self.journal(pin.id))
         shutil.rmtree(self.journal(pin.id), ignore_errors=True)
         with self.lock:
             self.pins.pop(pin.path, None)
@@ -1246,7 +1250,7 @@ class PinManager:
 
     def _strand(self, pid: str, path: str, mode: str, rec: dict[str, Any], exc: Exception) -> str:
         """A recovery that failed: record what it leaves stranded, for the status and retries."""
-        gen = sync.latest_generation(self.journal(pid))
+        gen = writeback.latest_generation(self.journal(pid))
         where = gen or (self.ram(pid) if os.path.ismount(self.ram(pid)) else None)
         if where is None:
             line = f"{path}: could not reconcile: {exc}"
@@ -1287,7 +1291,7 @@ class PinManager:
                 st.retry_at = time.monotonic() + st.backoff
             # measured outside the lock: the main loop takes it too, and must not wait for a
             # walk of the generation
-            gen = sync.latest_generation(self.journal(st.id))
+            gen = writeback.latest_generation(self.journal(st.id))
             if gen is not None:
                 size = copymode.dir_size(gen)
                 with self.lock:
@@ -1306,7 +1310,9 @@ class PinManager:
             if pin is not None and pin.id == pid:
                 if mode != "copy":
                     return []  # nothing of rampiped's writes below a mounted overlay
-                gone = sync.scrub_leftovers(self.disk(pid)) + sync.scrub_leftovers(self.data(pid))
+                gone = writeback.scrub_leftovers(self.disk(pid)) + writeback.scrub_leftovers(
+                    self.data(pid)
+                )
             else:
                 top = mounts.mount_at(path)
                 if top is not None and top.source.startswith(SOURCE_PREFIX):
@@ -1316,7 +1322,7 @@ class PinManager:
                 except (PinRefused, FileNotFoundError):
                     return []
                 try:
-                    gone = sync.scrub_leftovers(fd)
+                    gone = writeback.scrub_leftovers(fd)
                 finally:
                     os.close(fd)
         except OSError as exc:
@@ -1349,12 +1355,14 @@ class PinManager:
         return True
 
     def _recover_apply(
-        self, pid: str, path: str, apply: Callable[..., sync.ApplyResult | None]
-    ) -> sync.ApplyResult | None:
+        self, pid: str, path: str, apply: Callable[..., writeback.ApplyResult | None]
+    ) -> writeback.ApplyResult | None:
         """Finish an overlay write-back found half done at start: `apply` (apply_upper or
         apply_journal, its source bound) into the staging bind, carrying over what was held
         from the write-back's window."""
-        res = apply(self.disk(pid), runner=self.runner, window=sync.HeldFiles.load(self.disk(pid)))
+        res = apply(
+            self.disk(pid), runner=self.runner, window=writeback.HeldFiles.load(self.disk(pid))
+        )
         self._finish_window(pid, path)
         return res
 
@@ -1393,7 +1401,7 @@ class PinManager:
             if mode == "overlay" and final:
                 disk_mounted = self._ensure_staging(pid, path, disk_mounted)
                 res_f = self._recover_apply(
-                    pid, path, functools.partial(sync.apply_journal, self.journal(pid))
+                    pid, path, functools.partial(writeback.apply_journal, self.journal(pid))
                 )
                 what = (
                     "the write-back had finished"
@@ -1405,7 +1413,7 @@ class PinManager:
                     # through the staging bind (nosymfollow), never the path users control
                     disk_mounted = self._ensure_staging(pid, path, disk_mounted)
                     res = self._recover_apply(
-                        pid, path, functools.partial(sync.apply_upper, self.upper(pid))
+                        pid, path, functools.partial(writeback.apply_upper, self.upper(pid))
                     )
                     assert res is not None  # apply_upper always returns a result
                     what = f"wrote {res.files} files, {format_bytes(res.bytes)}"
@@ -1432,14 +1440,14 @@ class PinManager:
                 mounts.umount(self.disk(pid))
             mounts.umount(self.ram(pid))
             shutil.rmtree(self.base(pid), ignore_errors=True)
-            sync.discard_journal(self.journal(pid))
+            writeback.discard_journal(self.journal(pid))
             shutil.rmtree(self.journal(pid), ignore_errors=True)
             return f"{path}: finished an interrupted {state or 'pin'}: {what}"
         if mode == "overlay":
             self._ensure_staging(pid, path, disk_mounted)
             try:
                 res_j = self._recover_apply(
-                    pid, path, functools.partial(sync.apply_journal, self.journal(pid))
+                    pid, path, functools.partial(writeback.apply_journal, self.journal(pid))
                 )
             finally:
                 mounts.umount(self.disk(pid))
@@ -1689,10 +1697,10 @@ class PinManager:
         self._set_state(pin, "draining")
         journal, disk = self.journal(pin.id), self.disk(pin.id)
         try:
-            sync.checkpoint(self.upper(pin.id), journal, runner=self.runner)
-            gen = sync.latest_generation(journal)
+            writeback.checkpoint(self.upper(pin.id), journal, runner=self.runner)
+            gen = writeback.latest_generation(journal)
             files = handover.generation_files(gen) if gen else {}
-            sync.apply_journal(journal, disk, runner=self.runner)
+            writeback.apply_journal(journal, disk, runner=self.runner)
             applied = handover.after_apply(files, disk)
             handover.write_marker(journal, {"mount_id": overlay_id, "applied": applied})
             self._check_in_place(pin)
@@ -1777,7 +1785,7 @@ class PinManager:
         if ram_mounted:
             mounts.umount(self.ram(pid))
         shutil.rmtree(self.base(pid), ignore_errors=True)
-        sync.discard_journal(self.journal(pid))
+        writeback.discard_journal(self.journal(pid))
         shutil.rmtree(self.journal(pid), ignore_errors=True)
         return f"{path}: finished an interrupted hand-over to disk: {what}"
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from rampiped import copymode
-from rampiped.sync import CommandResult, run_command
+from rampiped.writeback import CommandResult, run_command
 from tests.system.helpers import (
     LoopFs,
     diff_manifests,

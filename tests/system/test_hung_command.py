@@ -1,4 +1,4 @@
-"""The watchdog of the commands rampiped runs (sync.communicate_watched): rsync -H deadlocks
+"""The watchdog of the commands rampiped runs (writeback.communicate_watched): rsync -H deadlocks
 now and then when its source changes under it, all its processes waiting in poll() for each
 other, and the worker thread with them. A command is killed only when every process of it
 waits in poll/select and none reads or writes a byte; a slow one (sleeping, or waiting for the
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from rampiped import sync
+from rampiped import commands, writeback
 
 pytestmark = pytest.mark.system
 
@@ -30,21 +30,21 @@ else:
 def test_a_command_whose_processes_all_wait_on_each_other_is_killed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sync, "HANG_AFTER", 1.0)
-    monkeypatch.setattr(sync, "_WATCH_EVERY", 0.2)
+    monkeypatch.setattr(commands, "HANG_AFTER", 1.0)
+    monkeypatch.setattr(commands, "_WATCH_EVERY", 0.2)
     t = time.monotonic()
-    res = sync.run_command([sys.executable, "-c", DEADLOCK])
+    res = writeback.run_command([sys.executable, "-c", DEADLOCK])
     took = time.monotonic() - t
-    assert res.returncode == sync.HUNG_EXIT, res
+    assert res.returncode == writeback.HUNG_EXIT, res
     assert "hung, killed" in res.stderr, res.stderr
     assert "waiting" in res.stdout
     assert took < 30, took  # a deadline, not a timing claim: without the watchdog, forever
 
 
 def test_a_slow_command_is_not_taken_for_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sync, "HANG_AFTER", 0.5)
-    monkeypatch.setattr(sync, "_WATCH_EVERY", 0.2)
-    res = sync.run_command([sys.executable, "-c", "import time; time.sleep(2); print('done')"])
+    monkeypatch.setattr(commands, "HANG_AFTER", 0.5)
+    monkeypatch.setattr(commands, "_WATCH_EVERY", 0.2)
+    res = writeback.run_command([sys.executable, "-c", "import time; time.sleep(2); print('done')"])
     assert res.returncode == 0, res
     assert res.stdout.strip() == "done"
 
@@ -52,17 +52,20 @@ def test_a_slow_command_is_not_taken_for_a_hang(monkeypatch: pytest.MonkeyPatch)
 def test_a_hung_pass_is_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
     results = iter(
         [
-            sync.CommandResult(sync.HUNG_EXIT, "", "hung, killed"),
-            sync.CommandResult(2, "", "Invalid packet at end of run (17) [sender]"),
-            sync.CommandResult(0, "ok", ""),
+            writeback.CommandResult(writeback.HUNG_EXIT, "", "hung, killed"),
+            writeback.CommandResult(2, "", "Invalid packet at end of run (17) [sender]"),
+            writeback.CommandResult(0, "ok", ""),
         ]
     )
     calls: list[list[str]] = []
 
-    def runner(argv: list[str]) -> sync.CommandResult:
+    def runner(argv: list[str]) -> writeback.CommandResult:
         calls.append(argv)
         return next(results)
 
-    assert sync.run_pass(runner, ["rsync", "x"]).returncode == 0
+    assert writeback.run_pass(runner, ["rsync", "x"]).returncode == 0
     assert len(calls) == 3
-    assert sync.run_pass(lambda argv: sync.CommandResult(11, "", ""), ["rsync"]).returncode == 11
+    assert (
+        writeback.run_pass(lambda argv: writeback.CommandResult(11, "", ""), ["rsync"]).returncode
+        == 11
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rampiped import handover
-from rampiped.sync import run_command
+from rampiped.writeback import run_command
 from tests.system.daemon_harness import Env, make_env, running
 from tests.system.helpers import mountinfo, wait_for
 

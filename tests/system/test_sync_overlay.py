@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from rampiped import mounts, sync
-from rampiped.sync import (
+from rampiped import mounts, writeback
+from rampiped.writeback import (
     STASH_NAME,
     CommandResult,
     SyncError,
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.system
 
 def overlay_options(lower: str, upper: str, work: str) -> str:
     """The -o argument of the `mount -t overlay` calls here: the daemon's own option string
-    (mounts.overlay_options with sync.OVERLAY_FEATURES), for paths that also pass through
+    (mounts.overlay_options with writeback.OVERLAY_FEATURES), for paths that also pass through
     mount(8)'s command line unescaped (ValueError otherwise)."""
     for role, path in (("lowerdir", lower), ("upperdir", upper), ("workdir", work)):
         if not os.path.isabs(path):
@@ -55,7 +55,7 @@ def overlay_options(lower: str, upper: str, work: str) -> str:
         if bad:
             raise ValueError(f"overlay {role} {path!r} contains {bad}")
     return mounts.overlay_options(
-        lower=lower, upper=upper, work=work, features=sync.OVERLAY_FEATURES
+        lower=lower, upper=upper, work=work, features=writeback.OVERLAY_FEATURES
     )
 
 
@@ -129,7 +129,7 @@ def outside(tmp_path: Path) -> Path:
     return d
 
 
-def apply_and_check(pin: Pin, before: dict[str, Any], outside: Path) -> sync.ApplyResult:
+def apply_and_check(pin: Pin, before: dict[str, Any], outside: Path) -> writeback.ApplyResult:
     result = apply_upper(str(pin.upper), str(pin.disk))
     assert diff_manifests(before, oracle(pin.disk)) == []
     drop_caches()
@@ -594,11 +594,11 @@ def test_overlay_options() -> None:
 
 
 def test_describe_exit() -> None:
-    assert sync.describe_exit(23).startswith("exited with code 23 (partial transfer")
-    assert sync.describe_exit(24) == (
+    assert writeback.describe_exit(23).startswith("exited with code 23 (partial transfer")
+    assert writeback.describe_exit(24) == (
         "exited with code 24 (partial transfer due to vanished source files)"
     )
-    assert sync.describe_exit(-9) == "was killed by SIGKILL"
+    assert writeback.describe_exit(-9) == "was killed by SIGKILL"
     err = SyncError.from_command(
         "write-back", ["rsync", "a b"], CommandResult(11, "", "x\nNo space left on device (28)\n")
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rampiped.ledger import Ledger, scan, settled, with_links
-from rampiped.sync import CommandResult, source_churn_only
+from rampiped.writeback import CommandResult, source_churn_only
 
 
 def _write(path: Path, data: bytes, mtime_ns: int | None = None) -> None:

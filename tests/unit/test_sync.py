@@ -7,18 +7,20 @@ import json
 import os
 from pathlib import Path
 
-from rampiped.sync import HOLD_NAME, HeldFiles, _Append, _common_prefix, _landed
+from rampiped.fsops import common_prefix
+from rampiped.writeback import HOLD_NAME, HeldFiles
+from rampiped.writeback.held import _Append, _landed
 
 LINE = b"2024-05-01T10:00:01 carried line\n"
 
 
 def test_common_prefix() -> None:
-    assert _common_prefix(b"", b"abc") == 0
-    assert _common_prefix(b"abc", b"abd") == 2
-    assert _common_prefix(b"abc", b"abcdef") == 3
+    assert common_prefix(b"", b"abc") == 0
+    assert common_prefix(b"abc", b"abd") == 2
+    assert common_prefix(b"abc", b"abcdef") == 3
     big = bytes(range(256)) * 40  # 10240 bytes
-    assert _common_prefix(big, big[:9000] + b"!" + big[9001:]) == 9000
-    assert _common_prefix(big, big) == 10240
+    assert common_prefix(big, big[:9000] + b"!" + big[9001:]) == 9000
+    assert common_prefix(big, big) == 10240
 
 
 def test_nothing_landed() -> None:

@@ -1,0 +1,108 @@
+"""Writing a RAM layer back to disk: overlay upper layers, checkpoint journals, rsync.
+
+An overlay upper layer is not a plain tree. Whiteouts (character devices 0:0) stand for deleted
+names, `trusted.overlay.opaque` marks directories that replaced the disk's, and
+`trusted.overlay.redirect` marks directories that were renamed (their disk content lives under
+another path). `apply_upper` turns such a layer into plain changes of the directory on disk so
+that the directory then holds what the merged view showed:
+
+1. scan the layer and refuse (before touching anything) what it cannot apply faithfully: real
+   device nodes, metacopy files, whiteouts in xattr form, malformed redirects;
+2. move every redirect origin into a stash directory inside the target (same filesystem, so a
+   rename), deepest first, then move each one to the place its directory was renamed to. A plan
+   file in the stash records the progress, so an apply that was cut short (power loss) resumes
+   instead of moving directories twice;
+3. delete what whiteouts, opaque directories and type changes removed, fd-relative and without
+   following symlinks;
+4. copy everything else with rsync (no --delete anywhere: an empty layer deletes nothing);
+5. syncfs, then verify that the disk shows every entry of the layer.
+
+A real device node in a pinned tree is not supported: the layer is refused.
+
+Checkpoints copy the upper layer of a mounted overlay, whiteouts and overlay xattrs included,
+into a journal of generations on disk (`checkpoint`); after a crash the last complete generation
+is applied with the same rules (`apply_journal`).
+
+The package, from the bottom up (each module imports only those before it): `names`
+(rampiped's own names in a directory), `layer` (reading a layer), `scratch` (rsync's temporary
+names), `moves` (renamed directories), `stamps` and `held` (the write-back window), `verify`,
+`apply`, `journal`. Below it, imported by it and importing nothing above: `rampiped.commands`,
+`rampiped.fsops`, `rampiped.osutil`, `rampiped.pause`.
+"""
+
+from __future__ import annotations
+
+from rampiped.commands import (
+    HUNG_EXIT,
+    RSYNC_COPY,
+    CommandResult,
+    Runner,
+    SyncError,
+    communicate_watched,
+    describe_exit,
+    run_command,
+    run_pass,
+    source_churn_only,
+)
+from rampiped.pause import PAUSE_ENV, PAUSE_FILE_ENV, pause_point
+from rampiped.writeback.apply import ApplyResult, apply_upper
+from rampiped.writeback.held import HeldFiles
+from rampiped.writeback.journal import (
+    CheckpointResult,
+    NoSpace,
+    SpaceNeed,
+    apply_journal,
+    check_space,
+    checkpoint,
+    discard_journal,
+    latest_generation,
+    rsync_stat,
+    space_need,
+)
+from rampiped.writeback.layer import OVERLAY_FEATURES
+from rampiped.writeback.names import CONFLICT_SUFFIX, HOLD_NAME, SCRATCH_NAME, STASH_NAME
+from rampiped.writeback.scratch import scratch_dir, scrub_leftovers
+from rampiped.writeback.stamps import CLOCK_SLACK_NS, Stamp, shared_stamp, stamp_of, touched_entries
+from rampiped.writeback.verify import verify_applied
+
+__all__ = [
+    "CLOCK_SLACK_NS",
+    "CONFLICT_SUFFIX",
+    "HOLD_NAME",
+    "HUNG_EXIT",
+    "OVERLAY_FEATURES",
+    "PAUSE_ENV",
+    "PAUSE_FILE_ENV",
+    "RSYNC_COPY",
+    "SCRATCH_NAME",
+    "STASH_NAME",
+    "ApplyResult",
+    "CheckpointResult",
+    "CommandResult",
+    "HeldFiles",
+    "NoSpace",
+    "Runner",
+    "SpaceNeed",
+    "Stamp",
+    "SyncError",
+    "apply_journal",
+    "apply_upper",
+    "check_space",
+    "checkpoint",
+    "communicate_watched",
+    "describe_exit",
+    "discard_journal",
+    "latest_generation",
+    "pause_point",
+    "rsync_stat",
+    "run_command",
+    "run_pass",
+    "scratch_dir",
+    "scrub_leftovers",
+    "shared_stamp",
+    "source_churn_only",
+    "space_need",
+    "stamp_of",
+    "touched_entries",
+    "verify_applied",
+]

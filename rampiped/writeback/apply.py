@@ -1,0 +1,296 @@
+"""Applying a layer to the directory on disk: deletions, the copy, times, verification."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+from rampiped import osutil
+from rampiped.commands import Runner, SyncError, rsync_has_fsync, run_command
+from rampiped.fsops import join, lstat_at, open_dir_at, opened_dir, remove_at, syncfs_checked
+from rampiped.writeback.held import HeldFiles, exclude_file
+from rampiped.writeback.layer import Layer, UpperDir, first_ten, renamed_dirs, scan_layer
+from rampiped.writeback.moves import (
+    _mark_stash_done,
+    _move_renamed_dirs,
+    _undo_moves,
+    remove_stash,
+)
+from rampiped.writeback.names import STASH_NAME
+from rampiped.writeback.scratch import scratch_dir
+from rampiped.writeback.verify import verify_applied
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    files: int  # regular files written back
+    bytes: int  # their data (each hard-linked inode once)
+    deleted: int  # entries removed from disk (whiteouts, opaque dirs, type changes, replaced)
+    seconds: float
+
+
+def _apply_deletions(layer: Layer, target_fd: int, keep_newer_than: int | None = None) -> int:
+    """Delete on disk what the layer removed: names under whiteouts, entries of directories
+    without lower content (opaque) that the layer does not hold, and entries whose type the
+    layer changed. Walks layer and disk together, fd-relative, never following a symlink.
+    With `keep_newer_than` (ns), entries under whiteouts and opaque directories whose ctime is
+    that late or later are kept: they were written on disk after the overlay was unmounted."""
+    deleted = 0
+
+    def remove(fd: int, name: str) -> int:
+        if keep_newer_than is None:
+            return remove_at(fd, name)
+        return _remove_older(fd, name, keep_newer_than)
+
+    # (layer directory, fd of the disk directory) still to visit
+    stack: list[tuple[UpperDir, int]] = [(layer.dirs[""], os.dup(target_fd))]
+    try:
+        while stack:
+            d, fd = stack.pop()
+            try:
+                if d.lower is None:
+                    for name in os.listdir(fd):
+                        if name not in d.children:
+                            deleted += remove(fd, name)
+                for name, kind in d.children.items():
+                    st = lstat_at(fd, name)
+                    if st is None:
+                        continue
+                    disk_kind = osutil.file_kind(st)
+                    if kind == "whiteout":
+                        deleted += remove(fd, name)
+                    elif kind == "dir":
+                        if disk_kind != "dir":
+                            deleted += remove_at(fd, name)
+                        else:
+                            stack.append((layer.dirs[join(d.rel, name)], open_dir_at(fd, name)))
+                    elif disk_kind != kind or (kind != "file" and st.st_nlink > 1):
+                        # rsync replaces a regular file by writing a new one and renaming it
+                        # over (that also breaks disk hard links, as copy-up did); anything
+                        # else of another type, or a hard-linked special file, goes first.
+                        deleted += remove_at(fd, name)
+            finally:
+                os.close(fd)
+    finally:
+        for _, fd in stack:
+            os.close(fd)
+    return deleted
+
+
+def _remove_older(dir_fd: int, name: str, newer_than: int) -> int:
+    """Remove `name` below `dir_fd` like remove_at, but keep every entry whose ctime is
+    `newer_than` (ns) or later, and the directories that lead to one; returns how many went."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        if st.st_ctime_ns >= newer_than:
+            log.info("kept %s: written on disk during the write-back", name)
+            return 0
+        os.unlink(name, dir_fd=dir_fd)
+        return 1
+    removed = 0
+    fd = open_dir_at(dir_fd, name)
+    try:
+        for child in os.listdir(fd):
+            removed += _remove_older(fd, child, newer_than)
+        empty = not os.listdir(fd)
+    finally:
+        os.close(fd)
+    # the directory's own ctime as it was before the removals above changed it
+    if empty and st.st_ctime_ns < newer_than:
+        os.rmdir(name, dir_fd=dir_fd)
+        removed += 1
+    return removed
+
+
+def _set_times(layer: Layer, target_fd: int) -> None:
+    """Give directories, symlinks and fifos the layer's times to the nanosecond. rsync
+    compares their times to the second and leaves one made in the same second as the layer's
+    with its own (a directory that rsync filled has the time of its last change)."""
+    os.utime(target_fd, ns=layer.dirs[""].times[""])
+    stack: list[tuple[UpperDir, int]] = [(layer.dirs[""], os.dup(target_fd))]
+    try:
+        while stack:
+            d, fd = stack.pop()
+            try:
+                for name, ns in d.times.items():
+                    if name == "" and d.rel == "":
+                        continue
+                    os.utime(name, ns=ns, dir_fd=fd, follow_symlinks=False)
+                    if d.children[name] == "dir":
+                        stack.append((layer.dirs[join(d.rel, name)], open_dir_at(fd, name)))
+            finally:
+                os.close(fd)
+    finally:
+        for _, fd in stack:
+            os.close(fd)
+
+
+def _rsync_apply_argv(
+    upper: str,
+    target: str,
+    fsync: bool,
+    exclude_from: str | None = None,
+    scratch: list[str] | None = None,
+) -> list[str]:
+    argv = [
+        "rsync",
+        "-aHAX",  # recursive, symlinks, perms, times, owner, group, specials; links, ACLs, xattrs
+        "--no-inc-recursive",  # see RSYNC_COPY
+        "--numeric-ids",
+        # Every file in the layer changed (it was copied up); size and mtime equal to the disk's
+        # prove nothing, and a skipped file would get its attributes changed in place, on an
+        # inode that disk hard links may share.
+        "--ignore-times",
+        "--no-devices",  # whiteouts were handled above; real devices were refused
+        "--filter=-x trusted.overlay.*",
+        "--info=nonreg0",  # no line per skipped whiteout
+    ]
+    if fsync:
+        argv.append("--fsync")
+    if exclude_from is not None:
+        argv += ["--from0", f"--exclude-from={exclude_from}"]
+    argv += scratch or []
+    argv += [upper.rstrip("/") + "/", target.rstrip("/") + "/"]
+    return argv
+
+
+def _check_paths(upper: str, target: str) -> None:
+    try:
+        st = os.lstat(target)
+    except OSError as e:
+        raise SyncError(f"target {target} cannot be used: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise SyncError(f"target {target} is not a directory (a symlink or a file): refusing")
+    try:
+        ust = os.lstat(upper)
+    except FileNotFoundError as e:
+        raise SyncError(
+            f"layer {upper} does not exist: refusing to write back (nothing was changed)"
+        ) from e
+    if not stat.S_ISDIR(ust.st_mode):
+        raise SyncError(f"layer {upper} is not a directory: refusing to write back")
+    ru, rt = os.path.realpath(upper), os.path.realpath(target)
+    if at_or_below(ru, rt) or at_or_below(rt, ru):
+        raise SyncError(f"layer {upper} and target {target} overlap: refusing")
+
+
+def at_or_below(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def apply_upper(
+    upper: str,
+    target: str,
+    *,
+    runner: Runner = run_command,
+    keep_newer_than: int | None = None,
+    window: HeldFiles | None = None,
+) -> ApplyResult:
+    """Make `target` (the directory on disk) hold what the overlay showed, given the upper layer
+    of that overlay (unmounted) or a journal copy of it. Raises SyncError, with `target`
+    possibly partly written, unless the result was verified on disk.
+
+    `keep_newer_than` (ns, wall clock; defaults to `window.threshold`): entries on disk that
+    the layer deletes but whose ctime is that late or later are kept, and verification
+    accepts what was written on disk from then on. `window`: the disk files held before the
+    apply (HeldFiles.hold); what was appended to them meanwhile goes into the files written."""
+    return apply_layer(
+        upper, target, runner, keep_plan=False, keep_newer_than=keep_newer_than, window=window
+    )
+
+
+def apply_layer(
+    upper: str,
+    target: str,
+    runner: Runner,
+    *,
+    keep_plan: bool,
+    keep_newer_than: int | None = None,
+    window: HeldFiles | None = None,
+) -> ApplyResult:
+    if keep_newer_than is None and window is not None:
+        keep_newer_than = window.threshold
+    start = time.monotonic()
+    upper = os.path.abspath(upper)
+    target = os.path.abspath(target)
+    _check_paths(upper, target)
+    layer = scan_layer(upper)
+    moves = renamed_dirs(layer)
+    fsync = rsync_has_fsync(runner)
+    deleted = 0
+    with opened_dir(target) as target_fd:
+        try:
+            try:
+                n, stashed = _move_renamed_dirs(target_fd, target, upper, moves)
+                deleted += n
+                deleted += _apply_deletions(layer, target_fd, keep_newer_than)
+            except OSError as e:
+                raise SyncError(
+                    f"write-back of {upper} into {target} failed while moving or deleting "
+                    f"{e.filename or ''}: {e.strerror}; {target} is partly written, the layer "
+                    "is unchanged"
+                ) from e
+            own = window.own_writes(layer) if window is not None else []
+            with exclude_file(own) as exclude_from, scratch_dir(target) as scratch:
+                argv = _rsync_apply_argv(upper, target, fsync, exclude_from, scratch)
+                result = runner(argv)
+            if result.returncode != 0:
+                raise SyncError.from_command(
+                    f"write-back of {upper} into {target} (partly written; the layer is unchanged)",
+                    argv,
+                    result,
+                )
+            if window is not None:
+                try:
+                    window.write_own(upper, target_fd, own)
+                except OSError as e:
+                    raise SyncError(
+                        f"write-back of {upper} into {target} failed while writing "
+                        f"{e.filename or 'a file'}: {e.strerror}; {target} is partly written"
+                    ) from e
+            try:
+                _set_times(layer, target_fd)
+            except OSError as e:
+                raise SyncError(
+                    f"write-back of {upper} into {target}: setting the times of "
+                    f"{e.filename or 'a directory'} failed: {e.strerror}"
+                ) from e
+            syncfs_checked(target_fd, target)
+            problems = verify_applied(upper, target, newer_than=keep_newer_than)
+            if problems:
+                raise SyncError(
+                    f"write-back of {upper} into {target} did not verify: {first_ten(problems)}"
+                )
+        except SyncError as e:
+            # Put renamed directories back where the layer expects them, so that the same
+            # layer can be mounted over the directory again (everything else apply did is
+            # hidden under the layer or repeated by it) and a later apply starts afresh. A
+            # process that dies here instead leaves the plan, and the next apply resumes it.
+            try:
+                moved_back = _undo_moves(target_fd, target, upper)
+            except (OSError, SyncError) as undo_error:
+                raise SyncError(
+                    f"{e}; moving the renamed directories back also failed ({undo_error}); "
+                    f"the next apply of {upper} resumes from {target}/{STASH_NAME}",
+                    argv=e.argv,
+                    returncode=e.returncode,
+                ) from e
+            if moved_back:
+                raise SyncError(
+                    f"{e}; the directories renamed in the layer were moved back",
+                    argv=e.argv,
+                    returncode=e.returncode,
+                ) from e
+            raise
+        if stashed:
+            if keep_plan:
+                _mark_stash_done(target_fd)
+            else:
+                remove_stash(target_fd, target)
+            os.utime(target_fd, ns=layer.dirs[""].times[""])  # the stash touched the root
+    return ApplyResult(layer.files, layer.bytes, deleted, time.monotonic() - start)

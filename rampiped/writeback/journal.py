@@ -1,0 +1,385 @@
+"""The checkpoint journal: generations of the upper layer on disk, and their apply."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass, field
+
+from rampiped import tree
+from rampiped.commands import (
+    RSYNC_COPY,
+    CommandResult,
+    Runner,
+    SyncError,
+    rsync_has_fsync,
+    run_command,
+    run_pass,
+    source_churn_only,
+)
+from rampiped.engine import format_bytes
+from rampiped.fsops import (
+    DIR_FLAGS,
+    _fsync_dir,
+    lstat_at,
+    open_dir_at,
+    opened_dir,
+    remove_at,
+    syncfs_checked,
+)
+from rampiped.ledger import Ledger, settled, with_links
+from rampiped.ledger import Scan as LedgerScan
+from rampiped.ledger import scan as ledger_scan
+from rampiped.pause import pause_point
+from rampiped.writeback.apply import ApplyResult, apply_layer, at_or_below
+from rampiped.writeback.held import HeldFiles
+from rampiped.writeback.moves import clear_finished_stash, remove_stash
+from rampiped.writeback.names import STASH_NAME
+
+_GEN_RE = re.compile(r"gen-([0-9]+)")
+
+
+_GEN_TMP_RE = re.compile(r"gen-([0-9]+)\.tmp")
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    generation: int
+    files: int  # regular files copied (unchanged ones are hard links to the last generation)
+    bytes: int
+    seconds: float
+    # what the new generation holds of each file of the layer, by content (see ledger.py)
+    ledger: Ledger | None = field(default=None, repr=False, compare=False)
+
+
+def _generations(journal_fd: int) -> tuple[dict[int, str], list[str]]:
+    complete: dict[int, str] = {}
+    partial: list[str] = []
+    for name in os.listdir(journal_fd):
+        if m := _GEN_RE.fullmatch(name):
+            st = lstat_at(journal_fd, name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                complete[int(m.group(1))] = name
+        elif _GEN_TMP_RE.fullmatch(name):
+            partial.append(name)
+    return complete, partial
+
+
+def rsync_stat(text: str, label: str) -> int:
+    """A figure of rsync --stats output (`label`: the text before its colon); 0 when absent."""
+    m = re.search(re.escape(label) + r":\s*([0-9][0-9,.']*)", text)
+    return int(re.sub(r"[^0-9]", "", m.group(1))) if m else 0
+
+
+def checkpoint(
+    upper: str,
+    journal: str,
+    *,
+    runner: Runner = run_command,
+    ledger: Ledger | None = None,
+    found: LedgerScan | None = None,
+) -> CheckpointResult:
+    """Copy the upper layer of a mounted overlay (whiteouts, trusted.overlay.* attributes and
+    all: a faithful copy of the layer) into a new generation of `journal`, on disk outside the
+    pinned tree. The generation is written as gen-N.tmp, flushed, renamed to gen-N and the
+    older ones removed: a power cut at any point leaves the last complete generation.
+
+    `ledger`: what the last generation holds of each file, by content (the result's `ledger`
+    of the checkpoint that wrote it). With it, files whose content is still what the last
+    generation holds are hard links to it; every other file is copied, whatever its size and
+    mtime say (rsync's --link-dest alone links a same-size rewrite that kept its mtime, and a
+    file changed through a shared mapping, to the stale copy). Without it (not known, e.g. a
+    pin adopted after a restart) every file is copied. `found`: the layer read just before
+    (SpaceNeed.found), instead of reading it again here."""
+    start = time.monotonic()
+    upper = os.path.abspath(upper)
+    journal = os.path.abspath(journal)
+    if at_or_below(os.path.realpath(journal), os.path.realpath(upper)):
+        raise ValueError(f"journal {journal} must not be inside the layer {upper}")
+    try:
+        ust = os.lstat(upper)
+    except FileNotFoundError as e:
+        raise SyncError(f"layer {upper} does not exist: no checkpoint taken") from e
+    if not stat.S_ISDIR(ust.st_mode):
+        raise SyncError(f"layer {upper} is not a directory: no checkpoint taken")
+    if not os.path.isdir(journal):
+        parent = os.path.dirname(journal)
+        os.makedirs(journal, mode=0o700, exist_ok=True)
+        with opened_dir(parent) as pfd:
+            _fsync_dir(pfd)
+    # read before the copy: a file that changes after this is copied again next time, since
+    # its content then differs from what the new ledger records
+    found = ledger_scan(upper) if found is None else found
+    with opened_dir(journal) as jfd:
+        complete, partial = _generations(jfd)
+        for name in partial:  # a checkpoint cut short: never used, removed now
+            remove_at(jfd, name)
+        latest = max(complete, default=0)
+        gen = latest + 1
+        tmp_name = f"gen-{gen}.tmp"
+        argv = [*RSYNC_COPY, "--stats"]
+        linked = bool(latest) and ledger is not None
+        if linked:
+            argv.append(f"--link-dest={journal}/{complete[latest]}")
+        argv += [upper + "/", f"{journal}/{tmp_name}/"]
+        rsync_has_fsync(runner)  # says "rsync is not installed" when it is not
+        result = run_pass(runner, argv)
+        # 23/24 for source churn only: a file vanished, shrank or became a directory while
+        # the live layer was copied; the next checkpoint sees the new state (the ledger leaves
+        # those files out), and this one is as good as any copy of a layer being written.
+        if result.returncode != 0 and not source_churn_only(result):
+            raise SyncError.from_command(f"checkpoint of {upper} into {journal}", argv, result)
+        files = rsync_stat(result.stdout, "Number of regular files transferred")
+        nbytes = rsync_stat(result.stdout, "Total transferred file size")
+        if linked:
+            assert ledger is not None
+            stale = _linked_stale(
+                ledger.changed(found), f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}"
+            )
+            if stale:
+                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, stale, found)
+                files += rsync_stat(redo.stdout, "Number of regular files transferred")
+                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
+        pause_point("checkpoint:copied")
+        tmp_fd = open_dir_at(jfd, tmp_name)
+        try:
+            syncfs_checked(tmp_fd, f"{journal}/{tmp_name}")
+        finally:
+            os.close(tmp_fd)
+        os.rename(tmp_name, f"gen-{gen}", src_dir_fd=jfd, dst_dir_fd=jfd)
+        _fsync_dir(jfd)
+        pause_point("checkpoint:renamed")
+        for name in complete.values():
+            remove_at(jfd, name)
+        _fsync_dir(jfd)
+    return CheckpointResult(
+        gen, files, nbytes, time.monotonic() - start, ledger=settled(found, upper)
+    )
+
+
+# Left free beyond what a write-back needs: the filesystem's own reserve is already out of
+# f_bavail, this is for the directories, the scratch files and what other writers add meanwhile.
+SPACE_MARGIN = 8 << 20
+
+
+INODE_MARGIN = 64
+
+
+class NoSpace(SyncError):
+    """A checkpoint or write-back that would not fit on the disk: refused before writing."""
+
+
+@dataclass(frozen=True)
+class SpaceNeed:
+    journal_bytes: int  # the new generation's copied files
+    journal_inodes: int
+    apply_bytes: int  # the apply writes every file of the layer anew
+    apply_inodes: int
+    found: LedgerScan = field(repr=False)  # the layer's files, read for this (see checkpoint)
+
+
+def space_need(upper: str, ledger: Ledger | None, found: LedgerScan | None = None) -> SpaceNeed:
+    """What a checkpoint of `upper` into the journal, and the apply of that generation into
+    the directory afterwards, write: files whose content the last generation does not hold
+    (all of them without a ledger) into the journal, every file of the layer into the
+    directory; an inode per directory and entry written. `found`: the layer's scan, if made."""
+    if found is None:
+        found = ledger_scan(upper)
+    changed = set(found) if ledger is None else set(ledger.changed(found))
+    seen: set[int] = set()
+    layer_bytes = changed_bytes = 0
+    for rel, s in found.items():
+        if s.ino in seen:
+            continue
+        seen.add(s.ino)
+        layer_bytes += s.size
+        if rel in changed:
+            changed_bytes += s.size
+    entries = sum(1 for _ in tree.walk(upper))
+    dirs = entries - len(found)
+    return SpaceNeed(changed_bytes, dirs + len(changed), layer_bytes, entries, found)
+
+
+def check_space(
+    upper: str,
+    journal: str,
+    target: str,
+    ledger: Ledger | None,
+    what: str,
+    target_name: str | None = None,
+) -> SpaceNeed:
+    """Refuse (NoSpace) a checkpoint or write-back of `upper` that would not fit: the new
+    journal generation on the journal's filesystem, and the apply into `target` afterwards on
+    the target's, both on one filesystem when they share it (the generation stays until the
+    apply is verified). Filesystems that report no inode count (btrfs, tmpfs with nr_inodes=0)
+    are checked for bytes only. `target_name`: the directory as its users know it.
+
+    The content of the layer is read only when it matters: if the write-back fits even with
+    every file counted as changed, no file is read (an eviction must unmount quickly)."""
+    shown = target_name or target
+    os.makedirs(journal, mode=0o700, exist_ok=True)
+    jst, tst = os.statvfs(journal), os.statvfs(target)
+    same = os.stat(journal).st_dev == os.stat(target).st_dev
+    bound = space_need(upper, None)
+    if ledger is None or _short_of_space(bound, jst, tst, same, what, shown, journal) is None:
+        need = bound
+    else:
+        need = space_need(upper, ledger, bound.found)
+    refusal = _short_of_space(need, jst, tst, same, what, shown, journal)
+    if refusal is not None:
+        raise NoSpace(refusal)
+    return need
+
+
+def _short_of_space(
+    need: SpaceNeed,
+    jst: os.statvfs_result,
+    tst: os.statvfs_result,
+    same: bool,
+    what: str,
+    shown: str,
+    journal: str,
+) -> str | None:
+    """Why `need` does not fit (None: it fits)."""
+    checks = (
+        [
+            (
+                shown,
+                tst,
+                need.journal_bytes + need.apply_bytes,
+                need.journal_inodes + need.apply_inodes,
+            )
+        ]
+        if same
+        else [
+            (journal, jst, need.journal_bytes, need.journal_inodes),
+            (shown, tst, need.apply_bytes, need.apply_inodes),
+        ]
+    )
+    shared = " (journal and directory share it)" if same else ""
+    for where, st, nbytes, inodes in checks:
+        free = st.f_bavail * st.f_frsize
+        if nbytes + SPACE_MARGIN > free:
+            return (
+                f"{what}: not enough space: it needs {format_bytes(nbytes)} on the filesystem of "
+                f"{where}{shared}, {format_bytes(free)} are free; the changes stay in RAM until"
+                " space is freed"
+            )
+        if st.f_files and inodes + INODE_MARGIN > st.f_favail:
+            return (
+                f"{what}: not enough inodes: it needs {inodes} on the filesystem of {where}"
+                f"{shared}, {st.f_favail} are free; the changes stay in RAM until some are freed"
+            )
+    return None
+
+
+def _linked_stale(changed: list[str], previous: str, new: str) -> list[str]:
+    """Of the files whose content changed, those that --link-dest linked to the previous
+    generation's copy (the same inode in both): their new generation holds stale content."""
+    out = []
+    for rel in changed:
+        try:
+            a = os.lstat(os.path.join(previous, rel))
+            b = os.lstat(os.path.join(new, rel))
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not in the previous generation: copied, not linked
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            out.append(rel)
+    return out
+
+
+def _copy_listed(
+    runner: Runner, src: str, dst: str, list_dir: str, rels: list[str], found: LedgerScan
+) -> CommandResult:
+    """Copy exactly the files `rels` (with the other names of their hard-link groups) from
+    `src` to `dst`, even when size and mtime look equal (-I): a new file renamed over each
+    name, which breaks a hard link to an older copy. A file gone meanwhile is skipped (24).
+    The list is written into `list_dir`, outside both trees."""
+    listed = sorted(with_links(found, rels))
+    listing = os.path.join(list_dir, ".rampiped-copy-list")
+    with open(listing, "wb") as f:
+        f.write(b"\0".join(os.fsencode(p) for p in listed) + b"\0")
+    argv = [
+        *RSYNC_COPY, "--stats", "--no-r", "-I", "--from0", f"--files-from={listing}",
+        src + "/", dst + "/",
+    ]  # fmt: skip
+    try:
+        result = run_pass(runner, argv)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listing)
+    if result.returncode != 0 and not source_churn_only(result):
+        raise SyncError.from_command(
+            f"checkpoint of {src} into {dst} (changed files)", argv, result
+        )
+    return result
+
+
+def latest_generation(journal: str) -> str | None:
+    """Path of the newest complete generation in `journal`, or None."""
+    try:
+        with opened_dir(journal) as jfd:
+            complete, _ = _generations(jfd)
+    except FileNotFoundError:
+        return None
+    if not complete:
+        return None
+    return os.path.join(os.path.abspath(journal), complete[max(complete)])
+
+
+def apply_journal(
+    journal: str,
+    target: str,
+    *,
+    runner: Runner = run_command,
+    keep_newer_than: int | None = None,
+    window: HeldFiles | None = None,
+) -> ApplyResult | None:
+    """Apply the newest complete generation of `journal` to `target` (as apply_upper does),
+    verify it, then remove the generations. None when there is no complete generation.
+    `keep_newer_than` and `window` as in apply_upper.
+
+    Meant for the start after a crash: the disk directory was the lower layer and nothing
+    writes into a mounted lower, so it is unchanged since the pin, and applying the newest
+    generation gives exactly the merged view at that checkpoint. If this apply is cut short,
+    running it again resumes it (the generation stays until the apply is verified)."""
+    if at_or_below(os.path.realpath(journal), os.path.realpath(target)):
+        raise ValueError(f"journal {journal} must not be inside the pinned directory {target}")
+    gen = latest_generation(journal)
+    if gen is None:
+        discard_journal(journal)
+        if os.path.isdir(target):
+            # A crash after the generations were removed but before the finished apply's
+            # stash was: that leftover goes. An unfinished one (an apply straight from a RAM
+            # layer that was cut short) is reported, never guessed at.
+            with opened_dir(os.path.abspath(target)) as target_fd:
+                clear_finished_stash(target_fd, target)
+        return None
+    result = apply_layer(
+        gen, target, runner, keep_plan=True, keep_newer_than=keep_newer_than, window=window
+    )
+    root = os.lstat(gen)
+    discard_journal(journal)
+    with opened_dir(os.path.abspath(target)) as target_fd:
+        if lstat_at(target_fd, STASH_NAME) is not None:
+            remove_stash(target_fd, target)
+            os.utime(target_fd, ns=(root.st_atime_ns, root.st_mtime_ns))
+    return result
+
+
+def discard_journal(journal: str) -> None:
+    """Remove every generation (complete or partial) of `journal`; the directory stays."""
+    try:
+        jfd = os.open(journal, DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    try:
+        complete, partial = _generations(jfd)
+        for name in sorted(partial) + [complete[k] for k in sorted(complete)]:
+            remove_at(jfd, name)
+        _fsync_dir(jfd)
+    finally:
+        os.close(jfd)

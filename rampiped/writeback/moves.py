@@ -1,0 +1,273 @@
+"""Moving renamed directories into place, resumable after a crash (the stash)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import stat
+
+from rampiped import osutil
+from rampiped.commands import SyncError
+from rampiped.fsops import (
+    _fsync_dir,
+    _make_dirs_rel,
+    lstat_at,
+    open_dir_at,
+    open_rel,
+    remove_at,
+)
+from rampiped.writeback.names import STASH_NAME
+
+log = logging.getLogger(__name__)
+
+
+_PLAN_NAME = "plan.json"
+
+
+_PLAN_VERSION = 1
+
+
+def _layer_identity(upper: str) -> str:
+    st = os.lstat(upper)
+    return f"{os.path.realpath(upper)}:{st.st_dev}:{st.st_ino}:{st.st_ctime_ns}"
+
+
+def _read_plan(stash_fd: int) -> dict[str, object] | None:
+    try:
+        fd = os.open(_PLAN_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stash_fd)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    try:
+        plan = json.loads(data)
+    except ValueError:
+        return None
+    return plan if isinstance(plan, dict) and plan.get("version") == _PLAN_VERSION else None
+
+
+def write_json_at(dir_fd: int, name: str, doc: object) -> None:
+    """Write `name` below `dir_fd` atomically and durably (osutil.write_atomic_at), by way of
+    NAME.tmp (which the stash's cleanup knows), readable by root only."""
+    data = json.dumps(doc, sort_keys=True).encode()
+    osutil.write_atomic_at(dir_fd, name, data, tmp=name + ".tmp", mode=0o600)
+
+
+def _write_plan(stash_fd: int, plan: dict[str, object]) -> None:
+    write_json_at(stash_fd, _PLAN_NAME, plan)
+
+
+_PLAN_FILES = (_PLAN_NAME, _PLAN_NAME + ".tmp")
+
+
+def _stashed(stash_fd: int) -> list[str]:
+    """The directories in the stash (everything but the plan files)."""
+    return [n for n in os.listdir(stash_fd) if n not in _PLAN_FILES]
+
+
+def _stash_state(target_fd: int) -> tuple[dict[str, object] | None, list[str]]:
+    """The plan of the stash directory in the target (None: none readable) and what it holds."""
+    stash_fd = open_dir_at(target_fd, STASH_NAME)
+    try:
+        return _read_plan(stash_fd), _stashed(stash_fd)
+    finally:
+        os.close(stash_fd)
+
+
+def _stash_finished(plan: dict[str, object] | None, stashed: list[str]) -> bool:
+    """A stash that a finished apply left (or one cut short before it moved anything)."""
+    return not stashed and (plan is None or plan.get("phase") == "done")
+
+
+def remove_stash(target_fd: int, target: str) -> None:
+    st = lstat_at(target_fd, STASH_NAME)
+    if st is None:
+        return
+    stash_fd = open_dir_at(target_fd, STASH_NAME)
+    try:
+        leftover = _stashed(stash_fd)
+        if leftover:
+            raise SyncError(
+                f"{target}/{STASH_NAME} still holds {leftover[:5]} after write-back; left in "
+                "place for inspection"
+            )
+        for n in _PLAN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(n, dir_fd=stash_fd)
+    finally:
+        os.close(stash_fd)
+    os.rmdir(STASH_NAME, dir_fd=target_fd)
+    _fsync_dir(target_fd)
+
+
+def clear_finished_stash(target_fd: int, target: str) -> None:
+    st = lstat_at(target_fd, STASH_NAME)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode) and _stash_finished(*_stash_state(target_fd)):
+        remove_stash(target_fd, target)
+        return
+    raise SyncError(
+        f"{target}/{STASH_NAME} holds an interrupted write-back and there is no journal to "
+        f"resume it from: {target} is partly written; inspect it by hand"
+    )
+
+
+def _placement_order(moves: list[tuple[str, str]]) -> list[int]:
+    """Indexes of `moves` in the order their directories are placed: shallowest destination
+    first (undone in reverse)."""
+    return sorted(range(len(moves)), key=lambda i: (moves[i][1].count("/"), moves[i][1]))
+
+
+def _move_renamed_dirs(
+    target_fd: int, target: str, upper: str, moves: list[tuple[str, str]]
+) -> tuple[int, bool]:
+    """Stash every origin, then place each at its destination. Returns (entries deleted,
+    whether a stash directory exists now). Resumes a plan left by an interrupted apply of the
+    same layer; refuses one left by another layer."""
+    identity = _layer_identity(upper)
+    encoded = [[o, d] for o, d in moves]
+    deleted = 0
+    st = lstat_at(target_fd, STASH_NAME)
+    plan: dict[str, object] | None = None
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
+            raise SyncError(f"{target}/{STASH_NAME} exists and is not a directory; refusing")
+        plan, others = _stash_state(target_fd)
+        same = plan is not None and plan.get("layer") == identity and plan.get("moves") == encoded
+        if same:
+            log.info("resuming an interrupted write-back of %s into %s", upper, target)
+        elif _stash_finished(plan, others):
+            remove_stash(target_fd, target)  # a finished apply's leftover: nothing pending
+            plan = None
+        else:
+            raise SyncError(
+                f"{target}/{STASH_NAME} holds an interrupted write-back of another layer "
+                f"({plan.get('layer') if plan else 'no readable plan'}); {target} is partly "
+                "written. Refusing to apply a different layer on top; inspect it by hand"
+            )
+    if plan is None:
+        if not moves:
+            return 0, False
+        # Before touching anything: every origin must be a real directory on disk, or this
+        # layer does not belong to this directory.
+        for origin, dest in moves:
+            fd = open_rel(target_fd, origin)
+            if fd is None:
+                raise SyncError(
+                    f"refusing to apply layer {upper} to {target}, nothing was changed: the "
+                    f"directory renamed to {dest!r} came from {origin!r}, which is not a "
+                    "directory on disk (is this the layer of another directory?)"
+                )
+            os.close(fd)
+        os.mkdir(STASH_NAME, 0o700, dir_fd=target_fd)
+        plan = {"version": _PLAN_VERSION, "layer": identity, "moves": encoded, "phase": "stash"}
+        stash_fd = open_dir_at(target_fd, STASH_NAME)
+        try:
+            _write_plan(stash_fd, plan)
+        finally:
+            os.close(stash_fd)
+        _fsync_dir(target_fd)
+
+    stash_fd = open_dir_at(target_fd, STASH_NAME)
+    try:
+        if plan["phase"] == "stash":
+            for i, (origin, _dest) in enumerate(moves):
+                if lstat_at(stash_fd, str(i)) is not None:
+                    continue  # moved before the interruption
+                parent, _, name = origin.rpartition("/")
+                pfd = open_rel(target_fd, parent)
+                if pfd is None or lstat_at(pfd, name) is None:
+                    if pfd is not None:
+                        os.close(pfd)
+                    raise SyncError(f"renamed origin {origin!r} vanished from {target}")
+                try:
+                    log.debug("stashing %s/%s", target, origin)
+                    os.rename(name, str(i), src_dir_fd=pfd, dst_dir_fd=stash_fd)
+                    _fsync_dir(pfd)
+                finally:
+                    os.close(pfd)
+            _fsync_dir(stash_fd)
+            plan["phase"] = "place"
+            _write_plan(stash_fd, plan)
+        if plan["phase"] == "place":
+            for i in _placement_order(moves):
+                if lstat_at(stash_fd, str(i)) is None:
+                    continue  # placed before the interruption
+                dest = moves[i][1]
+                parent, _, name = dest.rpartition("/")
+                pfd, n = _make_dirs_rel(target_fd, parent)
+                deleted += n
+                try:
+                    if lstat_at(pfd, name) is not None:
+                        deleted += remove_at(pfd, name)
+                    log.debug("placing %s at %s/%s", moves[i][0], target, dest)
+                    os.rename(str(i), name, src_dir_fd=stash_fd, dst_dir_fd=pfd)
+                    _fsync_dir(pfd)
+                finally:
+                    os.close(pfd)
+            plan["phase"] = "placed"
+            _write_plan(stash_fd, plan)
+    finally:
+        os.close(stash_fd)
+    return deleted, True
+
+
+def _undo_moves(target_fd: int, target: str, upper: str) -> bool:
+    """Reverse the moves of this layer's plan (placements first, deepest destination first;
+    then origins back, shallowest first) and remove the stash. False when there is no plan of
+    this layer (nothing was moved, or the stash belongs to another layer: left alone)."""
+    if lstat_at(target_fd, STASH_NAME) is None:
+        return False
+    stash_fd = open_dir_at(target_fd, STASH_NAME)
+    try:
+        plan = _read_plan(stash_fd)
+        if plan is None or plan.get("layer") != _layer_identity(upper):
+            return False
+        raw = plan.get("moves")
+        assert isinstance(raw, list)
+        moves = [(str(o), str(d)) for o, d in raw]
+        placement = _placement_order(moves) if plan.get("phase") != "stash" else []
+        for i in reversed(placement):
+            if lstat_at(stash_fd, str(i)) is not None:
+                continue  # never placed
+            parent, _, name = moves[i][1].rpartition("/")
+            pfd = open_rel(target_fd, parent)
+            if pfd is None or lstat_at(pfd, name) is None:
+                if pfd is not None:
+                    os.close(pfd)
+                raise SyncError(f"the directory moved to {target}/{moves[i][1]} is gone")
+            try:
+                os.rename(name, str(i), src_dir_fd=pfd, dst_dir_fd=stash_fd)
+            finally:
+                os.close(pfd)
+        for i in reversed(range(len(moves))):  # stash order reversed: shallowest origin first
+            if lstat_at(stash_fd, str(i)) is None:
+                continue  # never stashed
+            parent, _, name = moves[i][0].rpartition("/")
+            pfd, _ = _make_dirs_rel(target_fd, parent)
+            try:
+                if lstat_at(pfd, name) is not None:
+                    # made by this apply after the origin moved out (the layer holds it)
+                    remove_at(pfd, name)
+                os.rename(str(i), name, src_dir_fd=stash_fd, dst_dir_fd=pfd)
+                _fsync_dir(pfd)
+            finally:
+                os.close(pfd)
+    finally:
+        os.close(stash_fd)
+    remove_stash(target_fd, target)
+    return True
+
+
+def _mark_stash_done(target_fd: int) -> None:
+    stash_fd = open_dir_at(target_fd, STASH_NAME)
+    try:
+        plan = _read_plan(stash_fd)
+        if plan is not None:
+            plan["phase"] = "done"
+            _write_plan(stash_fd, plan)
+    finally:
+        os.close(stash_fd)
