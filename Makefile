@@ -14,9 +14,13 @@ PYTEST_ARGS ?=
 # Debian packages the daemon and its tests call: rsync for write-back, acl/attr for the
 # manifest oracle, e2fsprogs for loop filesystems, fio for the benchmark, systemd-container and
 # debootstrap for the booted-systemd test, sqlite3 for inspection, man-db and groff-base for
-# the test that renders the manual pages.
+# the test that renders the manual pages, prometheus for promtool (the test of the alert
+# rules in packaging/prometheus).
 DEB_PACKAGES = rsync acl attr e2fsprogs util-linux psmisc fio sqlite3 systemd-container debootstrap \
 	man-db groff-base
+# Installed without their recommended packages: prometheus recommends (and would start, on a
+# booted systemd) prometheus-node-exporter; the tests need only its promtool.
+DEB_PACKAGES_BARE = prometheus
 
 .PHONY: all venv deps test test-unit lint typecheck man bench install uninstall clean
 
@@ -32,11 +36,12 @@ venv: $(VENV)/.stamp
 
 # Installs the Debian packages above when one of their commands is missing (needs root).
 deps:
-	@missing=""; for c in rsync setfacl getfattr mkfs.ext4 losetup fuser fio sqlite3 systemd-nspawn debootstrap man; do \
+	@missing=""; for c in rsync setfacl getfattr mkfs.ext4 losetup fuser fio sqlite3 systemd-nspawn debootstrap man promtool; do \
 	  command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (missing:$$missing)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null \
+	    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_PACKAGES_BARE) >/dev/null; \
 	fi
 
 # All tiers. System tests need root; they run in a private mount namespace on loop filesystems.

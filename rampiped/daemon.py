@@ -230,6 +230,8 @@ class Daemon:
             rate=self.rates.rate,
             ram_max=lambda: self._ram_limit(self.cfg),
             monitor=lambda: {"lost_events": self.lost_events, **self.monitor.stats()},
+            ram_high=lambda: int(self.cfg.ram.high_watermark * self._ram_limit(self.cfg)),
+            sync_interval=lambda: self.cfg.sync.interval,
         )
 
     # -- helpers -----------------------------------------------------------------------------

@@ -102,6 +102,7 @@ class PinSample:
     ram_bytes: int
     dirty_bytes: int
     at_risk_s: float  # age of the oldest change not yet on disk; 0 when there is none
+    sync_interval: float = 0.0  # seconds between its checkpoints; 0: none
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class Sample:
     ram_max_bytes: int
     monitor: Mapping[str, int]  # Monitor.stats() and the daemon's lost_events
     stranded: Mapping[str, int] = field(default_factory=dict)  # path -> bytes not on disk
+    ram_high_bytes: int = 0  # ram.high_watermark of ram_max_bytes: evictions start above it
+    textfile_interval: float = 0.0  # metrics.interval: seconds between rewrites of the textfile
 
 
 def _label(path: str) -> str:
@@ -143,6 +146,18 @@ class Metrics:
         self.ram = Gauge("rampiped_ram_bytes", "RAM used by all pins.", registry=r)
         self.ram_max = Gauge(
             "rampiped_ram_max_bytes", "RAM all pins together may use (ram.max).", registry=r
+        )
+        self.ram_high = Gauge(
+            "rampiped_ram_high_watermark_bytes",
+            "RAM of all pins above which the coldest adaptive pin is evicted"
+            " (ram.high_watermark of ram.max).",
+            registry=r,
+        )
+        self.textfile_interval = Gauge(
+            "rampiped_textfile_interval_seconds",
+            "Seconds between rewrites of the metrics textfile (metrics.interval): a textfile"
+            " older than a few of them is stale.",
+            registry=r,
         )
         self.dirty = Gauge(
             "rampiped_dirty_bytes",
@@ -184,6 +199,13 @@ class Metrics:
         self.pin_at_risk = Gauge(
             "rampiped_pin_data_at_risk_seconds",
             "Age of the pin's oldest change not yet on disk; 0 when all is on disk.",
+            by_pin,
+            registry=r,
+        )
+        self.pin_sync_interval = Gauge(
+            "rampiped_pin_sync_interval_seconds",
+            "Seconds between the pin's checkpoints (sync.interval or its sync_interval); 0 when"
+            " it has none (volatile, or checkpoints disabled).",
             by_pin,
             registry=r,
         )
@@ -258,9 +280,16 @@ class Metrics:
     def pinned(self, path: str, mode: str) -> None:
         label = _label(path)
         self.pins_made.labels(label, mode).inc()
-        # series that start at 0 with the pin, so that rate() sees their first increase
+        # series that start at 0 with the pin, so that rate() and increase() see their first
+        # increase (the alert rules in packaging/prometheus count failures that way)
         self.absorbed_bytes.labels(label, mode)
         self.absorbed_events.labels(label, mode)
+        for result in ("ok", "failed"):
+            self.checkpoints.labels(label, mode, result)
+        for operation in ("checkpoint", "unpin"):
+            self.failures.labels(label, mode, operation, "error")
+        self.unpins.labels(label, mode)
+        self.evictions.labels(label, mode)
         self._dirty_seen[path] = 0
 
     def pin_failed(self, path: str, mode: str, kind: str) -> None:
@@ -320,11 +349,14 @@ class Metrics:
         self.pins.set(len(sample.pins))
         self.ram.set(sum(p.ram_bytes for p in sample.pins))
         self.ram_max.set(sample.ram_max_bytes)
+        self.ram_high.set(sample.ram_high_bytes)
+        self.textfile_interval.set(sample.textfile_interval)
         self.dirty.set(sum(p.dirty_bytes for p in sample.pins))
         self.at_risk.set(max((p.at_risk_s for p in sample.pins), default=0.0))
         for gauge in (self.pin_state, self.pin_rate, self.pin_ram, self.pin_dirty):
             gauge.clear()
         self.pin_at_risk.clear()
+        self.pin_sync_interval.clear()
         for p in sample.pins:
             label = _label(p.path)
             for state in STATES:
@@ -333,6 +365,7 @@ class Metrics:
             self.pin_ram.labels(label, p.mode).set(p.ram_bytes)
             self.pin_dirty.labels(label, p.mode).set(p.dirty_bytes)
             self.pin_at_risk.labels(label, p.mode).set(p.at_risk_s)
+            self.pin_sync_interval.labels(label, p.mode).set(p.sync_interval)
         self._totals.values = dict(sample.monitor)
         self.stranded.clear()
         for path, nbytes in sample.stranded.items():
@@ -473,12 +506,18 @@ class Observer:
         rate: Callable[[str, float], float],
         ram_max: Callable[[], int],
         monitor: Callable[[], Mapping[str, int]],
+        ram_high: Callable[[], int] | None = None,
+        sync_interval: Callable[[], float] | None = None,
     ) -> None:
+        """`ram_high`: the RAM above which pins are evicted (default: `ram_max`);
+        `sync_interval`: sync.interval, for pins without their own (default: 0)."""
         self.cfg = cfg
         self.pinmgr = pinmgr
         self.rate = rate
         self.ram_max = ram_max
         self.monitor = monitor
+        self.ram_high = ram_high or ram_max
+        self.sync_interval = sync_interval or (lambda: 0.0)
         self.metrics = Metrics()
         self.server: HttpServer | None = None
         self.selector: selectors.BaseSelector | None = None
@@ -584,6 +623,7 @@ class Observer:
 
     def sample(self, now: float) -> Sample:
         wall = time.time()
+        default_interval = self.sync_interval()
         out = []
         for pin in sorted(self.pinmgr.pins.values(), key=lambda p: p.path):
             dirty = self.dirty(pin, now)
@@ -596,13 +636,23 @@ class Observer:
                     ram_bytes=self.pinmgr.ram_bytes(pin),
                     dirty_bytes=dirty.bytes,
                     at_risk_s=at_risk(dirty, wall),
+                    sync_interval=(
+                        default_interval if pin.sync_interval is None else pin.sync_interval
+                    ),
                 )
             )
         for path in list(self._measured):
             if path not in self.pinmgr.pins:
                 del self._measured[path]
         stranded = {s.path: s.bytes for s in list(self.pinmgr.stranded.values())}
-        return Sample(tuple(out), self.ram_max(), self.monitor(), stranded)
+        return Sample(
+            tuple(out),
+            self.ram_max(),
+            self.monitor(),
+            stranded,
+            ram_high_bytes=self.ram_high(),
+            textfile_interval=self.cfg.interval,
+        )
 
     def render(self, now: float | None = None) -> bytes:
         self.metrics.update(self.sample(time.monotonic() if now is None else now))

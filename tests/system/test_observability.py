@@ -87,6 +87,8 @@ def test_textfile_and_endpoint_after_pin_checkpoint_and_unpin(env: Env, tmp_path
     port = free_port()
     env.write_config(
         adaptive={"cool_for": "10m"},  # unpinned by hand below, not by cooling
+        sync={"interval": "10m"},  # checkpointed by hand below, not by the timer
+        ram={"high_watermark": 0.8},
         metrics={"textfile": str(textfile), "listen": f"127.0.0.1:{port}", "interval": "1s"},
     )
     label = {"path": str(hot), "mode": "overlay"}
@@ -135,6 +137,10 @@ def test_textfile_and_endpoint_after_pin_checkpoint_and_unpin(env: Env, tmp_path
             assert get(s, "rampiped_absorbed_bytes_total", **label) >= 100_000
             assert get(s, "rampiped_monitor_events_total") > 0
             assert get(s, "rampiped_ram_max_bytes") == 256 << 20
+            # what the alert rules compare with (packaging/prometheus)
+            assert get(s, "rampiped_ram_high_watermark_bytes") == int(0.8 * (256 << 20))
+            assert get(s, "rampiped_textfile_interval_seconds") == 1.0
+            assert get(s, "rampiped_pin_sync_interval_seconds", **label) == 600.0
         pin = env.status()["pins"][0]
         assert pin["data_at_risk_s"] > 0 and pin["dirty_bytes"] >= 100_000
         explained = env.ctl("explain", str(hot), check=True).stdout

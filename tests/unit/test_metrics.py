@@ -195,6 +195,47 @@ def test_label_values_are_escaped() -> None:
     assert value(s, "rampiped_pins_made_total", path='/srv/a "quoted"\\dir', mode="copy") == 1
 
 
+def test_what_the_alert_rules_compare_against() -> None:
+    """The checkpoint interval of each pin, the eviction threshold and the textfile interval:
+    the alert rules (packaging/prometheus) compare data at risk, RAM and the textfile's age
+    with them."""
+    m = Metrics()
+    m.update(
+        Sample(
+            (
+                PinSample(NGINX, "overlay", "pinned", 1.0, 4096, 10, 12.0, sync_interval=300.0),
+                PinSample(PVE, "copy", "pinned", 1.0, 4096, 0, 0.0),
+            ),
+            1000,
+            {},
+            ram_high_bytes=900,
+            textfile_interval=15.0,
+        )
+    )
+    s = scrape(m.render())
+    assert value(s, "rampiped_pin_sync_interval_seconds", path=NGINX, mode="overlay") == 300.0
+    assert value(s, "rampiped_pin_sync_interval_seconds", path=PVE, mode="copy") == 0.0
+    assert value(s, "rampiped_ram_high_watermark_bytes") == 900
+    assert value(s, "rampiped_textfile_interval_seconds") == 15.0
+    m.update(sample())
+    s = scrape(m.render())
+    assert not [k for k in s if k[0] == "rampiped_pin_sync_interval_seconds"]
+
+
+def test_failure_counters_start_at_zero_with_the_pin() -> None:
+    """increase() cannot see the first failure of a series that appears with it at 1."""
+    m = Metrics()
+    m.pinned(NGINX, "overlay")
+    s = scrape(m.render())
+    o = {"path": NGINX, "mode": "overlay"}
+    assert value(s, "rampiped_checkpoints_total", **o, result="ok") == 0
+    assert value(s, "rampiped_checkpoints_total", **o, result="failed") == 0
+    assert value(s, "rampiped_failures_total", **o, operation="checkpoint", kind="error") == 0
+    assert value(s, "rampiped_failures_total", **o, operation="unpin", kind="error") == 0
+    assert value(s, "rampiped_unpins_total", **o) == 0
+    assert value(s, "rampiped_evictions_total", **o) == 0
+
+
 # --------------------------------------------------------------------------- the daemon's side
 
 
@@ -232,6 +273,35 @@ def test_observer_counts_job_outcomes(tmp_path: Path) -> None:
     assert value(s, "rampiped_unpins_total", **o) == 2
     assert value(s, "rampiped_evictions_total", **o) == 1
     assert value(s, "rampiped_written_bytes_total", **o, operation="unpin") == 8192
+
+
+def test_observer_reports_intervals_and_the_watermark(tmp_path: Path) -> None:
+    mgr = pins.PinManager(str(tmp_path / "run"), str(tmp_path / "journal"), ram_limit=1 << 20)
+    obs = metrics.Observer(
+        metrics.config.MetricsConfig(interval=30.0),
+        mgr,
+        rate=lambda _p, _now: 0.0,
+        ram_max=lambda: 1000,
+        monitor=dict,
+        ram_high=lambda: 900,
+        sync_interval=lambda: 120.0,
+    )
+    for path, own in ((NGINX, None), (PVE, 30.0)):
+        mgr.pins[path] = pins.Pin(
+            path=path,
+            id=path.rsplit("/", 1)[1],
+            mode="copy",
+            origin="static",
+            state="pinning",  # not walked: nothing on disk to measure here
+            pinned_at=0.0,
+            pinned_wall=0.0,
+            sync_interval=own,
+        )
+    s = scrape(obs.render(0.0))
+    assert value(s, "rampiped_pin_sync_interval_seconds", path=NGINX, mode="copy") == 120.0
+    assert value(s, "rampiped_pin_sync_interval_seconds", path=PVE, mode="copy") == 30.0
+    assert value(s, "rampiped_ram_high_watermark_bytes") == 900
+    assert value(s, "rampiped_textfile_interval_seconds") == 30.0
 
 
 # --------------------------------------------------------------------------- texts and files
