@@ -615,7 +615,7 @@ def checkpoint(
     3. each database through SQLite's backup API, settled and renamed into place;
     4. syncfs on the disk's filesystem.
     Raises UnsafeSource/UnsafeTarget before touching anything when a side is not what it must
-    be, sync.SyncError when rsync fails, CheckpointIncomplete when a database could not be
+    be, SyncError when rsync fails, CheckpointIncomplete when a database could not be
     written (everything else was)."""
     start = time.monotonic()
     verify_source(ram, pin_id)

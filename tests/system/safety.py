@@ -201,7 +201,7 @@ def paused_daemon(
     env: Env, mp: pytest.MonkeyPatch, stage: str | None = None, marker: Path | None = None
 ) -> Iterator[Daemon]:
     """The real daemon; with `stage` and `marker`, its worker stops at that pause point (see
-    rampiped.sync.pause_point) until the test removes the marker."""
+    rampiped.pause.pause_point) until the test removes the marker."""
     with mp.context() as m:
         if stage is not None and marker is not None:
             for k, v in pause_env(stage, marker).items():

@@ -4,7 +4,7 @@ is mounted or finish or undo the half-done step: no stacked overlays, no stale s
 no file lost (beyond the last complete checkpoint after a power cut) or torn.
 
 The daemon is stopped at a precise point by its test-only pause hook (RAMPIPED_TEST_PAUSE_AT,
-rampiped/sync.py `pause_point`): the worker writes a marker file and blocks there."""
+rampiped/pause.py `pause_point`): the worker writes a marker file and blocks there."""
 
 from __future__ import annotations
 

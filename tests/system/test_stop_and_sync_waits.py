@@ -8,7 +8,7 @@
   checkpoints; past its limit, or when the daemon begins to stop, it exits 1 and says why.
 
 The daemon is held inside an operation by its test pause points (RAMPIPED_TEST_PAUSE_AT,
-rampiped/sync.py `pause_point`), checkpoints fail through an rsync that fails while a flag file
+rampiped/pause.py `pause_point`), checkpoints fail through an rsync that fails while a flag file
 exists (safety.failing_rsync)."""
 
 from __future__ import annotations
