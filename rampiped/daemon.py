@@ -338,7 +338,7 @@ class Daemon:
         lost events), and static and manual pins never depended on them."""
         if self.fanotify_off is not None:
             return
-        m = re.search(r"fanotify_\w+: [^()]*[^ ()]", str(exc))
+        m = re.search(r"(?:fanotify_\w+|open_by_handle_at): [^()]*[^ ()]", str(exc))
         call = m.group(0) if m else str(exc)
         if exc.errno in (errno.EPERM, errno.EACCES):
             why = "a container's seccomp filter or a user namespace refuses it"

@@ -143,6 +143,8 @@ def fanotify_refused(exc: BaseException) -> bool:
         return False
     if ": fanotify_init: " in str(exc):
         return exc.errno in _INIT_REFUSED
+    if ": open_by_handle_at: " in str(exc):  # Monitor() refuses to start without it
+        return exc.errno in _MARK_REFUSED
     if ": fanotify_mark: " in str(exc):
         return exc.errno in _MARK_REFUSED
     return False
@@ -260,6 +262,17 @@ class Monitor:
             raise MonitorError(
                 f"cannot start the fanotify monitor: fanotify_init: {exc.strerror}", exc.errno
             ) from exc
+        # Events name directories by handle, opened with open_by_handle_at; a container's
+        # filter may refuse that call (LXC's default policy does) while allowing fanotify, which
+        # would leave every event unresolved. Asked with a bad fd: EBADF where it is allowed.
+        if _open_by_handle_at(-1, None, 0) < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EPERM, errno.EACCES, errno.ENOSYS):
+                os.close(self._fan_fd)
+                raise MonitorError(
+                    f"cannot start the fanotify monitor: open_by_handle_at: {os.strerror(err)}",
+                    err,
+                )
         # Two eventfds: `_wake_fd` is the main loop's (readable: something to drain),
         # `_ctl_fd` wakes the reader thread for stop/pause.
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

@@ -1,8 +1,9 @@
 """Where fanotify is refused, as a container's seccomp filter refuses it (LXC on Proxmox,
 systemd-nspawn by default): the real daemon, run under such a filter (refuse_syscalls.py),
 starts, says once why adaptive pinning is off, and static and manual pins work, their
-checkpoints and write-backs too. Refused at fanotify_init (nspawn, LXC) or only at
-fanotify_mark (a user namespace without CAP_SYS_ADMIN over the filesystem is refused so).
+checkpoints and write-backs too. Refused at fanotify_init (nspawn), only at fanotify_mark (a
+user namespace without CAP_SYS_ADMIN over the filesystem is refused so), or at
+open_by_handle_at, without which no event could be attributed to a directory.
 
 The disk side of each pinned directory is seen through a second bind made before the daemon
 starts; after the stop, the loop filesystem is mounted again so that what it holds is read
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.system
 
 LAUNCHER = Path(__file__).with_name("refuse_syscalls.py")
 WARNING = re.compile(
-    r"^warning: fanotify is not available here \((fanotify_\w+): ([^;]+); [^)]+\): adaptive"
+    r"^warning: fanotify is not available here \((fanotify_\w+|open_by_handle_at): ([^;]+);"
+    r" [^)]+\): adaptive"
     r" pinning is off; static and manual pins work, their checkpoints and write-backs too$"
 )
 STRERROR = {"EPERM": "Operation not permitted", "ENOSYS": "Function not implemented"}
@@ -98,7 +100,12 @@ def test_the_launcher_refuses(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("call", "err"),
-    [("fanotify_init", "EPERM"), ("fanotify_mark", "EPERM"), ("fanotify_init", "ENOSYS")],
+    [
+        ("fanotify_init", "EPERM"),
+        ("fanotify_mark", "EPERM"),
+        ("fanotify_init", "ENOSYS"),
+        ("open_by_handle_at", "EPERM"),  # LXC's default policy: events could not be named
+    ],
 )
 def test_static_and_manual_pins_work_without_fanotify(env: Env, call: str, err: str) -> None:
     static = env.data / "static"

@@ -21,6 +21,8 @@ def test_init_refusals(err: int) -> None:
 @pytest.mark.parametrize("err", [errno.EPERM, errno.EACCES, errno.ENOSYS])
 def test_mark_refusals(err: int) -> None:
     assert fanotify_refused(MonitorError(MARK.format("x"), err))
+    handles = "cannot start the fanotify monitor: open_by_handle_at: x"
+    assert fanotify_refused(MonitorError(handles, err))
 
 
 @pytest.mark.parametrize(
