@@ -150,6 +150,9 @@ def print_status(st: dict[str, Any]) -> None:
         f"RAM used by pins: {format_bytes(ram.get('used_bytes', 0))} of"
         f" {format_bytes(ram.get('max_bytes', 0))}"
     )
+    adaptive = st.get("adaptive_pinning")
+    if isinstance(adaptive, dict) and not adaptive.get("on", True):
+        print(f"adaptive pinning: off ({adaptive.get('reason')})")
     pins = st.get("pins", [])
     if pins:
         print()

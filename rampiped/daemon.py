@@ -18,6 +18,7 @@ import glob
 import logging
 import os
 import queue
+import re
 import selectors
 import signal
 import socket
@@ -46,7 +47,7 @@ from rampiped import (
 from rampiped import log as logsetup
 from rampiped.backoff import RETRY
 from rampiped.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from rampiped.monitor import Monitor, MonitorError
+from rampiped.monitor import DisabledMonitor, Monitor, MonitorError, fanotify_refused
 
 log = logging.getLogger("rampiped")
 
@@ -185,7 +186,6 @@ class Daemon:
         self.engine = engine.Engine(
             cfg.adaptive, cfg.ram, cfg.sync, cfg.runtime_dir, cfg.journal_dir
         )
-        self.monitor = Monitor()
         self.worker = Worker()
         self.children: set[int] = set()
         self.pinmgr = pins.PinManager(
@@ -202,6 +202,17 @@ class Daemon:
         self.static_retry: dict[str, tuple[float, float]] = {}
         self.watched_fs: set[str] = set()
         self.attributor = rates.Attributor((), ())
+        # Where fanotify is refused (a container's seccomp filter, a user namespace): why, in
+        # words; the daemon runs on with static and manual pins only (`_fanotify_refused`).
+        self.fanotify_off: str | None = None
+        self.monitor: Monitor | DisabledMonitor
+        try:
+            self.monitor = Monitor()
+        except MonitorError as exc:
+            if not fanotify_refused(exc):
+                raise
+            self.monitor = DisabledMonitor(str(exc))
+            self._fanotify_refused(exc)
         self.control: control.ControlServer | None = None
         self.stopping = False
         self.stop_attempts: dict[str, int] = {}
@@ -273,11 +284,12 @@ class Daemon:
         self.selector.register(self.worker.rfd, selectors.EVENT_READ, lambda m: self._collect())
         self.monitor.ignore_pid(os.getpid())
         self.monitor.start()
-        self.selector.register(
-            self.monitor.fileno(),
-            selectors.EVENT_READ,
-            lambda m: self._drain_monitor(time.monotonic()),
-        )
+        if isinstance(self.monitor, Monitor):
+            self.selector.register(
+                self.monitor.fileno(),
+                selectors.EVENT_READ,
+                lambda m: self._drain_monitor(time.monotonic()),
+            )
         if not self.dry_run:
             os.makedirs(cfg.runtime_dir, mode=0o755, exist_ok=True)
             os.makedirs(cfg.journal_dir, mode=0o700, exist_ok=True)
@@ -307,7 +319,11 @@ class Daemon:
             "rampiped %s started%s: watching %s; %d pinned%s",
             __version__,
             mode,
-            roots if cfg.adaptive.enabled else "nothing (adaptive pinning off)",
+            "nothing (adaptive pinning off: fanotify is not available here)"
+            if self.fanotify_off
+            else roots
+            if cfg.adaptive.enabled
+            else "nothing (adaptive pinning off)",
             len(self.pinmgr.pins),
             f"; {len(stranded)} WRITE-BACKS NOT COMPLETED ("
             + ", ".join(f"{s.path}: {engine.format_bytes(s.bytes)} in {s.where}" for s in stranded)
@@ -316,6 +332,55 @@ class Daemon:
             else "",
         )
         self.notifier.send("READY=1", "STATUS=" + self.status_line())
+
+    def _fanotify_refused(self, exc: OSError) -> None:
+        """fanotify is refused here (`exc` from fanotify_init or fanotify_mark): say so once,
+        and go on without write events. Nothing that depends on them may then act on their
+        absence: no pin is unpinned for cooling (`_decide` treats every interval as one that
+        lost events), and static and manual pins never depended on them."""
+        if self.fanotify_off is not None:
+            return
+        m = re.search(r"(?:fanotify_\w+|open_by_handle_at): [^()]*[^ ()]", str(exc))
+        call = m.group(0) if m else str(exc)
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            why = "a container's seccomp filter or a user namespace refuses it"
+        elif exc.errno == errno.ENOSYS:
+            why = "this kernel has no fanotify, or a seccomp filter hides it"
+        else:
+            why = "this kernel cannot report directory handles (Linux 5.9 or later can)"
+        self.fanotify_off = f"{call}; {why}"
+        log.warning(
+            "fanotify is not available here (%s): adaptive pinning is off; static and manual"
+            " pins work, their checkpoints and write-backs too",
+            self.fanotify_off,
+        )
+        monitor = self.monitor
+        if isinstance(monitor, Monitor):  # fanotify_init worked, fanotify_mark is refused
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(monitor.fileno())
+            monitor.stop()
+            self.monitor = DisabledMonitor(self.fanotify_off)
+        self.watched_fs.clear()
+
+    def _watch_fs(self, path: str, *, modify: bool = True) -> None:
+        """Watch the filesystem of `path`; a refusal of fanotify as such turns it off
+        (`_fanotify_refused`), any other failure is raised."""
+        if self.fanotify_off is not None:
+            return
+        try:
+            self.monitor.add_filesystem(path, modify=modify)
+        except MonitorError as exc:
+            if not fanotify_refused(exc):
+                raise
+            self._fanotify_refused(exc)
+
+    def adaptive_off(self) -> str | None:
+        """Why adaptive pinning is off, or None when it is on."""
+        if self.fanotify_off is not None:
+            return f"fanotify is not available here ({self.fanotify_off})"
+        if not self.cfg.adaptive.enabled:
+            return "adaptive.enabled: false"
+        return None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         # record only; the loop acts (the wake-up fd gets the signal number too)
@@ -343,9 +408,12 @@ class Daemon:
                         root.path,
                     )
         for path in sorted(wanted - self.watched_fs):
+            if self.fanotify_off is not None:
+                break  # said once already, at the refusal
             try:
-                self.monitor.add_filesystem(path)
-                self.watched_fs.add(path)
+                self._watch_fs(path)
+                if self.fanotify_off is None:
+                    self.watched_fs.add(path)
             except OSError as exc:
                 log.error("cannot watch %s: %s", path, exc)
         for path in sorted(self.watched_fs - wanted):
@@ -662,7 +730,7 @@ class Daemon:
             return
         try:
             # without FAN_MODIFY: a write per event would slow the writes moved to RAM
-            self.monitor.add_filesystem(self.pinmgr.ram_side(pin), modify=False)
+            self._watch_fs(self.pinmgr.ram_side(pin), modify=False)
         except OSError as exc:
             log.warning("cannot watch the RAM side of %s: %s", pin.path, exc)
         self._rebuild_attributor(self.cfg)
@@ -916,7 +984,8 @@ class Daemon:
             self._pin_infos(now),
             memory,
             self._facts,
-            overflow=now < self.overflow_until,
+            # blind (fanotify refused): no event is no evidence of a cool pin
+            overflow=now < self.overflow_until or self.fanotify_off is not None,
         )
         for action in actions:
             self._act(action, now)
@@ -1086,7 +1155,8 @@ class Daemon:
             if stranded
             else ""
         )
-        return f"{warn}{n} pinned, {engine.format_bytes(used)} in RAM{at_risk}"
+        blind = "; adaptive pinning off: fanotify not available" if self.fanotify_off else ""
+        return f"{warn}{n} pinned, {engine.format_bytes(used)} in RAM{at_risk}{blind}"
 
     def status(self, now: float) -> dict[str, Any]:
         pins_out: list[dict[str, Any]] = []
@@ -1147,6 +1217,12 @@ class Daemon:
                 "available_bytes": psutil.virtual_memory().available,
             },
             "monitor": {"lost_events": self.lost_events, **self.monitor.stats()},
+            # on: pins are made and unpinned by write rate; off: `reason` says why
+            "adaptive_pinning": {
+                "on": self.adaptive_off() is None,
+                "reason": self.adaptive_off(),
+                "fanotify": self.fanotify_off is None,
+            },
             "pins": pins_out,
             "candidates": candidates,
             # write-backs found unfinished at start that could not complete: what the
@@ -1199,6 +1275,8 @@ class Daemon:
             "pending": self.pending.get(path),
             "last_refusal": self.last_refusal.get(path),
             "pin": pin_facts,
+            # fanotify refused here: why (adaptive pinning is off, whatever `enabled` says)
+            "fanotify_off": self.fanotify_off,
             "adaptive": {
                 "enabled": a.enabled,
                 "watch": [{"path": w.path, "depth": w.depth} for w in a.watch],
@@ -1477,7 +1555,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log.error("rampiped needs root (fanotify, mounts)")
         return EXIT_FAILURE
-    daemon = Daemon(cfg, dry_run=args.dry_run)
+    try:
+        daemon = Daemon(cfg, dry_run=args.dry_run)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_FAILURE
     try:
         daemon.start()
     except OSError as exc:

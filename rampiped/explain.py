@@ -62,6 +62,20 @@ def sentences(f: Mapping[str, Any]) -> list[str]:
     # -- is its rate even counted
     candidate = f.get("candidate")
     blocked = f.get("blocked")
+    blind = f.get("fanotify_off")
+    if blind:
+        # no write is seen at all: no rate, no threshold applies
+        out.append(
+            f"adaptive pinning is off: fanotify is not available here ({blind}); static and"
+            " manual pins work"
+        )
+        if pin is not None:
+            out.extend(_blind_pin(pin))
+            out.extend(_pin_facts(f, pin, path, now))
+        elif f.get("last_refusal") or f.get("retry_at"):
+            out.extend(_blocked(f, path, now))
+        out.append(_budget(f, a))
+        return out
     if candidate is None and pin is None:
         excluded = isinstance(blocked, str) and "exclude" in blocked
         if not excluded:
@@ -89,6 +103,15 @@ def sentences(f: Mapping[str, Any]) -> list[str]:
 
     out.append(_budget(f, a))
     return out
+
+
+def _blind_pin(pin: Mapping[str, Any]) -> list[str]:
+    if pin["origin"] == "manual":
+        return ["stays pinned until rampipectl unpin"]
+    if pin["origin"] == "adaptive":
+        # pinned while fanotify worked (an earlier start): no event is no sign of cooling
+        return ["its writes cannot be counted: stays pinned until rampipectl unpin or a stop"]
+    return ["stays pinned while rampiped runs"]
 
 
 def _origin(origin: str) -> str:

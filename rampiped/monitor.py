@@ -119,7 +119,35 @@ _MAX_ANCESTRY = 64
 
 class MonitorError(OSError):
     """The monitor cannot do what was asked; the message names the path and the reason.
-    An OSError, so that callers handling failed system calls handle this too."""
+    An OSError, so that callers handling failed system calls handle this too; `errno` is that
+    of the failed system call when there was one (str() stays the message)."""
+
+    def __init__(self, message: str, err: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+# What fanotify_init fails with where fanotify is refused: a container's seccomp filter (EPERM,
+# or ENOSYS from filters that pretend the call does not exist), a kernel built without fanotify
+# (ENOSYS) or too old for directory handles (EINVAL). fanotify_mark: the same filters, and a
+# user namespace without CAP_SYS_ADMIN over the filesystem (EPERM); its EINVAL can be about
+# one path, so it is not taken for a refusal.
+_INIT_REFUSED = frozenset({errno.EPERM, errno.EACCES, errno.ENOSYS, errno.EINVAL})
+_MARK_REFUSED = frozenset({errno.EPERM, errno.EACCES, errno.ENOSYS})
+
+
+def fanotify_refused(exc: BaseException) -> bool:
+    """Does `exc` (from `Monitor()` or `add_filesystem`) say that fanotify cannot be used
+    here at all, as opposed to a problem with one path?"""
+    if not isinstance(exc, MonitorError):
+        return False
+    if ": fanotify_init: " in str(exc):
+        return exc.errno in _INIT_REFUSED
+    if ": open_by_handle_at: " in str(exc):  # Monitor() refuses to start without it
+        return exc.errno in _MARK_REFUSED
+    if ": fanotify_mark: " in str(exc):
+        return exc.errno in _MARK_REFUSED
+    return False
 
 
 @dataclass(frozen=True)
@@ -194,10 +222,10 @@ def _mark_error(path: str, action: str, exc: OSError) -> MonitorError:
     elif exc.errno == errno.EXDEV:
         hint = " (its filesystem id is not unique; events on it could not be told apart)"
     elif exc.errno == errno.EPERM:
-        hint = " (fanotify needs CAP_SYS_ADMIN)"
+        hint = " (fanotify needs CAP_SYS_ADMIN, and a seccomp filter that allows it)"
     elif exc.errno == errno.ENOSPC:
         hint = " (too many marks: fs.fanotify.max_user_marks)"
-    return MonitorError(f"cannot {action} {path}: fanotify_mark: {exc.strerror}{hint}")
+    return MonitorError(f"cannot {action} {path}: fanotify_mark: {exc.strerror}{hint}", exc.errno)
 
 
 class Monitor:
@@ -206,6 +234,8 @@ class Monitor:
     Use from one thread (the main loop): `add_filesystem`, `remove_filesystem`, `drain`,
     `ignore_pid`, `unignore_pid`, `stop`. The reader is a daemon thread started by `start()`.
     """
+
+    available = True
 
     def __init__(
         self,
@@ -229,10 +259,20 @@ class Monitor:
         try:
             self._fan_fd: int = ext.init(self._ctx, _INIT_FLAGS, _INIT_O_FLAGS)
         except OSError as exc:
-            reason = "needs CAP_SYS_ADMIN" if exc.errno == errno.EPERM else exc.strerror
             raise MonitorError(
-                f"cannot start the fanotify monitor: fanotify_init: {reason}"
+                f"cannot start the fanotify monitor: fanotify_init: {exc.strerror}", exc.errno
             ) from exc
+        # Events name directories by handle, opened with open_by_handle_at; a container's
+        # filter may refuse that call (LXC's default policy does) while allowing fanotify, which
+        # would leave every event unresolved. Asked with a bad fd: EBADF where it is allowed.
+        if _open_by_handle_at(-1, None, 0) < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EPERM, errno.EACCES, errno.ENOSYS):
+                os.close(self._fan_fd)
+                raise MonitorError(
+                    f"cannot start the fanotify monitor: open_by_handle_at: {os.strerror(err)}",
+                    err,
+                )
         # Two eventfds: `_wake_fd` is the main loop's (readable: something to drain),
         # `_ctl_fd` wakes the reader thread for stop/pause.
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -651,3 +691,43 @@ class Monitor:
 
 # mask -> events it stands for; overflow records are never entered, so a miss checks for them.
 _WEIGHTS: dict[int, int] = {}
+
+
+class DisabledMonitor:
+    """Stands in for `Monitor` where fanotify is refused (`reason` says how): it watches
+    nothing and never has anything to drain. The daemon runs on without adaptive pinning;
+    `available` tells the two apart."""
+
+    available = False
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def add_filesystem(self, path: str, *, modify: bool = True) -> None:
+        raise MonitorError(f"cannot watch {path}: {self.reason}")
+
+    def remove_filesystem(self, path: str) -> None:
+        raise MonitorError(f"cannot stop watching {path}: it is not watched")
+
+    def watched(self) -> list[str]:
+        return []
+
+    def ignore_pid(self, pid: int) -> None:
+        pass
+
+    def unignore_pid(self, pid: int, after: float = 5.0) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def drain(self) -> Batch:
+        return Batch()
+
+    def stats(self) -> dict[str, int]:
+        return dict.fromkeys(
+            ("events", "lost", "ignored", "records", "reads", "unresolved", "batches"), 0
+        )

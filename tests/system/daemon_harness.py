@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,11 +110,13 @@ class Env:
 
 
 class Daemon:
-    def __init__(self, env: Env, *extra: str) -> None:
+    def __init__(self, env: Env, *extra: str, prefix: Sequence[str] = ()) -> None:
+        """`prefix`: a command that runs the daemon (a launcher that restricts it)."""
         self.env = env
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [
+                *prefix,
                 str(VENV_BIN / "rampiped"),
                 "--config",
                 str(env.config_path),
@@ -204,8 +206,8 @@ def make_env(tmp: Path, disk_mb: int = 256, inodes: int | None = None) -> Iterat
 
 
 @contextlib.contextmanager
-def running(env: Env, *extra: str) -> Iterator[Daemon]:
-    d = Daemon(env, *extra)
+def running(env: Env, *extra: str, prefix: Sequence[str] = ()) -> Iterator[Daemon]:
+    d = Daemon(env, *extra, prefix=prefix)
     try:
         d.wait_ready()
         yield d

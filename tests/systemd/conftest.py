@@ -8,6 +8,7 @@ the end of the run; the guest's console and journal of the last session are kept
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -45,6 +46,20 @@ def timings() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def guest() -> Iterator[Guest]:
+    with _booted(allow_fanotify=True) as machine:
+        yield machine
+
+
+@pytest.fixture(scope="session")
+def guest_without_fanotify() -> Iterator[Guest]:
+    """A guest booted with nspawn's system call filter as it is: fanotify is refused there,
+    as in a container on a Proxmox host."""
+    with _booted(allow_fanotify=False) as machine:
+        yield machine
+
+
+@contextlib.contextmanager
+def _booted(*, allow_fanotify: bool) -> Iterator[Guest]:
     removed = clean_stale_runs()
     if removed:
         TIMINGS["stale copies removed"] = ", ".join(removed)
@@ -61,7 +76,7 @@ def guest() -> Iterator[Guest]:
         copy_tree(tree, run / "root")
         record("copy of the cached tree", time.monotonic() - t)
         copy_checkout(REPO, run / "root" / SOURCE_IN_GUEST.lstrip("/"))
-        machine = Guest(run / "root", name, run)
+        machine = Guest(run / "root", name, run, allow_fanotify=allow_fanotify)
         try:
             t = time.monotonic()
             state = machine.boot()

@@ -219,8 +219,13 @@ def _container_init(nspawn_pid: int) -> int | None:
 class Guest:
     """One container, booted from `root` (a host directory), possibly several times."""
 
-    def __init__(self, root: Path, name: str, workdir: Path) -> None:
+    def __init__(
+        self, root: Path, name: str, workdir: Path, *, allow_fanotify: bool = True
+    ) -> None:
+        """`allow_fanotify=False`: nspawn's own system call filter stays as it is, refusing
+        fanotify as a container on a Proxmox host or a plain systemd-nspawn does."""
         self.root = root
+        self.allow_fanotify = allow_fanotify
         self.name = name
         self.workdir = workdir
         self.console = workdir / "console.log"
@@ -241,10 +246,11 @@ class Guest:
             f"--directory={self.root}",
             f"--machine={self.name}",
             "--console=read-only",  # the boot messages go to console.log
+        ]
+        if self.allow_fanotify:
             # nspawn's seccomp filter refuses these with EPERM; rampiped needs them (fanotify,
             # and opening the directory handles its events carry).
-            "--system-call-filter=fanotify_init fanotify_mark open_by_handle_at",
-        ]
+            argv.append("--system-call-filter=fanotify_init fanotify_mark open_by_handle_at")
         bundle = _host_ca_bundle()
         if bundle:
             # The guest trusts what the host trusts (a proxy's CA, say), so pip works there.

@@ -234,3 +234,28 @@ def test_being_pinned_and_draining() -> None:
 def test_every_sentence_is_ascii() -> None:
     for f in (facts(), facts(pin=PIN, hot_since=None)):
         assert all(line.isascii() for line in sentences(f))
+
+
+BLIND = "fanotify_init: Operation not permitted; a container's seccomp filter or a user namespace"
+BLIND_LINE = (
+    f"adaptive pinning is off: fanotify is not available here ({BLIND}); static and manual"
+    " pins work"
+)
+
+
+def test_fanotify_refused_unpinned() -> None:
+    out = sentences(facts(fanotify_off=BLIND, rate=0.0, hot_since=None))
+    assert out == ["/var/log/nginx is not pinned.", BLIND_LINE, BUDGET_LINE]
+
+
+def test_fanotify_refused_pins() -> None:
+    for origin, line in (
+        ("static", "stays pinned while rampiped runs"),
+        ("manual", "stays pinned until rampipectl unpin"),
+        ("adaptive", "its writes cannot be counted: stays pinned until rampipectl unpin or a stop"),
+    ):
+        pin = dict(PIN, origin=origin)
+        out = sentences(facts(fanotify_off=BLIND, pin=pin, rate=0.0, hot_since=None))
+        assert out[1:3] == [BLIND_LINE, line], origin
+        assert out[-1] == BUDGET_LINE
+        assert not any("unpin_below" in s for s in out), origin
