@@ -130,12 +130,14 @@ def in_use(dev: int, proc: str = "/proc") -> tuple[set[str], list[str]]:
                 continue
             if target.endswith(" (deleted)"):
                 continue  # unlinked already: nothing left to remove
-            held.add(target)
-            with contextlib.suppress(OSError):
-                if os.stat(target).st_ino == st.st_ino and os.stat(target).st_dev == dev:
-                    continue
-            unknown.append(f"pid {name}: {target}")
-            held.discard(target)
+            try:
+                here = os.stat(target)  # the same object, by that path, on our side?
+            except OSError:
+                here = None
+            if here is not None and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+                held.add(target)
+            else:
+                unknown.append(f"pid {name}: {target}")
     return held, unknown
 
 
@@ -162,10 +164,11 @@ def targets(
                 continue
             held, unknown = in_use(top.dev)
             spared: set[str] = set()
-            for p in held:
-                if not _within(p, where) or p == where:
-                    if p != where:
-                        unknown.append(p)
+            for p in sorted(held):
+                if p == where:
+                    continue  # the top is never removed
+                if not _within(p, where):
+                    unknown.append(f"{p} (the same file, reached by another path)")
                     continue
                 while not plain(p):  # spare the nearest ancestor that can be named
                     p = os.path.dirname(p)
@@ -239,6 +242,7 @@ def write(
         found = targets(cfg, expected_source, say)
         conf = os.path.join(directory, CONF_NAME)
         if found:
+            os.makedirs(directory, mode=0o755, exist_ok=True)  # systemd makes it only if needed
             write_atomic(
                 conf, render(found, cfg.source or "the built-in defaults").encode(), mode=0o644
             )
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in write(cfg, lambda p: pins.SOURCE_PREFIX + pins.pin_id(p), _say):
             _say(f"{t.path}: files unused for {age_field(t.max_age)} go; {len(t.spared)} in use")
     except Exception as exc:
-        _say(f"no volatile pin is cleaned: {exc!r}")
+        _say(f"no volatile pin is cleaned: {type(exc).__name__}: {exc}")
         with contextlib.suppress(Exception):
             remove()
         return EXIT_FAILURE

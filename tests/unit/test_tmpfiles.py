@@ -3,9 +3,13 @@ the helper's command line. (tests/system/test_tmpfiles_clean.py runs systemd-tmp
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from rampiped import tmpfiles
+from rampiped.config import load_text
+from rampiped.mounts import MountEntry
 from rampiped.tmpfiles import Target
 
 
@@ -66,4 +70,72 @@ def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err == 2 * (
         "rampiped-tmpfiles: usage: rampiped-tmpfiles write|remove"
         " (systemd-tmpfiles-clean.service runs it)\n"
+    )
+
+
+CFG = """\
+pins:
+  - path: /srv/cache
+    mode: volatile
+    max_age: 10m
+  - path: /srv/not-mounted
+    mode: volatile
+    max_age: 10m
+  - path: /srv/no-max-age
+    mode: volatile
+  - path: /srv/someone-elses
+    mode: volatile
+    max_age: 10m
+"""
+
+
+def entry(mountpoint: str, source: str, dev: str) -> MountEntry:
+    return MountEntry(1, 0, dev, "/", mountpoint, "rw", (), "tmpfs", source, "rw")
+
+
+def fake_targets(
+    monkeypatch: pytest.MonkeyPatch, held: set[str], unknown: list[str] | None = None
+) -> tuple[list[Target], list[str]]:
+    table = {
+        "/srv/cache": entry("/srv/cache", "rp-/srv/cache", "0:40"),
+        "/srv/no-max-age": entry("/srv/no-max-age", "rp-/srv/no-max-age", "0:41"),
+        "/srv/someone-elses": entry("/srv/someone-elses", "tmpfs", "0:42"),
+    }
+    monkeypatch.setattr(tmpfiles.mounts, "mount_at", table.get)
+    devs: list[int] = []
+
+    def in_use(dev: int) -> tuple[set[str], list[str]]:
+        devs.append(dev)
+        return held, list(unknown or [])
+
+    said: list[str] = []
+    found = tmpfiles.targets(
+        load_text(CFG, "test.conf"), lambda p: "rp-" + p, said.append, in_use=in_use
+    )
+    assert devs == [os.makedev(0, 40)]  # only the mounted pin of rampiped's with max_age
+    return found, said
+
+
+def test_targets_spare_what_is_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    held = {"/srv/cache", "/srv/cache/a/db", "/srv/cache/b/c d", "/srv/cache/x/100%/y"}
+    assert fake_targets(monkeypatch, held) == (
+        [Target("/srv/cache", 600.0, ("/srv/cache/a/db", "/srv/cache/b", "/srv/cache/x"))],
+        [],
+    )
+
+
+def test_a_holder_that_cannot_be_named_skips_the_pin(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fake_targets(monkeypatch, {"/srv/cache/a"}, ["pid 7: /other/ns/file"]) == (
+        [],
+        [
+            "/srv/cache: not cleaned this time, in use where it cannot be named:"
+            " pid 7: /other/ns/file"
+        ],
+    )
+    assert fake_targets(monkeypatch, {"/srv/cache/a b"}) == (
+        [],
+        [
+            "/srv/cache: not cleaned this time, in use where it cannot be named: a name in"
+            " /srv/cache that a tmpfiles.d line cannot carry"
+        ],
     )
