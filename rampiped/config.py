@@ -79,6 +79,7 @@ class PinConfig:
     size: int | None = None  # volatile: tmpfs size in bytes
     keep: tuple[str, ...] = ()  # volatile: subdirectories that stay on disk
     reopen: str | None = None
+    max_age: float | None = None  # volatile: systemd-tmpfiles removes files unused this long
 
 
 @dataclass(frozen=True)
@@ -1104,9 +1105,10 @@ class _Loader:
                 p, "keep", item_path, "expected a list of directory names", _keep_name, d.keep
             )[0],
             reopen=self.get(p, "reopen", item_path, _optional(_command), d.reopen),
+            max_age=self.get(p, "max_age", item_path, _optional(_positive_duration), d.max_age),
         )
         if mode_ok and mode != "volatile":
-            for key in ("size", "keep"):
+            for key in ("size", "keep", "max_age"):
                 if key in p:
                     self.issue(
                         p[key].key,

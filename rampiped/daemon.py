@@ -989,10 +989,15 @@ class Daemon:
         )
         for action in actions:
             self._act(action, now)
-        # unpins asked for by hand, retried with backoff
+        # unpins asked for by hand, and of static pins that a reload dropped, retried with
+        # backoff (a busy unmount, or a systemd-tmpfiles clean-up of a volatile pin)
         for pin in list(self.pinmgr.pins.values()):
-            if pin.unpin_requested and not pin.busy and now >= pin.retry_at:
+            if pin.busy or now < pin.retry_at or pin.path in self.pending:
+                continue
+            if pin.unpin_requested:
                 self._submit_unpin(pin, "asked by rampipectl")
+            elif pin.origin == "static" and pin.path not in self.static_paths:
+                self._submit_unpin(pin, "no longer in the configuration")
 
     def _act(self, action: engine.Action, now: float) -> None:
         if isinstance(action, engine.Pin):

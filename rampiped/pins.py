@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rampiped import copymode, handover, holders, mounts, tree, volatile, writeback
+from rampiped import copymode, handover, holders, mounts, tmpfiles, tree, volatile, writeback
 from rampiped import ledger as ledger_mod
 from rampiped.backoff import RETRY
 from rampiped.engine import format_bytes, format_duration
@@ -1554,19 +1554,24 @@ class PinManager:
         top = mounts.mount_at(pin.path)
         if top is None or top.source != SOURCE_PREFIX + pin.id:
             return
-        inside = [e for e in mounts.mountinfo() if e.parent_id == top.mount_id]
-        unmounted: list[str] = []
-        try:
-            for entry in reversed(inside):
-                if os.path.realpath(entry.mountpoint) != entry.mountpoint:
-                    continue  # a planted symlink on the way: leave it (the tmpfs stays busy)
-                mounts.umount(entry.mountpoint)
-                unmounted.append(entry.mountpoint)
-            self._unmount_path(pin)
-        except mounts.MountError:
-            if unmounted:
-                self._rebind_keeps(pin)
-            raise
+        # max_age: a systemd-tmpfiles --clean that was told about this pin must find it still
+        # mounted, or it would clean the directory on disk below (tmpfiles.py)
+        with tmpfiles.unmount_guard(top.mountpoint, self.runtime_dir) as why_not:
+            if why_not is not None:
+                raise mounts.MountBusy(errno.EBUSY, f"{pin.path}: {why_not}", pin.path)
+            inside = [e for e in mounts.mountinfo() if e.parent_id == top.mount_id]
+            unmounted: list[str] = []
+            try:
+                for entry in reversed(inside):
+                    if os.path.realpath(entry.mountpoint) != entry.mountpoint:
+                        continue  # a planted symlink on the way: leave it (the tmpfs stays busy)
+                    mounts.umount(entry.mountpoint)
+                    unmounted.append(entry.mountpoint)
+                self._unmount_path(pin)
+            except mounts.MountError:
+                if unmounted:
+                    self._rebind_keeps(pin)
+                raise
 
     def _rebind_keeps(self, pin: Pin) -> None:
         top = mounts.mount_at(pin.path)
@@ -1599,7 +1604,7 @@ class PinManager:
                 pin.path, exclude_pids=self.exclude_pids(), mount_source=SOURCE_PREFIX + pin.id
             )
             raise UnpinBusy(
-                f"{pin.path} is busy: " + (_holder_list(found) if found else "no holder found"),
+                f"{pin.path} is busy: " + (_holder_list(found) if found else str(exc)),
                 found,
             ) from exc
         except BaseException:

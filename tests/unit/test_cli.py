@@ -32,6 +32,25 @@ def test_check_config_valid_and_invalid(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 78 and "cannot read" in err
 
 
+def test_check_config_reports_a_bad_max_age(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.conf"
+    bad.write_text(
+        "pins:\n  - path: /var/tmp\n    mode: volatile\n    max_age: 0s\n"
+        "  - path: /srv/db\n    max_age: 10m\n"
+    )
+    assert run(capsys, "check-config", str(bad)) == (
+        78,
+        "",
+        f"{bad}:4: pins[0].max_age: expected a duration greater than 0, got '0s'\n"
+        f"{bad}:6: pins[1].max_age: applies only to volatile pins (this pin's mode is copy)\n",
+    )
+    good = tmp_path / "good.conf"
+    good.write_text("pins:\n  - path: /var/tmp\n    mode: volatile\n    max_age: 10m\n")
+    assert run(capsys, "check-config", str(good)) == (0, f"{good}: valid\n", "")
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "frobnicate")[0] == 2
     assert run(capsys)[0] == 2

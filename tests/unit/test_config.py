@@ -89,6 +89,7 @@ def test_every_key_with_a_value_other_than_its_default() -> None:
             mode: volatile
             size: 2G
             keep: [pip, mozilla/firefox]
+            max_age: 1d 12h
         metrics:
           textfile: /var/lib/prometheus/node-exporter/rampiped.prom
           listen: 127.0.0.1:9586
@@ -130,6 +131,7 @@ def test_every_key_with_a_value_other_than_its_default() -> None:
                 mode="volatile",
                 size=2 << 30,
                 keep=("pip", "mozilla/firefox"),
+                max_age=36 * 3600.0,
             ),
         ),
         metrics=MetricsConfig(
@@ -237,7 +239,7 @@ def test_the_example_file_is_valid_and_shows_the_defaults() -> None:
 def _uncommented_example() -> str:
     """The example with its commented-out settings (`#pins:`, `#  - path: ...`, `#  reopen:`)
     switched on; prose comments stay."""
-    keys = "pins|path|mode|sync_interval|max_size|before|size|keep|reopen|textfile|listen"
+    keys = "pins|path|mode|sync_interval|max_size|before|size|keep|reopen|max_age|textfile|listen"
     return re.sub(rf"(?m)^#(?=\s*(- )?({keys}):(\s|$)|  # )", "", EXAMPLE.read_text())
 
 
@@ -252,7 +254,13 @@ def test_the_example_files_commented_settings_are_valid() -> None:
             max_size=64 << 20,
             before=("pve-cluster.service",),
         ),
-        PinConfig(path="/home/*/.cache", mode="volatile", size=2 << 30, keep=("pip",)),
+        PinConfig(
+            path="/home/*/.cache",
+            mode="volatile",
+            size=2 << 30,
+            keep=("pip",),
+            max_age=30 * 86400.0,
+        ),
     )
     assert c.metrics == MetricsConfig(
         textfile="/var/lib/prometheus/node-exporter/rampiped.prom", listen="127.0.0.1:9586"
@@ -312,7 +320,7 @@ ERRORS = [
         "pins:\n  - path: /srv/a\n    mod: copy\n",
         [
             f"{SRC}:3: pins[0].mod: unknown key (did you mean mode? known keys here: path, mode, "
-            "sync_interval, max_size, before, size, keep, reopen)"
+            "sync_interval, max_size, before, size, keep, reopen, max_age)"
         ],
     ),
     (
@@ -705,6 +713,32 @@ ERRORS = [
         [
             f"{SRC}:3: pins[0].size: applies only to volatile pins (this pin's mode is copy)",
             f"{SRC}:4: pins[0].keep: applies only to volatile pins (this pin's mode is copy)",
+        ],
+    ),
+    (
+        "max_age on a copy pin",
+        "pins:\n  - path: /srv/a\n    max_age: 10m\n",
+        [f"{SRC}:3: pins[0].max_age: applies only to volatile pins (this pin's mode is copy)"],
+    ),
+    (
+        "max_age zero",
+        "pins:\n  - path: /srv/a\n    mode: volatile\n    max_age: 0\n",
+        [f"{SRC}:4: pins[0].max_age: expected a duration greater than 0, got 0"],
+    ),
+    (
+        "max_age negative",
+        "pins:\n  - path: /srv/a\n    mode: volatile\n    max_age: -10m\n",
+        [
+            f"{SRC}:4: pins[0].max_age: expected a duration like 10s, 5m or a number of seconds,"
+            " got '-10m' (a duration cannot be negative)"
+        ],
+    ),
+    (
+        "max_age without a known unit",
+        "pins:\n  - path: /srv/a\n    mode: volatile\n    max_age: 10 minutes\n",
+        [
+            f"{SRC}:4: pins[0].max_age: expected a duration like 10s, 5m or a number of seconds,"
+            " got '10 minutes' (units are ms, s, m, h and d)"
         ],
     ),
     (

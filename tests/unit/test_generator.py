@@ -212,3 +212,59 @@ def test_default_config_path_and_usage(
     monkeypatch.delenv(generator.CONFIG_ENV, raising=False)
     assert generator.main([]) == 2
     assert "usage: rampiped-generator NORMAL_DIR" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- max_age
+
+VOLATILE = """\
+pins:
+  - path: /home/*/.cache
+    mode: volatile
+    max_age: 10m
+  - path: /var/tmp
+    mode: volatile
+  - path: /srv/scratch
+    mode: volatile
+    max_age: 1d
+"""
+
+
+def test_max_age_adds_the_helper_around_systemd_tmpfiles_clean(
+    conf: Path, out: list[Path], run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    helper = tmp_path / "bin" / "rampiped-tmpfiles"
+    helper.parent.mkdir()
+    helper.write_text("#!/bin/sh\n")
+    helper.chmod(0o755)
+    monkeypatch.setattr(generator, "_helper", lambda: str(helper))
+    conf.write_text(VOLATILE)
+    assert run(conf) == (0, "")
+    text = files_below(out[0])["systemd-tmpfiles-clean.service.d/50-rampiped.conf"]
+    assert text.endswith(
+        "[Service]\n"
+        f"Environment=RAMPIPED_CONFIG={conf}\n"
+        f"ExecStartPre=-{helper} write\n"
+        f"ExecStopPost=-{helper} remove\n"
+    )
+    assert "(/home/*/.cache, /srv/scratch)" in text
+    assert list(files_below(out[0])) == ["systemd-tmpfiles-clean.service.d/50-rampiped.conf"]
+
+
+def test_no_max_age_no_clean_dropin(conf: Path, out: list[Path], run: Run) -> None:
+    conf.write_text("pins:\n  - path: /var/tmp\n    mode: volatile\n")
+    assert run(conf) == (0, "")
+    assert files_below(out[0]) == {}
+
+
+def test_a_missing_helper_is_a_warning_not_a_failure(
+    conf: Path, out: list[Path], run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(generator, "_helper", lambda: str(tmp_path / "nothing-here"))
+    conf.write_text(VOLATILE)
+    code, err = run(conf)
+    assert code == 0
+    assert err == (
+        f"rampiped-generator: warning: {tmp_path}/nothing-here is missing: max_age of"
+        " /home/*/.cache, /srv/scratch is not applied\n"
+    )
+    assert files_below(out[0]) == {}
