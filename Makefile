@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 DEB_PACKAGES = rsync acl attr e2fsprogs util-linux psmisc fio sqlite3 systemd-container debootstrap \
 	man-db groff-base
 
-.PHONY: all venv deps test test-unit lint typecheck man bench install uninstall clean
+.PHONY: all venv deps deb-deps deb test test-unit lint typecheck man bench install uninstall clean
 
 all: venv
 
@@ -38,6 +38,45 @@ deps:
 	  echo "installing Debian packages (missing:$$missing)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
 	fi
+
+# What `make deb` needs: Debian's own packaging tools (debhelper with dh-python and pybuild), a
+# compiler and Python's headers for pyfanotify's C extension, lintian to check the result.
+DEB_BUILD_PACKAGES = build-essential fakeroot debhelper dh-python pybuild-plugin-pyproject \
+	python3-all-dev python3-setuptools python3-wheel lintian
+
+# Installs them when one is missing (needs root).
+deb-deps:
+	@missing=""; for p in $(DEB_BUILD_PACKAGES); do \
+	  [ "$$(dpkg-query -W -f='$${db:Status-Status}' $$p 2>/dev/null)" = installed ] || \
+	    missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages (missing:$$missing)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# dist/rampiped_<version>_<arch>.deb, built from the files of the working tree (what git
+# tracks or would track) copied to build/deb, so that dpkg-buildpackage writes nothing next to
+# the checkout. DEB_VERSION=<version> builds that version instead of debian/changelog's (a
+# changelog entry is added to the copy), e.g. to test an upgrade. lintian must report no error.
+DEB_VERSION ?=
+deb: deb-deps
+	rm -rf build/deb
+	mkdir -p build/deb/src dist
+	git ls-files -z --cached --others --exclude-standard | \
+	  tar --null --ignore-failed-read -T - -cf - | tar -C build/deb/src -xf -
+	if [ -n "$(DEB_VERSION)" ]; then \
+	  { printf 'rampiped (%s) bookworm; urgency=medium\n\n  * Built with DEB_VERSION=%s.\n\n' \
+	      "$(DEB_VERSION)" "$(DEB_VERSION)"; \
+	    printf ' -- %s  %s\n\n' "$$(sed -n 's/^Maintainer: //p' debian/control)" \
+	      "$$(date -R)"; cat debian/changelog; } > build/deb/src/debian/changelog; \
+	fi
+	# Debian's python3 and tools only: another python3 first on PATH (pyenv, a venv) would
+	# build for an interpreter that the package does not run with.
+	cd build/deb/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b -us -uc
+	cp build/deb/rampiped_*.deb dist/
+	env PATH=/usr/sbin:/usr/bin:/sbin:/bin lintian --fail-on error build/deb/*.changes
+	@ls -1 build/deb/rampiped_*.deb | sed 's|build/deb/|dist/|'
 
 # All tiers. System tests need root; they run in a private mount namespace on loop filesystems.
 # RAMPIPED_TEST_MNTNS records the namespace's id so that the tests can check where they run.
@@ -78,4 +117,4 @@ uninstall:
 	  "$(MANDIR)" "$(COMPLETIONDIR)"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
