@@ -30,8 +30,9 @@ $(VENV)/.stamp: pyproject.toml
 
 venv: $(VENV)/.stamp
 
-# Installs the Debian packages above when one of their commands is missing (needs root).
-deps:
+# Installs the Debian packages above when one of their commands is missing (needs root), and
+# those `make deb` needs (the booted-systemd test builds the package).
+deps: deb-deps
 	@missing=""; for c in rsync setfacl getfattr mkfs.ext4 losetup fuser fio sqlite3 systemd-nspawn debootstrap man; do \
 	  command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
@@ -59,24 +60,28 @@ deb-deps:
 # tracks or would track) copied to build/deb, so that dpkg-buildpackage writes nothing next to
 # the checkout. DEB_VERSION=<version> builds that version instead of debian/changelog's (a
 # changelog entry is added to the copy), e.g. to test an upgrade. lintian must report no error.
+# DEB_BUILD and DEB_DIST move the build directory and the output (the booted-systemd test
+# builds its packages in a directory of its own).
 DEB_VERSION ?=
+DEB_BUILD ?= build/deb
+DEB_DIST ?= dist
 deb: deb-deps
-	rm -rf build/deb
-	mkdir -p build/deb/src dist
+	rm -rf $(DEB_BUILD)
+	mkdir -p $(DEB_BUILD)/src $(DEB_DIST)
 	git ls-files -z --cached --others --exclude-standard | \
-	  tar --null --ignore-failed-read -T - -cf - | tar -C build/deb/src -xf -
+	  tar --null --ignore-failed-read -T - -cf - | tar -C $(DEB_BUILD)/src -xf -
 	if [ -n "$(DEB_VERSION)" ]; then \
 	  { printf 'rampiped (%s) bookworm; urgency=medium\n\n  * Built with DEB_VERSION=%s.\n\n' \
 	      "$(DEB_VERSION)" "$(DEB_VERSION)"; \
 	    printf ' -- %s  %s\n\n' "$$(sed -n 's/^Maintainer: //p' debian/control)" \
-	      "$$(date -R)"; cat debian/changelog; } > build/deb/src/debian/changelog; \
+	      "$$(date -R)"; cat debian/changelog; } > $(DEB_BUILD)/src/debian/changelog; \
 	fi
 	# Debian's python3 and tools only: another python3 first on PATH (pyenv, a venv) would
 	# build for an interpreter that the package does not run with.
-	cd build/deb/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b -us -uc
-	cp build/deb/rampiped_*.deb dist/
-	env PATH=/usr/sbin:/usr/bin:/sbin:/bin lintian --fail-on error build/deb/*.changes
-	@ls -1 build/deb/rampiped_*.deb | sed 's|build/deb/|dist/|'
+	cd $(DEB_BUILD)/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b -us -uc
+	cp $(DEB_BUILD)/rampiped_*.deb $(DEB_DIST)/
+	env PATH=/usr/sbin:/usr/bin:/sbin:/bin lintian --fail-on error $(DEB_BUILD)/*.changes
+	@cd $(DEB_BUILD) && ls -1 rampiped_*.deb | sed 's|^|$(DEB_DIST)/|'
 
 # All tiers. System tests need root; they run in a private mount namespace on loop filesystems.
 # RAMPIPED_TEST_MNTNS records the namespace's id so that the tests can check where they run.
