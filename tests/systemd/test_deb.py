@@ -49,11 +49,15 @@ pins:
 """
 
 # Keeps HOLDER_FILE open for good and appends a numbered line to it five times a second; the
-# number of lines written so far goes to HOLDER_COUNT (outside every pin) after each one.
+# number of lines written so far goes to HOLDER_COUNT (outside every pin) after each one, and a
+# second holder goes on counting from there.
 HOLDER_SOURCE = f"""\
 import os, time
 f = open({HOLDER_FILE!r}, "a")
-n = 0
+try:
+    n = int(open({HOLDER_COUNT!r}).read())
+except FileNotFoundError:
+    n = 0
 while True:
     f.write("%08d\\n" % n)
     f.flush()
@@ -149,9 +153,9 @@ def mount_id(guest: Guest, path: str) -> str:
     return found
 
 
-def holder_mount_id(guest: Guest) -> str:
+def holder_mount_id(guest: Guest, unit: str = HOLDER) -> str:
     """The mount through which the holder has HOLDER_FILE open."""
-    pid = guest.run(f"systemctl show -p MainPID --value {HOLDER}").stdout.strip()
+    pid = guest.run(f"systemctl show -p MainPID --value {unit}").stdout.strip()
     script = (
         f"for fd in /proc/{pid}/fd/*; do "
         f'[ "$(readlink "$fd")" = {HOLDER_FILE} ] && '
@@ -292,6 +296,38 @@ def test_stop_after_the_upgrade_writes_everything_back(pkg: Guest) -> None:
 
 
 # -- remove and purge ---------------------------------------------------------------------------
+
+
+def test_remove_is_refused_while_a_pin_cannot_be_written_back(pkg: Guest) -> None:
+    """A static pin whose file is held open cannot be unmounted at the stop: its data would be
+    only in RAM once the package is gone, so the removal fails and the service runs again."""
+    pkg.run("systemctl start rampiped")
+    wait(pkg, lambda: mounts_below(pkg, STATIC), 60, f"the static pin of {STATIC}")
+    before = holder_count(pkg)
+    pkg.run(
+        f"systemd-run --unit={HOLDER}-2 /usr/bin/python3 /usr/local/lib/rampiped-test/holder.py"
+    )
+    wait(pkg, lambda: holder_count(pkg) > before, 30, "the second holder to write")
+    assert holder_mount_id(pkg, f"{HOLDER}-2") == mount_id(pkg, STATIC)
+    proc = apt(pkg, "remove", "rampiped", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "Not removing rampiped" in out, out
+    assert version(pkg).startswith("install ok installed")
+    assert pkg.run("test -x /usr/bin/rampipectl", check=False).returncode == 0
+    assert mounts_below(pkg, STATIC), "the held pin was unmounted"
+    # dpkg's abort-remove started the service again, which adopted the pin
+    wait(
+        pkg,
+        lambda: pkg.run("systemctl is-active rampiped", check=False).stdout.strip() == "active",
+        60,
+        "rampiped.service to be active again",
+    )
+    pkg.run(f"systemctl stop {HOLDER}-2")
+    written = holder_count(pkg)
+    # the disk gets every line once nobody holds the file (the stop of the next test)
+    pkg.run("rampipectl sync")
+    assert lines_in(pkg.host_path(HOLDER_FILE).read_text()) == [f"{i:08d}" for i in range(written)]
 
 
 def test_remove_writes_back_and_leaves_no_mount(pkg: Guest) -> None:
