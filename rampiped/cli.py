@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("unpin", help="write DIR back to disk and unpin it")
     s.add_argument("dir", metavar="DIR", help="the pinned directory")
     sub.add_parser("reload", help="reload the configuration (fails if it is invalid)")
+    sub.add_parser(
+        "handover",
+        help="checkpoint every pin, then make the daemon exit leaving them mounted, for the"
+        " next daemon to adopt (a package upgrade's restart)",
+    )
     s = sub.add_parser("check-config", help="validate a configuration file")
     s.add_argument(
         "path",
@@ -234,6 +239,12 @@ def run(argv: list[str] | None) -> int:
     elif args.command == "reload":
         _request(args, "reload")
         print("reloaded")
+    elif args.command == "handover":
+        # the daemon answers after its checkpoints (bounded like a sync's), then exits
+        res = _request(args, "handover", timeout=control.SYNC_WAIT + control.ANSWER_WAIT)
+        print(f"handed over {len(res['pins'])} pins, left mounted: {' '.join(res['pins'])}")
+        for path in res["checkpoint_failed"]:
+            print(f"checkpoint of {path} failed: its data stays in RAM", file=sys.stderr)
     elif args.command == "explain":
         res = _request(args, "explain", {"path": _abs(args.dir)})
         if args.json:

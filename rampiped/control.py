@@ -7,6 +7,8 @@ The server lives in the daemon's main loop (non-blocking, no threads). A command
 (sync, pin, unpin) is answered when its work is done; the loop keeps serving others meanwhile.
 `sync` ({"path": DIR or absent for all, "wait": seconds}) waits up to "wait" (SYNC_WAIT when
 absent) for an operation already running on a pin, then checkpoints it.
+`handover` checkpoints every pin and is answered ({"pins": [...], "checkpoint_failed": [...]})
+when no job runs any more; the daemon then exits leaving every pin mounted for the next one.
 Only root may connect: the socket is mode 0600 and the peer's uid is checked (SO_PEERCRED).
 """
 

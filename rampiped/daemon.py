@@ -225,6 +225,10 @@ class Daemon:
         self.want_reload = False
         self.want_stop = False
         self.abort = False  # leave at once, pins left mounted for the next start to adopt
+        # `rampipectl handover` (a package upgrade): its reply, once every pin is checkpointed
+        # and no job runs; the daemon then exits leaving the pins mounted for the next one
+        self.handover: control.Reply | None = None
+        self.handover_checkpointed: set[str] | None = None  # paths whose checkpoint failed
         self.overflow_until = 0.0
         self.last_tick = 0.0
         self.last_extend = 0.0
@@ -810,6 +814,10 @@ class Daemon:
     def run(self) -> int:
         while True:
             now = time.monotonic()
+            if self.handover is not None:
+                self._handover_step()
+            if self.abort:
+                break  # (before a SIGTERM is acted on: a handover leaves the pins mounted)
             if self.want_stop and not self.stopping:
                 self._begin_stop()
             if self.want_reload and not self.stopping:
@@ -867,7 +875,7 @@ class Daemon:
             left = ", ".join(sorted(self.sleep_wait))
             self.sleep_wait.clear()
             self.sleep_guard.sleep_ready(f"checkpoints still running after the deadline: {left}")
-        if not self.stopping:
+        if not self.stopping and self.handover is None:
             self._decide(now)
             if not self.dry_run:
                 self._retry_stranded(now)
@@ -1317,6 +1325,10 @@ class Daemon:
             )
         elif self.stopping:
             reply(control.error("rampiped is stopping"))
+        elif self.handover is not None:
+            reply(control.error("rampiped is handing its pins over to the next rampiped"))
+        elif cmd == "handover":
+            self._cmd_handover(reply)
         elif cmd == "sync":
             self._cmd_sync(args, reply)
         elif cmd == "pin":
@@ -1325,6 +1337,43 @@ class Daemon:
             self._cmd_unpin(args, reply)
         else:
             reply(control.error(f"unknown command {cmd!r}", EXIT_USAGE))
+
+    def _cmd_handover(self, reply: control.Reply) -> None:
+        """Checkpoint every pin, wait for the worker to finish, answer, and exit leaving every
+        pin mounted: the next rampiped adopts them as after a crash, with nothing written back
+        or unmounted in between (the package's postinst asks for this before restarting the
+        service on an upgrade)."""
+        self.handover = reply
+        self.handover_checkpointed = None
+        log.info(
+            "handing over: checkpointing %d pins, then exiting with them mounted for the next"
+            " rampiped to adopt",
+            len(self.pinmgr.pins),
+        )
+
+        def checkpointed(failed: set[str]) -> None:
+            self.handover_checkpointed = failed
+
+        self._checkpoint_all("handover", done=checkpointed)
+
+    def _handover_step(self) -> None:
+        """Exit once the handover's checkpoints are done and no job is queued or running."""
+        if self.handover_checkpointed is None or self.worker.pending or self.running:
+            return
+        failed = sorted(self.handover_checkpointed)
+        left = sorted(self.pinmgr.pins)
+        for path in failed:
+            log.warning(
+                "handover: the checkpoint of %s failed; its data stays in RAM, mounted, for the"
+                " next rampiped",
+                path,
+            )
+        log.info("handed over %d pins, left mounted: %s", len(left), ", ".join(left) or "none")
+        assert self.handover is not None
+        self.handover(control.ok({"pins": left, "checkpoint_failed": failed}))
+        self.handover = None
+        self.exit_code = EXIT_OK
+        self.abort = True
 
     def _cmd_sync(self, args: dict[str, Any], reply: control.Reply) -> None:
         """Checkpoint one pin or all. A pin busy with another operation (a checkpoint, an

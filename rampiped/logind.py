@@ -96,8 +96,9 @@ class SleepGuard:
         try:
             sock.settimeout(AUTH_TIMEOUT)
             sock.connect(address)
-            auth = Authenticator(enable_fds=True, inc_null_byte=False)
-            sock.sendall(b"\0")
+            # The SASL conversation starts with a null byte; the Authenticator's first line
+            # carries it (jeepney 0.8, Debian 12's, has no inc_null_byte to leave it out).
+            auth = Authenticator(enable_fds=True)
             for request in auth:
                 sock.sendall(request)
                 data = sock.recv(1024)

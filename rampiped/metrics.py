@@ -131,12 +131,24 @@ class _Totals:
             yield CounterMetricFamily(name, help_text, value=self.values.get(key, 0))
 
 
+def disable_created_series() -> None:
+    """No `_created` series: they are noise in a textfile and double the lines of every counter.
+
+    prometheus-client 0.18 and later have disable_created_metrics(); Debian 12's 0.16 reads the
+    switch once, at import, from $PROMETHEUS_DISABLE_CREATED_SERIES into the module global that
+    disable_created_metrics() sets, so that global is set the same way here."""
+    disable = getattr(prometheus_client, "disable_created_metrics", None)
+    if disable is not None:
+        disable()
+    else:
+        prometheus_client.metrics._use_created = False
+
+
 class Metrics:
     """The registry and the accounting behind it. Pure: no clock, no files."""
 
     def __init__(self) -> None:
-        # `_created` series are noise in a textfile and double the lines of every counter.
-        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+        disable_created_series()
         r = self.registry = CollectorRegistry(auto_describe=True)
         by_pin = ("path", "mode")
         Gauge("rampiped_info", "The running rampiped.", ["version"], registry=r).labels(

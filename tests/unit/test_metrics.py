@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,6 +38,31 @@ def value(
 
 def sample(*pins_: PinSample, monitor: dict[str, int] | None = None) -> Sample:
     return Sample(pins_, 1 << 30, monitor or {})
+
+
+def _has_created_series() -> bool:
+    registry = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter("probe_total", "A probe.", registry=registry).inc()
+    return b"probe_created" in prometheus_client.generate_latest(registry)
+
+
+def test_no_created_series_with_disable_created_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", True)
+    assert _has_created_series()  # (else the assertion below proves nothing)
+    metrics.disable_created_series()
+    assert not _has_created_series()
+    assert b"_created" not in Metrics().render()
+
+
+def test_no_created_series_without_disable_created_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Debian 12's prometheus-client 0.16 has no disable_created_metrics()."""
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", True)
+    monkeypatch.delattr(prometheus_client, "disable_created_metrics")
+    assert _has_created_series()
+    metrics.disable_created_series()
+    assert not _has_created_series()
 
 
 def test_gauges_per_pin_and_overall() -> None:
