@@ -816,7 +816,7 @@ def final_sync(
 # back after its bind) must neither overwrite nor delete what they write. So it writes only the
 # entries RAM changed (never an rsync --delete of the whole tree), deletes only entries still as
 # they were while the copy covered the path, and holds the disk files it replaces
-# (sync.HeldFiles): bytes appended to them meanwhile follow the RAM version, a rewrite is kept
+# (writeback.HeldFiles): bytes appended to them meanwhile follow the RAM version, a rewrite is kept
 # as NAME.rampiped-conflict.
 
 
@@ -827,7 +827,7 @@ class Window:
 
     before: Snapshot
     since: float  # the tmpfs's clock (PinManager.ram_clock): RAM entries changed from then on
-    threshold: int  # ns, wall clock, shortly before the unmount (sync.HeldFiles)
+    threshold: int  # ns, wall clock, shortly before the unmount (writeback.HeldFiles)
     # the disk files that RAM's changes replace, with their content digests, as they were
     # then: bytes appended to one of them afterwards are told from a rewrite by these
     stamps: Mapping[str, StampOfFile] = field(default_factory=dict)
