@@ -221,6 +221,9 @@ class Daemon:
         self.stop_started: set[str] = set()  # pins whose final write-back the stop began
         self.running: dict[str, str] = {}  # path -> kind of the worker's job on that pin
         self.sync_waits: dict[str, list[SyncWait]] = {}  # path -> syncs waiting for it
+        # path -> `rampipectl unpin`s that came while the pin was busy (a checkpoint ran): the
+        # unpin follows as soon as that ends, and answers them
+        self.unpin_waits: dict[str, list[JobReply]] = {}
         self.exit_code = EXIT_OK
         self.want_reload = False
         self.want_stop = False
@@ -591,6 +594,8 @@ class Daemon:
                 job.reply(result, exc)
         if done and self.sync_waits:
             self._serve_sync_waits(time.monotonic())
+        if done and self.unpin_waits:
+            self._serve_unpin_waits()
 
     def _finish(self, job: Job, result: Any, exc: BaseException | None) -> None:
         if job.kind == "measure":
@@ -869,6 +874,8 @@ class Daemon:
             self.control.expire(now)
         if self.sync_waits:
             self._serve_sync_waits(now)
+        if self.unpin_waits:
+            self._serve_unpin_waits()
         self.notifier.tick(now)
         self.observer.tick(now)
         if self.sleep_wait and now >= self.sleep_deadline and self.sleep_guard is not None:
@@ -1089,6 +1096,7 @@ class Daemon:
             "rampiped began to stop while this sync waited for the running {kind}:"
             " no checkpoint made; the stop writes every pin back to disk"
         )
+        self._drop_unpin_waits("rampiped began to stop: the stop writes every pin back to disk")
 
     def _stop_step(self, now: float) -> bool:
         """One step of the stop; True when there is nothing left to do. Every pin's final
@@ -1142,6 +1150,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         self._drop_sync_waits("rampiped exited while this sync waited for the running {kind}")
+        self._drop_unpin_waits("rampiped exited while this unpin waited for the running {kind}")
         if self.control is not None:
             self.control.close()
         if self.sleep_guard is not None:
@@ -1480,6 +1489,26 @@ class Daemon:
                 if not waits:
                     del self.sync_waits[path]
 
+    def _serve_unpin_waits(self) -> None:
+        """Unpins asked for while their pin was busy: submitted once its operation ended."""
+        for path, replies in list(self.unpin_waits.items()):
+            pin = self.pinmgr.pins.get(path)
+            if pin is None:
+                del self.unpin_waits[path]
+                _tell_all(replies, None, RuntimeError(f"{path} was unpinned meanwhile"))
+            elif not pin.busy and self.pending.get(path) != "pin":
+                del self.unpin_waits[path]
+                self._submit_unpin(
+                    pin, "asked by rampipectl", functools.partial(_tell_all, replies)
+                )
+
+    def _drop_unpin_waits(self, message: str) -> None:
+        """Answer every waiting unpin with `message` ({kind}: the operation it waited for)."""
+        waits, self.unpin_waits = self.unpin_waits, {}
+        for path, replies in waits.items():
+            kind = self.running.get(path, "operation")
+            _tell_all(replies, None, RuntimeError(message.format(kind=kind)))
+
     def _drop_sync_waits(self, message: str) -> None:
         """Answer every waiting sync with `message` ({kind}: the operation it waited for)."""
         waits, self.sync_waits = self.sync_waits, {}
@@ -1537,7 +1566,15 @@ class Daemon:
                     pin.unpin_requested = True  # keep trying in the background
                 reply(control.error(f"{exc} (rampiped keeps trying)"))
 
-        self._submit_unpin(pin, "asked by rampipectl", reply=done)
+        if self.stopping:
+            reply(control.error("rampiped is stopping: it writes every pin back to disk"))
+        elif pin.busy or self.pending.get(path) == "pin" or path in self.unpin_waits:
+            # a checkpoint (or the pin itself) is running: the unpin follows when it ends
+            kind = self.running.get(path, "operation")
+            log.debug("unpin of %s waits for the running %s", path, kind)
+            self.unpin_waits.setdefault(path, []).append(done)
+        else:
+            self._submit_unpin(pin, "asked by rampipectl", reply=done)
 
 
 def _tell_all(replies: list[JobReply], result: Any, exc: BaseException | None) -> None:

@@ -5,7 +5,9 @@
   scheduled (up to 5 minutes away; the unit's stop timeout is 90 s), and for a pin whose
   checkpoint is running as soon as that checkpoint ends;
 - `rampipectl sync` during another operation on a pin waits for it (up to `--timeout`), then
-  checkpoints; past its limit, or when the daemon begins to stop, it exits 1 and says why.
+  checkpoints; past its limit, or when the daemon begins to stop, it exits 1 and says why;
+- `rampipectl unpin` during a checkpoint waits for it, then unpins (it used to answer "busy
+  with another operation" whenever a periodic checkpoint happened to run).
 
 The daemon is held inside an operation by its test pause points (RAMPIPED_TEST_PAUSE_AT,
 rampiped/pause.py `pause_point`), checkpoints fail through an rsync that fails while a flag file
@@ -152,18 +154,18 @@ def test_sigterm_during_a_checkpoint_writes_back_when_it_ends(
         assert safety.check_tree(d, expected) == []
 
 
-def wait_queued(dm: Daemon, d: Path, ctl: subprocess.Popen[str]) -> None:
-    """Wait until the daemon says `ctl`'s sync of `d` waits for the running checkpoint; fail at
-    once if `ctl` was answered instead."""
-    rx = re.compile(rf"sync of {re.escape(str(d))} waits for the running checkpoint")
+def wait_queued(dm: Daemon, d: Path, ctl: subprocess.Popen[str], what: str = "sync") -> None:
+    """Wait until the daemon says `ctl`'s sync (or `what`) of `d` waits for the running
+    checkpoint; fail at once if `ctl` was answered instead."""
+    rx = re.compile(rf"{what} of {re.escape(str(d))} waits for the running checkpoint")
 
     def queued() -> bool:
         if ctl.poll() is not None:
             _out, err = ctl.communicate()
-            raise AssertionError(f"rampipectl sync did not wait: exit {ctl.returncode}: {err}")
+            raise AssertionError(f"rampipectl {what} did not wait: exit {ctl.returncode}: {err}")
         return any(rx.search(line) for line in list(dm.lines))
 
-    wait_for(queued, 30, "the sync to wait for the running checkpoint")
+    wait_for(queued, 30, f"the {what} to wait for the running checkpoint")
 
 
 def wait_checkpoints(dm: Daemon, n: int) -> int:
@@ -236,6 +238,47 @@ def test_sync_during_a_checkpoint_waits_and_then_checkpoints(
             assert safety.check_tree(staged_disk(env), expected) == []
             assert wait_checkpoints(dm, 2) == 2
             assert answered(env, marker, "unpin", str(d)).returncode == 0
+        assert safety.check_tree(d, expected) == []
+
+
+def test_unpin_during_a_checkpoint_waits_and_then_unpins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "paused"
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "app"
+        d.mkdir()
+        with safety.paused_daemon(env, monkeypatch, "copy-checkpoint:copied", marker) as dm:
+            env.ctl("pin", str(d), "--mode", "copy", check=True)
+            expected = write_files(d)
+            sync = safety.ctl_async(env, "sync", str(d))
+            unpin: subprocess.Popen[str] | None = None
+            try:
+                safety.wait_paused(marker, "copy-checkpoint:copied")
+                safety.write_version(d / "late", "late", 1)  # after the checkpoint copied
+                expected["late"] = 1
+                unpin = safety.ctl_async(env, "unpin", str(d))
+                wait_queued(dm, d, unpin, "unpin")
+                waiting = unpin
+
+                def both_answered() -> bool:
+                    safety.release(marker)  # the unpin's own checkpoint passes the point too
+                    return sync.poll() is not None and waiting.poll() is not None
+
+                wait_for(both_answered, 60, "the sync and the unpin to be answered")
+                out, err = unpin.communicate()
+                sync.communicate()
+            finally:
+                safety.release(marker)
+                for proc in (sync, unpin):
+                    if proc is not None and proc.poll() is None:
+                        proc.kill()
+                        proc.communicate()
+            assert sync.returncode == 0
+            assert unpin.returncode == 0, err
+            assert out.startswith(f"unpinned {d}"), out
+            assert env.mounted_at(d) is None
+            assert env.status()["pins"] == []
         assert safety.check_tree(d, expected) == []
 
 
