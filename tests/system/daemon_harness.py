@@ -291,11 +291,11 @@ print(n, flush=True)
 """
 
 
-class FsyncLogger:
-    """A separate process running FSYNC_LOGGER into `path`."""
+class FsyncLogger(Writer):
+    """A separate process running FSYNC_LOGGER into `path` (`stop` returns the lines written)."""
 
-    def __init__(self, path: Path, rate: float = 200) -> None:
-        self.path = path
+    def __init__(self, path: Path, rate: float = 200) -> None:  # no super(): another script
+        self.root = path.parent
         self.stop_file = path.parent.parent / (".stop-" + path.parent.name)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", FSYNC_LOGGER, str(path), str(rate), str(self.stop_file)],
@@ -304,18 +304,6 @@ class FsyncLogger:
         )
         assert self.proc.stdout is not None
         assert self.proc.stdout.readline().strip() == "ready"
-
-    def stop(self) -> int:
-        """Lines written."""
-        self.stop_file.touch()
-        try:
-            assert self.proc.stdout is not None
-            out = self.proc.stdout.read()
-            self.proc.wait(30)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                self.stop_file.unlink()
-        return int(out.strip().splitlines()[-1])
 
     @staticmethod
     def expected(lines: int) -> bytes:
