@@ -33,8 +33,8 @@ VARIANT = "minbase"
 # with venv and headers, gcc, libc6-dev and make to build pyfanotify; rsync for write-back;
 # util-linux (findmnt) and e2fsprogs as on a real machine; procps for ps/pgrep when debugging;
 # ca-certificates for pip's TLS; libpam-systemd so that a login (su, login) opens a logind
-# session, as on a real machine. The Python modules the Debian package depends on
-# (debian/control), so that `apt install ./rampiped_*.deb` completes with the network cut off.
+# session, as on a real machine. Not the Python modules the Debian package depends on: its test
+# installs them from Debian's .deb files (test_deb.py).
 PACKAGES = (
     "ca-certificates",
     "dbus",
@@ -46,12 +46,7 @@ PACKAGES = (
     "procps",
     "python3",
     "python3-dev",
-    "python3-jeepney",
-    "python3-prometheus-client",
-    "python3-psutil",
-    "python3-sdnotify",
     "python3-venv",
-    "python3-yaml",
     "rsync",
     "systemd-sysv",
     "util-linux",

@@ -5,9 +5,11 @@ purged (configuration and journal directory gone, unless a journal still holds d
 
 The packages are built on this host with `make deb` (Debian's tools), once as the changelog
 says and once with a higher version. Every apt-get in the guest runs in a network namespace of
-its own with no interface but loopback, so it can only use what the guest has: the Python
-modules the package depends on come from Debian's archive (the cached tree has them, see
-guest.PACKAGES) and pyfanotify's C extension is in the package.
+its own with no interface but loopback, so it can only use what it is given: the guest has none
+of the Python modules the package depends on; their .deb files, downloaded from Debian's
+archive on this host (`apt-get download`, the closure of debian/control's Depends that the
+guest lacks), are handed to the same `apt-get install` as the package, and pyfanotify's C
+extension is in the package.
 
 The tests are one story and run in file order on the same machine."""
 
@@ -69,6 +71,81 @@ while True:
 """
 
 PACKAGES: dict[str, str] = {}  # "old" / "new" -> file name in DEBS
+ARCHIVE: list[str] = []  # the dependencies' .deb files, in DEBS/archive
+
+
+def package_depends() -> list[str]:
+    """The packages debian/control's binary package depends on by name (no ${...})."""
+    control = (REPO / "debian/control").read_text()
+    stanza = control.split("\nPackage: rampiped\n", 1)[1]
+    field = re.search(r"^Depends:(.*?)(?=^\S)", stanza, re.S | re.M)
+    assert field is not None, "no Depends in debian/control"
+    names = [part.strip().split()[0] for part in field.group(1).split(",") if part.strip()]
+    return [n for n in names if not n.startswith("$")]
+
+
+def depends_of(name: str) -> list[list[str]]:
+    """`name`'s Depends and Pre-Depends on this host's archive, as groups of alternatives (a
+    virtual package, `<python3:any>`, stands for the real one of the same name)."""
+    out = subprocess.run(
+        [
+            "apt-cache",
+            "depends",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    groups: list[list[str]] = []
+    alternative = False  # the line before was "|Depends": this one joins its group
+    for line in out.splitlines()[1:]:
+        m = re.match(r"\s+(\|?)(?:Pre)?Depends: <?([^>\s]+)>?", line)
+        if m is None:
+            continue
+        dep = m.group(2).split(":")[0]
+        if alternative:
+            groups[-1].append(dep)
+        else:
+            groups.append([dep])
+        alternative = m.group(1) == "|"
+    return groups
+
+
+def archive_debs(guest: Guest, out: Path) -> list[str]:
+    """Download, from Debian's archive on this host, the .deb of every package that the
+    package's dependencies need and the guest does not have; their file names. A dependency
+    with alternatives is met by one the guest has, or else by the first real package."""
+    have = set(guest.run("dpkg-query -W -f='${Package}\\n'").stdout.split())
+    need: set[str] = set()
+    todo = [n for n in package_depends() if n not in have]
+    while todo:
+        name = todo.pop()
+        if name in need:
+            continue
+        need.add(name)
+        for group in depends_of(name):
+            if any(alt in have or alt in need for alt in group):
+                continue
+            todo.append(group[0])
+    need_list = sorted(need)
+    out.mkdir(parents=True, exist_ok=True)
+    if need_list:
+        proc = subprocess.run(
+            ["apt-get", "download", *need_list],
+            cwd=out,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, f"apt-get download {' '.join(need_list)}: {proc.stderr}"
+    return sorted(p.name for p in out.glob("*.deb"))
 
 
 def changelog_version() -> str:
@@ -109,9 +186,12 @@ def pkg(guest: Guest, tmp_path_factory: pytest.TempPathFactory) -> Guest:
     PACKAGES["old"] = build(None, out)
     PACKAGES["new"] = build(f"{old}+upgrade1", out)
     assert PACKAGES["old"].startswith(f"rampiped_{old}_")
-    guest.run(f"mkdir -p {DEBS}")
+    ARCHIVE[:] = archive_debs(guest, out / "archive")
+    guest.run(f"mkdir -p {DEBS}/archive")
     for name in PACKAGES.values():
         guest.host_path(f"{DEBS}/{name}").write_bytes((out / name).read_bytes())
+    for name in ARCHIVE:
+        guest.host_path(f"{DEBS}/archive/{name}").write_bytes((out / "archive" / name).read_bytes())
     return guest
 
 
@@ -178,10 +258,14 @@ def lines_in(text: str) -> list[str]:
 
 
 def test_install_offline_starts_the_service(pkg: Guest) -> None:
-    # Nothing from PyPI: there is no pip to fetch it with, and apt has no network.
+    # Nothing from PyPI: there is no pip to fetch it with, and apt has no network. The Python
+    # modules the package needs are not there either: they come with it, from Debian's archive.
     assert pkg.run("python3 -c 'import pip'", check=False).returncode != 0
+    for module in ("yaml", "psutil", "jeepney", "sdnotify", "prometheus_client"):
+        assert pkg.run(f"python3 -c 'import {module}'", check=False).returncode != 0, module
+    assert ARCHIVE, "no dependency to install from the archive: the guest has them all"
     started = time.monotonic()
-    apt(pkg, "install", f"{DEBS}/{PACKAGES['old']}")
+    apt(pkg, "install", f"{DEBS}/{PACKAGES['old']}", *(f"{DEBS}/archive/{n}" for n in ARCHIVE))
     record("apt install of the package", time.monotonic() - started)
     assert version(pkg) == f"install ok installed {PACKAGES['old'].split('_')[1]}"
     assert pkg.run("systemctl is-enabled rampiped").stdout.strip() == "enabled"
