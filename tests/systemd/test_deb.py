@@ -264,8 +264,15 @@ def test_install_offline_starts_the_service(pkg: Guest) -> None:
     for module in ("yaml", "psutil", "jeepney", "sdnotify", "prometheus_client"):
         assert pkg.run(f"python3 -c 'import {module}'", check=False).returncode != 0, module
     assert ARCHIVE, "no dependency to install from the archive: the guest has them all"
-    started = time.monotonic()
-    apt(pkg, "install", f"{DEBS}/{PACKAGES['old']}", *(f"{DEBS}/archive/{n}" for n in ARCHIVE))
+    # and no compiler: the guest's gcc (make install needs it) cannot run during the install
+    gcc = pkg.run("readlink -f /usr/bin/gcc").stdout.strip()
+    pkg.run(f"chmod a-x {shlex.quote(gcc)}")
+    try:
+        assert pkg.run("gcc --version", check=False).returncode != 0
+        started = time.monotonic()
+        apt(pkg, "install", f"{DEBS}/{PACKAGES['old']}", *(f"{DEBS}/archive/{n}" for n in ARCHIVE))
+    finally:
+        pkg.run(f"chmod a+x {shlex.quote(gcc)}")
     record("apt install of the package", time.monotonic() - started)
     assert version(pkg) == f"install ok installed {PACKAGES['old'].split('_')[1]}"
     assert pkg.run("systemctl is-enabled rampiped").stdout.strip() == "enabled"
