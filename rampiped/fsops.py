@@ -6,7 +6,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from rampiped import osutil
@@ -79,18 +79,29 @@ def opened_dir(path: str) -> Iterator[int]:
 def open_rel(root_fd: int, rel: str) -> int | None:
     """Open directory `rel` below root_fd without following symlinks; None when any component
     is missing or is not a real directory."""
-    fd = os.dup(root_fd)
-    if not rel:
-        return fd
     try:
-        for part in rel.split("/"):
+        return walk_dirs(root_fd, rel.split("/") if rel else [])
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None
+        raise
+
+
+def walk_dirs(root_fd: int, parts: Iterable[str], flags: int = DIR_FLAGS) -> int:
+    """A descriptor of the directory reached from root_fd through `parts`, one component at a
+    time, opened with `flags` (O_NOFOLLOW in them: no symlink followed). An OSError names
+    the components up to the one that failed in its `filename`."""
+    fd = os.dup(root_fd)
+    done: list[str] = []
+    try:
+        for part in parts:
+            done.append(part)
             try:
-                nfd = open_dir_at(fd, part)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
+                nfd = os.open(part, flags, dir_fd=fd)
             except OSError as e:
-                if e.errno == errno.ELOOP:
-                    return None
+                e.filename = "/".join(done)
                 raise
             os.close(fd)
             fd = nfd

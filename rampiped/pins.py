@@ -37,7 +37,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rampiped import copymode, handover, holders, mounts, tmpfiles, tree, volatile, writeback
+from rampiped import (
+    copymode,
+    fsops,
+    handover,
+    holders,
+    mounts,
+    tmpfiles,
+    tree,
+    volatile,
+    writeback,
+)
 from rampiped import ledger as ledger_mod
 from rampiped.backoff import RETRY
 from rampiped.engine import format_bytes, format_duration
@@ -75,27 +85,19 @@ SOURCE_PREFIX = "rampiped-"  # every mount rampiped makes carries "rampiped-<id>
 _COPIED_XATTR_PREFIXES = ("user.", "system.posix_acl_", "security.")
 
 
-def _is_prefix(short: str, long: str, chunk: int = 1 << 20) -> bool:
-    """Whether regular file `short` holds the first bytes of regular file `long` (no symlink
-    followed; False when either is something else or cannot be read)."""
-    a = ledger_mod.open_regular(short)
-    b = ledger_mod.open_regular(long) if a is not None else None
-    try:
-        if a is None or b is None or a[1].st_size > b[1].st_size:
-            return False
-        left = a[1].st_size
-        while left > 0:
-            n = min(chunk, left)
-            if os.read(a[0], n) != os.read(b[0], n):
-                return False
-            left -= n
-        return True
-    except OSError:
-        return False
-    finally:
-        for opened in (a, b):
-            if opened is not None:
-                os.close(opened[0])
+def _held_files(path: str, late: list[handover.HeldFile]) -> tuple[list[str], bool]:
+    """The files below `path` that `late` hold open, relative to it, and whether that is all
+    they hold (not a working directory, a mapping or a file elsewhere)."""
+    prefix = path.rstrip("/") + "/"
+    rels, only_files = [], True
+    for held in late:
+        kind, _, rest = held.what.partition(" ")
+        target = rest.partition(" ")[2]
+        if kind == "fd" and target.startswith(prefix):
+            rels.append(target[len(prefix) :])
+        else:
+            only_files = False
+    return rels, only_files
 
 
 class PinRefused(Exception):
@@ -700,28 +702,19 @@ class PinManager:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(HOLD_POLL)
-        prefix = pin.path.rstrip("/") + "/"
-        for held in late:
-            kind, _, rest = held.what.partition(" ")
-            target = rest.partition(" ")[2]
-            if kind != "fd" or not target.startswith(prefix):
-                return False  # a working directory or a mapping: writes may still come
-            rel = target[len(prefix) :]
-            if os.path.lexists(os.path.join(self.upper(pin.id), rel)) and not _is_prefix(
-                os.path.join(self.disk(pin.id), rel), os.path.join(self.upper(pin.id), rel)
-            ):
-                return False
-        return True
+        held, only_files = _held_files(pin.path, late)
+        if not only_files:
+            return False  # a working directory or a mapping: writes may still come
+        upper, disk = self.upper(pin.id), self.disk(pin.id)
+        return all(
+            not os.path.lexists(os.path.join(upper, rel))
+            or writeback.is_prefix(disk, rel, os.path.join(upper, rel))
+            for rel in held
+        )
 
     def _late_bases(self, pin: Pin, late: list[handover.HeldFile]) -> dict[str, writeback.Stamp]:
         out: dict[str, writeback.Stamp] = {}
-        prefix = pin.path.rstrip("/") + "/"
-        for held in late:
-            kind, _, rest = held.what.partition(" ")
-            target = rest.partition(" ")[2]
-            if kind != "fd" or not target.startswith(prefix):
-                continue
-            rel = target[len(prefix) :]
+        for rel in _held_files(pin.path, late)[0]:
             copy = os.path.join(self.upper(pin.id), rel)
             try:
                 # copied into RAM already: what the disk file holds beyond the bytes both share
@@ -1904,30 +1897,21 @@ def open_dir_nofollow(path: str) -> int:
     otherwise point root's mounts and writes anywhere."""
     if not os.path.isabs(path) or os.path.normpath(path) != path:
         raise PinRefused(f"cannot pin {path!r}: not a normalised absolute path")
-    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    done = ""
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for part in path.split("/")[1:]:
-            if not part:
-                continue
-            done += "/" + part
-            try:
-                nfd = os.open(
-                    part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                )
-            except OSError as exc:
-                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                    raise PinRefused(
-                        f"cannot pin {path}: {done} is a symlink or not a directory"
-                    ) from exc
-                raise
-            os.close(fd)
-            fd = nfd
-        result, fd = fd, -1
-        return result
+        return fsops.walk_dirs(
+            root,
+            [part for part in path.split("/") if part],
+            os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+        )
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise PinRefused(
+                f"cannot pin {path}: /{exc.filename} is a symlink or not a directory"
+            ) from exc
+        raise
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(root)
 
 
 def largest_file(path: str) -> int:

@@ -62,7 +62,14 @@ from rampiped.writeback.journal import (
 from rampiped.writeback.layer import OVERLAY_FEATURES
 from rampiped.writeback.names import CONFLICT_SUFFIX, HOLD_NAME, SCRATCH_NAME, STASH_NAME
 from rampiped.writeback.scratch import scratch_dir, scrub_leftovers
-from rampiped.writeback.stamps import CLOCK_SLACK_NS, Stamp, shared_stamp, stamp_of, touched_entries
+from rampiped.writeback.stamps import (
+    CLOCK_SLACK_NS,
+    Stamp,
+    is_prefix,
+    shared_stamp,
+    stamp_of,
+    touched_entries,
+)
 from rampiped.writeback.verify import verify_applied
 
 __all__ = [
@@ -92,6 +99,7 @@ __all__ = [
     "communicate_watched",
     "describe_exit",
     "discard_journal",
+    "is_prefix",
     "latest_generation",
     "pause_point",
     "rsync_stat",

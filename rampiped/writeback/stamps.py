@@ -102,8 +102,21 @@ def shared_stamp(root: str, rel: str, copy: str) -> Stamp | None:
     start, with the regular file `copy` (RAM's copy of it). A write-back that takes this as the
     disk file's state before it keeps what the disk file holds beyond those bytes: appended to
     RAM's version, or as a conflict file. None when `rel` is not a regular file."""
+    found = _shared(root, rel, copy)
+    return None if found is None else found[0]
 
-    def at(pfd: int, name: str) -> Stamp | None:
+
+def is_prefix(root: str, rel: str, copy: str) -> bool:
+    """Whether the regular file `rel` below `root` holds only the first bytes of the regular
+    file `copy` (False when either is something else)."""
+    found = _shared(root, rel, copy)
+    return found is not None and found[2] and found[0].size == found[1]
+
+
+def _shared(root: str, rel: str, copy: str) -> tuple[Stamp, int, bool] | None:
+    """shared_stamp, the file's whole size, and whether `copy` is a regular file."""
+
+    def at(pfd: int, name: str) -> tuple[Stamp, int, bool] | None:
         found = open_regular(name, pfd)
         if found is None:
             return None
@@ -116,9 +129,10 @@ def shared_stamp(root: str, rel: str, copy: str) -> Stamp | None:
                     shared = _shared_length(fd, other[0], min(st.st_size, other[1].st_size))
                 finally:
                     os.close(other[0])
-            return Stamp(
+            stamp = Stamp(
                 rel, st.st_ino, shared, st.st_mtime_ns, st.st_ctime_ns, _digest_fd(fd, shared)
             )
+            return stamp, st.st_size, other is not None
         finally:
             os.close(fd)
 
