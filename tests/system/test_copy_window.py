@@ -353,6 +353,28 @@ def test_an_overlay_pin_refused_while_ram_is_held_stays_until_it_can_be_written_
             assert safety.no_leftover_mounts(env.runtime) == []
 
 
+LATE_STAGES = "pin:layers,pin:overlay-mounted,pin:late-holders"
+
+
+def pin_with_a_late_write(
+    env: Env, marker: Path, d: Path, before: Callable[[], None] = lambda: None
+) -> tuple[int, str, str]:
+    """`rampipectl pin d` while a process opens `d/late.log` on disk between the holder check
+    and the mount; at the mount `before` runs, then that process appends `late 2` once the
+    pin has seen it holding the file, and closes it. rampipectl's exit status and output."""
+    with safety.pin_with_late_writer(
+        env, marker, [str(d)], d / "late.log", "pin:overlay-mounted"
+    ) as (ctl, late):
+        before()
+        release(marker)
+        safety.wait_paused(marker, "pin:late-holders")  # it was seen holding the file
+        late.write("late 2\n")
+        late.close()
+        release(marker)
+        out, err = ctl.communicate(timeout=120)
+    return ctl.returncode, out, err
+
+
 def test_an_overlay_pin_waits_out_a_late_writer_that_lets_go_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -360,22 +382,13 @@ def test_an_overlay_pin_waits_out_a_late_writer_that_lets_go_at_once(
     there and closes it a moment later (the way loggers write): the pin is made, the overlay
     shows what it appended, and the disk keeps it after the unpin."""
     marker = tmp_path / "paused"
-    stages = "pin:layers,pin:overlay-mounted,pin:late-holders"
     with safety.manual_env(tmp_path) as env:
         d = env.data / "over"
         d.mkdir()
         (d / "late.log").write_text("late 1\n")
-        with safety.paused_daemon(env, monkeypatch, stages, marker) as dm:
-            with safety.pin_with_late_writer(
-                env, marker, [str(d)], d / "late.log", "pin:overlay-mounted"
-            ) as (ctl, late):
-                release(marker)
-                safety.wait_paused(marker, "pin:late-holders")  # it was seen holding the file
-                late.write("late 2\n")
-                late.close()
-                release(marker)
-                out, err = ctl.communicate(timeout=120)
-            assert ctl.returncode == 0, (out, err)
+        with safety.paused_daemon(env, monkeypatch, LATE_STAGES, marker) as dm:
+            code, out, err = pin_with_a_late_write(env, marker, d)
+            assert code == 0, (out, err)
             assert env.overlay_at(d)
             assert (d / "late.log").read_text() == "late 1\nlate 2\n"
             append(d / "late.log", "ram 3\n")
@@ -393,23 +406,16 @@ def test_a_late_writer_behind_ram_copy_of_its_file_refuses_the_pin_and_loses_not
     the pin is refused, and both writes are kept after its write-back (before this, the disk
     file was replaced by RAM's copy, and the late write was lost)."""
     marker = tmp_path / "paused"
-    stages = "pin:layers,pin:overlay-mounted,pin:late-holders"
     with safety.manual_env(tmp_path) as env:
         d = env.data / "over"
         d.mkdir()
         (d / "late.log").write_text("late 1\n")
-        with safety.paused_daemon(env, monkeypatch, stages, marker) as dm:
-            with safety.pin_with_late_writer(
-                env, marker, [str(d)], d / "late.log", "pin:overlay-mounted"
-            ) as (ctl, late):
-                append(d / "late.log", "ram 2\n")  # through the overlay: copied up
-                release(marker)
-                safety.wait_paused(marker, "pin:late-holders")
-                late.write("late 2\n")  # to the disk file below RAM's copy
-                late.close()
-                release(marker)
-                out, err = ctl.communicate(timeout=120)
-            assert ctl.returncode != 0, (out, err)
+        with safety.paused_daemon(env, monkeypatch, LATE_STAGES, marker) as dm:
+            # through the overlay first: copied up
+            code, out, err = pin_with_a_late_write(
+                env, marker, d, lambda: append(d / "late.log", "ram 2\n")
+            )
+            assert code != 0, (out, err)
             assert "opened on disk during the pin" in err, err
             assert not env.overlay_at(d)
             wait_for(lambda: env.status()["pins"] == [], 30, "the pin to be gone")

@@ -197,6 +197,42 @@ def answered(env: Env, marker: Path, *args: str) -> subprocess.Popen[str]:
     return proc
 
 
+Answer = tuple[int, str, str]  # rampipectl's exit status, stdout, stderr
+
+
+def asked_during_a_checkpoint(
+    env: Env, dm: Daemon, marker: Path, d: Path, expected: dict[str, int], *args: str
+) -> tuple[Answer, Answer]:
+    """`rampipectl sync d` held inside its checkpoint (paused at copy-checkpoint:copied); a
+    file `late` written then, which only a later checkpoint or write-back has; `rampipectl
+    ARGS` asked meanwhile, which must wait for the checkpoint (the daemon logs so); then every
+    pause let through until both are answered."""
+    first = safety.ctl_async(env, "sync", str(d))
+    second: subprocess.Popen[str] | None = None
+    try:
+        safety.wait_paused(marker, "copy-checkpoint:copied")
+        safety.write_version(d / "late", "late", 1)
+        expected["late"] = 1
+        second = safety.ctl_async(env, *args)
+        wait_queued(dm, d, second, args[0])
+        waiting = second
+
+        def both_answered() -> bool:
+            safety.release(marker)  # the second operation's own checkpoint passes it too
+            return first.poll() is not None and waiting.poll() is not None
+
+        wait_for(both_answered, 60, f"the sync and rampipectl {args[0]} to be answered")
+        out1, err1 = first.communicate()
+        out2, err2 = second.communicate()
+    finally:
+        safety.release(marker)
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return (first.returncode, out1, err1), (second.returncode, out2, err2)
+
+
 def test_sync_during_a_checkpoint_waits_and_then_checkpoints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -207,31 +243,12 @@ def test_sync_during_a_checkpoint_waits_and_then_checkpoints(
         with safety.paused_daemon(env, monkeypatch, "copy-checkpoint:copied", marker) as dm:
             env.ctl("pin", str(d), "--mode", "copy", check=True)
             expected = write_files(d)
-            first = safety.ctl_async(env, "sync", str(d))
-            second: subprocess.Popen[str] | None = None
-            try:
-                safety.wait_paused(marker, "copy-checkpoint:copied")
-                # written after the first checkpoint copied: only a second one has it
-                safety.write_version(d / "late", "late", 1)
-                expected["late"] = 1
-                second = safety.ctl_async(env, "sync")  # every pin: the one busy pin waits
-                wait_queued(dm, d, second)
-
-                def both_answered() -> bool:
-                    safety.release(marker)  # the second checkpoint passes the point too
-                    return first.poll() is not None and second.poll() is not None
-
-                wait_for(both_answered, 60, "both syncs to be answered")
-                _out1, err1 = first.communicate()
-                out2, err2 = second.communicate()
-            finally:
-                safety.release(marker)
-                for proc in (first, second):
-                    if proc is not None and proc.poll() is None:
-                        proc.kill()
-                        proc.communicate()
-            assert first.returncode == 0, err1
-            assert second.returncode == 0, err2
+            # every pin: the one busy pin waits
+            (code1, _out1, err1), (code2, out2, err2) = asked_during_a_checkpoint(
+                env, dm, marker, d, expected, "sync"
+            )
+            assert code1 == 0, err1
+            assert code2 == 0, err2
             assert out2.startswith("synced 1 pins"), out2
             assert "busy" not in err2
             # the second checkpoint happened: the disk side holds the late file
@@ -251,31 +268,11 @@ def test_unpin_during_a_checkpoint_waits_and_then_unpins(
         with safety.paused_daemon(env, monkeypatch, "copy-checkpoint:copied", marker) as dm:
             env.ctl("pin", str(d), "--mode", "copy", check=True)
             expected = write_files(d)
-            sync = safety.ctl_async(env, "sync", str(d))
-            unpin: subprocess.Popen[str] | None = None
-            try:
-                safety.wait_paused(marker, "copy-checkpoint:copied")
-                safety.write_version(d / "late", "late", 1)  # after the checkpoint copied
-                expected["late"] = 1
-                unpin = safety.ctl_async(env, "unpin", str(d))
-                wait_queued(dm, d, unpin, "unpin")
-                waiting = unpin
-
-                def both_answered() -> bool:
-                    safety.release(marker)  # the unpin's own checkpoint passes the point too
-                    return sync.poll() is not None and waiting.poll() is not None
-
-                wait_for(both_answered, 60, "the sync and the unpin to be answered")
-                out, err = unpin.communicate()
-                sync.communicate()
-            finally:
-                safety.release(marker)
-                for proc in (sync, unpin):
-                    if proc is not None and proc.poll() is None:
-                        proc.kill()
-                        proc.communicate()
-            assert sync.returncode == 0
-            assert unpin.returncode == 0, err
+            (code1, _out1, err1), (code2, out, err) = asked_during_a_checkpoint(
+                env, dm, marker, d, expected, "unpin", str(d)
+            )
+            assert code1 == 0, err1
+            assert code2 == 0, err
             assert out.startswith(f"unpinned {d}"), out
             assert env.mounted_at(d) is None
             assert env.status()["pins"] == []
