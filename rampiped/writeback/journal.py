@@ -311,11 +311,34 @@ def _copy_listed(
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(listing)
-    if result.returncode != 0 and not source_churn_only(result):
+    if result.returncode != 0 and not source_churn_only(retyped_left_out(result, src)):
         raise SyncError.from_command(
             f"checkpoint of {src} into {dst} (changed files)", argv, result
         )
     return result
+
+
+# rsync replacing a destination entry by one of another type: "could not make way for new
+# device file: NAME" (also symlink, directory, special file)
+_MAKE_WAY = re.compile(r"could not make way for new [a-z ]+: (.+)")
+
+
+def retyped_left_out(result: CommandResult, src: str) -> CommandResult:
+    """`result` without rsync's complaints about files that are no longer regular files in
+    `src`: each was listed as a changed regular file and became something else (deleted
+    through the overlay: a whiteout) during the pass, which is source churn like a vanished
+    file; the next checkpoint takes its new state (the ledger leaves it out)."""
+    kept = []
+    for line in result.stderr.splitlines():
+        m = _MAKE_WAY.fullmatch(line.strip())
+        if m is not None:
+            try:
+                if not stat.S_ISREG(os.lstat(os.path.join(src, m.group(1))).st_mode):
+                    continue
+            except FileNotFoundError:
+                continue
+        kept.append(line)
+    return CommandResult(result.returncode, result.stdout, "\n".join(kept))
 
 
 def latest_generation(journal: str) -> str | None:
