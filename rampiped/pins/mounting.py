@@ -1,0 +1,209 @@
+"""Mounting and unmounting a pin: the staging bind, the unmount that waits for holders (never
+a lazy detach), the remount after a failed write-back, and the release of what is left."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from rampiped import handover, holders, mounts, writeback
+from rampiped.pins.core import ManagerCore
+from rampiped.pins.dirs import open_dir_nofollow
+from rampiped.pins.model import (
+    BUSY_GRACE,
+    BUSY_POLL,
+    SOURCE_PREFIX,
+    UMOUNT_SPIN,
+    UMOUNT_SPIN_POLL,
+    Pin,
+    PinRefused,
+    UnpinBusy,
+    holder_list,
+)
+
+log = logging.getLogger("rampiped")
+
+T = TypeVar("T")
+
+
+class Mounting(ManagerCore):
+    def mount_layers(self, pin: Pin, undo: list[Callable[[], None]], dir_fd: int) -> None:
+        ram, disk = self.ram(pin.id), self.disk(pin.id)
+        os.makedirs(ram, mode=0o700, exist_ok=True)
+        os.makedirs(disk, mode=0o700, exist_ok=True)
+        mounts.mount_tmpfs(
+            ram, size=self.tmpfs_size(), mode=0o700, uid=0, gid=0, source=SOURCE_PREFIX + pin.id
+        )
+        undo.append(lambda: mounts.umount(ram))
+        self.bind_staging(dir_fd, disk)
+        undo.append(lambda: mounts.umount(disk))
+
+    @staticmethod
+    def bind_staging(dir_fd: int, disk: str) -> None:
+        """Bind the directory behind `dir_fd` on `disk`: private before anything else is mounted
+        (a shared bind would receive the overlay too), and nosymfollow, so that every write-back
+        through it stays inside the directory even when its users plant symlinks meanwhile."""
+        mounts.bind(f"/proc/self/fd/{dir_fd}", disk, private=True, nosymfollow=True)
+        st, want = os.stat(disk), os.fstat(dir_fd)
+        if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+            mounts.umount(disk)
+            raise PinRefused(f"the staging bind {disk} does not show the directory pinned")
+
+    def staging_for(self, pid: str, path: str) -> None:
+        """A staging bind of `path` for a write-back at start-up (after a power cut the runtime
+        dir is empty): reached without symlinks and mounted nosymfollow, as at pin time."""
+        disk = self.disk(pid)
+        os.makedirs(disk, mode=0o700, exist_ok=True)
+        dir_fd = open_dir_nofollow(path)
+        try:
+            self.bind_staging(dir_fd, disk)
+        finally:
+            os.close(dir_fd)
+
+    def check_in_place(self, pin: Pin) -> None:
+        """After mounting through the descriptor: the mount must be at the pin's path. If the
+        directory (or a parent) was renamed meanwhile, it is somewhere else: roll back."""
+        top = mounts.mount_at(pin.path)
+        if top is None or top.source != SOURCE_PREFIX + pin.id:
+            raise PinRefused(
+                f"cannot pin {pin.path}: the directory was moved or replaced during the pin"
+            )
+
+    def unmount_path(self, pin: Pin) -> None:
+        """Unmount the pin's mount at its path, and only that: never a mount that a renamed
+        parent or a planted symlink now shows there."""
+        top = mounts.mount_at(pin.path)
+        ours = top is not None and top.source == SOURCE_PREFIX + pin.id
+        if os.path.realpath(pin.path) != pin.path or not ours:
+            raise mounts.MountError(
+                errno.EINVAL,
+                f"cannot unmount {pin.path}: the pin's mount is no longer at that path (a"
+                " parent directory was renamed or replaced by a symlink); its data stays in"
+                f" {self.ram_side(pin)}",
+                pin.path,
+            )
+        mounts.umount(pin.path)
+
+    def unmount_placed(self, pin: Pin) -> None:
+        """Rollback: unmount the pin's mount over the directory, wherever it landed."""
+        pins_dir = os.path.join(self.runtime_dir, "pins") + "/"
+        for entry in reversed(mounts.mountinfo()):
+            placed = not entry.mountpoint.startswith(pins_dir)
+            if entry.source == SOURCE_PREFIX + pin.id and placed:
+                mounts.umount(entry.mountpoint)
+
+    def beside_ram(self, pin: Pin, found: list[holders.Holder]) -> list[holders.Holder]:
+        """Of the holders found at an unpin, leave out the files held on the disk below the
+        pin (opened through the mount the directory is on, in this namespace): they do not
+        keep the unmount from working, and nothing they write is in RAM."""
+        if pin.under_mount is None or not found:
+            return found
+        described = handover.describe(found)
+        return [h for h, d in zip(found, described, strict=True) if d.mount_id != pin.under_mount]
+
+    def unmount_when_free(self, pin: Pin, source: str, *, before: Callable[[], T]) -> T:
+        """Unmount the pin's mount over its directory once nothing holds it: holders in this or
+        any other mount namespace (after our unmount, a namespace that still shows the pin
+        would keep writing into RAM about to be freed). Writers that hold a file only while
+        they write are waited for up to BUSY_GRACE; after that UnpinBusy names the holders.
+        Never a lazy detach. `before` runs right before each try, while nothing holds the
+        directory; what it returned the last time is returned."""
+        deadline = time.monotonic() + BUSY_GRACE
+        while True:
+            found = self.beside_ram(
+                pin,
+                holders.find_holders(
+                    pin.path, exclude_pids=self.exclude_pids(), mount_source=source
+                ),
+            )
+            if not found:
+                taken = before()
+                self.set_state(pin, "draining")
+                try:
+                    self.unmount_soon(pin)
+                    return taken
+                except mounts.MountBusy as exc:
+                    self.set_state(pin, "pinned")
+                    if time.monotonic() < deadline:
+                        time.sleep(BUSY_POLL)
+                        continue
+                    found = self.beside_ram(
+                        pin,
+                        holders.find_holders(
+                            pin.path, exclude_pids=self.exclude_pids(), mount_source=source
+                        ),
+                    )
+                    raise UnpinBusy(
+                        f"{pin.path} is busy: "
+                        + (holder_list(found) if found else "no holder found"),
+                        found,
+                    ) from exc
+                except BaseException:
+                    self.set_state(pin, "pinned")
+                    raise
+            if time.monotonic() >= deadline:
+                raise UnpinBusy(f"{pin.path} is in use by " + holder_list(found), found)
+            time.sleep(BUSY_POLL)
+
+    def unmount_soon(self, pin: Pin) -> None:
+        """Unmount the pin's mount, trying again for up to UMOUNT_SPIN: a writer that opens,
+        writes and closes holds the mount busy only for moments, and a full holders scan
+        between tries would let it write much more into RAM (an eviction is a race with it)."""
+        deadline = time.monotonic() + UMOUNT_SPIN
+        while True:
+            try:
+                self.unmount_path(pin)
+                return
+            except mounts.MountBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(UMOUNT_SPIN_POLL)
+
+    def remount(self, pin: Pin) -> None:
+        """After a failed write-back: show the RAM side again, so nothing written is hidden."""
+        dir_fd = -1
+        try:
+            # through a descriptor of the very directory on disk (the staging bind shows it),
+            # never the path as it is now: it may have been swapped for a symlink meanwhile
+            dir_fd = open_dir_nofollow(pin.path)
+            st, want = os.fstat(dir_fd), os.stat(self.disk(pin.id))
+            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+                raise PinRefused(f"{pin.path} is no longer the directory that was pinned")
+            target = f"/proc/self/fd/{dir_fd}"
+            self.mode(pin).cover(pin, target)
+        except Exception as exc:
+            log.critical(
+                "%s: write-back failed and the RAM copy could not be mounted again"
+                " (%s); the data is safe in %s",
+                pin.path,
+                exc,
+                self.ram_side(pin),
+            )
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+        self.set_state(pin, "pinned")
+
+    def release(self, pin: Pin) -> None:
+        mounts.umount(self.disk(pin.id))
+        mounts.umount(self.ram(pin.id))
+        shutil.rmtree(self.base(pin.id), ignore_errors=True)
+        writeback.discard_journal(self.journal(pin.id))
+        shutil.rmtree(self.journal(pin.id), ignore_errors=True)
+        with self.lock:
+            self.pins.pop(pin.path, None)
+        self.save_state()
+
+    def release_staging(self, pin: Pin) -> None:
+        if os.path.ismount(self.disk(pin.id)):
+            mounts.umount(self.disk(pin.id))
+        shutil.rmtree(self.base(pin.id), ignore_errors=True)
+        shutil.rmtree(self.journal(pin.id), ignore_errors=True)
+        with self.lock:
+            self.pins.pop(pin.path, None)
+        self.save_state()

@@ -1,0 +1,360 @@
+"""Overlay pins (adaptive pins by default): a tmpfs upper layer over the directory, written
+back through the checkpoint journal (writeback/), and unpinned in steps (see `unpin`)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from rampiped import handover, mounts, writeback
+from rampiped import ledger as ledger_mod
+from rampiped.engine import format_bytes
+from rampiped.osutil import write_json_atomic
+from rampiped.pins.dirs import copy_root_attributes, largest_file
+from rampiped.pins.handoff import Handoff
+from rampiped.pins.mode import Mode, Undo
+from rampiped.pins.model import (
+    FINAL_MARK,
+    HOLD_POLL,
+    HOLD_WAIT,
+    SOURCE_PREFIX,
+    Pin,
+    StillDraining,
+    SyncRecord,
+    UnpinBusy,
+    held_files,
+)
+
+if TYPE_CHECKING:
+    from rampiped.pins.manager import PinManager
+
+log = logging.getLogger("rampiped")
+
+
+class OverlayMode(Mode):
+    name = "overlay"
+    lets_late_writers_in = True
+    takes_reopen = True
+
+    def __init__(self, manager: PinManager) -> None:
+        super().__init__(manager)
+        self.handoff = Handoff(manager)
+
+    def ram_side(self, pin: Pin) -> str:
+        return self.m.upper(pin.id)
+
+    def ram_needed(self, path: str) -> tuple[int, str]:
+        # any change to a file, even a chmod, copies it up whole; a file larger than the room
+        # left would fail with ENOSPC at that moment
+        return largest_file(path), "its largest file"
+
+    # -- pinning ---------------------------------------------------------------------------------
+
+    def mount(self, pin: Pin, undo: Undo, dir_fd: int) -> None:
+        upper, work = self.m.upper(pin.id), os.path.join(self.m.ram(pin.id), "work")
+        os.mkdir(upper)
+        os.mkdir(work)
+        # the merged root shows the upper root's; read through the staging bind, not the path
+        copy_root_attributes(self.m.disk(pin.id), upper)
+        mounts.mount_overlay(
+            f"/proc/self/fd/{dir_fd}",
+            lower=self.m.disk(pin.id),
+            upper=upper,
+            work=work,
+            features=writeback.OVERLAY_FEATURES,
+            source=SOURCE_PREFIX + pin.id,
+        )
+        undo.append(lambda: self.rollback(pin))
+        writeback.pause_point("pin:overlay-mounted")
+
+    def rollback(self, pin: Pin) -> None:
+        """Undo a pin's overlay; what was written through it in the moment it was mounted is
+        written back first (the overlay served the directory, however briefly)."""
+        self.m.unmount_placed(pin)
+        upper = self.m.upper(pin.id)
+        if os.listdir(upper):
+            writeback.apply_upper(upper, self.m.disk(pin.id), runner=self.m.runner)
+
+    def late_writes_shown(self, pin: Pin, late: list[handover.HeldFile]) -> bool:
+        """Processes that opened files on disk in the moment between the check and the mount
+        (`late`): whether they all let go within HOLD_WAIT (a logger that opens, appends and
+        closes does at once) and everything they could have written there is what the overlay
+        shows. It is, for a file not copied up (the overlay reads the disk file), and for one
+        whose disk content is a prefix of its copy in RAM (copied up after their last write,
+        or appended to since): the write-back then carries every byte of it."""
+        writeback.pause_point("pin:late-holders")
+        deadline = time.monotonic() + HOLD_WAIT
+        while self.m.disk_holders(pin):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(HOLD_POLL)
+        held, only_files = held_files(pin.path, late)
+        if not only_files:
+            return False  # a working directory or a mapping: writes may still come
+        upper, disk = self.m.upper(pin.id), self.m.disk(pin.id)
+        return all(
+            not os.path.lexists(os.path.join(upper, rel))
+            or writeback.is_prefix(disk, rel, os.path.join(upper, rel))
+            for rel in held
+        )
+
+    def late_bases(self, pin: Pin, late: list[handover.HeldFile]) -> dict[str, writeback.Stamp]:
+        out: dict[str, writeback.Stamp] = {}
+        for rel in held_files(pin.path, late)[0]:
+            copy = os.path.join(self.m.upper(pin.id), rel)
+            try:
+                # copied into RAM already: what the disk file holds beyond the bytes both share
+                # was written below RAM's copy, and is kept by the write-back
+                found = (
+                    writeback.shared_stamp(self.m.disk(pin.id), rel, copy)
+                    if os.path.lexists(copy)
+                    else writeback.stamp_of(self.m.disk(pin.id), rel)
+                )
+            except OSError:
+                continue
+            if found is not None:
+                out[rel] = found
+        return out
+
+    def reopen_after_pin(self, pin: Pin, undo: Undo) -> None:
+        self.handoff.reopen_after_pin(pin, undo)
+
+    def late_holders(self, pin: Pin) -> list[handover.HeldFile]:
+        late = self.m.disk_holders(pin)
+        if late and self.late_writes_shown(pin, late):
+            return []  # held for moments, and all they wrote is what the overlay shows
+        return late
+
+    def refuse_late(self, pin: Pin, late: list[handover.HeldFile], refusal: str, undo: Undo) -> str:
+        pin.late_bases = self.late_bases(pin, late)
+        if not self.write_back_refused(pin):
+            # a process holds a file in RAM: dropping the mounts would lose what it wrote. The
+            # pin stays (mounted) and its unpin is retried with backoff.
+            undo.clear()
+            pin.unpin_requested = True
+            raise StillDraining(
+                refusal + "; what reached RAM meanwhile stays pinned until its unpin,"
+                " retried in the background, can write it back"
+            )
+        return refusal
+
+    def write_back_refused(self, pin: Pin) -> bool:
+        """An overlay pin refused after its mount: what processes wrote through it meanwhile is
+        in RAM only. Write it back the way an unpin does (held files, journal, verify) instead of
+        dropping it with the mounts. False when that cannot be done now (the caller then rolls
+        back as before)."""
+        self.m.set_state(pin, "pinned")
+        try:
+            self.unpin(pin)
+        except (UnpinBusy, OSError, writeback.SyncError) as exc:
+            log.warning(
+                "%s: could not write back the refused pin (%s); rolling it back", pin.path, exc
+            )
+            return False
+        return True
+
+    def cover(self, pin: Pin, target: str) -> None:
+        mounts.mount_overlay(
+            target,
+            lower=self.m.disk(pin.id),
+            upper=self.m.upper(pin.id),
+            work=os.path.join(self.m.ram(pin.id), "work"),
+            features=writeback.OVERLAY_FEATURES,
+            source=SOURCE_PREFIX + pin.id,
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def write_checkpoint(self, pin: Pin) -> tuple[int, int, ledger_mod.Ledger | None]:
+        need = self.check_room(pin, "checkpoint")  # deferred, loudly, if it won't fit
+        res = writeback.checkpoint(
+            self.m.upper(pin.id),
+            self.m.journal(pin.id),
+            runner=self.m.runner,
+            ledger=pin.ledger,
+            found=need.found,  # read just now: once per checkpoint
+        )
+        return res.files, res.bytes, res.ledger
+
+    # -- unpin -------------------------------------------------------------------------------------
+
+    def unpin(self, pin: Pin) -> SyncRecord:
+        """Raises UnpinBusy (still pinned, nothing lost) when someone uses the directory, and
+        SyncError/OSError when the write-back failed (the overlay is mounted again). The steps:
+        check that the write-back fits; record the disk files it will replace and unmount
+        (hand the directory over instead when writers keep their files open); checkpoint the
+        layer into a final journal generation and apply that (an apply cut short by a power
+        cut is finished from the journal at the next start); carry over what was written into
+        the replaced files meanwhile; free the RAM."""
+        if pin.handover_mount is not None:
+            return self.handoff.finish(pin, time.monotonic(), time.time())
+        start, wall = time.monotonic(), time.time()
+        self.check_room(pin, "write-back")  # refused while RAM still serves the path
+        try:
+            replaced, since = self.m.unmount_when_free(
+                pin, SOURCE_PREFIX + pin.id, before=lambda: self.record_replaced(pin)
+            )
+        except UnpinBusy as busy:
+            overlay_id = self.handover_mount(pin, busy)
+            if overlay_id is None:
+                raise
+            # writers that keep their files open: hand them over to the disk
+            return self.handoff.start(pin, overlay_id, start, wall)
+        writeback.pause_point("unpin:unmounted")
+        held: writeback.HeldFiles | None = None
+        try:
+            held = writeback.HeldFiles.hold(
+                self.m.upper(pin.id), self.m.disk(pin.id), replaced, since
+            )
+            res = self.apply_final(pin, held)
+        except BaseException:
+            if held is not None:
+                # the RAM layer is mounted again and hides the disk files at those names
+                with contextlib.suppress(OSError, writeback.SyncError):
+                    held.merge(conflicts_only=True)
+                    held.finish()
+            self.m.remount(pin)
+            raise
+        self.m.settle_window(pin, held)
+        writeback.pause_point("unpin:applied")
+        self.m.release(pin)  # removes the journal directory last
+        if pin.adopted:
+            for line in self.m.scrub(pin.id, pin.path, self):
+                log.info("%s", line)
+        if pin.reopen:
+            # writers that opened a file since: they follow the directory back to disk
+            handover.run_reopen(pin.reopen, pin.path, self.m.runner)
+        return SyncRecord(wall, True, time.monotonic() - start, res.files, res.bytes)
+
+    def record_replaced(self, pin: Pin) -> tuple[dict[str, writeback.Stamp], int]:
+        """The disk files the write-back will replace, as they are while nothing can write
+        them (the overlay still covers the path), and the time from which a change of theirs
+        is someone else's: see writeback.HeldFiles."""
+        since = time.time_ns() - writeback.CLOCK_SLACK_NS
+        try:
+            replaced = writeback.touched_entries(self.m.upper(pin.id), self.m.disk(pin.id))
+            for rel, base in pin.late_bases.items():
+                # written on disk below the overlay since the pin (see late_bases): what was
+                # added since then follows RAM's version
+                found = replaced.get(rel)
+                if found is not None and found.source == rel and found.ino == base.ino:
+                    replaced[rel] = base
+        except (OSError, writeback.SyncError) as exc:
+            log.warning(
+                "%s: could not record the disk files the write-back replaces (%s); writes"
+                " to them during the write-back are kept as conflict files",
+                pin.path,
+                exc,
+            )
+            replaced = {}
+        writeback.pause_point("unpin:recorded")  # the overlay still mounted, its users free
+        return replaced, since
+
+    def handover_mount(self, pin: Pin, busy: UnpinBusy) -> int | None:
+        """The overlay's mount id when the unpin can hand the directory over to disk instead
+        (a reopen command, and only writers hold it), else None."""
+        top = mounts.mount_at(pin.path)
+        if (
+            pin.reopen
+            and busy.holders
+            and top is not None
+            and top.source == SOURCE_PREFIX + pin.id
+            and handover.only_writers(busy.holders)
+        ):
+            return top.mount_id
+        return None
+
+    def apply_final(self, pin: Pin, held: writeback.HeldFiles) -> writeback.ApplyResult:
+        """The layer into a final journal generation, then that generation into the directory:
+        an apply cut short by a power loss is then replayed from disk at the next start (the
+        RAM layer is gone by then)."""
+        journal = self.m.journal(pin.id)
+        writeback.checkpoint(self.m.upper(pin.id), journal, runner=self.m.runner, ledger=pin.ledger)
+        pin.ledger = None  # the apply removes the journal it describes
+        # from here on the journal, not the RAM layer, is what gets applied: applying the layer
+        # a second time after this apply moved renamed directories would find their origins gone
+        write_json_atomic(os.path.join(journal, FINAL_MARK), {"final": True})
+        writeback.pause_point("unpin:journaled")
+        res = writeback.apply_journal(
+            journal, self.m.disk(pin.id), runner=self.m.runner, window=held
+        )
+        if res is None:
+            raise writeback.SyncError(f"the journal of {pin.path} vanished before its apply")
+        return res
+
+    # -- start-up ----------------------------------------------------------------------------------
+
+    def reconcile(self, pid: str, path: str, rec: dict[str, Any]) -> str:
+        if handover.read_marker(self.m.journal(pid)) is not None:
+            return self.handoff.reconcile(pid, path, rec)
+        return super().reconcile(pid, path, rec)
+
+    def finish_interrupted(self, pid: str, path: str, state: Any, disk_mounted: bool) -> str:
+        m = self.m
+        if os.path.exists(os.path.join(m.journal(pid), FINAL_MARK)):
+            # the final generation was written: the layer must not be applied again
+            m.ensure_staging(pid, path, disk_mounted)
+            res = self.recover_apply(
+                pid, path, functools.partial(writeback.apply_journal, m.journal(pid))
+            )
+            if res is None:
+                return "the write-back had finished"
+            return f"wrote {res.files} files, {format_bytes(res.bytes)}"
+        if not os.path.isdir(m.upper(pid)):
+            return "the overlay was never mounted: nothing to write"
+        # through the staging bind (nosymfollow), never the path users control
+        m.ensure_staging(pid, path, disk_mounted)
+        res = self.recover_apply(pid, path, functools.partial(writeback.apply_upper, m.upper(pid)))
+        assert res is not None  # apply_upper always returns a result
+        return f"wrote {res.files} files, {format_bytes(res.bytes)}"
+
+    def after_power_cut(self, pid: str, path: str, disk_mounted: bool) -> str:
+        m = self.m
+        m.ensure_staging(pid, path, disk_mounted)
+        try:
+            res = self.recover_apply(
+                pid, path, functools.partial(writeback.apply_journal, m.journal(pid))
+            )
+        finally:
+            mounts.umount(m.disk(pid))
+            shutil.rmtree(m.base(pid), ignore_errors=True)
+        shutil.rmtree(m.journal(pid), ignore_errors=True)
+        if res is None:
+            return ""
+        return (
+            f"{path}: applied the checkpoint journal left by a power cut or crash:"
+            f" {res.files} files, {format_bytes(res.bytes)}"
+        )
+
+    def check_room(self, pin: Pin, what: str) -> writeback.SpaceNeed:
+        """An overlay pin's journal generation and the apply that follows must both fit (on
+        one filesystem, twice the changed data): a generation that cannot be applied strands
+        its data in the journal. Raises writeback.NoSpace before anything is written."""
+        return writeback.check_space(
+            self.m.upper(pin.id),
+            self.m.journal(pin.id),
+            self.m.disk(pin.id),
+            pin.ledger,
+            f"{what} of {pin.path}",
+            pin.path,
+        )
+
+    def recover_apply(
+        self, pid: str, path: str, apply: Callable[..., writeback.ApplyResult | None]
+    ) -> writeback.ApplyResult | None:
+        """Finish an overlay write-back found half done at start: `apply` (apply_upper or
+        apply_journal, its source bound) into the staging bind, carrying over what was held
+        from the write-back's window."""
+        res = apply(
+            self.m.disk(pid),
+            runner=self.m.runner,
+            window=writeback.HeldFiles.load(self.m.disk(pid)),
+        )
+        self.m.finish_window(pid, path)
+        return res
