@@ -45,7 +45,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from rampiped import __version__, config, pins
-from rampiped.engine import format_bytes, format_duration
 from rampiped.listener import Client, Listener
 from rampiped.metricdefs import (
     STATES,
@@ -55,6 +54,7 @@ from rampiped.metricdefs import (
     Sample,
     disable_created_series,
 )
+from rampiped.units import format_bytes, format_duration
 
 __all__ = [
     "CONTENT_TYPE",
