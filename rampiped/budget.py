@@ -4,6 +4,7 @@ an eviction due), and whether a candidate's estimate fits. The engine decides wi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from rampiped.confschema import RamConfig
 from rampiped.units import format_bytes, format_threshold
@@ -32,43 +33,63 @@ class Growth:
         return grown / (now - last[0])
 
 
-def pressure(
-    ram: RamConfig, used: int, growth: float, high: float, max_bytes: int, available: int
-) -> str | None:
-    """Why RAM is short, or None: the pins' `used` bytes above the `high` watermark, or about
-    to pass it at `growth` bytes/s within EVICT_LEAD; MemAvailable below `ram.min_free`."""
-    why = []
-    mark = (
-        f"high watermark {format_bytes(high)} ({format_threshold(ram.high_watermark * 100)}% of "
-        f"{format_bytes(max_bytes)})"
-    )
-    if used > high:
-        why.append(f"RAM used by pins {format_bytes(used)} above {mark}")
-    elif used + growth * EVICT_LEAD > high:
-        why.append(
-            f"RAM used by pins {format_bytes(used)}, growing {format_bytes(growth)}/s, would"
-            f" pass {mark} within {format_threshold(EVICT_LEAD)}s"
-        )
-    if available < ram.min_free:
-        why.append(
-            f"MemAvailable {format_bytes(available)} below min_free {format_bytes(ram.min_free)}"
-        )
-    return " and ".join(why) if why else None
+@dataclass(frozen=True)
+class Figures:
+    """The RAM figures of one decision: the configured limits, what the pins take and what the
+    machine has."""
 
+    ram: RamConfig
+    used: int  # bytes all pins take in RAM
+    available: int  # MemAvailable, bytes
+    total: int  # physical RAM, bytes
 
-def refusal(
-    ram: RamConfig, estimate: int, used: int, available: int, high: float, max_bytes: int
-) -> str | None:
-    """Why a pin expected to take `estimate` bytes does not fit, or None."""
-    if used + estimate > high:
-        return (
-            f"RAM budget: pins use {format_bytes(used)} + estimate {format_bytes(estimate)}"
-            f" > high watermark {format_bytes(high)}"
-            f" ({format_threshold(ram.high_watermark * 100)}% of {format_bytes(max_bytes)})"
-        )
-    if available - estimate < ram.min_free:
-        return (
-            f"RAM budget: MemAvailable {format_bytes(available)} - estimate "
-            f"{format_bytes(estimate)} < min_free {format_bytes(ram.min_free)}"
-        )
-    return None
+    @property
+    def max_bytes(self) -> int:
+        return self.ram.max.resolve(self.total)
+
+    @property
+    def high(self) -> float:
+        """The high watermark in bytes: evictions start above it."""
+        return self.ram.high_watermark * self.max_bytes
+
+    def _mark(self) -> str:
+        percent = format_threshold(self.ram.high_watermark * 100)
+        return f"{format_bytes(self.high)} ({percent}% of {format_bytes(self.max_bytes)})"
+
+    def pressure(self, growth: float) -> str | None:
+        """Why RAM is short, or None: the pins above the high watermark, or about to pass it at
+        `growth` bytes/s within EVICT_LEAD; MemAvailable below `ram.min_free`."""
+        why = []
+        used, mark = self.used, f"high watermark {self._mark()}"
+        if used > self.high:
+            why.append(f"RAM used by pins {format_bytes(used)} above {mark}")
+        elif used + growth * EVICT_LEAD > self.high:
+            why.append(
+                f"RAM used by pins {format_bytes(used)}, growing {format_bytes(growth)}/s, would"
+                f" pass {mark} within {format_threshold(EVICT_LEAD)}s"
+            )
+        if self.available < self.ram.min_free:
+            why.append(
+                f"MemAvailable {format_bytes(self.available)} below min_free "
+                f"{format_bytes(self.ram.min_free)}"
+            )
+        return " and ".join(why) if why else None
+
+    def refusal(self, estimate: int) -> str | None:
+        """Why a pin expected to take `estimate` bytes does not fit, or None."""
+        used, available = self.used, self.available
+        if used + estimate > self.high:
+            return (
+                f"RAM budget: pins use {format_bytes(used)} + estimate {format_bytes(estimate)}"
+                f" > high watermark {self._mark()}"
+            )
+        if available - estimate < self.ram.min_free:
+            return (
+                f"RAM budget: MemAvailable {format_bytes(available)} - estimate "
+                f"{format_bytes(estimate)} < min_free {format_bytes(self.ram.min_free)}"
+            )
+        return None
+
+    def admit(self, estimate: int) -> Figures:
+        """The figures once a pin expected to take `estimate` bytes is made."""
+        return replace(self, used=self.used + estimate, available=self.available - estimate)

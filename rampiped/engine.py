@@ -215,19 +215,18 @@ class Engine:
         self._track_backoff(rates, by_path)
 
         used = sum(info.ram_bytes for info in by_path.values())
-        max_bytes = self._ram.max.resolve(memory.total)
-        high = self._ram.high_watermark * max_bytes
+        figures = budget.Figures(self._ram, used, memory.available, memory.total)
         growth = self._growth.rate(
             now, {p: i.ram_bytes for p, i in by_path.items() if i.state == "pinned"}
         )
 
         acted: set[str] = set()
-        evictions = self._evictions(rates, by_path, memory, used, high, max_bytes, growth)
+        evictions = self._evictions(rates, by_path, figures, growth)
         acted.update(a.path for a in evictions)
         unpins = self._unpins(now, rates, by_path, acted)
         acted.update(a.path for a in unpins)
         checkpoints = self._checkpoints(now, by_path, acted)
-        admissions = self._admissions(now, rates, by_path, memory, facts, used, high, max_bytes)
+        admissions = self._admissions(now, rates, by_path, facts, figures)
 
         actions: list[Action] = []
         actions.extend(evictions)
@@ -289,13 +288,10 @@ class Engine:
         self,
         rates: Mapping[str, float],
         by_path: Mapping[str, PinInfo],
-        memory: MemoryInfo,
-        used: int,
-        high: float,
-        max_bytes: int,
+        figures: budget.Figures,
         growth: float = 0.0,
     ) -> list[Evict]:
-        self._pressure = budget.pressure(self._ram, used, growth, high, max_bytes, memory.available)
+        self._pressure = figures.pressure(growth)
         if self._pressure is None:
             return []
         adaptive = [info for info in by_path.values() if not info.static]
@@ -360,11 +356,8 @@ class Engine:
         now: float,
         rates: Mapping[str, float],
         by_path: Mapping[str, PinInfo],
-        memory: MemoryInfo,
         facts: Callable[[str], CandidateFacts],
-        used: int,
-        high: float,
-        max_bytes: int,
+        figures: budget.Figures,
     ) -> list[Pin]:
         a = self._adaptive
         if not a.enabled:
@@ -383,7 +376,6 @@ class Engine:
             1 for info in by_path.values() if not info.static and info.state in _COUNTED_STATES
         )
         occupied = list(by_path)
-        available = memory.available
         out: list[Pin] = []
         for path, rate in eligible:
             reason = self._config_refusal(path) or self._pin_conflict(path, occupied)
@@ -397,12 +389,9 @@ class Engine:
                 f = facts(path)
                 reason = self._facts_refusal(f)
                 if reason is None:
-                    reason = budget.refusal(
-                        self._ram, f.ram_estimate, used, available, high, max_bytes
-                    )
+                    reason = figures.refusal(f.ram_estimate)
                 if reason is None:
-                    used += f.ram_estimate
-                    available -= f.ram_estimate
+                    figures = figures.admit(f.ram_estimate)
             if reason is not None:
                 self._blocked[path] = reason
                 continue
