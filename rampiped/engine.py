@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from rampiped import budget
 from rampiped.backoff import RETRY
-from rampiped.config import AdaptiveConfig, RamConfig, SyncConfig
+from rampiped.confschema import AdaptiveConfig, RamConfig, SyncConfig
 from rampiped.rates import PathPattern, is_within, normalize
+from rampiped.units import format_bytes, format_duration, format_threshold
 
 __all__ = [
     "BACKOFF_FIRST",
@@ -70,11 +72,6 @@ _COUNTED_STATES = frozenset({"pinning", "pinned", "draining"})
 # (backoff.RETRY, as every retry): a holder that keeps a file open (a daemon's log) is rarely
 # gone within seconds, and a retry costs a scan of /proc.
 BACKOFF_FIRST, BACKOFF_MAX = RETRY.first, RETRY.max
-# An eviction takes effect this long after the RAM figures that call for it (up to one tick
-# until the next decision, then the checks before the unmount). A pin that grows fast is evicted
-# when it would pass the high watermark within this time, not once it has passed it: the
-# writes that land meanwhile must fit in the headroom of its tmpfs, or they fail with ENOSPC.
-EVICT_LEAD = 1.0
 
 
 # --------------------------------------------------------------------------- actions
@@ -110,6 +107,10 @@ class Checkpoint:
 
 Action: TypeAlias = Pin | Unpin | Evict | Checkpoint
 
+# What `Engine()` and `Engine.reconfigure` take: the adaptive, ram and sync sections of the
+# configuration, its runtime_dir and its journal_dir.
+Settings: TypeAlias = tuple[AdaptiveConfig, RamConfig, SyncConfig, str, str]
+
 
 # --------------------------------------------------------------------------- inputs
 
@@ -142,49 +143,6 @@ class CandidateFacts:
     ram_estimate: int  # bytes the pin is expected to take in RAM
 
 
-# --------------------------------------------------------------------------- formatting
-
-
-def format_duration(seconds: float) -> str:
-    """Compact duration in the configuration's own units: 500ms, 5s, 2.5s, 2m, 1h30m."""
-    if seconds < 0:
-        return "-" + format_duration(-seconds)
-    if seconds < 1:
-        ms = round(seconds * 1000)
-        if ms < 1000:
-            return f"{ms}ms" if ms else "0s"
-    if seconds < 60 and round(seconds, 1) != round(seconds):
-        return f"{round(seconds, 1):g}s"
-    total = round(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = []
-    if hours:
-        parts.append(f"{hours}h")
-    if minutes:
-        parts.append(f"{minutes}m")
-    if secs or not parts:
-        parts.append(f"{secs}s")
-    return "".join(parts)
-
-
-def format_bytes(n: float) -> str:
-    """Binary units with one decimal: 512 B, 95.0 MiB, 1.5 GiB."""
-    if abs(n) < 1024:
-        return f"{round(n)} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024.0
-        if abs(value) < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
-
-
-def _num(x: float) -> str:
-    """A configured threshold as the person wrote it: 50, 2.5."""
-    return f"{x:g}"
-
-
 # --------------------------------------------------------------------------- engine
 
 
@@ -198,22 +156,16 @@ class _Backoff:
 class Engine:
     """Pin/unpin/evict/checkpoint decisions. See the module docstring."""
 
-    def __init__(
-        self,
-        adaptive: AdaptiveConfig,
-        ram: RamConfig,
-        sync: SyncConfig,
-        runtime_dir: str,
-        journal_dir: str,
-    ) -> None:
+    def __init__(self, *settings: *Settings) -> None:
+        """`settings` as for `reconfigure`."""
         self._hot_since: dict[str, float] = {}
         self._cool_since: dict[str, float] = {}
         self._blocked: dict[str, str] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._pins: dict[str, PinInfo] = {}
         self._pressure: str | None = None
-        self._last_ram: tuple[float, dict[str, int]] | None = None  # (when, pinned pins' bytes)
-        self.reconfigure(adaptive, ram, sync, runtime_dir, journal_dir)
+        self._growth = budget.Growth()
+        self.reconfigure(*settings)
 
     def reconfigure(
         self,
@@ -263,17 +215,18 @@ class Engine:
         self._track_backoff(rates, by_path)
 
         used = sum(info.ram_bytes for info in by_path.values())
-        max_bytes = self._ram.max.resolve(memory.total)
-        high = self._ram.high_watermark * max_bytes
-        growth = self._growth(now, by_path)
+        figures = budget.Figures(self._ram, used, memory.available, memory.total)
+        growth = self._growth.rate(
+            now, {p: i.ram_bytes for p, i in by_path.items() if i.state == "pinned"}
+        )
 
         acted: set[str] = set()
-        evictions = self._evictions(rates, by_path, memory, used, high, max_bytes, growth)
+        evictions = self._evictions(rates, by_path, figures, growth)
         acted.update(a.path for a in evictions)
         unpins = self._unpins(now, rates, by_path, acted)
         acted.update(a.path for a in unpins)
         checkpoints = self._checkpoints(now, by_path, acted)
-        admissions = self._admissions(now, rates, by_path, memory, facts, used, high, max_bytes)
+        admissions = self._admissions(now, rates, by_path, facts, figures)
 
         actions: list[Action] = []
         actions.extend(evictions)
@@ -331,44 +284,14 @@ class Engine:
             if (info is not None and info.state == "pinned") or rates.get(path, 0.0) < below:
                 del self._backoff[path]
 
-    def _growth(self, now: float, by_path: Mapping[str, PinInfo]) -> float:
-        """Bytes per second by which the pinned pins grew since the last `decide` (pins being
-        made or drained do not count: their RAM moves for reasons of their own)."""
-        sizes = {p: i.ram_bytes for p, i in by_path.items() if i.state == "pinned"}
-        last, self._last_ram = self._last_ram, (now, sizes)
-        if last is None or now <= last[0]:
-            return 0.0
-        grown = sum(max(0, n - last[1][p]) for p, n in sizes.items() if p in last[1])
-        return grown / (now - last[0])
-
     def _evictions(
         self,
         rates: Mapping[str, float],
         by_path: Mapping[str, PinInfo],
-        memory: MemoryInfo,
-        used: int,
-        high: float,
-        max_bytes: int,
+        figures: budget.Figures,
         growth: float = 0.0,
     ) -> list[Evict]:
-        why = []
-        mark = (
-            f"high watermark {format_bytes(high)} ({_num(self._ram.high_watermark * 100)}% of "
-            f"{format_bytes(max_bytes)})"
-        )
-        if used > high:
-            why.append(f"RAM used by pins {format_bytes(used)} above {mark}")
-        elif used + growth * EVICT_LEAD > high:
-            why.append(
-                f"RAM used by pins {format_bytes(used)}, growing {format_bytes(growth)}/s, would"
-                f" pass {mark} within {_num(EVICT_LEAD)}s"
-            )
-        if memory.available < self._ram.min_free:
-            why.append(
-                f"MemAvailable {format_bytes(memory.available)} below min_free "
-                f"{format_bytes(self._ram.min_free)}"
-            )
-        self._pressure = " and ".join(why) if why else None
+        self._pressure = figures.pressure(growth)
         if self._pressure is None:
             return []
         adaptive = [info for info in by_path.values() if not info.static]
@@ -405,7 +328,7 @@ class Engine:
                 since = self._cool_since.get(path)
                 if since is not None and now - since >= a.cool_for:
                     reason = (
-                        f"{rate:.1f} events/s < {_num(a.unpin_below)}/s "
+                        f"{rate:.1f} events/s < {format_threshold(a.unpin_below)}/s "
                         f"for {format_duration(a.cool_for)}"
                     )
             if reason is not None:
@@ -433,11 +356,8 @@ class Engine:
         now: float,
         rates: Mapping[str, float],
         by_path: Mapping[str, PinInfo],
-        memory: MemoryInfo,
         facts: Callable[[str], CandidateFacts],
-        used: int,
-        high: float,
-        max_bytes: int,
+        figures: budget.Figures,
     ) -> list[Pin]:
         a = self._adaptive
         if not a.enabled:
@@ -456,7 +376,6 @@ class Engine:
             1 for info in by_path.values() if not info.static and info.state in _COUNTED_STATES
         )
         occupied = list(by_path)
-        available = memory.available
         out: list[Pin] = []
         for path, rate in eligible:
             reason = self._config_refusal(path) or self._pin_conflict(path, occupied)
@@ -470,10 +389,9 @@ class Engine:
                 f = facts(path)
                 reason = self._facts_refusal(f)
                 if reason is None:
-                    reason = self._budget_refusal(f.ram_estimate, used, available, high, max_bytes)
+                    reason = figures.refusal(f.ram_estimate)
                 if reason is None:
-                    used += f.ram_estimate
-                    available -= f.ram_estimate
+                    figures = figures.admit(f.ram_estimate)
             if reason is not None:
                 self._blocked[path] = reason
                 continue
@@ -484,7 +402,8 @@ class Engine:
                 Pin(
                     path,
                     rate,
-                    f"{rate:.1f} events/s > {_num(a.pin_above)}/s for {format_duration(a.hot_for)}",
+                    f"{rate:.1f} events/s > {format_threshold(a.pin_above)}/s"
+                    f" for {format_duration(a.hot_for)}",
                 )
             )
         return out
@@ -540,22 +459,6 @@ class Engine:
             return "filesystem type unknown"
         if f.fstype not in LOCAL_FSTYPES:
             return f"not on a local disk filesystem ({f.fstype})"
-        return None
-
-    def _budget_refusal(
-        self, estimate: int, used: int, available: int, high: float, max_bytes: int
-    ) -> str | None:
-        if used + estimate > high:
-            return (
-                f"RAM budget: pins use {format_bytes(used)} + estimate {format_bytes(estimate)}"
-                f" > high watermark {format_bytes(high)}"
-                f" ({_num(self._ram.high_watermark * 100)}% of {format_bytes(max_bytes)})"
-            )
-        if available - estimate < self._ram.min_free:
-            return (
-                f"RAM budget: MemAvailable {format_bytes(available)} - estimate "
-                f"{format_bytes(estimate)} < min_free {format_bytes(self._ram.min_free)}"
-            )
         return None
 
     @staticmethod
