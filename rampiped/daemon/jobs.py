@@ -96,117 +96,129 @@ class Jobs(DaemonState):
             self._measured(job.path, result if exc is None else None)
             return
         if job.kind == "stranded":
-            self.pending.pop(job.path, None)
-            if exc is None:
-                log.info("%s", result)
-                self.static_retry.pop(job.path, None)  # its static pin may be made now
-            else:
-                st = self.pinmgr.stranded.get(job.path)
-                log.error(
-                    "%s: write-back still NOT COMPLETED (%s in %s; attempt %d, next in %s): %s",
-                    job.path,
-                    engine.format_bytes(st.bytes) if st else "?",
-                    st.where if st else "?",
-                    st.attempts if st else 0,
-                    engine.format_duration(st.backoff) if st else "?",
-                    exc,
-                )
+            self._stranded_done(job, result, exc)
             return
         now = time.monotonic()
         self.observer.finished(job.kind, job.path, job.mode, job.reason, result, exc)
         if job.kind == "pin":
-            self.pending.pop(job.path, None)
-            if exc is None:
-                pin = result
-                self._watch_pin(pin)
-                self.last_refusal.pop(job.path, None)
-                self.static_retry.pop(job.path, None)
-                log.info("pinned %s: %s (%s)", job.path, job.reason, pin.mode)
-            elif job.path in self.static_paths:
-                # asked for by the configuration: say so loudly, once per reason, and try again
-                reason = str(exc)
-                backoff = RETRY.next(self.static_retry.get(job.path, (0.0, 0.0))[1])
-                self.static_retry[job.path] = (now + backoff, backoff)
-                repeated = self.last_refusal.get(job.path) == reason
-                self.last_refusal[job.path] = reason
-                log.log(
-                    logging.DEBUG if repeated else logging.ERROR,
-                    "static pin %s not made, the directory stays on disk (trying again in %s): %s",
-                    job.path,
-                    engine.format_duration(backoff),
-                    reason,
-                )
-            else:
-                reason = str(exc)
-                self.engine.refused(job.path, now, reason)
-                level = logging.INFO if self.last_refusal.get(job.path) != reason else logging.DEBUG
-                self.last_refusal[job.path] = reason
-                if not isinstance(exc, pins.PinRefused):
-                    level = logging.ERROR
-                log.log(level, "not pinned: %s", reason)
+            self._pin_done(job, result, exc, now)
         elif job.kind == "unpin":
-            self.pending.pop(job.path, None)
-            pin = self.pinmgr.pins.get(job.path)
-            if exc is None:
-                rec: pins.SyncRecord = result
-                self.stop_attempts.pop(job.path, None)
-                log.info(
-                    "unpinned %s: %s; wrote %d files, %s in %.1f s",
-                    job.path,
-                    job.reason,
-                    rec.files,
-                    engine.format_bytes(rec.bytes),
-                    rec.seconds,
-                )
-                self._rebuild_attributor(self.cfg)
-                return
-            if pin is None:
-                log.error("unpin of %s failed: %s", job.path, exc)
-                return
-            held = [str(h) for h in exc.holders] if isinstance(exc, pins.UnpinBusy) else None
-            with self.pinmgr.lock:  # the worker sets a pin's fields under it (pins.PinManager)
-                pin.busy = False
-                pin.backoff = RETRY.next(pin.backoff)
-                pin.retry_at = now + pin.backoff
-                pin.error = str(exc)
-                held_before = pin.holders
-                if held is not None:
-                    pin.holders = held
-            self._watch_pin(pin)
-            retry = self._unpin_retry(job.path, pin.backoff, now)
-            if held is not None:
-                level = logging.WARNING if held != held_before else logging.DEBUG
-                log.log(
-                    level,
-                    "cannot unpin %s yet: %s; staying pinned, %s",
-                    job.path,
-                    exc,
-                    retry,
-                )
-            else:
-                log.error(
-                    "write-back of %s failed, staying pinned (nothing lost), %s: %s",
-                    job.path,
-                    retry,
-                    exc,
-                )
+            self._unpin_done(job, result, exc, now)
         elif job.kind == "checkpoint":
-            pin = self.pinmgr.pins.get(job.path)
-            if pin is not None:
-                with self.pinmgr.lock:
-                    pin.busy = False
-            if exc is not None:
-                log.error("checkpoint of %s failed: %s", job.path, exc)
-                return
-            rec = result
-            if rec.ok:
-                log_checkpoint(logging.DEBUG, job.path, job.reason, rec)
-            else:
-                log.error(
-                    "checkpoint of %s failed (the last good one stays on disk): %s",
-                    job.path,
-                    rec.error,
-                )
+            self._checkpoint_done(job, result, exc)
+
+    def _stranded_done(self, job: Job, result: Any, exc: BaseException | None) -> None:
+        self.pending.pop(job.path, None)
+        if exc is None:
+            log.info("%s", result)
+            self.static_retry.pop(job.path, None)  # its static pin may be made now
+        else:
+            st = self.pinmgr.stranded.get(job.path)
+            log.error(
+                "%s: write-back still NOT COMPLETED (%s in %s; attempt %d, next in %s): %s",
+                job.path,
+                engine.format_bytes(st.bytes) if st else "?",
+                st.where if st else "?",
+                st.attempts if st else 0,
+                engine.format_duration(st.backoff) if st else "?",
+                exc,
+            )
+
+    def _pin_done(self, job: Job, result: Any, exc: BaseException | None, now: float) -> None:
+        self.pending.pop(job.path, None)
+        if exc is None:
+            pin = result
+            self._watch_pin(pin)
+            self.last_refusal.pop(job.path, None)
+            self.static_retry.pop(job.path, None)
+            log.info("pinned %s: %s (%s)", job.path, job.reason, pin.mode)
+        elif job.path in self.static_paths:
+            # asked for by the configuration: say so loudly, once per reason, and try again
+            reason = str(exc)
+            backoff = RETRY.next(self.static_retry.get(job.path, (0.0, 0.0))[1])
+            self.static_retry[job.path] = (now + backoff, backoff)
+            repeated = self.last_refusal.get(job.path) == reason
+            self.last_refusal[job.path] = reason
+            log.log(
+                logging.DEBUG if repeated else logging.ERROR,
+                "static pin %s not made, the directory stays on disk (trying again in %s): %s",
+                job.path,
+                engine.format_duration(backoff),
+                reason,
+            )
+        else:
+            reason = str(exc)
+            self.engine.refused(job.path, now, reason)
+            level = logging.INFO if self.last_refusal.get(job.path) != reason else logging.DEBUG
+            self.last_refusal[job.path] = reason
+            if not isinstance(exc, pins.PinRefused):
+                level = logging.ERROR
+            log.log(level, "not pinned: %s", reason)
+
+    def _unpin_done(self, job: Job, result: Any, exc: BaseException | None, now: float) -> None:
+        self.pending.pop(job.path, None)
+        pin = self.pinmgr.pins.get(job.path)
+        if exc is None:
+            rec: pins.SyncRecord = result
+            self.stop_attempts.pop(job.path, None)
+            log.info(
+                "unpinned %s: %s; wrote %d files, %s in %.1f s",
+                job.path,
+                job.reason,
+                rec.files,
+                engine.format_bytes(rec.bytes),
+                rec.seconds,
+            )
+            self._rebuild_attributor(self.cfg)
+            return
+        if pin is None:
+            log.error("unpin of %s failed: %s", job.path, exc)
+            return
+        held = [str(h) for h in exc.holders] if isinstance(exc, pins.UnpinBusy) else None
+        with self.pinmgr.lock:  # the worker sets a pin's fields under it (pins.PinManager)
+            pin.busy = False
+            pin.backoff = RETRY.next(pin.backoff)
+            pin.retry_at = now + pin.backoff
+            pin.error = str(exc)
+            held_before = pin.holders
+            if held is not None:
+                pin.holders = held
+        self._watch_pin(pin)
+        retry = self._unpin_retry(job.path, pin.backoff, now)
+        if held is not None:
+            level = logging.WARNING if held != held_before else logging.DEBUG
+            log.log(
+                level,
+                "cannot unpin %s yet: %s; staying pinned, %s",
+                job.path,
+                exc,
+                retry,
+            )
+        else:
+            log.error(
+                "write-back of %s failed, staying pinned (nothing lost), %s: %s",
+                job.path,
+                retry,
+                exc,
+            )
+
+    def _checkpoint_done(self, job: Job, result: Any, exc: BaseException | None) -> None:
+        pin = self.pinmgr.pins.get(job.path)
+        if pin is not None:
+            with self.pinmgr.lock:
+                pin.busy = False
+        if exc is not None:
+            log.error("checkpoint of %s failed: %s", job.path, exc)
+            return
+        rec = result
+        if rec.ok:
+            log_checkpoint(logging.DEBUG, job.path, job.reason, rec)
+        else:
+            log.error(
+                "checkpoint of %s failed (the last good one stays on disk): %s",
+                job.path,
+                rec.error,
+            )
 
     def _unpin_retry(self, path: str, backoff: float, now: float) -> str:
         """When the failed unpin of `path` is tried again, for its log line (the stop retries

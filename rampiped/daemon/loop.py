@@ -25,7 +25,7 @@ TICK = 0.5  # seconds between engine decisions
 
 
 class Daemon(Requests, Stop):
-    # -- start-up ----------------------------------------------------------------------------
+    # -- start-up ------------------------------------------------------------------------------
 
     def start(self) -> None:
         cfg = self.cfg
@@ -82,7 +82,7 @@ class Daemon(Requests, Stop):
         )
         self.notifier.send("READY=1", "STATUS=" + self.status_line())
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> int:
         while True:

@@ -24,7 +24,7 @@ log = logging.getLogger("rampiped")
 
 
 class Reload(Status, Jobs):
-    # -- signals -----------------------------------------------------------------------------
+    # -- signals -------------------------------------------------------------------------------
 
     def _listen_for_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -48,7 +48,7 @@ class Reload(Status, Jobs):
             while self.sig_r.recv(4096):
                 pass
 
-    # -- watch roots and static pins ---------------------------------------------------------
+    # -- watch roots and static pins -----------------------------------------------------------
 
     def _apply_watch_roots(self, cfg: config.Config) -> None:
         wanted: set[str] = set()
@@ -135,7 +135,7 @@ class Reload(Status, Jobs):
             elif now >= at and path not in self.pinmgr.pins and path not in self.pending:
                 self._submit_static(path, pc)
 
-    # -- reload ------------------------------------------------------------------------------
+    # -- reload --------------------------------------------------------------------------------
 
     def reload(self) -> str | None:
         """Validate, diff, apply. Returns None when applied, or the reason it was not."""

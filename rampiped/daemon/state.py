@@ -29,6 +29,8 @@ FACTS_MAX_AGE = 30.0  # seconds a candidate's filesystem facts and size are reus
 
 
 class DaemonState:
+    """The daemon's collaborators and state; the modules of this package add its behaviour."""
+
     def __init__(self, cfg: config.Config, *, dry_run: bool = False) -> None:
         self.cfg = cfg
         self.dry_run = dry_run
@@ -106,7 +108,7 @@ class DaemonState:
             sync_interval=lambda: self.cfg.sync.interval,
         )
 
-    # -- helpers -----------------------------------------------------------------------------
+    # -- helpers -------------------------------------------------------------------------------
 
     def _ram_limit(self, cfg: config.Config) -> int:
         return cfg.ram.max.resolve(self.total_ram)
@@ -129,6 +131,8 @@ class DaemonState:
         finally:
             self.monitor.unignore_pid(proc.pid)
             self.children.discard(proc.pid)
+
+    # -- fanotify: what is watched -------------------------------------------------------------
 
     def _fanotify_refused(self, exc: OSError) -> None:
         """fanotify is refused here (`exc` from fanotify_init or fanotify_mark): say so once,
@@ -186,6 +190,8 @@ class DaemonState:
             watch, cfg.adaptive.exclude, tuple(self.static_paths), translate
         )
 
+    # -- pins and watch roots ------------------------------------------------------------------
+
     def _reopen_for(self, path: str) -> str | None:
         """The reopen command of the watch root that `path` lies in (the innermost one)."""
         best: config.WatchRoot | None = None
@@ -211,6 +217,8 @@ class DaemonState:
     def _unwatch_pin(self, pin: pins.Pin) -> None:
         with contextlib.suppress(OSError, KeyError):
             self.monitor.remove_filesystem(self.pinmgr.ram_side(pin))
+
+    # -- a candidate's filesystem facts --------------------------------------------------------
 
     def _facts(self, path: str) -> engine.CandidateFacts:
         """What the filesystem says about a candidate. Its size takes a walk of the tree, which
