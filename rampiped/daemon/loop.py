@@ -25,6 +25,9 @@ TICK = 0.5  # seconds between engine decisions
 
 
 class Daemon(Requests, Stop):
+    """rampiped: `start`, then `run` until the stop, a handover or a failure ends it. Its
+    behaviour comes in layers, one module each (see the package's docstring)."""
+
     # -- start-up ------------------------------------------------------------------------------
 
     def start(self) -> None:
