@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ import textwrap
 import typing
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -215,8 +218,15 @@ def test_daemon_page_has_every_flag() -> None:
         assert level in options["--log-level"]
 
 
+def daemon_modules() -> list[ModuleType]:
+    """The daemon package and every module in it (but `__main__`, which runs the daemon)."""
+    names = [m.name for m in pkgutil.iter_modules(daemon.__path__) if m.name != "__main__"]
+    return [daemon, *(importlib.import_module(f"{daemon.__name__}.{n}") for n in names)]
+
+
 def test_daemon_page_has_every_signal_it_handles() -> None:
-    handled = set(re.findall(r"signal\.signal\(signal\.(SIG[A-Z0-9]+)", inspect.getsource(daemon)))
+    source = "".join(inspect.getsource(m) for m in daemon_modules())
+    handled = set(re.findall(r"signal\.signal\(signal\.(SIG[A-Z0-9]+)", source))
     assert {"SIGHUP", "SIGTERM"} <= handled
     signals = flat(sections("rampiped.8")["SIGNALS"])
     for name in handled:
@@ -230,7 +240,7 @@ def exit_statuses(filename: str) -> set[int]:
 
 
 def test_daemon_page_has_its_exit_statuses() -> None:
-    used = {v for k, v in vars(daemon).items() if k.startswith("EXIT_")}
+    used = {v for m in daemon_modules() for k, v in vars(m).items() if k.startswith("EXIT_")}
     assert used >= {errors.EXIT_OK, errors.EXIT_FAILURE, errors.EXIT_CONFIG}
     # argparse exits 2 on a usage error
     assert exit_statuses("rampiped.8") == used | {errors.EXIT_USAGE}
