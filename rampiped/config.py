@@ -41,6 +41,8 @@ class RamConfig:
     max: Size = field(default_factory=lambda: Size(percent=25.0))
     high_watermark: float = 0.90  # fraction of `max`
     min_free: int = 256 * 1024 * 1024  # bytes of MemAvailable
+    backend: str = "tmpfs"  # what each pin's RAM area is (rampiped/ramarea.py)
+    compression: str = "lz4"  # zram only: one of ZRAM_ALGORITHMS the kernel offers
 
 
 @dataclass(frozen=True)
@@ -386,6 +388,10 @@ _UNIT_SUFFIXES = (
 )  # fmt: skip
 _UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]+")
 MODES = ("copy", "overlay", "volatile")
+RAM_BACKENDS = ("tmpfs", "zram")
+# the zram compressors of Linux 6.x (drivers/block/zram/zcomp.c); which of them this kernel
+# offers is checked when the daemon starts (ramarea.check)
+ZRAM_ALGORITHMS = ("lz4", "lz4hc", "lzo", "lzo-rle", "zstd", "deflate", "842")
 
 # Trees that can be neither pinned nor watched, and why (after "... is").
 _SPECIAL_TREES = {
@@ -513,6 +519,15 @@ def _mode(value: object) -> str:
         raise _Invalid("expected one of " + ", ".join(MODES))
     assert isinstance(value, str)
     return value
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise _Invalid("expected one of " + ", ".join(choices))
+        return value
+
+    return convert
 
 
 def _unit_name(value: object) -> str:
@@ -940,6 +955,8 @@ class _Loader:
             max=self.get(s, "max", "ram", _ram_max, d.max),
             high_watermark=self.get(s, "high_watermark", "ram", _fraction, d.high_watermark),
             min_free=self.get(s, "min_free", "ram", _size, d.min_free),
+            backend=self.get(s, "backend", "ram", _one_of(RAM_BACKENDS), d.backend),
+            compression=self.get(s, "compression", "ram", _one_of(ZRAM_ALGORITHMS), d.compression),
         )
         # Sizes above the machine's memory are typos or come from a bigger machine: such a max
         # is never reached, and such a min_free forbids every pin. Each is checked alone: that

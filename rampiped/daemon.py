@@ -41,6 +41,7 @@ from rampiped import (
     metrics,
     mounts,
     pins,
+    ramarea,
     rates,
     writeback,
 )
@@ -195,6 +196,7 @@ class Daemon:
             runner=self._run_command,
             exclude_pids=lambda: set(self.children),
         )
+        self.pinmgr.ram_backend = ramarea.backend_of(cfg.ram)
         self.pending: dict[str, str] = {}  # path -> job kind queued or running
         self.dry_pins: dict[str, float] = {}  # dry run: what would be pinned, since when
         self.static_paths: dict[str, config.PinConfig] = {}
@@ -1061,6 +1063,10 @@ class Daemon:
                     log.error("%s", line)
                 log.error("reload refused: %s is invalid; the running configuration stays", path)
                 return str(exc)
+            unusable = ramarea.check(ramarea.backend_of(new.ram))
+            if unusable is not None:
+                log.error("reload refused: %s; the running configuration stays", unusable)
+                return unusable
             old = self.cfg
             for key in ("runtime_dir", "journal_dir"):
                 if getattr(new, key) != getattr(old, key):
@@ -1077,6 +1083,7 @@ class Daemon:
             )
             self.rates.set_half_life(new.adaptive.half_life, time.monotonic())
             self.pinmgr.ram_limit = self._ram_limit(new)
+            self.pinmgr.ram_backend = ramarea.backend_of(new.ram)
             self.observer.reconfigure(new.metrics)
             self._apply_watch_roots(new)
             self._apply_static_pins(new, wait=False)
@@ -1178,7 +1185,10 @@ class Daemon:
             else ""
         )
         blind = "; adaptive pinning off: fanotify not available" if self.fanotify_off else ""
-        return f"{warn}{n} pinned, {engine.format_bytes(used)} in RAM{at_risk}{blind}"
+        compressed = ramarea.status_text(
+            [self.pinmgr.ram_usage(p) for p in self.pinmgr.pins.values()]
+        )
+        return f"{warn}{n} pinned, {engine.format_bytes(used)} in RAM{compressed}{at_risk}{blind}"
 
     def status(self, now: float) -> dict[str, Any]:
         pins_out: list[dict[str, Any]] = []
@@ -1186,6 +1196,7 @@ class Daemon:
         for pin in sorted(self.pinmgr.pins.values(), key=lambda p: p.path):
             last = pin.last_sync
             dirty = self.observer.dirty(pin, now, max_age=1.0)
+            usage = self.pinmgr.ram_usage(pin)
             pins_out.append(
                 {
                     "path": pin.path,
@@ -1194,7 +1205,8 @@ class Daemon:
                     "static": pin.static,
                     "origin": pin.origin,
                     "rate": round(self.rates.rate(pin.path, now), 3),
-                    "ram_bytes": self.pinmgr.ram_bytes(pin),
+                    "ram_bytes": usage.ram,
+                    **ramarea.status_fields(usage),
                     "dirty_bytes": dirty.bytes,
                     "data_at_risk_s": round(metrics.at_risk(dirty, wall), 1),
                     "pinned_since": _iso(pin.pinned_wall),
@@ -1236,6 +1248,7 @@ class Daemon:
             "ram": {
                 "max_bytes": self._ram_limit(self.cfg),
                 "used_bytes": used,
+                "stored_bytes": sum(p["stored_bytes"] for p in pins_out),
                 "available_bytes": psutil.virtual_memory().available,
             },
             "monitor": {"lost_events": self.lost_events, **self.monitor.stats()},
@@ -1646,6 +1659,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log.error("rampiped needs root (fanotify, mounts)")
         return EXIT_FAILURE
+    unusable = None if args.dry_run else ramarea.check(ramarea.backend_of(cfg.ram))
+    if unusable is not None:
+        log.error("not starting: %s", unusable)
+        return EXIT_CONFIG
     try:
         daemon = Daemon(cfg, dry_run=args.dry_run)
     except OSError as exc:

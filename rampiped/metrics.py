@@ -103,6 +103,7 @@ class PinSample:
     dirty_bytes: int
     at_risk_s: float  # age of the oldest change not yet on disk; 0 when there is none
     sync_interval: float = 0.0  # seconds between its checkpoints; 0: none
+    stored_bytes: int | None = None  # before compression (ram.backend zram); None: ram_bytes
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,12 @@ class Metrics:
             registry=r,
         )
         self.pin_ram = Gauge("rampiped_pin_ram_bytes", "RAM used by the pin.", by_pin, registry=r)
+        self.pin_stored = Gauge(
+            "rampiped_pin_stored_bytes",
+            "Bytes the pin's files take in RAM before compression (ram_bytes on tmpfs).",
+            by_pin,
+            registry=r,
+        )
         self.stranded = Gauge(
             "rampiped_stranded_bytes",
             "Bytes of a write-back that could not complete: in the journal or RAM only, not in"
@@ -365,7 +372,7 @@ class Metrics:
         self.textfile_interval.set(sample.textfile_interval)
         self.dirty.set(sum(p.dirty_bytes for p in sample.pins))
         self.at_risk.set(max((p.at_risk_s for p in sample.pins), default=0.0))
-        for gauge in (self.pin_state, self.pin_rate, self.pin_ram, self.pin_dirty):
+        for gauge in (self.pin_state, self.pin_rate, self.pin_ram, self.pin_stored, self.pin_dirty):
             gauge.clear()
         self.pin_at_risk.clear()
         self.pin_sync_interval.clear()
@@ -375,6 +382,8 @@ class Metrics:
                 self.pin_state.labels(label, p.mode, state).set(1 if p.state == state else 0)
             self.pin_rate.labels(label, p.mode).set(p.rate)
             self.pin_ram.labels(label, p.mode).set(p.ram_bytes)
+            stored = p.ram_bytes if p.stored_bytes is None else p.stored_bytes
+            self.pin_stored.labels(label, p.mode).set(stored)
             self.pin_dirty.labels(label, p.mode).set(p.dirty_bytes)
             self.pin_at_risk.labels(label, p.mode).set(p.at_risk_s)
             self.pin_sync_interval.labels(label, p.mode).set(p.sync_interval)
@@ -639,13 +648,15 @@ class Observer:
         out = []
         for pin in sorted(self.pinmgr.pins.values(), key=lambda p: p.path):
             dirty = self.dirty(pin, now)
+            usage = self.pinmgr.ram_usage(pin)
             out.append(
                 PinSample(
                     path=pin.path,
                     mode=pin.mode,
                     state=pin.state,
                     rate=self.rate(pin.path, now),
-                    ram_bytes=self.pinmgr.ram_bytes(pin),
+                    ram_bytes=usage.ram,
+                    stored_bytes=usage.stored,
                     dirty_bytes=dirty.bytes,
                     at_risk_s=at_risk(dirty, wall),
                     sync_interval=(

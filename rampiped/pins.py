@@ -43,6 +43,7 @@ from rampiped import (
     handover,
     holders,
     mounts,
+    ramarea,
     tmpfiles,
     tree,
     volatile,
@@ -225,6 +226,7 @@ class PinManager:
         self.ram_limit = ram_limit  # size of each pin's tmpfs: the whole budget
         self.runner = runner
         self.exclude_pids = exclude_pids
+        self.ram_backend = ramarea.TMPFS  # ram.backend of the pins made from now on
         self.pins: dict[str, Pin] = {}
         self.stranded: dict[str, Stranded] = {}
         self.lock = threading.RLock()
@@ -577,10 +579,10 @@ class PinManager:
         ram, disk = self.ram(pin.id), self.disk(pin.id)
         os.makedirs(ram, mode=0o700, exist_ok=True)
         os.makedirs(disk, mode=0o700, exist_ok=True)
-        mounts.mount_tmpfs(
-            ram, size=self.tmpfs_size(), mode=0o700, uid=0, gid=0, source=SOURCE_PREFIX + pin.id
+        ramarea.mount(
+            ram, backend=self.ram_backend, size=self.tmpfs_size(), source=SOURCE_PREFIX + pin.id
         )
-        undo.append(lambda: mounts.umount(ram))
+        undo.append(lambda: ramarea.unmount(ram))
         self._bind_staging(dir_fd, disk)
         undo.append(lambda: mounts.umount(disk))
 
@@ -1191,7 +1193,7 @@ class PinManager:
 
     def _release(self, pin: Pin) -> None:
         mounts.umount(self.disk(pin.id))
-        mounts.umount(self.ram(pin.id))
+        ramarea.unmount(self.ram(pin.id))
         shutil.rmtree(self.base(pin.id), ignore_errors=True)
         writeback.discard_journal(self.journal(pin.id))
         shutil.rmtree(self.journal(pin.id), ignore_errors=True)
@@ -1431,7 +1433,7 @@ class PinManager:
                 what = "the copy never served the directory: discarded"
             if disk_mounted:
                 mounts.umount(self.disk(pid))
-            mounts.umount(self.ram(pid))
+            ramarea.unmount(self.ram(pid))
             shutil.rmtree(self.base(pid), ignore_errors=True)
             writeback.discard_journal(self.journal(pid))
             shutil.rmtree(self.journal(pid), ignore_errors=True)
@@ -1781,7 +1783,7 @@ class PinManager:
         if os.path.ismount(self.disk(pid)):
             mounts.umount(self.disk(pid))
         if ram_mounted:
-            mounts.umount(self.ram(pid))
+            ramarea.unmount(self.ram(pid))
         shutil.rmtree(self.base(pid), ignore_errors=True)
         writeback.discard_journal(self.journal(pid))
         shutil.rmtree(self.journal(pid), ignore_errors=True)
@@ -1790,11 +1792,10 @@ class PinManager:
     # -- measurements ----------------------------------------------------------------------------
 
     def ram_bytes(self, pin: Pin) -> int:
-        try:
-            st = os.statvfs(pin.path if pin.mode == "volatile" else self.ram(pin.id))
-        except OSError:
-            return 0
-        return (st.f_blocks - st.f_bfree) * st.f_frsize
+        return self.ram_usage(pin).ram
+
+    def ram_usage(self, pin: Pin) -> ramarea.Usage:
+        return ramarea.usage(pin.path if pin.mode == "volatile" else self.ram(pin.id))
 
     def dirty_bytes(self, pin: Pin, limit: int = 200_000) -> int:
         """Bytes in RAM changed since the last good checkpoint (not yet on disk)."""
