@@ -322,7 +322,8 @@ ERRORS = [
         "unknown nested key without a close match",
         "ram:\n  colour: blue\n",
         [
-            f"{SRC}:2: ram.colour: unknown key (known keys here: max, high_watermark, min_free, backend, compression)"
+            f"{SRC}:2: ram.colour: unknown key (known keys here: max, high_watermark, min_free,"
+            " backend, compression)"
         ],
     ),
     (
@@ -1222,7 +1223,8 @@ def test_every_error_of_a_file_is_reported_at_once_in_file_order() -> None:
         f"{SRC}:2: ram.max: expected a percentage above 0% and at most 100%, got '150%'",
         f"{SRC}:3: ram.high_watermark: expected a percentage like 90% or a fraction like 0.9, "
         "got 90 (did you mean 90%?)",
-        f"{SRC}:4: ram.colour: unknown key (known keys here: max, high_watermark, min_free, backend, compression)",
+        f"{SRC}:4: ram.colour: unknown key (known keys here: max, high_watermark, min_free,"
+        " backend, compression)",
         f"{SRC}:6: adaptive.half_life: expected a duration like 10s, 5m or a number of seconds, "
         "got 'fast'",
         f"{SRC}:8: adaptive.watch[0].path: cannot watch /proc: /proc is a kernel virtual "
