@@ -1792,7 +1792,8 @@ class PinManager:
     # -- measurements ----------------------------------------------------------------------------
 
     def ram_bytes(self, pin: Pin) -> int:
-        return self.ram_usage(pin).ram
+        """What the RAM budget counts for the pin (ramarea.Usage.counted)."""
+        return self.ram_usage(pin).counted(self.ram_limit)
 
     def ram_usage(self, pin: Pin) -> ramarea.Usage:
         return ramarea.usage(pin.path if pin.mode == "volatile" else self.ram(pin.id))

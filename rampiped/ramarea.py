@@ -58,6 +58,8 @@ MOUNT_OPTIONS = "discard,errors=continue"
 # larger than the pin's size so that the data blocks are the size (the tables cost no memory:
 # zram keeps a page of zeros as a flag)
 INODE_SHARE = 16
+# below the default high watermark (0.9) and any sensible one: see Usage.counted
+AREA_FULL = 0.75
 RESET_WAIT, RESET_POLL = 2.0, 0.01  # a device just unmounted may be closed a moment later
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -83,6 +85,16 @@ class Usage:
     stored: int
     ram: int
     backend: str = "tmpfs"
+
+    def counted(self, ram_limit: int) -> int:
+        """What the RAM budget counts for this area: the memory it takes, until its files alone
+        reach AREA_FULL of `ram_limit`; from there what they store, so that the engine evicts
+        it when it is as full as a tmpfs pin it would evict (a zram area holds as many bytes
+        as a tmpfs one: without this, well compressed data would fill the filesystem long
+        before the memory reached the high watermark, and the writers would get ENOSPC)."""
+        if self.backend == "zram" and self.stored >= ram_limit * AREA_FULL:
+            return max(self.ram, self.stored)
+        return self.ram
 
     @property
     def ratio(self) -> float:
