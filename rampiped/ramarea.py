@@ -257,9 +257,12 @@ def mount(target: str, *, backend: Backend, size: int, source: str) -> None:
         os.chmod(target, 0o700)
         os.rmdir(os.path.join(target, "lost+found"))  # the area's root holds only the pin's
     except BaseException:
-        if device_of(target) == n:
-            mounts.umount(target)
-        free(n)
+        try:
+            if device_of(target) == n:
+                mounts.umount(target)
+            free(n)
+        except OSError as exc:  # the first error is the one to report
+            log.warning("%s: the zram device zram%d stays: %s", target, n, exc)
         raise
 
 

@@ -9,6 +9,7 @@ every device that appeared during the test, whatever happened, after the mounts 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from rampiped import pins as pinsmod
 from rampiped import ramarea
 from tests.system import safety
 from tests.system.changes import CHANGES, populate, write
-from tests.system.daemon_harness import VENV_BIN, Env, Writer, make_env, running
+from tests.system.daemon_harness import VENV_BIN, Env, make_env, running
 from tests.system.helpers import (
     diff_manifests,
     drop_caches,
@@ -34,7 +35,7 @@ from tests.system.helpers import (
     mountinfo,
     wait_for,
 )
-from tests.system.test_safety_budget import GROWER
+from tests.system.test_safety_budget import grow, pin_adaptively
 
 pytestmark = pytest.mark.system
 
@@ -98,16 +99,25 @@ def no_new_devices(before: set[int]) -> None:
     wait_for(lambda: zram_devices() <= before, 10, "the pins' zram devices removed")
 
 
+@contextlib.contextmanager
+def manual_pins(tmp: Path, compression: str, name: str, disk_mb: int) -> Iterator[tuple[Env, Path]]:
+    """Adaptive pinning off, and the directory `name` to pin; when the test is done, the pins'
+    zram devices must be gone."""
+    before = zram_devices()
+    with make_env(tmp, disk_mb=disk_mb) as env:
+        zram_env(env, compression, adaptive={"enabled": False})
+        d = env.data / name
+        d.mkdir()
+        yield env, d
+        no_new_devices(before)
+
+
 # -- every change survives ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["overlay", "copy"])
 def test_a_zram_pin_keeps_every_kind_of_change(tmp_path: Path, zram: list[str], mode: str) -> None:
-    before = zram_devices()
-    with make_env(tmp_path, disk_mb=256) as env:
-        zram_env(env, zram[0], adaptive={"enabled": False})
-        hot = env.data / "hot"
-        hot.mkdir()
+    with manual_pins(tmp_path, zram[0], "hot", 256) as (env, hot):
         outside = tmp_path / "outside"
         write(outside / "victim", "must survive")
         populate(hot, outside)
@@ -139,7 +149,6 @@ def test_a_zram_pin_keeps_every_kind_of_change(tmp_path: Path, zram: list[str], 
         drop_caches()
         assert diff_manifests(expected, drop_lone_link_groups(manifest(hot))) == []
         assert (outside / "victim").read_text() == "must survive"
-        no_new_devices(before)
 
 
 # -- full ---------------------------------------------------------------------------------------
@@ -156,30 +165,9 @@ def test_a_growing_zram_pin_is_evicted_before_any_write_fails(
         d = env.data / "grow"
         d.mkdir()
         with running(env) as dm:
-            warm = Writer(d / "warm", rate=100)
-            try:
-                wait_for(lambda: env.overlay_at(d), 30, "the adaptive pin")
-            finally:
-                warm.stop()
+            pin_adaptively(env, d)
             ram_area(env, d)
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    GROWER,
-                    str(d),
-                    str(80 * MiB),
-                    str(160 * MiB),
-                    str(MiB // 4),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-                cwd=ROOT,
-            )
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready"
-            result = json.loads(proc.stdout.readline())
-            proc.wait(30)
+            result = grow(d, 80 * MiB, 160 * MiB, MiB // 4)
             dm.wait_log(r"unpinned " + re.escape(str(d)) + r": evicted: RAM used by pins")
             assert dm.stop() == 0, dm.log_text()
         assert not env.overlay_at(d)
@@ -223,11 +211,7 @@ def test_a_full_zram_pin_refuses_a_held_open_writer_with_enospc(
     """A manual pin (never evicted) and one writer that keeps its file open: its write fails
     with ENOSPC once the area is full; no EIO, not even at fsync; never read-only; what it
     wrote is all there and reaches the disk; deleting gives the memory back."""
-    before = zram_devices()
-    with make_env(tmp_path, disk_mb=512) as env:
-        zram_env(env, zram[0], adaptive={"enabled": False})
-        d = env.data / "full"
-        d.mkdir()
+    with manual_pins(tmp_path, zram[0], "full", 512) as (env, d):
         (d / "small.log").write_text("before the pin\n")
         with running(env) as dm:
             assert env.ctl("pin", str(d), "--mode", "overlay").returncode == 0
@@ -272,7 +256,6 @@ def test_a_full_zram_pin_refuses_a_held_open_writer_with_enospc(
         assert hashlib.sha256((d / "again.bin").read_bytes()).hexdigest() == held
         assert safety.check_tree(d, {"after.bin": 1}, minimum=True) == []
         assert (d / "small.log").read_text() == "before the pin\n"
-        no_new_devices(before)
 
 
 # -- crash --------------------------------------------------------------------------------------
@@ -280,11 +263,7 @@ def test_a_full_zram_pin_refuses_a_held_open_writer_with_enospc(
 
 @pytest.mark.parametrize("mode", ["overlay", "copy"])
 def test_a_zram_pin_is_adopted_after_kill_9(tmp_path: Path, zram: list[str], mode: str) -> None:
-    before = zram_devices()
-    with make_env(tmp_path, disk_mb=256) as env:
-        zram_env(env, zram[0], adaptive={"enabled": False})
-        d = env.data / "crash"
-        d.mkdir()
+    with manual_pins(tmp_path, zram[0], "crash", 256) as (env, d):
         safety.write_version(d / "old", "old", 0)
         with running(env) as dm:
             assert env.ctl("pin", str(d), "--mode", mode).returncode == 0
@@ -307,7 +286,6 @@ def test_a_zram_pin_is_adopted_after_kill_9(tmp_path: Path, zram: list[str], mod
         drop_caches()
         assert diff_manifests(expected, manifest(d)) == []
         assert not (d / "old").exists()
-        no_new_devices(before)
 
 
 # -- start-up check -----------------------------------------------------------------------------
