@@ -1502,7 +1502,14 @@ class PinManager:
             os.makedirs(disk, mode=0o700, exist_ok=True)
             self._bind_staging(dir_fd, disk)
             undo.append(lambda: mounts.umount(disk))
-            volatile.mount_tmpfs_at(dir_fd, path, size=size, source=SOURCE_PREFIX + pid)
+            ramarea.mount_over(
+                dir_fd,
+                path,
+                backend=self.ram_backend,
+                size=size,
+                source=SOURCE_PREFIX + pid,
+                link_dir=self.base(pid),
+            )
             undo.append(lambda: self._unmount_volatile(pin))
             self._check_in_place(pin)
             top = mounts.mount_at(path)
@@ -1563,6 +1570,7 @@ class PinManager:
                     mounts.umount(entry.mountpoint)
                     unmounted.append(entry.mountpoint)
                 self._unmount_path(pin)
+                ramarea.release(ramarea.device_of_mount(top), pin.path)
             except mounts.MountError:
                 if unmounted:
                     self._rebind_keeps(pin)

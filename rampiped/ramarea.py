@@ -1,5 +1,6 @@
 """A pin's RAM area (`<runtime_dir>/pins/<id>/ram`): where its overlay upper and work, or its
-copy, live. `ram.backend` says what it is:
+copy, live; a volatile pin's is mounted over the directory itself (`mount_over`).
+`ram.backend` says what it is:
 
 - tmpfs: a tmpfs of the pin's size (the default).
 - zram: a compressed RAM block device of the pin's own (hot_add through
@@ -32,13 +33,18 @@ import logging
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from rampiped import config, mounts
+from rampiped import mounts, volatile
 from rampiped.engine import format_bytes
+
+if TYPE_CHECKING:
+    from rampiped import config
 
 log = logging.getLogger("rampiped")
 
@@ -58,6 +64,7 @@ MOUNT_OPTIONS = "discard,errors=continue"
 # larger than the pin's size so that the data blocks are the size (the tables cost no memory:
 # zram keeps a page of zeros as a flag)
 INODE_SHARE = 16
+EXT4_ROOT_INO = 2
 # below the default high watermark (0.9) and any sensible one: see Usage.counted
 AREA_FULL = 0.75
 RESET_WAIT, RESET_POLL = 2.0, 0.01  # a device just unmounted may be closed a moment later
@@ -179,9 +186,12 @@ def algorithms(n: int) -> list[str]:
 def device_of(path: str) -> int | None:
     """The number of the zram device whose filesystem holds `path`, or None (tmpfs)."""
     try:
-        dev = os.stat(path).st_dev
+        return _zram_number(os.stat(path).st_dev)
     except OSError:
         return None
+
+
+def _zram_number(dev: int) -> int | None:
     major, minor = os.major(dev), os.minor(dev)
     if major == 0:
         return None  # an anonymous device: tmpfs, overlay
@@ -240,6 +250,33 @@ def mount(target: str, *, backend: Backend, size: int, source: str) -> None:
     if backend.name != "zram":
         mounts.mount_tmpfs(target, size=size, mode=0o700, uid=0, gid=0, source=source)
         return
+    _zram_area(target, target, os.path.dirname(target), backend, size, source, (0o700, 0, 0))
+
+
+def mount_over(
+    dir_fd: int, path: str, *, backend: Backend, size: int, source: str, link_dir: str
+) -> None:
+    """A volatile pin's RAM area on the directory `dir_fd` (at `path`), with its owner and
+    mode. `link_dir`: a directory of root's for the moment of the mount (see _mount_named)."""
+    if backend.name != "zram":
+        volatile.mount_tmpfs_at(dir_fd, path, size=size, source=source)
+        return
+    st = os.fstat(dir_fd)
+    owner = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    _zram_area(volatile.fd_path(dir_fd), path, link_dir, backend, size, source, owner)
+
+
+def _zram_area(
+    target: str,
+    path: str,
+    link_dir: str,
+    backend: Backend,
+    size: int,
+    source: str,
+    owner: tuple[int, int, int],
+) -> None:
+    """A zram device with ext4 of `size` bytes of data mounted on `target` (seen at `path`),
+    its root with `owner` (mode, uid, gid). Undone whole when a step fails."""
     n = hot_add()
     try:
         _write(_sys(n, "comp_algorithm"), backend.compression)  # before disksize, or refused
@@ -253,23 +290,34 @@ def mount(target: str, *, backend: Backend, size: int, source: str) -> None:
                 errno.EIO,
                 f"`{shlex.join(argv)}` exited with {res.returncode}: {res.stderr.strip()}",
             )
-        _mount_named(f"/dev/zram{n}", target, source)
-        os.chmod(target, 0o700)
-        os.rmdir(os.path.join(target, "lost+found"))  # the area's root holds only the pin's
+        _mount_named(f"/dev/zram{n}", target, source, link_dir)
+        # the new root, reached by `path` and checked to be it (a user may have swapped the
+        # path for a symlink meanwhile): the root inode of ext4 on this device
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if _zram_number(st.st_dev) != n or st.st_ino != EXT4_ROOT_INO:
+                raise ZramError(errno.EXDEV, f"{path} does not show the new filesystem")
+            mode, uid, gid = owner
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            os.rmdir("lost+found", dir_fd=fd)  # the area's root holds only the pin's files
+        finally:
+            os.close(fd)
     except BaseException:
         try:
-            if device_of(target) == n:
-                mounts.umount(target)
+            if device_of(path) == n:
+                mounts.umount(path)
             free(n)
         except OSError as exc:  # the first error is the one to report
-            log.warning("%s: the zram device zram%d stays: %s", target, n, exc)
+            log.warning("%s: the zram device zram%d stays: %s", path, n, exc)
         raise
 
 
-def _mount_named(device: str, target: str, source: str) -> None:
-    """Mount `device` on `target` through a symlink named `source`, so that /proc/*/mountinfo
-    shows `source`: in a thread of its own whose working directory is the symlink's."""
-    link_dir = os.path.dirname(target)
+def _mount_named(device: str, target: str, source: str, link_dir: str) -> None:
+    """Mount `device` on `target` through a symlink named `source` in `link_dir`, so that
+    /proc/*/mountinfo shows `source`: in a thread of its own whose working directory is
+    `link_dir`."""
     link = os.path.join(link_dir, source)
     os.symlink(device, link)
     result: dict[str, int] = {}
@@ -300,11 +348,22 @@ def unmount(target: str) -> None:
     removed."""
     n = device_of(target) if os.path.ismount(target) else None
     mounts.umount(target)
-    if n is not None:
-        try:
-            free(n)
-        except OSError as exc:
-            log.warning("%s: the zram device zram%d stays: %s", target, n, exc)
+    release(n, target)
+
+
+def release(n: int | None, where: str) -> None:
+    """After the unmount of a RAM area (`where`) whose device was `n`: free it (None: tmpfs)."""
+    if n is None:
+        return
+    try:
+        free(n)
+    except OSError as exc:
+        log.warning("%s: the zram device zram%d stays: %s", where, n, exc)
+
+
+def device_of_mount(entry: mounts.MountEntry) -> int | None:
+    """The number of the zram device mounted at `entry`, or None."""
+    return _zram_number(entry.dev)
 
 
 def usage(path: str) -> Usage:

@@ -10,11 +10,13 @@ every device that appeared during the test, whatever happened, after the mounts 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,6 +38,7 @@ from tests.system.helpers import (
     wait_for,
 )
 from tests.system.test_safety_budget import grow, pin_adaptively
+from tests.system.test_volatile import USERS, make_cache
 
 pytestmark = pytest.mark.system
 
@@ -311,3 +314,45 @@ def test_a_compressor_the_kernel_lacks_stops_the_start(tmp_path: Path, zram: lis
             f" does not offer {missing[0]}; it offers " + ", ".join(zram)
         ) in proc.stderr
         assert not safety.pin_mounts()
+
+
+# -- volatile -----------------------------------------------------------------------------------
+
+
+def test_a_volatile_pin_on_zram(tmp_path: Path, zram: list[str]) -> None:
+    """Owned like the directory, keeps persist, nothing else does, full is ENOSPC, adopted
+    after kill -9, its device freed at the stop."""
+    before = zram_devices()
+    with make_env(tmp_path) as env:
+        cache = make_cache(env, "bob")
+        pin = {"path": str(cache), "mode": "volatile", "size": "8M", "keep": ["pip"]}
+        zram_env(env, zram[0], adaptive={"enabled": False}, pins=[pin])
+        with running(env) as daemon:
+            top = env.mounted_at(cache)
+            assert top is not None
+            pid = pinsmod.pin_id(str(cache))
+            assert (top["fstype"], top["source"]) == ("ext4", pinsmod.SOURCE_PREFIX + pid), top
+            assert ramarea.device_of(str(cache)) is not None
+            st = os.stat(cache)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == USERS["bob"]
+            assert sorted(os.listdir(cache)) == ["pip"]
+            (cache / "scratch").write_text("only in RAM\n")
+            (cache / "pip" / "new.whl").write_text("kept\n")
+            with pytest.raises(OSError) as info, open(cache / "big", "wb") as f:
+                while True:
+                    f.write(os.urandom(MiB))
+                    f.flush()
+            assert info.value.errno == errno.ENOSPC
+            (cache / "big").unlink()
+            (cache / "after-full").write_text("still writable\n")
+            assert the_pin(env, cache)["ram_backend"] == "zram"
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait(10)
+        with running(env) as daemon:
+            daemon.wait_log(rf"adopted {re.escape(str(cache))} \(volatile, static\)")
+            assert (cache / "after-full").read_text() == "still writable\n"
+            assert daemon.stop() == 0, daemon.log_text()
+        assert env.mounted_at(cache) is None
+        assert sorted(os.listdir(cache)) == ["old-file", "pip"]
+        assert (cache / "pip" / "new.whl").read_text() == "kept\n"
+        no_new_devices(before)
