@@ -1221,6 +1221,7 @@ class PinManager:
                 pid = entry.source[len(SOURCE_PREFIX) :]
                 if pid not in known:
                     done.append(f"found mounts of unknown pin {pid} (no record): left alone")
+        done += ramarea.reclaim()
         for pid, rec in known.items():
             path, mode = rec.get("path"), rec.get("mode")
             if not isinstance(path, str) or not isinstance(mode, str):

@@ -31,6 +31,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -65,6 +66,8 @@ MOUNT_OPTIONS = "discard,errors=continue"
 # zram keeps a page of zeros as a flag)
 INODE_SHARE = 16
 EXT4_ROOT_INO = 2
+LABEL_PREFIX = "rp-"  # + the pin's id: the label of a RAM area's ext4 (see reclaim)
+_PIN_ID = re.compile(r"[0-9a-f]{12}")
 # below the default high watermark (0.9) and any sensible one: see Usage.counted
 AREA_FULL = 0.75
 RESET_WAIT, RESET_POLL = 2.0, 0.01  # a device just unmounted may be closed a moment later
@@ -282,7 +285,7 @@ def _zram_area(
         _write(_sys(n, "comp_algorithm"), backend.compression)  # before disksize, or refused
         blocks = -(-(size + size // INODE_SHARE) // 4096)
         _write(_sys(n, "disksize"), str(blocks * 4096))
-        label = "rp-" + source.rsplit("-", 1)[-1][:12]  # ext4 labels have 16 bytes
+        label = LABEL_PREFIX + source.rsplit("-", 1)[-1][:12]  # ext4 labels have 16 bytes
         argv = [*MKFS, *MKFS_OPTIONS, "-L", label, f"/dev/zram{n}"]
         res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
         if res.returncode != 0:
@@ -364,6 +367,56 @@ def release(n: int | None, where: str) -> None:
 def device_of_mount(entry: mounts.MountEntry) -> int | None:
     """The number of the zram device mounted at `entry`, or None."""
     return _zram_number(entry.dev)
+
+
+def _label(n: int) -> str | None:
+    """The label of the ext4 on device `n`, or None when it holds none."""
+    try:
+        fd = os.open(f"/dev/zram{n}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        sb = os.pread(fd, 1024, 1024)  # the superblock: magic at 0x38, volume name at 0x78
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(sb) < 0x88 or sb[0x38:0x3A] != b"\x53\xef":
+        return None
+    return sb[0x78:0x88].split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+def reclaim() -> list[str]:
+    """At start: remove the zram devices of RAM areas that no mount uses any more (a crash
+    between the unmount of a pin and the removal of its device, or during its set-up). A
+    device still mounted, here or in another mount namespace, refuses the reset: left alone.
+    Returns one line per device removed, for the log."""
+    done: list[str] = []
+    try:
+        names = sorted(os.listdir("/sys/block"))
+    except OSError:
+        return done
+    mounted = {e.dev for e in mounts.mountinfo()}
+    for name in names:
+        if not name.startswith("zram") or not name[4:].isdigit():
+            continue
+        n = int(name[4:])
+        label = _label(n)
+        try:
+            dev = os.stat(f"/dev/zram{n}").st_rdev
+        except OSError:
+            continue
+        pid = (label or "")[len(LABEL_PREFIX) :]
+        if not (label or "").startswith(LABEL_PREFIX) or not _PIN_ID.fullmatch(pid):
+            continue
+        if dev in mounted:
+            continue
+        try:
+            free(n)
+        except OSError:
+            continue  # in use: mounted elsewhere
+        done.append(f"removed zram{n}, the RAM area of pin {pid} left by a crash")
+    return done
 
 
 def usage(path: str) -> Usage:

@@ -356,3 +356,30 @@ def test_a_volatile_pin_on_zram(tmp_path: Path, zram: list[str]) -> None:
         assert sorted(os.listdir(cache)) == ["old-file", "pip"]
         assert (cache / "pip" / "new.whl").read_text() == "kept\n"
         no_new_devices(before)
+
+
+def test_a_device_left_by_a_crash_is_removed_at_start(tmp_path: Path, zram: list[str]) -> None:
+    """A RAM area unmounted but whose device was not removed (a crash in between) gives its
+    memory back at the next start; a device still mounted is left alone."""
+    backend = ramarea.Backend("zram", zram[0])
+    with make_env(tmp_path) as env:
+        zram_env(env, zram[0], adaptive={"enabled": False})
+        left, used = tmp_path / "left", tmp_path / "used"
+        for area, pid in ((left, "0123456789ab"), (used, "ba9876543210")):
+            area.mkdir()
+            ramarea.mount(str(area), backend=backend, size=8 * MiB, source=f"rampiped-{pid}")
+        n_left, n_used = ramarea.device_of(str(left)), ramarea.device_of(str(used))
+        assert n_left is not None and n_used is not None
+        (left / "data").write_bytes(os.urandom(MiB))
+        subprocess.run(["umount", str(left)], check=True)  # the device stays
+        assert n_left in zram_devices()
+        with running(env) as daemon:
+            daemon.wait_log(
+                rf"removed zram{n_left}, the RAM area of pin 0123456789ab left by a crash"
+            )
+            assert n_left not in zram_devices()
+            assert n_used in zram_devices()
+            assert ramarea.device_of(str(used)) == n_used
+            assert daemon.stop() == 0
+        ramarea.unmount(str(used))
+        assert n_used not in zram_devices()
