@@ -976,6 +976,11 @@ def zram_ratio(b: Bench) -> None:
     without random tokens (workloads.seed_access_logs) are reported beside it."""
     compression = "lz4"
     r = b.results
+    unusable = ramarea.check(ramarea.Backend("zram", compression))
+    if unusable is not None:
+        b.say(f"compressed RAM not measured: {unusable}")
+        r["zram_not_measured"] = unusable
+        return
     for name, seed in (
         ("logs", lambda d: workloads.seed_logs(d / "logs")),
         ("sqlite", lambda d: workloads.seed_db(d / "db.sqlite")),
