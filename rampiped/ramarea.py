@@ -14,8 +14,9 @@ the filesystem is what fills: its data blocks are the pin's size, like the tmpfs
 write that does not fit fails at once with ENOSPC for that writer. Measured: an ext4 filled with
 random (incompressible) data holds `mem_used_total` at 1.003 times what it stores, so a zram
 area never takes more RAM than the tmpfs of the same size would; compressible data takes less,
-which is what the budget then counts (`Usage.ram`, from mm_stat). Deleted data gives its memory
-back: the filesystem is mounted with `discard`, which frees the device's pages at once.
+which is what the budget then counts (mm_stat's mem_used_total: `Usage.counted`). Deleted data
+gives its memory back: the filesystem is mounted with `discard`, which frees the device's pages
+at once.
 
 The mount carries the pin's source name (`rampiped-<id>`) like every mount rampiped makes, so
 that adoption after a crash, holder searches and unmounts recognise it unchanged: the source
