@@ -45,7 +45,7 @@ import psutil
 from bench import monitor_capacity, report, workloads
 from bench.stick import Stick, blkio_root, profile, stick, sweep_stale_rules
 from bench.tmpfscopy import TmpfsCopy
-from rampiped import control
+from rampiped import control, ramarea
 from tests.system.daemon_harness import Daemon, Env, FsyncLogger, Writer
 from tests.system.helpers import (
     LoopFs,
@@ -969,6 +969,42 @@ def monitor(b: Bench) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+def zram_ratio(b: Bench) -> None:
+    """RAM used per stored byte with ram.backend zram (the area a pin gets, made the way the
+    daemon makes it): on the log tree (workloads.seed_logs) and on the SQLite load's database
+    (workloads.seed_db). The larger of the two is `zram_ram_per_stored_byte`; access logs
+    without random tokens (workloads.seed_access_logs) are reported beside it."""
+    compression = "lz4"
+    r = b.results
+    unusable = ramarea.check(ramarea.Backend("zram", compression))
+    if unusable is not None:
+        b.say(f"compressed RAM not measured: {unusable}")
+        r["zram_not_measured"] = unusable
+        return
+    for name, seed in (
+        ("logs", lambda d: workloads.seed_logs(d / "logs")),
+        ("sqlite", lambda d: workloads.seed_db(d / "db.sqlite")),
+        ("access_logs", lambda d: workloads.seed_access_logs(d / "logs")),
+    ):
+        area = b.tmp / f"zram-{name}"
+        area.mkdir()
+        backend = ramarea.Backend("zram", compression)
+        ramarea.mount(str(area), backend=backend, size=256 << 20, source="rp-bench-zram")
+        try:
+            seed(area)
+            os.sync()
+            u = ramarea.usage(str(area))
+        finally:
+            ramarea.unmount(str(area))
+        r[f"zram_ram_per_stored_byte_{name}"] = u.ratio
+        r[f"zram_stored_mb_{name}"] = round(u.stored / 1e6, 2)
+        r[f"zram_ram_mb_{name}"] = round(u.ram / 1e6, 2)
+    r["zram_compression"] = compression
+    r["zram_ram_per_stored_byte"] = max(
+        r["zram_ram_per_stored_byte_logs"], r["zram_ram_per_stored_byte_sqlite"]
+    )
+
+
 def machine() -> dict[str, Any]:
     mem = psutil.virtual_memory().total
     distro = ""
@@ -1038,6 +1074,8 @@ def run(plan: Plan, out: Path, parts: set[str] | None = None) -> dict[str, Any]:
             steps.append(("content check cost", lambda: ledger_cost(b)))
         if want("busy"):
             steps.append(("pins of a busy logger", lambda: busy_pin(b)))
+        if want("zram"):
+            steps.append(("compressed RAM (zram)", lambda: zram_ratio(b)))
         if sql is not None:
             steps.append(("SQLite experiment", sql.finish))
         for what, step in steps:
@@ -1073,7 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         nargs="+",
-        choices=["sqlite", "matrix", "timing", "wbbytes", "monitor", "ledger", "busy"],
+        choices=["sqlite", "matrix", "timing", "wbbytes", "monitor", "ledger", "busy", "zram"],
         help="run only these parts (the stick profile always runs)",
     )
     ap.add_argument("--any-namespace", action="store_true", help=argparse.SUPPRESS)

@@ -199,6 +199,23 @@ def seed_logs(root: Path) -> None:
     (root / "state.json").write_bytes(rng.randbytes(4096).hex().encode())
 
 
+def seed_access_logs(root: Path, files: int = 6, lines: int = 60_000) -> None:
+    """Web server access logs as they are written (client, time, request, status, size,
+    agent), with no random tokens: the text that a log directory mostly holds."""
+    rng = random.Random(3)
+    root.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        with open(root / f"access{f}.log", "w") as out:
+            for n in range(lines):
+                ip = f"10.{rng.randrange(4)}.{rng.randrange(256)}.{rng.randrange(256)}"
+                out.write(
+                    f"{ip} - - [06/Dec/2026:21:{n // 1000 % 60:02d}:{n % 60:02d} +0000]"
+                    f' "GET /api/v1/items/{rng.randrange(5000)} HTTP/1.1"'
+                    f" {rng.choice((200, 200, 200, 304, 404))} {rng.randrange(100, 9000)}"
+                    ' "-" "Mozilla/5.0 (X11; Linux x86_64)"\n'
+                )
+
+
 def log_day(dirs: list[Path], seconds: float, tick: float = 0.1) -> dict[str, float]:
     """The same changes in every directory of `dirs`, every `tick`: a line appended to each
     active log; every 2 s the state file rewritten (temporary file and rename); every 5 s a

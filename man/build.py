@@ -635,6 +635,8 @@ KINDS: dict[str, str] = {
     "glob": "an absolute path, glob characters allowed",
     "command": "a command line",
     "mode": "one of " + ", ".join(config.MODES),
+    "backend": "one of " + ", ".join(config.RAM_BACKENDS),
+    "compressor": "one of " + ", ".join(config.ZRAM_ALGORITHMS) + " that the kernel offers",
     "listen": "ADDRESS:PORT",
     "textfile": "an absolute path ending in .prom",
     "bool": "true or false",

@@ -155,6 +155,13 @@ def print_status(st: dict[str, Any]) -> None:
         f"RAM used by pins: {format_bytes(ram.get('used_bytes', 0))} of"
         f" {format_bytes(ram.get('max_bytes', 0))}"
     )
+    zram = [p for p in st.get("pins", []) if p.get("ram_backend") == "zram"]
+    if zram:
+        stored, used = sum(p["stored_bytes"] for p in zram), sum(p["ram_bytes"] for p in zram)
+        print(
+            f"compressed (zram): {format_bytes(stored)} stored in {format_bytes(used)} of RAM"
+            f" ({used / max(1, stored):.2f} RAM per byte)"
+        )
     adaptive = st.get("adaptive_pinning")
     if isinstance(adaptive, dict) and not adaptive.get("on", True):
         print(f"adaptive pinning: off ({adaptive.get('reason')})")

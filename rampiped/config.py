@@ -18,6 +18,8 @@ from rampiped import confvalues as values
 from rampiped.confschema import (
     DEFAULT_PATH,
     MODES,
+    RAM_BACKENDS,
+    ZRAM_ALGORITHMS,
     AdaptiveConfig,
     Config,
     MetricsConfig,
@@ -43,6 +45,8 @@ from rampiped.confyaml import (
 __all__ = [
     "DEFAULT_PATH",
     "MODES",
+    "RAM_BACKENDS",
+    "ZRAM_ALGORITHMS",
     "AdaptiveConfig",
     "Config",
     "ConfigError",
@@ -116,6 +120,10 @@ class _Loader(Reader):
             max=self.get(s, "max", "ram", values.ram_max, d.max),
             high_watermark=self.get(s, "high_watermark", "ram", values.fraction, d.high_watermark),
             min_free=self.get(s, "min_free", "ram", values.size, d.min_free),
+            backend=self.get(s, "backend", "ram", values.one_of(RAM_BACKENDS), d.backend),
+            compression=self.get(
+                s, "compression", "ram", values.one_of(ZRAM_ALGORITHMS), d.compression
+            ),
         )
         # Sizes above the machine's memory are typos or come from a bigger machine: such a max
         # is never reached, and such a min_free forbids every pin. Each is checked alone: that

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 DEFAULT_PATH = "/etc/rampipe.conf"
 MODES = ("copy", "overlay", "volatile")  # PinConfig.mode
+RAM_BACKENDS = ("tmpfs", "zram")  # RamConfig.backend
+# the zram compressors of Linux 6.x (drivers/block/zram/zcomp.c); which of them this kernel
+# offers is checked when the daemon starts (ramarea.check)
+ZRAM_ALGORITHMS = ("lz4", "lz4hc", "lzo", "lzo-rle", "zstd", "deflate", "842")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class RamConfig:
     max: Size = field(default_factory=lambda: Size(percent=25.0))
     high_watermark: float = 0.90  # fraction of `max`
     min_free: int = 256 * 1024 * 1024  # bytes of MemAvailable
+    backend: str = "tmpfs"  # what each pin's RAM area is (rampiped/ramarea.py)
+    compression: str = "lz4"  # zram only: one of ZRAM_ALGORITHMS the kernel offers
 
 
 @dataclass(frozen=True)

@@ -329,11 +329,16 @@ def command(value: object) -> str:
     return value
 
 
-def mode(value: object) -> str:
-    if value not in MODES:
-        raise Invalid("expected one of " + ", ".join(MODES))
-    assert isinstance(value, str)
-    return value
+def one_of(choices: tuple[str, ...]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise Invalid("expected one of " + ", ".join(choices))
+        return value
+
+    return convert
+
+
+mode = one_of(MODES)
 
 
 def unit_name(value: object) -> str:

@@ -45,7 +45,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from rampiped import mounts, osutil, tree
+from rampiped import mounts, osutil, ramarea, tree
 from rampiped.engine import format_bytes
 from rampiped.errors import RampipeError
 from rampiped.ledger import Ledger, settled, with_links
@@ -248,7 +248,7 @@ def _require_pin_tmpfs(ram: str, pin_id: str, what: str) -> mounts.MountEntry:
             f"{what}: {ram} is not a mount point (the RAM copy of pin {pin_id} is not mounted)"
         )
     expected = SOURCE_PREFIX + pin_id
-    if entry.fstype != "tmpfs" or entry.source != expected:
+    if entry.fstype not in ramarea.FSTYPES or entry.source != expected:
         raise UnsafeSource(
             f"{what}: {ram} is mounted from {entry.source!r} ({entry.fstype}), "
             f"not the tmpfs {expected!r} of pin {pin_id}"

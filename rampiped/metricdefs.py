@@ -55,6 +55,10 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
         _BY_PIN,
     ),
     "rampiped_pin_ram_bytes": ("RAM used by the pin.", _BY_PIN),
+    "rampiped_pin_stored_bytes": (
+        "Bytes the pin's files take in RAM before compression (ram_bytes on tmpfs).",
+        _BY_PIN,
+    ),
     "rampiped_stranded_bytes": (
         "Bytes of a write-back that could not complete: in the journal or RAM only, not in the"
         " directory (retried until it completes).",
@@ -142,6 +146,7 @@ class PinSample:
     dirty_bytes: int
     at_risk_s: float  # age of the oldest change not yet on disk; 0 when there is none
     sync_interval: float = 0.0  # seconds between its checkpoints; 0: none
+    stored_bytes: int | None = None  # before compression (ram.backend zram); None: ram_bytes
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,7 @@ class Metrics:
         self.pin_state = gauge("rampiped_pin_state")
         self.pin_rate = gauge("rampiped_pin_write_rate")
         self.pin_ram = gauge("rampiped_pin_ram_bytes")
+        self.pin_stored = gauge("rampiped_pin_stored_bytes")
         self.stranded = gauge("rampiped_stranded_bytes")
         self.pin_dirty = gauge("rampiped_pin_dirty_bytes")
         self.pin_at_risk = gauge("rampiped_pin_data_at_risk_seconds")
@@ -312,7 +318,7 @@ class Metrics:
         self.textfile_interval.set(sample.textfile_interval)
         self.dirty.set(sum(p.dirty_bytes for p in sample.pins))
         self.at_risk.set(max((p.at_risk_s for p in sample.pins), default=0.0))
-        for gauge in (self.pin_state, self.pin_rate, self.pin_ram, self.pin_dirty):
+        for gauge in (self.pin_state, self.pin_rate, self.pin_ram, self.pin_stored, self.pin_dirty):
             gauge.clear()
         self.pin_at_risk.clear()
         self.pin_sync_interval.clear()
@@ -322,6 +328,8 @@ class Metrics:
                 self.pin_state.labels(label, p.mode, state).set(1 if p.state == state else 0)
             self.pin_rate.labels(label, p.mode).set(p.rate)
             self.pin_ram.labels(label, p.mode).set(p.ram_bytes)
+            stored = p.ram_bytes if p.stored_bytes is None else p.stored_bytes
+            self.pin_stored.labels(label, p.mode).set(stored)
             self.pin_dirty.labels(label, p.mode).set(p.dirty_bytes)
             self.pin_at_risk.labels(label, p.mode).set(p.at_risk_s)
             self.pin_sync_interval.labels(label, p.mode).set(p.sync_interval)

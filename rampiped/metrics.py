@@ -345,13 +345,15 @@ class Observer:
         out = []
         for pin in sorted(self.pinmgr.pins.values(), key=lambda p: p.path):
             dirty = self.dirty(pin, now)
+            usage = self.pinmgr.ram_usage(pin)
             out.append(
                 PinSample(
                     path=pin.path,
                     mode=pin.mode,
                     state=pin.state,
                     rate=self.rate(pin.path, now),
-                    ram_bytes=self.pinmgr.ram_bytes(pin),
+                    ram_bytes=usage.ram,
+                    stored_bytes=usage.stored,
                     dirty_bytes=dirty.bytes,
                     at_risk_s=at_risk(dirty, wall),
                     sync_interval=(

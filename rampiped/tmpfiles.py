@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from rampiped import config
 
 PROG = "rampiped-tmpfiles"
+AREA_FSTYPES = ("tmpfs", "ext4")  # a volatile pin's mount: ramarea.FSTYPES (not imported: light)
 RUN_DIR = "/run/tmpfiles.d"  # read by systemd-tmpfiles (tmpfiles.d(5))
 CONF_NAME = "rampiped.conf"
 # In the daemon's runtime_dir (the helper reads the same configuration): see `unmount_guard`.
@@ -156,7 +157,7 @@ def targets(
         paths = sorted(glob.glob(pin.path)) if glob.has_magic(pin.path) else [pin.path]
         for path in paths:
             top = mounts.mount_at(path)
-            if top is None or top.fstype != "tmpfs" or top.source != expected_source(path):
+            if top is None or top.fstype not in AREA_FSTYPES or top.source != expected_source(path):
                 continue  # not pinned now: the directory on disk is never cleaned
             where = top.mountpoint
             if not plain(where):

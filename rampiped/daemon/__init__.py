@@ -22,7 +22,7 @@ import os
 
 import psutil
 
-from rampiped import __version__, config
+from rampiped import __version__, config, ramarea
 from rampiped import log as logsetup
 from rampiped.daemon.loop import Daemon
 from rampiped.errors import EXIT_CONFIG, EXIT_FAILURE
@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log.error("rampiped needs root (fanotify, mounts)")
         return EXIT_FAILURE
+    unusable = None if args.dry_run else ramarea.check(ramarea.backend_of(cfg.ram))
+    if unusable is not None:
+        log.error("not starting: %s", unusable)
+        return EXIT_CONFIG
     try:
         daemon = Daemon(cfg, dry_run=args.dry_run)
     except OSError as exc:

@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Any
 
-from rampiped import config
+from rampiped import config, ramarea
 from rampiped.daemon.jobs import Jobs
 from rampiped.daemon.status import Status
 
@@ -150,6 +150,10 @@ class Reload(Status, Jobs):
                     log.error("%s", line)
                 log.error("reload refused: %s is invalid; the running configuration stays", path)
                 return str(exc)
+            unusable = ramarea.check(ramarea.backend_of(new.ram))
+            if unusable is not None:
+                log.error("reload refused: %s; the running configuration stays", unusable)
+                return unusable
             old = self.cfg
             for key in ("runtime_dir", "journal_dir"):
                 if getattr(new, key) != getattr(old, key):
@@ -166,6 +170,7 @@ class Reload(Status, Jobs):
             )
             self.rates.set_half_life(new.adaptive.half_life, time.monotonic())
             self.pinmgr.ram_limit = self._ram_limit(new)
+            self.pinmgr.ram_backend = ramarea.backend_of(new.ram)
             self.observer.reconfigure(new.metrics)
             self._apply_watch_roots(new)
             self._apply_static_pins(new, wait=False)

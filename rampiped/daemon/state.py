@@ -17,7 +17,18 @@ import time
 
 import psutil
 
-from rampiped import config, control, engine, logind, metrics, mounts, pins, rates, writeback
+from rampiped import (
+    config,
+    control,
+    engine,
+    logind,
+    metrics,
+    mounts,
+    pins,
+    ramarea,
+    rates,
+    writeback,
+)
 from rampiped.daemon.notify import Notifier
 from rampiped.daemon.worker import Job, JobReply, SyncWait, Worker
 from rampiped.errors import EXIT_OK
@@ -51,6 +62,7 @@ class DaemonState:
             runner=self._run_command,
             exclude_pids=lambda: set(self.children),
         )
+        self.pinmgr.ram_backend = ramarea.backend_of(cfg.ram)
         self.pending: dict[str, str] = {}  # path -> job kind queued or running
         self.dry_pins: dict[str, float] = {}  # dry run: what would be pinned, since when
         self.static_paths: dict[str, config.PinConfig] = {}

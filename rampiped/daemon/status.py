@@ -9,7 +9,7 @@ from typing import Any
 
 import psutil
 
-from rampiped import __version__, control, engine, metrics
+from rampiped import __version__, control, engine, metrics, ramarea
 from rampiped.daemon.state import DaemonState
 
 
@@ -28,7 +28,10 @@ class Status(DaemonState):
             else ""
         )
         blind = "; adaptive pinning off: fanotify not available" if self.fanotify_off else ""
-        return f"{warn}{n} pinned, {engine.format_bytes(used)} in RAM{at_risk}{blind}"
+        compressed = ramarea.status_text(
+            [self.pinmgr.ram_usage(p) for p in self.pinmgr.pins.values()]
+        )
+        return f"{warn}{n} pinned, {engine.format_bytes(used)} in RAM{compressed}{at_risk}{blind}"
 
     def status(self, now: float) -> dict[str, Any]:
         pins_out: list[dict[str, Any]] = []
@@ -36,6 +39,7 @@ class Status(DaemonState):
         for pin in sorted(self.pinmgr.pins.values(), key=lambda p: p.path):
             last = pin.last_sync
             dirty = self.observer.dirty(pin, now, max_age=1.0)
+            usage = self.pinmgr.ram_usage(pin)
             pins_out.append(
                 {
                     "path": pin.path,
@@ -44,7 +48,8 @@ class Status(DaemonState):
                     "static": pin.static,
                     "origin": pin.origin,
                     "rate": round(self.rates.rate(pin.path, now), 3),
-                    "ram_bytes": self.pinmgr.ram_bytes(pin),
+                    "ram_bytes": usage.ram,
+                    **ramarea.status_fields(usage),
                     "dirty_bytes": dirty.bytes,
                     "data_at_risk_s": round(metrics.at_risk(dirty, wall), 1),
                     "pinned_since": _iso(pin.pinned_wall),
@@ -86,6 +91,7 @@ class Status(DaemonState):
             "ram": {
                 "max_bytes": self._ram_limit(self.cfg),
                 "used_bytes": used,
+                "stored_bytes": sum(p["stored_bytes"] for p in pins_out),
                 "available_bytes": psutil.virtual_memory().available,
             },
             "monitor": {"lost_events": self.lost_events, **self.monitor.stats()},

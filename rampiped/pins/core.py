@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from rampiped import mounts, writeback
+from rampiped import mounts, ramarea, writeback
 from rampiped.osutil import write_json_atomic
 from rampiped.pins.model import STATE_VERSION, TMPFS_HEADROOM, Pin, Stranded
 
@@ -39,6 +39,7 @@ class ManagerCore:
         self.ram_limit = ram_limit  # size of each pin's tmpfs: the whole budget
         self.runner = runner
         self.exclude_pids = exclude_pids
+        self.ram_backend = ramarea.TMPFS  # ram.backend of the pins made from now on
         self.pins: dict[str, Pin] = {}
         self.stranded: dict[str, Stranded] = {}
         self.lock = threading.RLock()

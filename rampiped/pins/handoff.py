@@ -10,7 +10,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
-from rampiped import handover, holders, mounts, writeback
+from rampiped import handover, holders, mounts, ramarea, writeback
 from rampiped.pins.model import Pin, PinRefused, StillDraining, SyncRecord, UnpinBusy
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class Handoff:
         if os.path.ismount(self.m.disk(pid)):
             mounts.umount(self.m.disk(pid))
         if ram_mounted:
-            mounts.umount(self.m.ram(pid))
+            ramarea.unmount(self.m.ram(pid))
         shutil.rmtree(self.m.base(pid), ignore_errors=True)
         writeback.discard_journal(self.m.journal(pid))
         shutil.rmtree(self.m.journal(pid), ignore_errors=True)

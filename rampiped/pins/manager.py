@@ -10,7 +10,7 @@ import stat
 import time
 from collections.abc import Callable
 
-from rampiped import copymode, handover, holders, mounts, tree, writeback
+from rampiped import copymode, handover, holders, mounts, ramarea, tree, writeback
 from rampiped.backoff import RETRY
 from rampiped.engine import format_bytes, format_duration
 from rampiped.pins.copy import CopyMode
@@ -215,11 +215,11 @@ class PinManager(Recovery):
     # -- measurements ----------------------------------------------------------------------
 
     def ram_bytes(self, pin: Pin) -> int:
-        try:
-            st = os.statvfs(self.mode(pin).ram_mount(pin))
-        except OSError:
-            return 0
-        return (st.f_blocks - st.f_bfree) * st.f_frsize
+        """What the RAM budget counts for the pin (ramarea.Usage.counted)."""
+        return self.ram_usage(pin).counted(self.ram_limit)
+
+    def ram_usage(self, pin: Pin) -> ramarea.Usage:
+        return ramarea.usage(self.mode(pin).ram_mount(pin))
 
     def dirty_bytes(self, pin: Pin, limit: int = 200_000) -> int:
         """Bytes in RAM changed since the last good checkpoint (not yet on disk)."""

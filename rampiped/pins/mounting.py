@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from rampiped import handover, holders, mounts, writeback
+from rampiped import handover, holders, mounts, ramarea, writeback
 from rampiped.pins.core import ManagerCore
 from rampiped.pins.dirs import open_dir_nofollow
 from rampiped.pins.model import (
@@ -36,10 +36,10 @@ class Mounting(ManagerCore):
         ram, disk = self.ram(pin.id), self.disk(pin.id)
         os.makedirs(ram, mode=0o700, exist_ok=True)
         os.makedirs(disk, mode=0o700, exist_ok=True)
-        mounts.mount_tmpfs(
-            ram, size=self.tmpfs_size(), mode=0o700, uid=0, gid=0, source=SOURCE_PREFIX + pin.id
+        ramarea.mount(
+            ram, backend=self.ram_backend, size=self.tmpfs_size(), source=SOURCE_PREFIX + pin.id
         )
-        undo.append(lambda: mounts.umount(ram))
+        undo.append(lambda: ramarea.unmount(ram))
         self.bind_staging(dir_fd, disk)
         undo.append(lambda: mounts.umount(disk))
 
@@ -191,7 +191,7 @@ class Mounting(ManagerCore):
 
     def release(self, pin: Pin) -> None:
         mounts.umount(self.disk(pin.id))
-        mounts.umount(self.ram(pin.id))
+        ramarea.unmount(self.ram(pin.id))
         shutil.rmtree(self.base(pin.id), ignore_errors=True)
         writeback.discard_journal(self.journal(pin.id))
         shutil.rmtree(self.journal(pin.id), ignore_errors=True)

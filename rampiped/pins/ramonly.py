@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rampiped import holders, mounts, tmpfiles, volatile
+from rampiped import holders, mounts, ramarea, tmpfiles, volatile
 from rampiped.pins.dirs import open_dir_nofollow
 from rampiped.pins.mode import Mode
 from rampiped.pins.model import (
@@ -78,7 +78,14 @@ class VolatileMode(Mode):
             os.makedirs(disk, mode=0o700, exist_ok=True)
             self.m.bind_staging(dir_fd, disk)
             undo.append(lambda: mounts.umount(disk))
-            volatile.mount_tmpfs_at(dir_fd, path, size=size, source=SOURCE_PREFIX + pid)
+            ramarea.mount_over(
+                dir_fd,
+                path,
+                backend=self.m.ram_backend,
+                size=size,
+                source=SOURCE_PREFIX + pid,
+                link_dir=self.m.base(pid),
+            )
             undo.append(lambda: self.unmount(pin))
             self.m.check_in_place(pin)
             top = mounts.mount_at(path)
@@ -139,6 +146,7 @@ class VolatileMode(Mode):
                     mounts.umount(entry.mountpoint)
                     unmounted.append(entry.mountpoint)
                 self.m.unmount_path(pin)
+                ramarea.release(ramarea.device_of_mount(top), pin.path)
             except mounts.MountError:
                 if unmounted:
                     self.rebind_keeps(pin)

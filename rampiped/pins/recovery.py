@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from rampiped import copymode, mounts, writeback
+from rampiped import copymode, mounts, ramarea, writeback
 from rampiped.backoff import RETRY
 from rampiped.engine import format_bytes, format_duration
 from rampiped.pins.dirs import open_dir_nofollow
@@ -43,6 +43,7 @@ class Recovery(Mounting, Windows):
                 pid = entry.source[len(SOURCE_PREFIX) :]
                 if pid not in known:
                     done.append(f"found mounts of unknown pin {pid} (no record): left alone")
+        done += ramarea.reclaim()
         for pid, rec in known.items():
             path, mode = rec.get("path"), rec.get("mode")
             if not isinstance(path, str) or not isinstance(mode, str):
@@ -201,7 +202,7 @@ class Recovery(Mounting, Windows):
         what = kind.finish_interrupted(pid, path, state, disk_mounted)
         if os.path.ismount(self.disk(pid)):
             mounts.umount(self.disk(pid))
-        mounts.umount(self.ram(pid))
+        ramarea.unmount(self.ram(pid))
         shutil.rmtree(self.base(pid), ignore_errors=True)
         writeback.discard_journal(self.journal(pid))
         shutil.rmtree(self.journal(pid), ignore_errors=True)

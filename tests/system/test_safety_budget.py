@@ -12,12 +12,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import Writer, make_env, running
+from tests.system.daemon_harness import Env, Writer, make_env, running
 from tests.system.helpers import wait_for
 
 pytestmark = pytest.mark.system
@@ -53,6 +54,30 @@ print(json.dumps({'written': written, 'failures': failures,
 """
 
 
+def pin_adaptively(env: Env, d: Path) -> None:
+    """Make `d` hot first (small appends), so that it is pinned adaptively (evictable)."""
+    warm = Writer(d / "warm", rate=100)
+    try:
+        wait_for(lambda: env.overlay_at(d), 30, "the adaptive pin")
+    finally:
+        warm.stop()
+
+
+def grow(d: Path, rate: int, total: int, size: int) -> dict[str, Any]:
+    """Run GROWER into `d` to its end: the names written, the failures, the seconds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GROWER, str(d), str(rate), str(total), str(size)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    result: dict[str, Any] = json.loads(proc.stdout.readline())
+    proc.wait(30)
+    return result
+
+
 @pytest.mark.parametrize("mib_per_s", [20, 80])
 def test_growing_pin_is_evicted_before_any_write_fails(tmp_path: Path, mib_per_s: int) -> None:
     with make_env(tmp_path, disk_mb=512) as env:
@@ -60,30 +85,8 @@ def test_growing_pin_is_evicted_before_any_write_fails(tmp_path: Path, mib_per_s
         d = env.data / "grow"
         d.mkdir()
         with running(env) as dm:
-            # hot first (small appends), so that it is pinned adaptively (evictable)
-            warm = Writer(d / "warm", rate=100)
-            try:
-                wait_for(lambda: env.overlay_at(d), 30, "the adaptive pin")
-            finally:
-                warm.stop()
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    GROWER,
-                    str(d),
-                    str(mib_per_s << 20),
-                    str(160 << 20),
-                    str(1 << 18),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-                cwd=ROOT,
-            )
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready"
-            result = json.loads(proc.stdout.readline())
-            proc.wait(30)
+            pin_adaptively(env, d)
+            result = grow(d, mib_per_s << 20, 160 << 20, 1 << 18)
             dm.wait_log(r"unpinned " + re.escape(str(d)) + r": evicted: RAM used by pins")
             evictions = [x for x in dm.lines if "evicted: RAM used by pins" in x]
             # it may have been pinned again since: a clean stop writes everything back

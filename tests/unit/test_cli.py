@@ -172,3 +172,24 @@ def test_sync_that_waited_too_long_exits_1_with_the_daemons_message(
     code, out, err = run(capsys, "--socket", str(sock), "sync", "/srv/x", "--timeout", "1s")
     t.join(5)
     assert (code, out, err) == (1, "", f"rampipectl: {message}\n")
+
+
+def test_status_shows_what_compressed_pins_store(capsys: pytest.CaptureFixture[str]) -> None:
+    pin = {
+        "path": "/var/log",
+        "mode": "copy",
+        "state": "pinned",
+        "rate": 1.0,
+        "ram_bytes": 30 << 20,
+        "dirty_bytes": 0,
+        "static": True,
+        "ram_backend": "zram",
+        "stored_bytes": 100 << 20,
+        "ram_per_stored_byte": 0.3,
+    }
+    st = {"version": "x", "pid": 1, "ram": {"used_bytes": 30 << 20, "max_bytes": 256 << 20}}
+    cli.print_status({**st, "pins": [pin]})
+    out = capsys.readouterr().out
+    assert "compressed (zram): 100.0 MiB stored in 30.0 MiB of RAM (0.30 RAM per byte)\n" in out
+    cli.print_status({**st, "pins": [{**pin, "ram_backend": "tmpfs"}]})
+    assert "compressed" not in capsys.readouterr().out

@@ -157,6 +157,14 @@ def test_ram_max_is_a_size_or_a_percentage(text: str, expected: Size) -> None:
     assert cfg(text).ram.max == expected
 
 
+def test_ram_backend_is_tmpfs_unless_zram_is_asked_for() -> None:
+    assert cfg("").ram.backend == "tmpfs"
+    assert cfg("").ram.compression == "lz4"
+    zram = cfg("ram: {backend: zram, compression: zstd}").ram
+    assert (zram.backend, zram.compression) == ("zram", "zstd")
+    assert cfg("ram: {backend: zram, compression: lzo-rle}").ram.compression == "lzo-rle"
+
+
 @pytest.mark.parametrize(
     ("value", "fraction"), [("90%", 0.9), ("0.9", 0.9), ("1", 1.0), ("100%", 1.0), ("'0.5'", 0.5)]
 )
@@ -313,7 +321,10 @@ ERRORS = [
     (
         "unknown nested key without a close match",
         "ram:\n  colour: blue\n",
-        [f"{SRC}:2: ram.colour: unknown key (known keys here: max, high_watermark, min_free)"],
+        [
+            f"{SRC}:2: ram.colour: unknown key (known keys here: max, high_watermark, min_free,"
+            " backend, compression)"
+        ],
     ),
     (
         "unknown key in a list item",
@@ -431,6 +442,25 @@ ERRORS = [
         [
             f"{SRC}:2: adaptive.cool_for: expected a duration like 10s, 5m or a number of "
             "seconds, got nothing"
+        ],
+    ),
+    # ---- RAM backend
+    (
+        "unknown ram backend",
+        "ram:\n  backend: zfs\n",
+        [f"{SRC}:2: ram.backend: expected one of tmpfs, zram, got 'zfs'"],
+    ),
+    (
+        "ram backend not a string",
+        "ram:\n  backend: [zram]\n",
+        [f"{SRC}:2: ram.backend: expected one of tmpfs, zram, got a list"],
+    ),
+    (
+        "unknown compressor",
+        "ram:\n  backend: zram\n  compression: gzip\n",
+        [
+            f"{SRC}:3: ram.compression: expected one of lz4, lz4hc, lzo, lzo-rle, zstd, deflate,"
+            " 842, got 'gzip'"
         ],
     ),
     # ---- sizes and percentages
@@ -1193,7 +1223,8 @@ def test_every_error_of_a_file_is_reported_at_once_in_file_order() -> None:
         f"{SRC}:2: ram.max: expected a percentage above 0% and at most 100%, got '150%'",
         f"{SRC}:3: ram.high_watermark: expected a percentage like 90% or a fraction like 0.9, "
         "got 90 (did you mean 90%?)",
-        f"{SRC}:4: ram.colour: unknown key (known keys here: max, high_watermark, min_free)",
+        f"{SRC}:4: ram.colour: unknown key (known keys here: max, high_watermark, min_free,"
+        " backend, compression)",
         f"{SRC}:6: adaptive.half_life: expected a duration like 10s, 5m or a number of seconds, "
         "got 'fast'",
         f"{SRC}:8: adaptive.watch[0].path: cannot watch /proc: /proc is a kernel virtual "
