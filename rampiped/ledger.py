@@ -101,6 +101,16 @@ def scan(root: str, paths: Iterable[str] | None = None) -> dict[str, Seen]:
     return out
 
 
+def scan_stamps(root: str) -> dict[str, Seen]:
+    """Every regular file below `root` with its identity and stamps, nothing read (no
+    digest): for a caller that can tell changes by ctime (see journal.checkpoint)."""
+    return {
+        rel: Seen(st.st_ino, st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns, "")
+        for rel, st in tree.walk(root, tolerate=(FileNotFoundError,))
+        if stat.S_ISREG(st.st_mode)
+    }
+
+
 @dataclass
 class Ledger:
     """rel -> digest of the content the disk (or the journal) holds for that RAM file."""

@@ -237,9 +237,11 @@ class PinManager(Recovery):
         since, oldest = kind.dirty_floor(pin, pin.last_ok_wall or 0.0)
         total = entries = 0
         root = self.ram_side(pin)
-        for seen, (_rel, st) in enumerate(tree.walk(root, tolerate=(OSError,)), start=1):
+        for seen, (rel, st) in enumerate(tree.walk(root, tolerate=(OSError,)), start=1):
             if seen > limit:
                 return Dirty(total, entries, oldest, complete=False)
+            if rel == writeback.SCRATCH_NAME and stat.S_ISCHR(st.st_mode):
+                continue  # an overlay's own hiding whiteout (writeback.names), not a change
             if st.st_ctime >= since:
                 entries += 1
                 total += st.st_size if stat.S_ISREG(st.st_mode) else 0

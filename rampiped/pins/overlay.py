@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,9 @@ class OverlayMode(Mode):
         os.mkdir(work)
         # the merged root shows the upper root's; read through the staging bind, not the path
         copy_root_attributes(self.m.disk(pin.id), upper)
+        # hides the scratch directory of the write-back into the lower before the unmount
+        # (writeback.names); never seen through the overlay, never written back
+        os.mknod(os.path.join(upper, writeback.SCRATCH_NAME), stat.S_IFCHR, os.makedev(0, 0))
         mounts.mount_overlay(
             f"/proc/self/fd/{dir_fd}",
             lower=self.m.disk(pin.id),

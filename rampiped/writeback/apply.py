@@ -212,7 +212,11 @@ def apply_layer(
     keep_plan: bool,
     keep_newer_than: int | None = None,
     window: HeldFiles | None = None,
+    unchanged: frozenset[str] = frozenset(),
 ) -> ApplyResult:
+    """apply_upper's work (see there). `unchanged`: regular files of the layer that the
+    directory holds already, as they are in the layer (written there before and verified):
+    left out of the copy, so that a write-back after an earlier one writes only the rest."""
     if keep_newer_than is None and window is not None:
         keep_newer_than = window.threshold
     start = time.monotonic()
@@ -236,7 +240,11 @@ def apply_layer(
                     "is unchanged"
                 ) from e
             own = window.own_writes(layer) if window is not None else []
-            with exclude_file(own) as exclude_from, scratch_dir(target) as scratch:
+            own = [rel for rel in own if rel not in unchanged]
+            with (
+                exclude_file(own + sorted(unchanged)) as exclude_from,
+                scratch_dir(target) as scratch,
+            ):
                 argv = _rsync_apply_argv(upper, target, fsync, exclude_from, scratch)
                 result = runner(argv)
             if result.returncode != 0:
@@ -293,4 +301,8 @@ def apply_layer(
             else:
                 remove_stash(target_fd, target)
             os.utime(target_fd, ns=layer.dirs[""].times[""])  # the stash touched the root
-    return ApplyResult(layer.files, layer.bytes, deleted, time.monotonic() - start)
+    kept = [os.lstat(os.path.join(upper, rel)) for rel in unchanged]
+    kept_bytes = sum({(st.st_dev, st.st_ino): st.st_size for st in kept}.values())
+    return ApplyResult(
+        layer.files - len(kept), layer.bytes - kept_bytes, deleted, time.monotonic() - start
+    )

@@ -30,14 +30,14 @@ from rampiped.fsops import (
     remove_at,
     syncfs_checked,
 )
-from rampiped.ledger import Ledger, settled, with_links
+from rampiped.ledger import Ledger, scan_stamps, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
 from rampiped.pause import pause_point
 from rampiped.writeback.apply import ApplyResult, apply_layer, at_or_below
 from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.moves import clear_finished_stash, remove_stash
-from rampiped.writeback.names import STASH_NAME
+from rampiped.writeback.names import SCRATCH_NAME, STASH_NAME
 
 _GEN_RE = re.compile(r"gen-([0-9]+)")
 
@@ -81,6 +81,7 @@ def checkpoint(
     runner: Runner = run_command,
     ledger: Ledger | None = None,
     found: LedgerScan | None = None,
+    changed_since: int | None = None,
 ) -> CheckpointResult:
     """Copy the upper layer of a mounted overlay (whiteouts, trusted.overlay.* attributes and
     all: a faithful copy of the layer) into a new generation of `journal`, on disk outside the
@@ -93,7 +94,14 @@ def checkpoint(
     mtime say (rsync's --link-dest alone links a same-size rewrite that kept its mtime, and a
     file changed through a shared mapping, to the stale copy). Without it (not known, e.g. a
     pin adopted after a restart) every file is copied. `found`: the layer read just before
-    (SpaceNeed.found), instead of reading it again here."""
+    (SpaceNeed.found), instead of reading it again here.
+
+    `changed_since` (ns, wall clock), instead of a ledger: the files changed since the last
+    generation are those whose ctime is that late or later, and no file is read (the result
+    has no ledger). Sound only when the last generation was taken after that moment and no
+    process had a file of the layer mapped then: a store through a mapping made before it
+    changes no stamp, while every other change (a write, a truncate, a new mapping's first
+    store, cp -p or touch -d on new content) sets the ctime."""
     start = time.monotonic()
     upper = os.path.abspath(upper)
     journal = os.path.abspath(journal)
@@ -112,7 +120,10 @@ def checkpoint(
             _fsync_dir(pfd)
     # read before the copy: a file that changes after this is copied again next time, since
     # its content then differs from what the new ledger records
-    found = ledger_scan(upper) if found is None else found
+    if changed_since is not None:
+        found = scan_stamps(upper)
+    elif found is None:
+        found = ledger_scan(upper)
     with opened_dir(journal) as jfd:
         complete, partial = _generations(jfd)
         for name in partial:  # a checkpoint cut short: never used, removed now
@@ -120,8 +131,8 @@ def checkpoint(
         latest = max(complete, default=0)
         gen = latest + 1
         tmp_name = f"gen-{gen}.tmp"
-        argv = [*RSYNC_COPY, "--stats"]
-        linked = bool(latest) and ledger is not None
+        argv = [*RSYNC_COPY, "--stats", f"--exclude=/{SCRATCH_NAME}"]
+        linked = bool(latest) and (ledger is not None or changed_since is not None)
         if linked:
             argv.append(f"--link-dest={journal}/{complete[latest]}")
         argv += [upper + "/", f"{journal}/{tmp_name}/"]
@@ -135,10 +146,12 @@ def checkpoint(
         files = rsync_stat(result.stdout, "Number of regular files transferred")
         nbytes = rsync_stat(result.stdout, "Total transferred file size")
         if linked:
-            assert ledger is not None
-            stale = _linked_stale(
-                ledger.changed(found), f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}"
-            )
+            if changed_since is not None:
+                changed = [rel for rel, seen in found.items() if seen.ctime_ns >= changed_since]
+            else:
+                assert ledger is not None
+                changed = ledger.changed(found)
+            stale = _linked_stale(changed, f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}")
             if stale:
                 redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, stale, found)
                 files += rsync_stat(redo.stdout, "Number of regular files transferred")
@@ -156,7 +169,11 @@ def checkpoint(
             remove_at(jfd, name)
         _fsync_dir(jfd)
     return CheckpointResult(
-        gen, files, nbytes, time.monotonic() - start, ledger=settled(found, upper)
+        gen,
+        files,
+        nbytes,
+        time.monotonic() - start,
+        ledger=None if changed_since is not None else settled(found, upper),
     )
 
 
@@ -360,10 +377,11 @@ def apply_journal(
     runner: Runner = run_command,
     keep_newer_than: int | None = None,
     window: HeldFiles | None = None,
+    unchanged: frozenset[str] = frozenset(),
 ) -> ApplyResult | None:
     """Apply the newest complete generation of `journal` to `target` (as apply_upper does),
     verify it, then remove the generations. None when there is no complete generation.
-    `keep_newer_than` and `window` as in apply_upper.
+    `keep_newer_than` and `window` as in apply_upper, `unchanged` as in apply_layer.
 
     Meant for the start after a crash: the disk directory was the lower layer and nothing
     writes into a mounted lower, so it is unchanged since the pin, and applying the newest
@@ -382,7 +400,13 @@ def apply_journal(
                 clear_finished_stash(target_fd, target)
         return None
     result = apply_layer(
-        gen, target, runner, keep_plan=True, keep_newer_than=keep_newer_than, window=window
+        gen,
+        target,
+        runner,
+        keep_plan=True,
+        keep_newer_than=keep_newer_than,
+        window=window,
+        unchanged=unchanged,
     )
     root = os.lstat(gen)
     discard_journal(journal)

@@ -88,6 +88,8 @@ def scan_layer(root: str) -> Layer:
             except OSError as e:
                 raise SyncError(f"layer entry {child_path} cannot be read: {e.strerror}") from e
             kind = osutil.file_kind(cst)
+            if rel == "" and name == SCRATCH_NAME and kind == "whiteout":
+                continue  # rampiped's own: hides its scratch directory on disk (see HIDDEN)
             current.children[name] = kind
             if kind not in ("file", "whiteout"):  # rsync sets file times exactly
                 current.times[name] = (cst.st_atime_ns, cst.st_mtime_ns)

@@ -15,6 +15,10 @@ STASH_NAME = ".rampiped-apply"
 # filesystem, so the rename stays atomic), which exists only while rsync runs, and the
 # start-up recovery removes what a crash left of it and of rampiped's other temporary names.
 SCRATCH_NAME = ".rampiped-tmp"
+# An overlay pin's upper root holds a whiteout of that name from the moment it is made (before
+# the mount), so that the scratch directory of a write-back into its lower layer while it is
+# still mounted (an unpin writes back before it unmounts) never shows through the overlay.
+# Layer scans and journal generations leave that whiteout out: it is not a user's deletion.
 
 
 # Between the unmount of an overlay and the end of its write-back the path shows the disk, and
