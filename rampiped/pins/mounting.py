@@ -106,6 +106,23 @@ class Mounting(ManagerCore):
         described = handover.describe(found)
         return [h for h, d in zip(found, described, strict=True) if d.mount_id != pin.under_mount]
 
+    def holders_of(self, pin: Pin, source: str) -> list[holders.Holder]:
+        """Who holds the pin's mount, in any mount namespace (files on the disk below aside)."""
+        return self.beside_ram(
+            pin,
+            holders.find_holders(pin.path, exclude_pids=self.exclude_pids(), mount_source=source),
+        )
+
+    def free_soon(self, pin: Pin, source: str) -> bool:
+        """Whether nothing holds the pin's mount now or within BUSY_GRACE (writers that hold a
+        file only while they write let go in moments)."""
+        deadline = time.monotonic() + BUSY_GRACE
+        while self.holders_of(pin, source):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(BUSY_POLL)
+        return True
+
     def unmount_when_free(self, pin: Pin, source: str, *, before: Callable[[], T]) -> T:
         """Unmount the pin's mount over its directory once nothing holds it: holders in this or
         any other mount namespace (after our unmount, a namespace that still shows the pin
@@ -115,12 +132,7 @@ class Mounting(ManagerCore):
         directory; what it returned the last time is returned."""
         deadline = time.monotonic() + BUSY_GRACE
         while True:
-            found = self.beside_ram(
-                pin,
-                holders.find_holders(
-                    pin.path, exclude_pids=self.exclude_pids(), mount_source=source
-                ),
-            )
+            found = self.holders_of(pin, source)
             if not found:
                 taken = before()
                 self.set_state(pin, "draining")
@@ -132,12 +144,7 @@ class Mounting(ManagerCore):
                     if time.monotonic() < deadline:
                         time.sleep(BUSY_POLL)
                         continue
-                    found = self.beside_ram(
-                        pin,
-                        holders.find_holders(
-                            pin.path, exclude_pids=self.exclude_pids(), mount_source=source
-                        ),
-                    )
+                    found = self.holders_of(pin, source)
                     raise UnpinBusy(
                         f"{pin.path} is busy: "
                         + (holder_list(found) if found else "no holder found"),

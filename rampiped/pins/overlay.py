@@ -11,9 +11,10 @@ import shutil
 import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rampiped import handover, mounts, writeback
+from rampiped import handover, mounts, pause, tree, writeback
 from rampiped import ledger as ledger_mod
 from rampiped.engine import format_bytes
 from rampiped.osutil import write_json_atomic
@@ -36,6 +37,27 @@ if TYPE_CHECKING:
     from rampiped.pins.manager import PinManager
 
 log = logging.getLogger("rampiped")
+
+
+@dataclass(frozen=True)
+class _Early:
+    """What an unpin wrote back before its unmount (OverlayMode.write_early)."""
+
+    since: int  # ns, wall clock: what changed in the layer from then on is written after it
+    inodes: dict[str, int]  # regular files of the generation applied: rel -> inode
+    files: int
+    bytes: int
+
+    def unchanged_in(self, gen: str | None) -> frozenset[str]:
+        """The regular files of `gen` that are those written early (linked to them), unless a
+        directory was renamed since (its whole tree is then written again, after the move)."""
+        if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
+            return frozenset()
+        return frozenset(
+            rel
+            for rel, st in tree.walk(gen)
+            if stat.S_ISREG(st.st_mode) and self.inodes.get(rel) == st.st_ino
+        )
 
 
 class OverlayMode(Mode):
@@ -191,15 +213,18 @@ class OverlayMode(Mode):
     def unpin(self, pin: Pin) -> SyncRecord:
         """Raises UnpinBusy (still pinned, nothing lost) when someone uses the directory, and
         SyncError/OSError when the write-back failed (the overlay is mounted again). The steps:
-        check that the write-back fits; record the disk files it will replace and unmount
-        (hand the directory over instead when writers keep their files open); checkpoint the
-        layer into a final journal generation and apply that (an apply cut short by a power
-        cut is finished from the journal at the next start); carry over what was written into
-        the replaced files meanwhile; free the RAM."""
+        check that the write-back fits; while the overlay still serves the path, checkpoint the
+        layer and write that into the directory below it (`write_early`); record the disk
+        files the rest will replace and unmount (hand the directory over instead when writers
+        keep their files open); checkpoint what changed since into a final journal generation
+        and apply that (an apply cut short by a power cut is finished from the journal at the
+        next start); carry over what was written into the replaced files meanwhile; free the
+        RAM."""
         if pin.handover_mount is not None:
             return self.handoff.finish(pin, time.monotonic(), time.time())
         start, wall = time.monotonic(), time.time()
         self.check_room(pin, "write-back")  # refused while RAM still serves the path
+        early = self.write_early(pin)
         try:
             replaced, since = self.m.unmount_when_free(
                 pin, SOURCE_PREFIX + pin.id, before=lambda: self.record_replaced(pin)
@@ -210,13 +235,14 @@ class OverlayMode(Mode):
                 raise
             # writers that keep their files open: hand them over to the disk
             return self.handoff.start(pin, overlay_id, start, wall)
+        unmounted = time.monotonic()
         writeback.pause_point("unpin:unmounted")
         held: writeback.HeldFiles | None = None
         try:
             held = writeback.HeldFiles.hold(
                 self.m.upper(pin.id), self.m.disk(pin.id), replaced, since
             )
-            res = self.apply_final(pin, held)
+            res = self.apply_final(pin, held, early)
         except BaseException:
             if held is not None:
                 # the RAM layer is mounted again and hides the disk files at those names
@@ -227,6 +253,17 @@ class OverlayMode(Mode):
             raise
         self.m.settle_window(pin, held)
         writeback.pause_point("unpin:applied")
+        if early is not None:
+            log.info(
+                "%s: written back before the unmount (%d files, %s); after it, %d files, %s in"
+                " %.0f ms",
+                pin.path,
+                early.files,
+                format_bytes(early.bytes),
+                res.files,
+                format_bytes(res.bytes),
+                (time.monotonic() - unmounted) * 1000,
+            )
         self.m.release(pin)  # removes the journal directory last
         if pin.adopted:
             for line in self.m.scrub(pin.id, pin.path, self):
@@ -234,7 +271,44 @@ class OverlayMode(Mode):
         if pin.reopen:
             # writers that opened a file since: they follow the directory back to disk
             handover.run_reopen(pin.reopen, pin.path, self.m.runner)
-        return SyncRecord(wall, True, time.monotonic() - start, res.files, res.bytes)
+        files, nbytes = res.files, res.bytes
+        if early is not None:
+            files, nbytes = files + early.files, nbytes + early.bytes
+        return SyncRecord(wall, True, time.monotonic() - start, files, nbytes)
+
+    def write_early(self, pin: Pin) -> _Early | None:
+        """While the overlay still serves the path: checkpoint the layer into the journal and
+        apply that generation to the directory below it, through the staging bind. Readers
+        see none of it: the upper layer shadows every entry the apply changes (a file deleted
+        or renamed through the overlay since leaves a whiteout, the kernel finding it in the
+        layer below; a directory made through it is opaque), and the pin's whiteout hides the
+        apply's scratch directory. After the unmount only what changed since is written, so
+        the path shows its last state on disk moments after it stops showing RAM, not after a
+        whole write-back. A power cut meanwhile finds a complete checkpoint in the journal, as
+        always. None (nothing done) when this cannot be: an older pin without the whiteout, a
+        reopen command (its writers hold files), a process that wrote the disk below the pin
+        (late_bases), holders that stay, a file mapped (a store through a mapping made before
+        now would change no stamp), or a renamed directory (its origin, which the overlay
+        reads, must stay until the unmount)."""
+        upper, journal, disk = self.m.upper(pin.id), self.m.journal(pin.id), self.m.disk(pin.id)
+        if pause.late_writeback_only() or pin.reopen or pin.late_bases:
+            return None
+        try:
+            hides = stat.S_ISCHR(os.lstat(os.path.join(upper, writeback.SCRATCH_NAME)).st_mode)
+        except FileNotFoundError:
+            hides = False
+        since = time.time_ns() - writeback.CLOCK_SLACK_NS
+        if not hides or not self.m.free_soon(pin, SOURCE_PREFIX + pin.id):
+            return None
+        res = writeback.checkpoint(upper, journal, runner=self.m.runner, ledger=pin.ledger)
+        pin.ledger = res.ledger
+        gen = writeback.latest_generation(journal)
+        if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
+            return None
+        applied = writeback.apply_layer(gen, disk, self.m.runner, keep_plan=False)
+        inodes = {rel: st.st_ino for rel, st in tree.walk(gen) if stat.S_ISREG(st.st_mode)}
+        writeback.pause_point("unpin:written-early")
+        return _Early(since, inodes, applied.files, applied.bytes)
 
     def record_replaced(self, pin: Pin) -> tuple[dict[str, writeback.Stamp], int]:
         """The disk files the write-back will replace, as they are while nothing can write
@@ -274,19 +348,32 @@ class OverlayMode(Mode):
             return top.mount_id
         return None
 
-    def apply_final(self, pin: Pin, held: writeback.HeldFiles) -> writeback.ApplyResult:
+    def apply_final(
+        self, pin: Pin, held: writeback.HeldFiles, early: _Early | None
+    ) -> writeback.ApplyResult:
         """The layer into a final journal generation, then that generation into the directory:
         an apply cut short by a power loss is then replayed from disk at the next start (the
-        RAM layer is gone by then)."""
+        RAM layer is gone by then). After `early`, only what changed since: the generation
+        copies the files changed since (by ctime; none is mapped, see write_early) and links
+        the rest to the one written early, and the apply leaves out the files it linked."""
         journal = self.m.journal(pin.id)
-        writeback.checkpoint(self.m.upper(pin.id), journal, runner=self.m.runner, ledger=pin.ledger)
+        upper = self.m.upper(pin.id)
+        if early is None:
+            writeback.checkpoint(upper, journal, runner=self.m.runner, ledger=pin.ledger)
+        else:
+            writeback.checkpoint(upper, journal, runner=self.m.runner, changed_since=early.since)
         pin.ledger = None  # the apply removes the journal it describes
+        unchanged = early.unchanged_in(writeback.latest_generation(journal)) if early else None
         # from here on the journal, not the RAM layer, is what gets applied: applying the layer
         # a second time after this apply moved renamed directories would find their origins gone
         write_json_atomic(os.path.join(journal, FINAL_MARK), {"final": True})
         writeback.pause_point("unpin:journaled")
         res = writeback.apply_journal(
-            journal, self.m.disk(pin.id), runner=self.m.runner, window=held
+            journal,
+            self.m.disk(pin.id),
+            runner=self.m.runner,
+            window=held,
+            unchanged=unchanged or frozenset(),
         )
         if res is None:
             raise writeback.SyncError(f"the journal of {pin.path} vanished before its apply")

@@ -45,7 +45,7 @@ from rampiped.commands import (
     source_churn_only,
 )
 from rampiped.pause import PAUSE_ENV, PAUSE_FILE_ENV, pause_point
-from rampiped.writeback.apply import ApplyResult, apply_upper
+from rampiped.writeback.apply import ApplyResult, apply_layer, apply_upper
 from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.journal import (
     CheckpointResult,
@@ -59,7 +59,7 @@ from rampiped.writeback.journal import (
     rsync_stat,
     space_need,
 )
-from rampiped.writeback.layer import OVERLAY_FEATURES
+from rampiped.writeback.layer import OVERLAY_FEATURES, renamed_dirs, scan_layer
 from rampiped.writeback.names import CONFLICT_SUFFIX, HOLD_NAME, SCRATCH_NAME, STASH_NAME
 from rampiped.writeback.scratch import scratch_dir, scrub_leftovers
 from rampiped.writeback.stamps import (
@@ -93,6 +93,7 @@ __all__ = [
     "Stamp",
     "SyncError",
     "apply_journal",
+    "apply_layer",
     "apply_upper",
     "check_space",
     "checkpoint",
@@ -102,9 +103,11 @@ __all__ = [
     "is_prefix",
     "latest_generation",
     "pause_point",
+    "renamed_dirs",
     "rsync_stat",
     "run_command",
     "run_pass",
+    "scan_layer",
     "scratch_dir",
     "scrub_leftovers",
     "shared_stamp",
