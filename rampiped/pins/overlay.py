@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rampiped")
 
+# An unpin writes back what changed during its write-back before the unmount, pass after pass,
+# at most this many times (a directory written faster than it is written back would not
+# settle): what is left is written after the unmount.
+CATCH_UP_PASSES = 3
+
 
 @dataclass(frozen=True)
 class _Early:
@@ -48,16 +53,26 @@ class _Early:
     files: int
     bytes: int
 
-    def unchanged_in(self, gen: str | None) -> frozenset[str]:
-        """The regular files of `gen` that are those written early (linked to them), unless a
-        directory was renamed since (its whole tree is then written again, after the move)."""
+    def unchanged_in(self, gen: str | None) -> frozenset[str] | None:
+        """The regular files of `gen` that are those written early (linked to them); None when
+        a directory was renamed since (the whole layer is then written again, after the move)."""
         if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
-            return frozenset()
+            return None
         return frozenset(
             rel
             for rel, st in tree.walk(gen)
             if stat.S_ISREG(st.st_mode) and self.inodes.get(rel) == st.st_ino
         )
+
+
+def _file_inodes(gen: str) -> dict[str, int]:
+    return {rel: st.st_ino for rel, st in tree.walk(gen) if stat.S_ISREG(st.st_mode)}
+
+
+def _changed_since(upper: str, since: int) -> bool:
+    """Whether an entry of the layer (of any kind: a whiteout, a directory whose entries
+    changed) changed at or after `since` (ns)."""
+    return any(st.st_ctime_ns >= since for _rel, st in tree.walk(upper, tolerate=(OSError,)))
 
 
 class OverlayMode(Mode):
@@ -306,9 +321,27 @@ class OverlayMode(Mode):
         if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
             return None
         applied = writeback.apply_layer(gen, disk, self.m.runner, keep_plan=False)
-        inodes = {rel: st.st_ino for rel, st in tree.walk(gen) if stat.S_ISREG(st.st_mode)}
+        early = _Early(since, _file_inodes(gen), applied.files, applied.bytes)
         writeback.pause_point("unpin:written-early")
-        return _Early(since, inodes, applied.files, applied.bytes)
+        # what was written meanwhile, the same way, until a pass finds nothing new: what is
+        # left for after the unmount is then what is written in its last moment
+        for _ in range(CATCH_UP_PASSES):
+            if not _changed_since(upper, early.since):
+                break
+            since = time.time_ns() - writeback.CLOCK_SLACK_NS
+            writeback.checkpoint(upper, journal, runner=self.m.runner, changed_since=early.since)
+            pin.ledger = None  # this generation was taken by ctime (see write_early)
+            gen = writeback.latest_generation(journal)
+            unchanged = early.unchanged_in(gen)
+            if gen is None or unchanged is None:
+                break  # a directory renamed meanwhile: written after the unmount
+            applied = writeback.apply_layer(
+                gen, disk, self.m.runner, keep_plan=False, unchanged=unchanged
+            )
+            early = _Early(
+                since, _file_inodes(gen), early.files + applied.files, early.bytes + applied.bytes
+            )
+        return early
 
     def record_replaced(self, pin: Pin) -> tuple[dict[str, writeback.Stamp], int]:
         """The disk files the write-back will replace, as they are while nothing can write

@@ -25,6 +25,14 @@ from tests.system.helpers import wait_for
 
 pytestmark = pytest.mark.system
 
+
+@pytest.fixture(autouse=True)
+def _late_write_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests need the window as it is when nothing was written back before the unmount
+    (a pin with a renamed directory, a mapped file or a late disk writer): the disk shows the
+    state of the pin until the write-back ends. test_early_write_back.py covers the rest."""
+    monkeypatch.setenv("RAMPIPED_TEST_LATE_WRITEBACK", "1")
+
 STAGE = "unpin:unmounted"
 
 
