@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import select
 import shutil
 import signal
@@ -91,6 +92,7 @@ class Plan:
     cpu_seconds: float = 10.0
     stick_mb: int = 512
     busy_tries: int = 20
+    switch_sizes_mb: tuple[int, ...] = (64, 1024)
 
 
 QUICK = Plan(
@@ -112,6 +114,7 @@ QUICK = Plan(
     cpu_seconds=2.0,
     stick_mb=128,
     busy_tries=3,
+    switch_sizes_mb=(4,),
 )
 
 
@@ -191,9 +194,9 @@ class Bench:
         self.stack.callback(subprocess.run, ["umount", "-R", str(path)], capture_output=True)
         return path
 
-    def new_stick(self, name: str) -> Stick:
+    def new_stick(self, name: str, size_mb: int | None = None) -> Stick:
         s = self.stack.enter_context(
-            stick(name, self.tmp / name, self.images, size_mb=self.plan.stick_mb)
+            stick(name, self.tmp / name, self.images, size_mb=size_mb or self.plan.stick_mb)
         )
         (s.mountpoint / "data").mkdir()
         return s
@@ -757,6 +760,55 @@ def busy_pin(b: Bench) -> None:
     r["busy_writer_refusals"] = refused
 
 
+# The unpin's own line: what it wrote after the unmount, and how long after the unmount the
+# disk held all of it (rampiped/pins/overlay.py)
+_SWITCH_LINE = re.compile(
+    r"written back before the unmount .*; after it, (\d+) files, .* in (\d+) ms"
+)
+
+
+def switch(b: Bench) -> None:
+    """An overlay pin of 64 MiB and of 1 GiB of new data unpinned on the throttled stick: how
+    long from its unmount (the path shows the disk from then on) until the disk holds all of
+    it, without and with a logger that appends (and fsyncs) a line every 20 ms through it. The
+    unpin writes back before its unmount; after it, only what changed since is written."""
+    for mb in b.plan.switch_sizes_mb:
+        label = f"{mb}m" if mb < 1024 else f"{mb // 1024}g"
+        # the data, its journal generation and room to spare
+        s = b.new_stick(f"switch-{label}", size_mb=max(b.plan.stick_mb, 3 * mb + 256))
+        env, d = b.daemon(
+            f"switch-{label}",
+            s,
+            ram={"max": f"{2 * mb + 256}M", "min_free": "256M"},
+            sync={"interval": 0},
+            adaptive={"enabled": False},
+        )
+        s.throttle()
+        for with_writer in (False, True):
+            where = s.mountpoint / "data" / f"switch-{'writer' if with_writer else 'quiet'}"
+            where.mkdir()
+            command(env, "pin", where)
+            files = max(1, mb // 16)
+            _write_large(where / "big", files, mb // files)
+            # a logger: open, append a line, fsync, close, 50 times a second
+            writer = FsyncLogger(where / "app.log", rate=50) if with_writer else None
+            try:
+                t0 = time.perf_counter()
+                command(env, "unpin", where)
+                took = time.perf_counter() - t0
+            finally:
+                if writer is not None:
+                    writer.stop()
+            found = [m for m in map(_SWITCH_LINE.search, d.lines) if m]
+            if not found:
+                raise RuntimeError("no write-back before the unmount:\n" + "\n".join(d.lines[-20:]))
+            key = f"switch_ms_{label}" + ("_writer" if with_writer else "")
+            b.results[key] = int(found[-1].group(2))
+            b.results[f"{key}_files_after"] = int(found[-1].group(1))
+            b.results[f"{key}_unpin_s"] = round(took, 2)
+            b.say(f"switch {label}{' with a writer' if with_writer else ''}: {found[-1].group(0)}")
+
+
 # --------------------------------------------------------------------------- 6. bytes back
 
 
@@ -1072,6 +1124,8 @@ def run(plan: Plan, out: Path, parts: set[str] | None = None) -> dict[str, Any]:
             steps.append(("monitor", lambda: monitor(b)))
         if want("ledger"):
             steps.append(("content check cost", lambda: ledger_cost(b)))
+        if want("switch"):
+            steps.append(("the switch of an unpin", lambda: switch(b)))
         if want("busy"):
             steps.append(("pins of a busy logger", lambda: busy_pin(b)))
         if want("zram"):
@@ -1111,7 +1165,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         nargs="+",
-        choices=["sqlite", "matrix", "timing", "wbbytes", "monitor", "ledger", "busy", "zram"],
+        choices=[
+            "sqlite",
+            "matrix",
+            "timing",
+            "wbbytes",
+            "monitor",
+            "ledger",
+            "busy",
+            "switch",
+            "zram",
+        ],
         help="run only these parts (the stick profile always runs)",
     )
     ap.add_argument("--any-namespace", action="store_true", help=argparse.SUPPRESS)

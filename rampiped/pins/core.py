@@ -156,10 +156,14 @@ class ManagerCore:
     def ram_clock(self, pin: Pin) -> float:
         """Now, as the pin's tmpfs stamps change times: a file changed after this call has a
         ctime at or after it (time.time() may run ahead of the kernel's coarse file clock)."""
+        return self.ram_clock_ns(pin) / 1e9
+
+    def ram_clock_ns(self, pin: Pin) -> int:
+        """ram_clock in ns."""
         marker = os.path.join(self.ram(pin.id), ".rampiped-clock")
         try:
             with open(marker, "w") as f:
                 f.write("")
-            return os.stat(marker).st_ctime_ns / 1e9
+            return os.stat(marker).st_ctime_ns
         except OSError:
-            return time.time() - 1.0
+            return time.time_ns() - 1_000_000_000

@@ -22,6 +22,10 @@ TMPFS_HEADROOM = 1.5
 BUSY_GRACE = 2.0
 # In a journal: the last generation is an unpin's final one (the RAM layer is no longer needed).
 FINAL_MARK = "final.json"
+# In a journal: an unpin wrote its generation `generation` into the directory before the
+# unmount; what changed in RAM since `since` (ns) is all that is left to write. A recovery
+# then leaves the files written that way alone (a process may have written them since).
+EARLY_MARK = "early.json"
 # copy mode: the disk as it was before the unmount of an unpin (copymode.Window), so that a
 # write-back after it, and its recovery after a crash, leave alone what processes write there
 COPY_WINDOW = "copy-window.json"

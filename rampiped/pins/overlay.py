@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ from rampiped.pins.dirs import copy_root_attributes, largest_file
 from rampiped.pins.handoff import Handoff
 from rampiped.pins.mode import Mode, Undo
 from rampiped.pins.model import (
+    EARLY_MARK,
     FINAL_MARK,
     HOLD_POLL,
     HOLD_WAIT,
@@ -49,6 +51,7 @@ class _Early:
     """What an unpin wrote back before its unmount (OverlayMode.write_early)."""
 
     since: int  # ns, wall clock: what changed in the layer from then on is written after it
+    generation: str  # the journal generation written into the directory
     inodes: dict[str, int]  # regular files of the generation applied: rel -> inode
     files: int
     bytes: int
@@ -63,6 +66,45 @@ class _Early:
             for rel, st in tree.walk(gen)
             if stat.S_ISREG(st.st_mode) and self.inodes.get(rel) == st.st_ino
         )
+
+
+def _changed_files(upper: str, since: int, *, invert: bool = False) -> frozenset[str]:
+    """The regular files of the layer changed at or after `since` (ns); with `invert`, those
+    not changed since."""
+    return frozenset(
+        rel
+        for rel, st in tree.walk(upper, tolerate=(OSError,))
+        if stat.S_ISREG(st.st_mode) and (st.st_ctime_ns >= since) != invert
+    )
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _written_early(m: PinManager, pid: str) -> frozenset[str]:
+    """The files of the journal's newest generation that the directory holds already, as
+    that generation has them: those the final mark lists, or all of a generation written
+    into the directory before the unmount (EARLY_MARK). Nothing when neither says so."""
+    journal = m.journal(pid)
+    final = _read_json(os.path.join(journal, FINAL_MARK))
+    if final is not None:
+        listed = final.get("unchanged")
+        return (
+            frozenset(r for r in listed if isinstance(r, str))
+            if isinstance(listed, list)
+            else frozenset()
+        )
+    early = _read_json(os.path.join(journal, EARLY_MARK))
+    gen = writeback.latest_generation(journal)
+    if early is None or gen is None or early.get("generation") != os.path.basename(gen):
+        return frozenset()
+    return frozenset(_file_inodes(gen))
 
 
 def _file_inodes(gen: str) -> dict[str, int]:
@@ -242,7 +284,9 @@ class OverlayMode(Mode):
         early = self.write_early(pin)
         try:
             replaced, since = self.m.unmount_when_free(
-                pin, SOURCE_PREFIX + pin.id, before=lambda: self.record_replaced(pin)
+                pin,
+                SOURCE_PREFIX + pin.id,
+                before=lambda: self.record_replaced(pin, read=early is None),
             )
         except UnpinBusy as busy:
             overlay_id = self.handover_mount(pin, busy)
@@ -252,21 +296,12 @@ class OverlayMode(Mode):
             return self.handoff.start(pin, overlay_id, start, wall)
         unmounted = time.monotonic()
         writeback.pause_point("unpin:unmounted")
-        held: writeback.HeldFiles | None = None
-        try:
-            held = writeback.HeldFiles.hold(
-                self.m.upper(pin.id), self.m.disk(pin.id), replaced, since
-            )
-            res = self.apply_final(pin, held, early)
-        except BaseException:
-            if held is not None:
-                # the RAM layer is mounted again and hides the disk files at those names
-                with contextlib.suppress(OSError, writeback.SyncError):
-                    held.merge(conflicts_only=True)
-                    held.finish()
-            self.m.remount(pin)
-            raise
-        self.m.settle_window(pin, held)
+        upper = self.m.upper(pin.id)
+        if early is not None and not _changed_since(upper, early.since):
+            # nothing changed since the last pass before the unmount: the disk holds it all
+            res = writeback.ApplyResult(0, 0, 0, 0.0)
+        else:
+            res = self.write_rest(pin, replaced, since, early)
         writeback.pause_point("unpin:applied")
         if early is not None:
             log.info(
@@ -312,7 +347,7 @@ class OverlayMode(Mode):
             hides = stat.S_ISCHR(os.lstat(os.path.join(upper, writeback.SCRATCH_NAME)).st_mode)
         except FileNotFoundError:
             hides = False
-        since = time.time_ns() - writeback.CLOCK_SLACK_NS
+        since = self.m.ram_clock_ns(pin)
         if not hides or not self.m.free_soon(pin, SOURCE_PREFIX + pin.id):
             return None
         res = writeback.checkpoint(upper, journal, runner=self.m.runner, ledger=pin.ledger)
@@ -321,14 +356,14 @@ class OverlayMode(Mode):
         if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
             return None
         applied = writeback.apply_layer(gen, disk, self.m.runner, keep_plan=False)
-        early = _Early(since, _file_inodes(gen), applied.files, applied.bytes)
+        early = _Early(since, gen, _file_inodes(gen), applied.files, applied.bytes)
         writeback.pause_point("unpin:written-early")
         # what was written meanwhile, the same way, until a pass finds nothing new: what is
         # left for after the unmount is then what is written in its last moment
         for _ in range(CATCH_UP_PASSES):
             if not _changed_since(upper, early.since):
                 break
-            since = time.time_ns() - writeback.CLOCK_SLACK_NS
+            since = self.m.ram_clock_ns(pin)
             writeback.checkpoint(upper, journal, runner=self.m.runner, changed_since=early.since)
             pin.ledger = None  # this generation was taken by ctime (see write_early)
             gen = writeback.latest_generation(journal)
@@ -339,17 +374,64 @@ class OverlayMode(Mode):
                 gen, disk, self.m.runner, keep_plan=False, unchanged=unchanged
             )
             early = _Early(
-                since, _file_inodes(gen), early.files + applied.files, early.bytes + applied.bytes
+                since,
+                gen,
+                _file_inodes(gen),
+                early.files + applied.files,
+                early.bytes + applied.bytes,
             )
+        write_json_atomic(
+            os.path.join(journal, EARLY_MARK),
+            {"generation": os.path.basename(early.generation), "since": early.since},
+        )
         return early
 
-    def record_replaced(self, pin: Pin) -> tuple[dict[str, writeback.Stamp], int]:
+    def write_rest(
+        self,
+        pin: Pin,
+        replaced: dict[str, writeback.Stamp],
+        since: int,
+        early: _Early | None,
+    ) -> writeback.ApplyResult:
+        """After the unmount: what is left to write (all of it, without `early`), carrying
+        over what processes write meanwhile into the disk files it replaces. On failure the
+        overlay is mounted again."""
+        upper = self.m.upper(pin.id)
+        held: writeback.HeldFiles | None = None
+        try:
+            # after a write-back before the unmount, only what changed since is replaced
+            held = writeback.HeldFiles.hold(
+                upper,
+                self.m.disk(pin.id),
+                replaced,
+                since,
+                only=None if early is None else _changed_files(upper, early.since),
+            )
+            res = self.apply_final(pin, held, early)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.m.journal(pin.id), EARLY_MARK))
+            if held is not None:
+                # the RAM layer is mounted again and hides the disk files at those names
+                with contextlib.suppress(OSError, writeback.SyncError):
+                    held.merge(conflicts_only=True)
+                    held.finish()
+            self.m.remount(pin)
+            raise
+        self.m.settle_window(pin, held)
+        return res
+
+    def record_replaced(
+        self, pin: Pin, *, read: bool = True
+    ) -> tuple[dict[str, writeback.Stamp], int]:
         """The disk files the write-back will replace, as they are while nothing can write
         them (the overlay still covers the path), and the time from which a change of theirs
         is someone else's: see writeback.HeldFiles."""
         since = time.time_ns() - writeback.CLOCK_SLACK_NS
         try:
-            replaced = writeback.touched_entries(self.m.upper(pin.id), self.m.disk(pin.id))
+            replaced = writeback.touched_entries(
+                self.m.upper(pin.id), self.m.disk(pin.id), read=read
+            )
             for rel, base in pin.late_bases.items():
                 # written on disk below the overlay since the pin (see late_bases): what was
                 # added since then follows RAM's version
@@ -399,7 +481,10 @@ class OverlayMode(Mode):
         unchanged = early.unchanged_in(writeback.latest_generation(journal)) if early else None
         # from here on the journal, not the RAM layer, is what gets applied: applying the layer
         # a second time after this apply moved renamed directories would find their origins gone
-        write_json_atomic(os.path.join(journal, FINAL_MARK), {"final": True})
+        write_json_atomic(
+            os.path.join(journal, FINAL_MARK),
+            {"final": True, "unchanged": sorted(unchanged or ())},
+        )
         writeback.pause_point("unpin:journaled")
         res = writeback.apply_journal(
             journal,
@@ -425,7 +510,11 @@ class OverlayMode(Mode):
             # the final generation was written: the layer must not be applied again
             m.ensure_staging(pid, path, disk_mounted)
             res = self.recover_apply(
-                pid, path, functools.partial(writeback.apply_journal, m.journal(pid))
+                pid,
+                path,
+                functools.partial(
+                    writeback.apply_journal, m.journal(pid), unchanged=_written_early(m, pid)
+                ),
             )
             if res is None:
                 return "the write-back had finished"
@@ -434,7 +523,19 @@ class OverlayMode(Mode):
             return "the overlay was never mounted: nothing to write"
         # through the staging bind (nosymfollow), never the path users control
         m.ensure_staging(pid, path, disk_mounted)
-        res = self.recover_apply(pid, path, functools.partial(writeback.apply_upper, m.upper(pid)))
+        early = _read_json(os.path.join(m.journal(pid), EARLY_MARK))
+        since = early.get("since") if early else None
+        res = self.recover_apply(
+            pid,
+            path,
+            functools.partial(
+                writeback.apply_upper,
+                m.upper(pid),
+                unchanged=_changed_files(m.upper(pid), since, invert=True)
+                if isinstance(since, int)
+                else frozenset(),
+            ),
+        )
         assert res is not None  # apply_upper always returns a result
         return f"wrote {res.files} files, {format_bytes(res.bytes)}"
 
@@ -443,7 +544,11 @@ class OverlayMode(Mode):
         m.ensure_staging(pid, path, disk_mounted)
         try:
             res = self.recover_apply(
-                pid, path, functools.partial(writeback.apply_journal, m.journal(pid))
+                pid,
+                path,
+                functools.partial(
+                    writeback.apply_journal, m.journal(pid), unchanged=_written_early(m, pid)
+                ),
             )
         finally:
             mounts.umount(m.disk(pid))

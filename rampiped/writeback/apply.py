@@ -190,6 +190,7 @@ def apply_upper(
     runner: Runner = run_command,
     keep_newer_than: int | None = None,
     window: HeldFiles | None = None,
+    unchanged: frozenset[str] = frozenset(),
 ) -> ApplyResult:
     """Make `target` (the directory on disk) hold what the overlay showed, given the upper layer
     of that overlay (unmounted) or a journal copy of it. Raises SyncError, with `target`
@@ -200,7 +201,13 @@ def apply_upper(
     accepts what was written on disk from then on. `window`: the disk files held before the
     apply (HeldFiles.hold); what was appended to them meanwhile goes into the files written."""
     return apply_layer(
-        upper, target, runner, keep_plan=False, keep_newer_than=keep_newer_than, window=window
+        upper,
+        target,
+        runner,
+        keep_plan=False,
+        keep_newer_than=keep_newer_than,
+        window=window,
+        unchanged=unchanged,
     )
 
 

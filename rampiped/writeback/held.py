@@ -147,11 +147,24 @@ class HeldFiles:
         self.entries = entries
 
     @classmethod
-    def hold(cls, upper: str, target: str, snapshot: dict[str, Stamp], threshold: int) -> HeldFiles:
+    def hold(
+        cls,
+        upper: str,
+        target: str,
+        snapshot: dict[str, Stamp],
+        threshold: int,
+        *,
+        only: frozenset[str] | None = None,
+    ) -> HeldFiles:
         """Right after the unmount, before anything replaces them: link every disk file the
-        apply of `upper` replaces into the hold directory, and record the snapshot there."""
+        apply of `upper` replaces (or those of `only`, when the apply replaces no other)
+        into the hold directory, and record the snapshot there."""
         layer = scan_layer(upper)
-        items = [(rel, source) for rel, source, _kind in _replaced_files(layer)]
+        items = [
+            (rel, source)
+            for rel, source, _kind in _replaced_files(layer)
+            if only is None or rel in only
+        ]
         snapshot = _with_layer_digests(upper, snapshot, [rel for rel, _source in items])
         return cls._hold_items(target, items, snapshot, threshold)
 

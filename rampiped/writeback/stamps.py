@@ -54,7 +54,9 @@ def _digest_fd(fd: int, size: int) -> str:
     return h.hexdigest()
 
 
-def _stamp_at(dir_fd: int, name: str, source: str) -> Stamp | None:
+def _stamp_at(dir_fd: int, name: str, source: str, *, read: bool = True) -> Stamp | None:
+    """The stamp of the regular file `name`; without `read`, its digest is to be taken from
+    the layer's copy once it is needed (see _with_layer_digests)."""
     found = open_regular(name, dir_fd)
     if found is None:
         return None
@@ -66,7 +68,7 @@ def _stamp_at(dir_fd: int, name: str, source: str) -> Stamp | None:
             st.st_size,
             st.st_mtime_ns,
             st.st_ctime_ns,
-            _digest_fd(fd, st.st_size),
+            _digest_fd(fd, st.st_size) if read else _DIGEST_FROM_LAYER,
         )
     finally:
         os.close(fd)
@@ -153,11 +155,14 @@ def _shared_length(a_fd: int, b_fd: int, limit: int, chunk: int = 1 << 20) -> in
     return done
 
 
-def touched_entries(upper: str, lower: str) -> dict[str, Stamp]:
+def touched_entries(upper: str, lower: str, *, read: bool = True) -> dict[str, Stamp]:
     """Before the unmount (the overlay still mounted, its lower unchanging): the disk files
     that applying `upper` will replace, keyed by their path in the layer. Regular files of the
     layer with no disk file at their name get an absent stamp (ino 0). Entries that vanish
-    while the layer is read are skipped (the apply's own scan is authoritative)."""
+    while the layer is read are skipped (the apply's own scan is authoritative). Without
+    `read`, no disk file is read: each digest is taken from the layer's copy when it is held
+    (right after an early write-back, the disk file and that copy are the same, unless RAM
+    changed it in the last moment, when a disk write to it is kept as a conflict file)."""
     layer = scan_layer(upper)
     out: dict[str, Stamp] = {}
     with opened_dir(lower) as lower_fd:
@@ -168,7 +173,7 @@ def touched_entries(upper: str, lower: str) -> dict[str, Stamp]:
                 found = None
             else:
                 try:
-                    found = _stamp_at(pfd, name, source)
+                    found = _stamp_at(pfd, name, source, read=read)
                     exists = lstat_at(pfd, name) is not None
                 finally:
                     os.close(pfd)

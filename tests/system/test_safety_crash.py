@@ -84,6 +84,7 @@ PIN_STAGES = ["pin:layers", "pin:mounted"]
 LATER_STAGES = [
     "checkpoint:copied",
     "checkpoint:renamed",
+    "unpin:written-early",
     "unpin:unmounted",
     "unpin:journaled",
     "unpin:applied",
@@ -95,7 +96,9 @@ POWER_EXPECTED = {
     ("overlay", "pin:mounted"): E0,
     ("overlay", "checkpoint:copied"): E1,
     ("overlay", "checkpoint:renamed"): E2,
-    ("overlay", "unpin:unmounted"): E1,
+    # an unpin checkpoints round 2 and writes it into the directory before its unmount
+    ("overlay", "unpin:written-early"): E2,
+    ("overlay", "unpin:unmounted"): E2,
     ("overlay", "unpin:journaled"): E2,
     ("overlay", "unpin:applied"): E2,
     ("copy", "copy-checkpoint:copied"): E2,

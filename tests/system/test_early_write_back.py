@@ -1,0 +1,141 @@
+"""An overlay pin is written back while it still serves the path, and after the unmount only
+what changed since is written: a reader of the directory never sees it go back to the state it
+had when it was pinned, never finds a file missing, and sees rampiped's own names (the hold and
+scratch directories of the write-back) only in the moments after the unmount, not for the whole
+write-back. A writer that keeps appending loses nothing. On the code before this, the reader
+read the pin's old state for the whole write-back (seconds with this much data)."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.system.daemon_harness import Env, make_env, running
+from tests.system.helpers import drop_caches, remount, wait_for
+
+pytestmark = pytest.mark.system
+
+BIG = 24  # files of 4 MiB rewritten through the pin: about 100 MiB to write back
+OWN = re.compile(r"\.rampiped")
+
+
+def version(path: Path) -> int:
+    """The version a big file holds: its first 8 bytes."""
+    with open(path, "rb") as f:
+        return int(f.read(8))
+
+
+def write_version(path: Path, n: int) -> None:
+    path.write_bytes(b"%08d" % n + bytes([n % 251]) * ((4 << 20) - 8))
+
+
+class Reader(threading.Thread):
+    """Reads the directory in a loop: the state file's counter and each big file's version
+    must never go back, no file it saw may go missing, and it notes rampiped's own names."""
+
+    def __init__(self, env: Env, d: Path) -> None:
+        super().__init__(daemon=True)
+        self.env, self.d = env, d
+        self.stop = threading.Event()
+        self.back: list[str] = []
+        self.missing: list[str] = []
+        self.own_mounted: list[str] = []  # rampiped's names seen while the overlay covered it
+        self.own_seen: list[float] = []  # when they were seen after the unmount
+        self.reads = 0
+
+    def run(self) -> None:
+        last: dict[str, int] = {}
+        while not self.stop.is_set():
+            mounted = self.env.overlay_at(self.d)
+            names = os.listdir(self.d)
+            now = time.monotonic()
+            own = [n for n in names if OWN.match(n)]
+            if own and mounted and self.env.overlay_at(self.d):
+                self.own_mounted += own
+            elif own:
+                self.own_seen.append(now)
+            for name in ["state.json", *(f"big{i}" for i in range(BIG))]:
+                try:
+                    path = self.d / name
+                    seen = int(path.read_text()) if name == "state.json" else version(path)
+                except FileNotFoundError:
+                    self.missing.append(name)
+                    continue
+                if seen < last.get(name, -1):
+                    self.back.append(f"{name}: {seen} after {last[name]}")
+                last[name] = max(seen, last.get(name, -1))
+            self.reads += 1
+
+
+class Appender(threading.Thread):
+    """Appends a line to app.log every 20 ms, opening and closing it each time (a logger)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.stop = threading.Event()
+        self.lines = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with open(self.path, "a") as f:
+                f.write(f"line {self.lines}\n")
+            self.lines += 1
+            self.stop.wait(0.02)
+
+
+def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path) -> None:
+    with make_env(tmp_path, disk_mb=1024) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        d.mkdir()
+        (d / "state.json").write_text("0")
+        for i in range(BIG):
+            write_version(d / f"big{i}", 0)
+        with running(env) as dm:
+            env.ctl("pin", str(d), check=True)
+            assert env.overlay_at(d)
+            for i in range(BIG):  # into RAM: all of it is to be written back
+                write_version(d / f"big{i}", 1)
+            for n in range(1, 200):
+                tmp = d / "state.json.new"
+                tmp.write_text(str(n))
+                tmp.rename(d / "state.json")
+            reader, appender = Reader(env, d), Appender(d / "app.log")
+            reader.start()
+            appender.start()
+            try:
+                started = time.monotonic()
+                done = env.ctl("unpin", str(d))
+                took = time.monotonic() - started
+                assert done.returncode == 0, (done.stdout, done.stderr, dm.log_text()[-3000:])
+                assert not env.overlay_at(d)
+                after = reader.reads  # the reader and the logger go on after the switch
+                wait_for(lambda: reader.reads > after + 20, 30, "reads after the unpin")
+            finally:
+                reader.stop.set()
+                appender.stop.set()
+                reader.join(10)
+                appender.join(10)
+            log = dm.log_text()
+        assert reader.reads > 50, reader.reads
+        assert reader.back == [], reader.back[:10]
+        assert reader.missing == [], reader.missing[:10]
+        assert reader.own_mounted == [], reader.own_mounted[:10]
+        # after the unmount, only for the moments the changes made meanwhile take
+        span = max(reader.own_seen, default=0.0) - min(reader.own_seen, default=0.0)
+        assert span < 0.5, (span, took)
+        found = re.search(r"written back before the unmount \(.*", log)
+        assert found, log[-3000:]
+        print(f"\nunpin {took:.2f} s; {found.group(0)}; reader: {reader.reads} reads")
+        remount(env.disk)
+        drop_caches()
+        assert (d / "state.json").read_text() == "199"
+        assert all(version(d / f"big{i}") == 1 for i in range(BIG))
+        assert (d / "app.log").read_text() == "".join(f"line {i}\n" for i in range(appender.lines))
+        assert not [n for n in os.listdir(d) if OWN.match(n)]
