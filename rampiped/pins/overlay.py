@@ -4,6 +4,7 @@ back through the checkpoint journal (writeback/), and unpinned in steps (see `un
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -52,6 +53,9 @@ class _Early:
 
     since: int  # ns, wall clock: what changed in the layer from then on is written after it
     generation: str  # the journal generation written into the directory
+    # ns, the disk's own clock: later than every change the early write-back made there, and
+    # not later than any a process makes once the path shows the disk (HeldFiles.threshold)
+    disk_since: int
     inodes: dict[str, int]  # regular files of the generation applied: rel -> inode
     files: int
     bytes: int
@@ -105,6 +109,33 @@ def _written_early(m: PinManager, pid: str) -> frozenset[str]:
     if early is None or gen is None or early.get("generation") != os.path.basename(gen):
         return frozenset()
     return frozenset(_file_inodes(gen))
+
+
+def _disk_clock(disk: str) -> int:
+    """The clock of the disk's filesystem now: the ctime of a file made and removed in the
+    scratch directory (which the pin's whiteout hides while the overlay is mounted)."""
+    scratch = os.path.join(disk, writeback.SCRATCH_NAME)
+    made = not os.path.isdir(scratch)
+    if made:
+        os.mkdir(scratch, 0o700)
+    try:
+        probe = os.path.join(scratch, ".clock")
+        with open(probe, "w"):
+            pass
+        try:
+            return os.lstat(probe).st_ctime_ns
+        finally:
+            os.unlink(probe)
+    finally:
+        if made:
+            os.rmdir(scratch)
+
+
+def _disk_clock_after(disk: str, after: int) -> int:
+    """_disk_clock, once it is later than `after` (the coarse clock ticks every few ms)."""
+    while (now := _disk_clock(disk)) <= after:
+        time.sleep(0.001)
+    return now
 
 
 def _file_inodes(gen: str) -> dict[str, int]:
@@ -286,7 +317,9 @@ class OverlayMode(Mode):
             replaced, since = self.m.unmount_when_free(
                 pin,
                 SOURCE_PREFIX + pin.id,
-                before=lambda: self.record_replaced(pin, read=early is None),
+                before=lambda: self.record_replaced(
+                    pin, read=early is None, since=None if early is None else early.disk_since
+                ),
             )
         except UnpinBusy as busy:
             overlay_id = self.handover_mount(pin, busy)
@@ -356,7 +389,7 @@ class OverlayMode(Mode):
         if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
             return None
         applied = writeback.apply_layer(gen, disk, self.m.runner, keep_plan=False)
-        early = _Early(since, gen, _file_inodes(gen), applied.files, applied.bytes)
+        early = _Early(since, gen, 0, _file_inodes(gen), applied.files, applied.bytes)
         writeback.pause_point("unpin:written-early")
         # what was written meanwhile, the same way, until a pass finds nothing new: what is
         # left for after the unmount is then what is written in its last moment
@@ -376,10 +409,12 @@ class OverlayMode(Mode):
             early = _Early(
                 since,
                 gen,
+                0,
                 _file_inodes(gen),
                 early.files + applied.files,
                 early.bytes + applied.bytes,
             )
+        early = dataclasses.replace(early, disk_since=_disk_clock_after(disk, _disk_clock(disk)))
         write_json_atomic(
             os.path.join(journal, EARLY_MARK),
             {"generation": os.path.basename(early.generation), "since": early.since},
@@ -422,12 +457,13 @@ class OverlayMode(Mode):
         return res
 
     def record_replaced(
-        self, pin: Pin, *, read: bool = True
+        self, pin: Pin, *, read: bool = True, since: int | None = None
     ) -> tuple[dict[str, writeback.Stamp], int]:
         """The disk files the write-back will replace, as they are while nothing can write
         them (the overlay still covers the path), and the time from which a change of theirs
         is someone else's: see writeback.HeldFiles."""
-        since = time.time_ns() - writeback.CLOCK_SLACK_NS
+        if since is None:
+            since = time.time_ns() - writeback.CLOCK_SLACK_NS
         try:
             replaced = writeback.touched_entries(
                 self.m.upper(pin.id), self.m.disk(pin.id), read=read

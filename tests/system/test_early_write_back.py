@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.system import safety
 from tests.system.daemon_harness import Env, make_env, running
-from tests.system.helpers import drop_caches, remount, wait_for
+from tests.system.helpers import drop_caches, remount, tree, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -139,3 +140,63 @@ def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path) -> None:
         assert all(version(d / f"big{i}") == 1 for i in range(BIG))
         assert (d / "app.log").read_text() == "".join(f"line {i}\n" for i in range(appender.lines))
         assert not [n for n in os.listdir(d) if OWN.match(n)]
+
+
+def change_in_ram(d: Path) -> None:
+    """Every kind of change, made through the pin after the daemon wrote the directory back
+    once: an append, a same-size rewrite that keeps its old mtime, a deletion and a rename of
+    files written back already, a new directory, a directory removed, a symlink."""
+    with open(d / "log/app.log", "a") as f:
+        f.write("after the early write-back\n")
+    st = os.stat(d / "same.txt")
+    (d / "same.txt").write_text("SAME SIZE B\n")
+    os.utime(d / "same.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (d / "early.txt").unlink()
+    (d / "moved-from.txt").rename(d / "moved-to.txt")
+    (d / "fresh" / "deep").mkdir(parents=True)
+    (d / "fresh" / "deep" / "f.txt").write_text("fresh\n")
+    for child in (d / "doomed").iterdir():
+        child.unlink()
+    (d / "doomed").rmdir()
+    (d / "link").symlink_to("moved-to.txt")
+
+
+@pytest.mark.parametrize("stage", ["unpin:written-early", "unpin:recorded"])
+def test_changes_after_the_early_write_back_reach_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """Changes made after the first write-back before the unmount: at unpin:written-early
+    the overlay serves the path for another pass; at unpin:recorded the last pass is over and
+    they are written after the unmount. Either way the disk ends up as the view was."""
+    marker = tmp_path / "paused"
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        (d / "log").mkdir(parents=True)
+        (d / "log/app.log").write_text("on disk\n")
+        (d / "same.txt").write_text("SAME SIZE A\n")
+        (d / "doomed").mkdir()
+        (d / "doomed/x").write_text("x\n")
+        with safety.paused_daemon(env, monkeypatch, stage, marker) as dm:
+            env.ctl("pin", str(d), check=True)
+            with open(d / "log/app.log", "a") as f:
+                f.write("in RAM\n")
+            (d / "early.txt").write_text("written back early, then deleted\n")
+            (d / "moved-from.txt").write_text("renamed after the early write-back\n")
+            unpin = safety.ctl_async(env, "unpin", str(d))
+            safety.wait_paused(marker, stage)
+            assert env.overlay_at(d)
+            change_in_ram(d)
+            expected = tree(d)
+            safety.release(marker)
+            out, err = unpin.communicate(timeout=120)
+            assert unpin.returncode == 0, (out, err, dm.log_text()[-3000:])
+            log = dm.log_text()
+        assert not env.overlay_at(d)
+        remount(env.disk)
+        drop_caches()
+        assert tree(d) == expected
+        after = re.search(r"written back before the unmount .*; after it, (\d+) files", log)
+        assert after, log[-3000:]
+        if stage == "unpin:recorded":
+            assert int(after.group(1)) > 0  # written after the unmount
