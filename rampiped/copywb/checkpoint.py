@@ -13,13 +13,7 @@ from functools import partial
 
 from rampiped import mounts
 from rampiped.commands import CommandResult
-from rampiped.copywb.databases import (
-    checkpoint_database,
-    databases_in,
-    restore_dir_times,
-    sqlite_uri,
-    with_companions,
-)
+from rampiped.copywb.databases import databases_in, sqlite_uri, with_companions, write_databases
 from rampiped.copywb.results import CheckpointIncomplete, CheckpointResult, CopyError, NotVerified
 from rampiped.copywb.sides import DATA, verify_source, verify_target
 from rampiped.copywb.snapshot import differences, kind_letter, snapshot
@@ -181,19 +175,8 @@ def checkpoint(
         changed = [p for p in changed if first.get(p) != second.get(p)]
     unstable = changed
 
-    written: list[str] = []
     failures: list[str] = []
-    for rel in sorted(databases):
-        try:
-            size = checkpoint_database(data, disk, rel)
-        except (CopyError, OSError, sqlite3.Error) as exc:
-            failures.append(str(exc))
-            continue
-        if size is not None:
-            written.append(rel)
-            totals["files"] += 1
-            totals["bytes"] += size
-    restore_dir_times(data, disk, written)
+    written = write_databases(data, disk, sorted(databases), totals, failures)
     mounts.syncfs(disk)
     skip = with_companions(databases)
     outcome = CheckpointResult(

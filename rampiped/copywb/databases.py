@@ -171,7 +171,7 @@ def settle_database(path: str) -> list[str]:
     return present
 
 
-def checkpoint_database(data: str, disk: str, rel: str) -> int | None:
+def _checkpoint_database(data: str, disk: str, rel: str) -> int | None:
     """Write RAM's database `rel` to disk; the bytes written, or None when it vanished."""
     src = os.path.join(data, rel)
     dst = os.path.join(disk, rel)
@@ -202,7 +202,35 @@ def checkpoint_database(data: str, disk: str, rel: str) -> int | None:
     return os.stat(dst).st_size
 
 
-def restore_dir_times(data: str, disk: str, rels: Iterable[str]) -> None:
+def write_databases(
+    data: str,
+    disk: str,
+    rels: Iterable[str],
+    totals: dict[str, int],
+    failures: list[str] | None = None,
+) -> list[str]:
+    """Write RAM's databases `rels` to disk one by one (_checkpoint_database), counting each in
+    `totals` ("files", "bytes"), then put RAM's directory times back; returns those written (a
+    database gone from RAM meanwhile is not). A database that cannot be written raises, or,
+    given `failures`, is recorded there while the others are still written."""
+    written: list[str] = []
+    for rel in rels:
+        try:
+            size = _checkpoint_database(data, disk, rel)
+        except (CopyError, OSError, sqlite3.Error) as exc:
+            if failures is None:
+                raise
+            failures.append(str(exc))
+            continue
+        if size is not None:
+            written.append(rel)
+            totals["files"] += 1
+            totals["bytes"] += size
+    _restore_dir_times(data, disk, written)
+    return written
+
+
+def _restore_dir_times(data: str, disk: str, rels: Iterable[str]) -> None:
     """Renaming a database into a directory changed its mtime on disk: put RAM's back."""
     for rel in {os.path.dirname(r) for r in rels}:
         try:

@@ -12,12 +12,7 @@ from dataclasses import dataclass
 
 from rampiped import mounts
 from rampiped.copywb.checkpoint import copy_listed, rsync_stats
-from rampiped.copywb.databases import (
-    checkpoint_database,
-    databases_in,
-    restore_dir_times,
-    with_companions,
-)
+from rampiped.copywb.databases import databases_in, with_companions, write_databases
 from rampiped.copywb.results import CheckpointResult, NotVerified
 from rampiped.copywb.sides import DATA, verify_source, verify_target
 from rampiped.copywb.snapshot import Snapshot, Stamp, entry_stamp, kind_letter, snapshot
@@ -275,14 +270,7 @@ class WindowWriteBack:
         except (OSError, SyncError) as exc:
             log.warning("%s: carrying the appends made meanwhile failed (%s); retried", disk, exc)
         pause_point("copy-window:written")
-        written: list[str] = []
-        for rel in self.databases:
-            size = checkpoint_database(data, disk, rel)
-            if size is not None:
-                written.append(rel)
-                totals["files"] += 1
-                totals["bytes"] += size
-        restore_dir_times(data, disk, written)
+        written = write_databases(data, disk, self.databases, totals)
         mounts.syncfs(disk)
         missing = []
         for rel in self.listed:
