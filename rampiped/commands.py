@@ -91,6 +91,11 @@ def run_command(argv: list[str]) -> CommandResult:
 # disk (fsync on a slow stick, state D) is not waiting in poll(): a slow write-back is never
 # taken for a hang.
 HANG_AFTER = 10.0
+# Where such a process waits (its wchan): poll() or select(), or the open(2) of a fifo that no
+# process opens from the other end (fs/pipe.c). rsync never reads a fifo (it copies one as a
+# special file); its sender opens one only when a file it listed as a regular file was
+# replaced by a fifo since, and then waits forever while the others poll() for it.
+_WAITING = ("poll", "select", "wait_for_partner")
 
 
 HUNG_EXIT = 30  # rsync's own code for "timeout in data send/receive"
@@ -127,7 +132,7 @@ def _waiting_and_io(pids: list[int]) -> tuple[bool, int]:
                         io += int(value)
         except (OSError, ValueError):
             continue  # gone meanwhile
-        if "poll" not in wchan and "select" not in wchan:
+        if not any(w in wchan for w in _WAITING):
             waiting = False
     return waiting, io
 

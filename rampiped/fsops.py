@@ -67,6 +67,24 @@ def remove_at(dir_fd: int, name: str) -> int:
     return removed
 
 
+def walk_fds(key: _T, fd: int, visit: Callable[[_T, int], Iterable[tuple[_T, int]]]) -> None:
+    """Depth first from the directory descriptor `fd` (taken over): visit(key, fd) for it and
+    for each (key, descriptor) of a subdirectory that a visit yields, every descriptor closed
+    after its visit, or when a visit raised before it was visited."""
+    stack: list[tuple[_T, int]] = [(key, fd)]
+    try:
+        while stack:
+            key, fd = stack.pop()
+            try:
+                for child in visit(key, fd):
+                    stack.append(child)
+            finally:
+                os.close(fd)
+    finally:
+        for _, fd in stack:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def opened_dir(path: str) -> Iterator[int]:
     fd = os.open(path, DIR_FLAGS)

@@ -6,11 +6,20 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from rampiped import osutil
 from rampiped.commands import Runner, SyncError, rsync_has_fsync, run_command
-from rampiped.fsops import join, lstat_at, open_dir_at, opened_dir, remove_at, syncfs_checked
+from rampiped.fsops import (
+    join,
+    lstat_at,
+    open_dir_at,
+    opened_dir,
+    remove_at,
+    syncfs_checked,
+    walk_fds,
+)
 from rampiped.writeback.held import HeldFiles, exclude_file
 from rampiped.writeback.layer import Layer, UpperDir, first_ten, renamed_dirs, scan_layer
 from rampiped.writeback.moves import (
@@ -47,38 +56,31 @@ def _apply_deletions(layer: Layer, target_fd: int, keep_newer_than: int | None =
             return remove_at(fd, name)
         return _remove_older(fd, name, keep_newer_than)
 
-    # (layer directory, fd of the disk directory) still to visit
-    stack: list[tuple[UpperDir, int]] = [(layer.dirs[""], os.dup(target_fd))]
-    try:
-        while stack:
-            d, fd = stack.pop()
-            try:
-                if d.lower is None:
-                    for name in os.listdir(fd):
-                        if name not in d.children:
-                            deleted += remove(fd, name)
-                for name, kind in d.children.items():
-                    st = lstat_at(fd, name)
-                    if st is None:
-                        continue
-                    disk_kind = osutil.file_kind(st)
-                    if kind == "whiteout":
-                        deleted += remove(fd, name)
-                    elif kind == "dir":
-                        if disk_kind != "dir":
-                            deleted += remove_at(fd, name)
-                        else:
-                            stack.append((layer.dirs[join(d.rel, name)], open_dir_at(fd, name)))
-                    elif disk_kind != kind or (kind != "file" and st.st_nlink > 1):
-                        # rsync replaces a regular file by writing a new one and renaming it
-                        # over (that also breaks disk hard links, as copy-up did); anything
-                        # else of another type, or a hard-linked special file, goes first.
-                        deleted += remove_at(fd, name)
-            finally:
-                os.close(fd)
-    finally:
-        for _, fd in stack:
-            os.close(fd)
+    def visit(d: UpperDir, fd: int) -> Iterator[tuple[UpperDir, int]]:
+        nonlocal deleted
+        if d.lower is None:
+            for name in os.listdir(fd):
+                if name not in d.children:
+                    deleted += remove(fd, name)
+        for name, kind in d.children.items():
+            st = lstat_at(fd, name)
+            if st is None:
+                continue
+            disk_kind = osutil.file_kind(st)
+            if kind == "whiteout":
+                deleted += remove(fd, name)
+            elif kind == "dir":
+                if disk_kind != "dir":
+                    deleted += remove_at(fd, name)
+                else:
+                    yield layer.dirs[join(d.rel, name)], open_dir_at(fd, name)
+            elif disk_kind != kind or (kind != "file" and st.st_nlink > 1):
+                # rsync replaces a regular file by writing a new one and renaming it
+                # over (that also breaks disk hard links, as copy-up did); anything
+                # else of another type, or a hard-linked special file, goes first.
+                deleted += remove_at(fd, name)
+
+    walk_fds(layer.dirs[""], os.dup(target_fd), visit)
     return deleted
 
 

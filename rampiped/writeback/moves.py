@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Iterator
 
 from rampiped import osutil
 from rampiped.commands import SyncError
@@ -121,6 +122,22 @@ def _placement_order(moves: list[tuple[str, str]]) -> list[int]:
     return sorted(range(len(moves)), key=lambda i: (moves[i][1].count("/"), moves[i][1]))
 
 
+@contextlib.contextmanager
+def _parent_of(target_fd: int, rel: str, gone: str) -> Iterator[tuple[int, str]]:
+    """(descriptor of the directory holding `rel` below target_fd, its name in there), while
+    the block runs; SyncError(`gone`) when that directory or the entry is missing."""
+    parent, _, name = rel.rpartition("/")
+    pfd = open_rel(target_fd, parent)
+    if pfd is None or lstat_at(pfd, name) is None:
+        if pfd is not None:
+            os.close(pfd)
+        raise SyncError(gone)
+    try:
+        yield pfd, name
+    finally:
+        os.close(pfd)
+
+
 def _move_renamed_dirs(
     target_fd: int, target: str, upper: str, moves: list[tuple[str, str]]
 ) -> tuple[int, bool]:
@@ -177,18 +194,11 @@ def _move_renamed_dirs(
             for i, (origin, _dest) in enumerate(moves):
                 if lstat_at(stash_fd, str(i)) is not None:
                     continue  # moved before the interruption
-                parent, _, name = origin.rpartition("/")
-                pfd = open_rel(target_fd, parent)
-                if pfd is None or lstat_at(pfd, name) is None:
-                    if pfd is not None:
-                        os.close(pfd)
-                    raise SyncError(f"renamed origin {origin!r} vanished from {target}")
-                try:
+                gone = f"renamed origin {origin!r} vanished from {target}"
+                with _parent_of(target_fd, origin, gone) as (pfd, name):
                     log.debug("stashing %s/%s", target, origin)
                     os.rename(name, str(i), src_dir_fd=pfd, dst_dir_fd=stash_fd)
                     _fsync_dir(pfd)
-                finally:
-                    os.close(pfd)
             _fsync_dir(stash_fd)
             plan["phase"] = "place"
             _write_plan(stash_fd, plan)
@@ -233,16 +243,9 @@ def _undo_moves(target_fd: int, target: str, upper: str) -> bool:
         for i in reversed(placement):
             if lstat_at(stash_fd, str(i)) is not None:
                 continue  # never placed
-            parent, _, name = moves[i][1].rpartition("/")
-            pfd = open_rel(target_fd, parent)
-            if pfd is None or lstat_at(pfd, name) is None:
-                if pfd is not None:
-                    os.close(pfd)
-                raise SyncError(f"the directory moved to {target}/{moves[i][1]} is gone")
-            try:
+            gone = f"the directory moved to {target}/{moves[i][1]} is gone"
+            with _parent_of(target_fd, moves[i][1], gone) as (pfd, name):
                 os.rename(name, str(i), src_dir_fd=pfd, dst_dir_fd=stash_fd)
-            finally:
-                os.close(pfd)
         for i in reversed(range(len(moves))):  # stash order reversed: shallowest origin first
             if lstat_at(stash_fd, str(i)) is None:
                 continue  # never stashed

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Iterator
 
-from rampiped.fsops import DIR_FLAGS, join, lstat_at, open_dir_at, opened_dir, remove_at
+from rampiped.fsops import DIR_FLAGS, join, lstat_at, open_dir_at, opened_dir, remove_at, walk_fds
 from rampiped.writeback.names import SCRATCH_NAME
 
 # copymode's `.NAME.rampiped-tmp-XXXXXXXX`, handover's `NAME.rampiped-tmp`, the write-back
@@ -45,26 +45,23 @@ def scrub_leftovers(root: str | int) -> list[str]:
     else:
         root_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root)
     removed: list[str] = []
-    stack: list[tuple[str, int]] = [("", root_fd)]
-    try:
-        if lstat_at(root_fd, SCRATCH_NAME) is not None:
-            remove_at(root_fd, SCRATCH_NAME)
+
+    def visit(rel: str, fd: int) -> Iterator[tuple[str, int]]:
+        if not rel and lstat_at(fd, SCRATCH_NAME) is not None:
+            remove_at(fd, SCRATCH_NAME)
             removed.append(SCRATCH_NAME)
-        while stack:
-            rel, fd = stack.pop()
-            try:
-                for entry in os.scandir(fd):
-                    child = join(rel, entry.name)
-                    if entry.is_dir(follow_symlinks=False):
-                        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                            stack.append((child, open_dir_at(fd, entry.name)))
-                    elif _LEFTOVER_RE.fullmatch(entry.name):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry.name, dir_fd=fd)
-                            removed.append(child)
-            finally:
-                os.close(fd)
-    finally:
-        for _, fd in stack:
-            os.close(fd)
+        for entry in os.scandir(fd):
+            child = join(rel, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                try:
+                    child_fd = open_dir_at(fd, entry.name)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                yield child, child_fd
+            elif _LEFTOVER_RE.fullmatch(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=fd)
+                    removed.append(child)
+
+    walk_fds("", root_fd, visit)
     return removed

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from rampiped import copymode
-from rampiped.writeback import CommandResult, run_command
+from rampiped import commands, copymode
+from rampiped.writeback import HUNG_EXIT, SCRATCH_NAME, CommandResult, run_command
 from tests.system.helpers import (
     LoopFs,
     diff_manifests,
@@ -402,6 +402,101 @@ def test_files_that_change_during_a_checkpoint_are_copied_again(layout: Layout) 
     # the last whole copy seen: everything but the append that followed the last pass
     assert (disk / "hot").read_text() == "".join(f"hot {i}\n" for i in range(4))
     assert (d / "hot").read_text().endswith("hot 4\n")
+
+
+KINDS = ("dir", "link", "fifo", "gone")
+
+
+def retype(d: Path, when: str) -> None:
+    """f-KIND-WHEN below `d`, a regular file, replaced by a directory holding a file, a
+    symlink, a fifo, or nothing."""
+    for kind in KINDS:
+        p = d / f"f-{kind}-{when}"
+        p.unlink()
+        if kind == "dir":
+            p.mkdir()
+            (p / "inside").write_text("inside\n")
+        elif kind == "link":
+            os.symlink("nowhere", p)
+        elif kind == "fifo":
+            os.mkfifo(p)
+
+
+def busy(scratch: Path) -> bool:
+    """rsync writes a file into the scratch directory."""
+    try:
+        return any(scratch.iterdir())
+    except FileNotFoundError:
+        return False
+
+
+def test_changed_files_that_change_kind_or_go_during_the_forced_pass_are_churn(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files that changed during the full pass are listed for the forced one (-I). A process
+    replaces each by a directory, a symlink or a fifo, or deletes it, before rsync lists it
+    ("before") or while rsync still sends a larger file listed first ("during"). The checkpoint
+    neither fails nor hangs: it writes each entry as it is now (what a new directory holds is
+    taken at the next checkpoint).
+
+    Unlike the overlay checkpoint's re-copy (writeback.journal.retyped_left_out), rsync never
+    says "could not make way" here: with --temp-dir it deletes the disk's entry of another type
+    first, and a regular file there always goes (a directory too: --force). A fifo that rsync
+    listed as a regular file blocks its sender in open(2): the watchdog kills that pass as hung
+    and it runs again."""
+    monkeypatch.setattr(commands, "HANG_AFTER", 1.0)
+    monkeypatch.setattr(commands, "_WATCH_EVERY", 0.2)
+    names = [f"f-{kind}-{when}" for when in ("before", "during") for kind in KINDS]
+    (layout.orig / "a-big").write_bytes(os.urandom(8 * MiB))
+    for name in names:
+        (layout.orig / name).write_text(f"{name} 0\n")
+    layout.copy_in()
+    d = layout.data
+    forced: list[CommandResult] = []
+
+    def runner(argv: list[str]) -> CommandResult:
+        if "-I" not in argv:  # the full pass: every file changes during it
+            result = run_command(argv)
+            for name in ["a-big", *names]:
+                with open(d / name, "a") as f:
+                    f.write("1\n")
+            return result
+        if forced:  # the passes after the first forced one
+            forced.append(run_command(argv))
+            return forced[-1]
+        retype(d, "before")
+        # slowed down: rsync still sends a-big when the files listed after it change
+        slow = [argv[0], "--bwlimit=2m", *argv[1:]]
+        done: list[CommandResult] = []
+        worker = threading.Thread(target=lambda: done.append(run_command(slow)), daemon=True)
+        worker.start()
+        try:
+            wait_for(lambda: busy(layout.disk / SCRATCH_NAME), 30, "rsync writing a-big")
+            retype(d, "during")
+        finally:
+            worker.join(60)
+        assert done, "the forced pass hangs"
+        forced.append(done[0])
+        return done[0]
+
+    res = layout.checkpoint(runner=runner, stable_attempts=3)
+    first = forced[0]
+    assert first.returncode == HUNG_EXIT, first  # the fifo listed as a regular file
+    assert "f-dir-during" in first.stderr, first.stderr  # "Is a directory (21)"
+    assert not [r for r in forced if "could not make way" in r.stderr], forced
+    assert res.unstable == []
+    for name in names:
+        kind = name.split("-")[1]
+        p = layout.disk / name
+        assert {
+            "dir": p.is_dir() and not p.is_symlink(),
+            "link": p.is_symlink(),
+            "fifo": p.is_fifo(),
+            "gone": not os.path.lexists(p),
+        }[kind], name
+    # what the new directories hold (the pass copies only the listed entries): the next one
+    layout.checkpoint()
+    assert diff_manifests(manifest(layout.disk), manifest(d)) == []
 
 
 def test_same_size_rewrite_within_the_same_second_is_written(layout: Layout) -> None:

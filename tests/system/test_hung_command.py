@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,34 @@ def test_a_command_whose_processes_all_wait_on_each_other_is_killed(
     assert res.returncode == writeback.HUNG_EXIT, res
     assert "hung, killed" in res.stderr, res.stderr
     assert "waiting" in res.stdout
+    assert took < 30, took  # a deadline, not a timing claim: without the watchdog, forever
+
+
+# a child opening a fifo that no process opens for writing (rsync's sender opening a file it
+# listed as a regular file, replaced by a fifo since), its parent waiting in select() for it
+FIFO_OPEN = r"""
+import os, select, sys
+fifo = os.path.join(sys.argv[1], "fifo")
+os.mkfifo(fifo)
+r, w = os.pipe()
+if os.fork() == 0:
+    open(fifo, "rb")
+else:
+    print("waiting", flush=True)
+    select.select([r], [], [])
+"""
+
+
+def test_a_command_stuck_opening_a_fifo_is_killed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(commands, "HANG_AFTER", 1.0)
+    monkeypatch.setattr(commands, "_WATCH_EVERY", 0.2)
+    t = time.monotonic()
+    res = writeback.run_command([sys.executable, "-c", FIFO_OPEN, str(tmp_path)])
+    took = time.monotonic() - t
+    assert res.returncode == writeback.HUNG_EXIT, res
+    assert "hung, killed" in res.stderr, res.stderr
     assert took < 30, took  # a deadline, not a timing claim: without the watchdog, forever
 
 

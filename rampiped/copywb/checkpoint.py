@@ -1,0 +1,287 @@
+"""Checkpoints of a copy pin (RAM copy to the disk bind, while applications keep writing) and
+the final sync (the last checkpoint, verified, once they have stopped)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Iterable
+from functools import partial
+
+from rampiped import mounts
+from rampiped.commands import CommandResult
+from rampiped.copywb.databases import databases_in, sqlite_uri, with_companions, write_databases
+from rampiped.copywb.results import CheckpointIncomplete, CheckpointResult, CopyError, NotVerified
+from rampiped.copywb.sides import DATA, verify_source, verify_target
+from rampiped.copywb.snapshot import differences, kind_letter, snapshot
+from rampiped.ledger import Ledger, settled, with_links
+from rampiped.ledger import Scan as LedgerScan
+from rampiped.ledger import scan as ledger_scan
+from rampiped.writeback import RSYNC_COPY as _RSYNC
+from rampiped.writeback import (
+    SCRATCH_NAME,
+    Runner,
+    SyncError,
+    pause_point,
+    rsync_stat,
+    run_command,
+    run_pass,
+    scratch_dir,
+    source_churn_only,
+)
+
+
+def exclude_pattern(rel: str) -> str:
+    """An rsync pattern that matches exactly the path `rel` below the transfer root.
+
+    rsync honours backslash escapes only in patterns holding a wildcard, so the last character
+    becomes a one-character class (which also is a wildcard) and every other wildcard or
+    backslash is escaped."""
+    body = "".join("\\" + c if c in "*?[\\" else c for c in rel[:-1])
+    return "/" + body + "[\\" + rel[-1] + "]"
+
+
+_STAT_LABELS = {
+    "files": "Number of regular files transferred",
+    "bytes": "Total transferred file size",
+    "deleted": "Number of deleted files",
+}
+
+
+def rsync_stats(stdout: str) -> dict[str, int]:
+    return {key: rsync_stat(stdout, label) for key, label in _STAT_LABELS.items()}
+
+
+def copy_listed(
+    run: Runner,
+    ram: str,
+    disk: str,
+    name: str,
+    rels: list[str],
+    skip: Iterable[str],
+    missing: str,
+) -> tuple[list[str], CommandResult]:
+    """rsync exactly the entries `rels` of `ram`/data to `disk`, even when size and mtime look
+    equal (-I), each written whole (--fsync), with `skip` (databases and their companions)
+    excluded. --no-r: only the listed entries (-a would recurse into a listed directory);
+    `missing` says what becomes of a listed entry gone from RAM (--delete-missing-args,
+    --ignore-missing-args). The list is written into `ram` as `name`, outside the copy, and
+    removed again. Returns the command line and what `run` returned for it."""
+    data = os.path.join(ram, DATA)
+    listing = os.path.join(ram, name)
+    with open(listing, "wb") as f:
+        f.write(b"\0".join(os.fsencode(p) for p in rels) + b"\0")
+    excludes = [f"--exclude={exclude_pattern(p)}" for p in sorted(skip)]
+    argv = [
+        *_RSYNC, "--fsync", "--stats", "--no-r", "-I", missing, "--force",
+        "--from0", f"--files-from={listing}", *excludes, data + "/", disk + "/",
+    ]  # fmt: skip
+    try:
+        with scratch_dir(disk) as scratch:
+            argv[-2:-2] = scratch
+            result = run(argv)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listing)
+    return argv, result
+
+
+def checkpoint(
+    ram: str,
+    disk: str,
+    *,
+    pin_id: str,
+    runner: Runner = run_command,
+    stable_attempts: int = 3,
+    ledger: Ledger | None = None,
+) -> CheckpointResult:
+    """Make `disk` equal `ram`/data while applications keep writing into it.
+
+    1. rsync -aHAX --delete --fsync of everything but the databases and their companions
+       (temporary name + fsync + rename per file, never in place). Whether a file changed is
+       decided by its content, not by size and mtime alone: `ledger` (the result's `ledger` of
+       the last checkpoint, or of the copy-in) says what the disk holds, and files whose
+       content differs from it are copied even when rsync's quick check would skip them (a
+       same-size rewrite that kept its mtime, stores through a shared mapping). Without a
+       ledger the pass compares every file's content (--checksum: reads the disk side);
+    2. files whose stamp changed during the pass may be torn: copied again (only they), up to
+       `stable_attempts` times; those that never held still are reported in `unstable`;
+    3. each database through SQLite's backup API, settled and renamed into place;
+    4. syncfs on the disk's filesystem.
+    Raises UnsafeSource/UnsafeTarget before touching anything when a side is not what it must
+    be, SyncError when rsync fails, CheckpointIncomplete when a database could not be
+    written (everything else was)."""
+    start = time.monotonic()
+    verify_source(ram, pin_id)
+    verify_target(ram, disk)
+    data = os.path.join(ram, DATA)
+    before = snapshot(data)
+    found = ledger_scan(data)
+    databases = databases_in(data, before)
+    excludes = [f"--exclude={exclude_pattern(p)}" for p in sorted(with_companions(databases))]
+    # looked at before the pass: afterwards every file it copied would look like a miss
+    misses = _content_misses(data, disk, found, ledger) if ledger is not None else []
+    compare = [] if ledger is not None else ["--checksum"]
+    if os.path.lexists(os.path.join(data, SCRATCH_NAME)):
+        raise CopyError(
+            f"{data} holds an entry named {SCRATCH_NAME}, which write-back reserves: rename it"
+            " (nothing was written)"
+        )
+    argv = [*_RSYNC, "--delete", "--fsync", "--stats", *compare, *excludes, data + "/", disk + "/"]
+    with scratch_dir(disk) as scratch:
+        argv[-2:-2] = scratch
+        result = run_pass(runner, argv)
+    # 23/24 for files that vanished or changed while rsync read them: handled below
+    if result.returncode != 0 and not source_churn_only(result):
+        raise SyncError.from_command(f"checkpoint of {data} to {disk}", argv, result)
+    pause_point("copy-checkpoint:copied")
+    totals = rsync_stats(result.stdout)
+
+    # Files that changed while rsync read them: their copy may mix old and new bytes.
+    after = snapshot(data)
+    changed = [p for p in differences(before, after) if p != "."]
+    changed = sorted(set(changed) | set(misses))
+    attempts = 0
+    while changed and attempts < stable_attempts:
+        attempts += 1
+        new_dbs = databases_in(data, snapshot(data, changed)) - databases
+        databases |= new_dbs
+        skip = with_companions(databases)
+        changed = [p for p in changed if p not in skip]
+        if not changed:
+            break
+        verify_source(ram, pin_id)  # --delete-missing-args deletes on disk
+        first = snapshot(data, changed)
+        # a listed path gone from RAM is deleted on disk
+        argv, redo = copy_listed(
+            partial(run_pass, runner),
+            ram,
+            disk,
+            ".rampiped-redo",
+            changed,
+            skip,
+            "--delete-missing-args",
+        )
+        if redo.returncode != 0 and not source_churn_only(redo):
+            raise SyncError.from_command(
+                f"checkpoint of {data} to {disk} (changed files)", argv, redo
+            )
+        for key, value in rsync_stats(redo.stdout).items():
+            totals[key] += value
+        second = snapshot(data, changed)
+        changed = [p for p in changed if first.get(p) != second.get(p)]
+    unstable = changed
+
+    failures: list[str] = []
+    written = write_databases(data, disk, sorted(databases), totals, failures)
+    mounts.syncfs(disk)
+    skip = with_companions(databases)
+    outcome = CheckpointResult(
+        files=totals["files"],
+        bytes=totals["bytes"],
+        deleted=totals["deleted"],
+        seconds=time.monotonic() - start,
+        unstable=unstable,
+        databases=written,
+        ledger=settled({rel: seen for rel, seen in found.items() if rel not in skip}, data),
+    )
+    if failures:
+        raise CheckpointIncomplete(
+            f"checkpoint of {data} to {disk} left out {len(failures)} database(s): "
+            + "; ".join(failures),
+            outcome,
+        )
+    return outcome
+
+
+# -- final sync -------------------------------------------------------------------------------
+
+
+def _meta(root: str, skip: set[str], databases: set[str]) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for rel in snapshot(root):
+        if rel in skip and rel not in databases:
+            continue
+        full = os.path.join(root, rel)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            continue
+        kind = kind_letter(st)
+        row: tuple[object, ...] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        if kind == "f" and rel not in databases:
+            row += (st.st_size, st.st_mtime_ns)
+        elif kind == "l":
+            row += (os.readlink(full),)
+        out[rel] = row
+    return out
+
+
+def _content_misses(data: str, disk: str, found: LedgerScan, ledger: Ledger) -> list[str]:
+    """Files whose content is not what the disk holds (per `ledger`) but whose disk copy has
+    RAM's size and mtime, so rsync's quick check would skip them; with the other names of
+    their hard-link groups (copied alone, a name would leave its group)."""
+    out = []
+    for rel in ledger.changed(found):
+        seen = found[rel]
+        try:
+            on_disk = os.lstat(os.path.join(disk, rel))
+        except OSError:
+            continue  # missing on disk: the quick check copies it
+        if on_disk.st_size == seen.size and on_disk.st_mtime_ns == seen.mtime_ns:
+            out.append(rel)
+    return sorted(with_links(found, out))
+
+
+def final_sync(
+    ram: str,
+    disk: str,
+    *,
+    pin_id: str,
+    runner: Runner = run_command,
+    ledger: Ledger | None = None,
+) -> CheckpointResult:
+    """The last checkpoint, once the applications have stopped (the bind over the original path
+    is unmounted): the same as checkpoint, then verified. Nothing may change any more, so a file
+    that did not hold still or any difference between RAM and disk (type, mode, owner, size,
+    mtime, link target; content, against what the checkpoint recorded; databases: a valid
+    database on disk) raises NotVerified: the RAM copy must then not be dropped."""
+    result = checkpoint(ram, disk, pin_id=pin_id, runner=runner, ledger=ledger)
+    data = os.path.join(ram, DATA)
+    databases = databases_in(data, snapshot(data))
+    skip = with_companions(databases)
+    in_ram, on_disk = _meta(data, skip, databases), _meta(disk, skip, databases)
+    differences = [f"changed while syncing: {p}" for p in result.unstable]
+    if result.ledger is not None:
+        now = {rel: seen for rel, seen in ledger_scan(data).items() if rel not in skip}
+        differences += [f"{p}: content changed while syncing" for p in result.ledger.changed(now)]
+    for rel in sorted(in_ram.keys() | on_disk.keys()):
+        if rel == ".":
+            continue
+        if in_ram.get(rel) != on_disk.get(rel):
+            differences.append(f"{rel}: RAM {in_ram.get(rel)} disk {on_disk.get(rel)}")
+    for rel in sorted(databases):
+        conn = sqlite3.connect(
+            sqlite_uri(os.path.join(disk, rel), mode="ro", immutable="1"), uri=True
+        )
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            verdict = [(str(exc),)]
+        finally:
+            conn.close()
+        if verdict != [("ok",)]:
+            differences.append(f"{rel}: database on disk fails quick_check: {verdict[:3]}")
+    if differences:
+        raise NotVerified(
+            f"{disk} does not hold what {data} holds after the final sync ("
+            + "; ".join(differences[:5])
+            + (f" and {len(differences) - 5} more" if differences[5:] else "")
+            + "): keeping the RAM copy",
+            differences,
+            result.ledger,
+        )
+    return result
