@@ -121,14 +121,19 @@ class CopyMode(Mode):
         # RAM's changes, a checkpoint (with --delete) would remove theirs
         return SyncRecord(wall, False, 0.0, error="the unpin's write-back is pending (see the log)")
 
-    def write_checkpoint(self, pin: Pin) -> tuple[int, int, ledger_mod.Ledger | None]:
-        res = copymode.checkpoint(
+    def copy_checkpoint(
+        self, pin: Pin, ledger: ledger_mod.Ledger | None
+    ) -> copymode.CheckpointResult:
+        return copymode.checkpoint(
             self.m.ram(pin.id),
             self.m.disk(pin.id),
             pin_id=pin.id,
             runner=self.m.runner,
-            ledger=pin.ledger,
+            ledger=ledger,
         )
+
+    def write_checkpoint(self, pin: Pin) -> tuple[int, int, ledger_mod.Ledger | None]:
+        res = self.copy_checkpoint(pin, pin.ledger)
         if res.unstable:
             log.warning(
                 "checkpoint of %s: files that never held still, written as last seen: %s",
@@ -199,13 +204,7 @@ class CopyMode(Mode):
             verified = before_sync
         except copymode.NotVerified as unverified:
             # still being written: a plain checkpoint now, the verified sync after the unmount
-            bulk = copymode.checkpoint(
-                self.m.ram(pin.id),
-                self.m.disk(pin.id),
-                pin_id=pin.id,
-                runner=self.m.runner,
-                ledger=unverified.ledger,
-            )
+            bulk = self.copy_checkpoint(pin, unverified.ledger)
         pin.ledger = bulk.ledger
         writeback.pause_point("unpin:copy-synced")
         return _Synced(bulk.files, bulk.bytes, clock, verified)

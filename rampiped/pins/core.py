@@ -43,7 +43,11 @@ class ManagerCore:
         self.pins: dict[str, Pin] = {}
         self.stranded: dict[str, Stranded] = {}
         self.lock = threading.RLock()
-        self.modes: dict[str, Mode] = {}  # by Pin.mode: filled in by PinManager
+        self.modes: dict[str, Mode] = {kind.name: kind for kind in self.make_modes()}
+
+    def make_modes(self) -> list[Mode]:
+        """One object of each kind of pin (PinManager's)."""
+        return []
 
     def mode(self, pin: Pin) -> Mode:
         return self.modes[pin.mode]

@@ -130,14 +130,12 @@ class Handoff:
         ram_mounted = os.path.ismount(self.m.ram(pid))
         if ram_mounted and isinstance(mount_id, int):
             if handover.fds_on_mount(mount_id, self.m.exclude_pids()):
-                pin = Pin(
-                    path=path,
-                    id=pid,
-                    mode="overlay",
-                    origin=str(rec.get("origin", "adaptive")),
+                pin = Pin.recorded(
+                    path,
+                    pid,
+                    "overlay",
+                    rec,
                     state="draining",
-                    pinned_at=time.monotonic(),
-                    pinned_wall=float(rec.get("pinned_wall") or time.time()),
                     reopen=rec.get("reopen") if isinstance(rec.get("reopen"), str) else None,
                     handover_mount=mount_id,
                     unpin_requested=True,

@@ -8,7 +8,6 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
 
 from rampiped import copymode, handover, holders, mounts, ramarea, tree, writeback
 from rampiped.backoff import RETRY
@@ -22,6 +21,7 @@ from rampiped.pins.model import (
     Dirty,
     Pin,
     PinRefused,
+    PinRequest,
     SyncRecord,
     holder_list,
 )
@@ -36,20 +36,8 @@ class PinManager(Recovery):
     """Pins, checkpoints, unpins and recovers directories (the worker thread's operations);
     the table of pins is shared with the main loop under `lock`."""
 
-    def __init__(
-        self,
-        runtime_dir: str,
-        journal_dir: str,
-        *,
-        ram_limit: int,
-        runner: writeback.Runner = writeback.run_command,
-        exclude_pids: Callable[[], set[int]] = set,
-    ) -> None:
-        super().__init__(
-            runtime_dir, journal_dir, ram_limit=ram_limit, runner=runner, exclude_pids=exclude_pids
-        )
-        for kind in (OverlayMode(self), CopyMode(self), VolatileMode(self)):
-            self.modes[kind.name] = kind
+    def make_modes(self) -> list[Mode]:
+        return [OverlayMode(self), CopyMode(self), VolatileMode(self)]
 
     # -- pinning -----------------------------------------------------------------------------
 
@@ -72,15 +60,8 @@ class PinManager(Recovery):
         with self.lock:
             if path in self.pins:
                 raise PinRefused(f"{path} is already pinned")
-        return kind.pin(
-            path,
-            origin=origin,
-            sync_interval=sync_interval,
-            max_size=max_size,
-            size=size,
-            keep=keep,
-            reopen=reopen if kind.takes_reopen else None,
-        )
+        reopen = reopen if kind.takes_reopen else None
+        return kind.pin(path, PinRequest(origin, sync_interval, max_size, size, keep, reopen))
 
     def roll_back(self, pin: Pin, undo: Undo, *, keep: bool) -> None:
         """Undo a pin that failed: `undo`'s steps in reverse, then its record, unless `keep`

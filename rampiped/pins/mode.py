@@ -21,6 +21,7 @@ from rampiped.pins.dirs import open_dir_nofollow
 from rampiped.pins.model import (
     Pin,
     PinRefused,
+    PinRequest,
     StillDraining,
     SyncRecord,
     holder_list,
@@ -62,21 +63,12 @@ class Mode:
 
     # -- pinning -------------------------------------------------------------------------------
 
-    def pin(
-        self,
-        path: str,
-        *,
-        origin: str,
-        sync_interval: float | None,
-        max_size: int | None,
-        size: int | None,
-        keep: tuple[str, ...],
-        reopen: str | None,
-    ) -> Pin:
+    def pin(self, path: str, req: PinRequest) -> Pin:
         """Pin `path` (worker thread): a RAM layer and the staging bind, then the mode's own
         cover over the directory (`mount`), then the checks that only a mounted pin allows.
         Raises PinRefused with everything rolled back."""
         m = self.m
+        reopen, max_size = req.reopen, req.max_size
         held_at_check = m.check_pinnable(
             path,
             writers_ok=reopen is not None,
@@ -99,11 +91,11 @@ class Mode:
             path=path,
             id=pid,
             mode=self.name,
-            origin=origin,
+            origin=req.origin,
             state="pinning",
             pinned_at=time.monotonic(),
             pinned_wall=time.time(),
-            sync_interval=sync_interval,
+            sync_interval=req.sync_interval,
             reopen=reopen,
         )
         self.starting(pin)

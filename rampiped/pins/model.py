@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,18 @@ class Dirty:
     complete: bool = True  # False: the walk stopped at its limit (the figures are a floor)
 
 
+@dataclass(frozen=True)
+class PinRequest:
+    """How a pin is to be made (PinManager.pin's arguments, for the mode that makes it)."""
+
+    origin: str  # adaptive | static | manual
+    sync_interval: float | None = None
+    max_size: int | None = None  # refuse a directory larger than this
+    size: int | None = None  # volatile: the tmpfs size
+    keep: tuple[str, ...] = ()  # volatile: subdirectories bound from the disk
+    reopen: str | None = None
+
+
 @dataclass
 class Pin:
     path: str
@@ -147,6 +160,22 @@ class Pin:
     @property
     def static(self) -> bool:
         return self.origin != "adaptive"
+
+    @classmethod
+    def recorded(
+        cls, path: str, pid: str, mode: str, rec: dict[str, Any], *, state: str, **fields: Any
+    ) -> Pin:
+        """The pin a record of the state file describes, found again at start."""
+        return cls(
+            path=path,
+            id=pid,
+            mode=mode,
+            origin=str(rec.get("origin", fields.pop("origin", "adaptive"))),
+            state=state,
+            pinned_at=time.monotonic(),
+            pinned_wall=float(rec.get("pinned_wall") or time.time()),
+            **fields,
+        )
 
 
 @dataclass

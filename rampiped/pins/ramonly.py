@@ -18,6 +18,7 @@ from rampiped.pins.model import (
     SOURCE_PREFIX,
     Pin,
     PinRefused,
+    PinRequest,
     SyncRecord,
     UnpinBusy,
     holder_list,
@@ -40,22 +41,12 @@ class VolatileMode(Mode):
     def no_checkpoint(self, pin: Pin, wall: float) -> SyncRecord | None:
         return SyncRecord(wall, True, 0.0)  # nothing is ever written back
 
-    def pin(
-        self,
-        path: str,
-        *,
-        origin: str,
-        sync_interval: float | None,
-        max_size: int | None,
-        size: int | None,
-        keep: tuple[str, ...],
-        reopen: str | None,
-    ) -> Pin:
+    def pin(self, path: str, req: PinRequest) -> Pin:
         """A tmpfs with the directory's owner and mode over it; nothing is copied in and nothing
         is written back (the disk content is hidden while it is mounted). `keep` subdirectories
         are bound from the disk through the private staging bind, so that they persist."""
         self.m.check_pinnable(path)
-        size = size or self.m.tmpfs_size()
+        origin, keep, size = req.origin, req.keep, req.size or self.m.tmpfs_size()
         pid = pin_id(path)
         pin = Pin(
             path=path,
@@ -198,14 +189,13 @@ class VolatileMode(Mode):
         disk_mounted = os.path.ismount(self.m.disk(pid))
         keep = tuple(k for k in rec.get("keep") or () if isinstance(k, str))
         size = rec.get("size")
-        pin = Pin(
-            path=path,
-            id=pid,
-            mode="volatile",
-            origin=str(rec.get("origin", "static")),
+        pin = Pin.recorded(
+            path,
+            pid,
+            "volatile",
+            rec,
             state="pinned",
-            pinned_at=time.monotonic(),
-            pinned_wall=float(rec.get("pinned_wall") or time.time()),
+            origin="static",
             sync_interval=0.0,
             keep=keep,
             size=size if isinstance(size, int) else None,

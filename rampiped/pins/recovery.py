@@ -174,15 +174,12 @@ class Recovery(Mounting, Windows):
         disk_mounted = os.path.ismount(self.disk(pid))
         state = rec.get("state")
         if covered and ram_mounted and disk_mounted:
-            now = time.monotonic()
-            pin = Pin(
-                path=path,
-                id=pid,
-                mode=mode,
-                origin=str(rec.get("origin", "adaptive")),
+            pin = Pin.recorded(
+                path,
+                pid,
+                mode,
+                rec,
                 state="pinned",
-                pinned_at=now,
-                pinned_wall=float(rec.get("pinned_wall") or time.time()),
                 sync_interval=rec.get("sync_interval"),
                 adopted=True,
             )
