@@ -159,7 +159,8 @@ case "$dest/" in
 esac
 before="$report.before.$$"
 find "$dest" -name '.*.??????' 2>/dev/null | sort > "$before"
-"$real" "$@" &
+# slowed down, so that the temporary file it is writing is still there when it is killed
+"$real" --bwlimit=8m "$@" &
 child=$!
 alive() {{ [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status"; }}
 descendants() {{
