@@ -135,8 +135,14 @@ def test_holder_blocks_pin_until_it_exits(env: Env) -> None:
             try:
                 daemon.wait_log(rf"not pinned: cannot pin {hot}: in use by pid {holder.pid}")
                 assert not env.overlay_at(hot)
-                cands = {c["path"]: c for c in env.status()["candidates"]}
-                assert str(holder.pid) in (cands[str(hot)]["blocked"] or "")
+
+                def blocked() -> str:
+                    # between a refusal and the retry that follows it (while that retry runs,
+                    # the candidate is being pinned and nothing blocks it yet)
+                    cands = {c["path"]: c for c in env.status()["candidates"]}
+                    return str(cands.get(str(hot), {}).get("blocked") or "")
+
+                assert str(holder.pid) in wait_for(blocked, 30, "the holder named as the block")
                 release(holder)
                 wait_for(lambda: env.overlay_at(hot), 30, "the pin once the holder is gone")
             finally:
