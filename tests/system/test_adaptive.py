@@ -142,7 +142,7 @@ def test_holder_blocks_pin_until_it_exits(env: Env) -> None:
                     cands = {c["path"]: c for c in env.status()["candidates"]}
                     return str(cands.get(str(hot), {}).get("blocked") or "")
 
-                assert str(holder.pid) in wait_for(blocked, 30, "the holder named as the block")
+                wait_for(lambda: str(holder.pid) in blocked(), 30, "the holder named as the block")
                 release(holder)
                 wait_for(lambda: env.overlay_at(hot), 30, "the pin once the holder is gone")
             finally:

@@ -33,6 +33,7 @@ def _late_write_back(monkeypatch: pytest.MonkeyPatch) -> None:
     state of the pin until the write-back ends. test_early_write_back.py covers the rest."""
     monkeypatch.setenv("RAMPIPED_TEST_LATE_WRITEBACK", "1")
 
+
 STAGE = "unpin:unmounted"
 
 
