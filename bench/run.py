@@ -774,8 +774,8 @@ def switch(b: Bench) -> None:
     unpin writes back before its unmount; after it, only what changed since is written."""
     for mb in b.plan.switch_sizes_mb:
         label = f"{mb}m" if mb < 1024 else f"{mb // 1024}g"
-        # the data, its journal generation and room to spare
-        s = b.new_stick(f"switch-{label}", size_mb=max(b.plan.stick_mb, 3 * mb + 256))
+        # the data of both runs (each stays on the stick), a journal generation and room to spare
+        s = b.new_stick(f"switch-{label}", size_mb=max(b.plan.stick_mb, 5 * mb + 256))
         env, d = b.daemon(
             f"switch-{label}",
             s,
