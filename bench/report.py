@@ -94,6 +94,15 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
     ("busy_writer_pin_s_max", None, None, "its longest time to pinned (hot_for is 1 s)"),
     ("busy_writer_refusals", None, None, "its pins refused (a file held at the check)"),
     (
+        "switch_ms_64m",
+        "<=",
+        100.0,
+        "unpin of a 64 MiB overlay pin: from its unmount until the disk holds all of it, ms",
+    ),
+    ("switch_ms_1g", "<=", 100.0, "the same for 1 GiB"),
+    ("switch_ms_64m_writer", None, None, "64 MiB, with a logger appending through the unpin"),
+    ("switch_ms_1g_writer", None, None, "1 GiB, with that logger"),
+    (
         "ledger_s_per_10k_small_files",
         None,
         None,
