@@ -92,7 +92,8 @@ class Plan:
     cpu_seconds: float = 10.0
     stick_mb: int = 512
     busy_tries: int = 20
-    switch_sizes_mb: tuple[int, ...] = (64, 1024)
+    # the switch part's pins: the name of each figure and the MiB written into the pin
+    switch_sizes: tuple[tuple[str, int], ...] = (("64m", 64), ("1g", 1024))
 
 
 QUICK = Plan(
@@ -114,7 +115,7 @@ QUICK = Plan(
     cpu_seconds=2.0,
     stick_mb=128,
     busy_tries=3,
-    switch_sizes_mb=(4,),
+    switch_sizes=(("64m", 4), ("1g", 8)),
 )
 
 
@@ -772,8 +773,7 @@ def switch(b: Bench) -> None:
     long from its unmount (the path shows the disk from then on) until the disk holds all of
     it, without and with a logger that appends (and fsyncs) a line every 20 ms through it. The
     unpin writes back before its unmount; after it, only what changed since is written."""
-    for mb in b.plan.switch_sizes_mb:
-        label = f"{mb}m" if mb < 1024 else f"{mb // 1024}g"
+    for label, mb in b.plan.switch_sizes:
         # the data of both runs (each stays on the stick), a journal generation and room to spare
         s = b.new_stick(f"switch-{label}", size_mb=max(b.plan.stick_mb, 5 * mb + 256))
         env, d = b.daemon(

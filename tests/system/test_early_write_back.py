@@ -200,3 +200,53 @@ def test_changes_after_the_early_write_back_reach_the_disk(
         assert after, log[-3000:]
         if stage == "unpin:recorded":
             assert int(after.group(1)) > 0  # written after the unmount
+
+
+@pytest.mark.parametrize("fault", ["kill", "power"])
+def test_a_crash_while_writing_back_before_the_unmount(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """kill -9 of the daemon, or a power cut, when the unpin has written the directory back
+    once and the overlay still serves it: after a kill the next start adopts the pin (the view
+    is RAM's, what was written below it stays hidden) and its unpin completes; after a power
+    cut the next start applies the checkpoint that write-back took. Either way the directory
+    ends up as the view was, with none of rampiped's names in it."""
+    marker = tmp_path / "paused"
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "app"
+        (d / "sub").mkdir(parents=True)
+        (d / "sub/old.txt").write_text("on disk\n")
+        (d / "gone.txt").write_text("deleted in RAM\n")
+        for i in range(4):
+            write_version(d / f"big{i}", 0)
+        with safety.paused_daemon(env, monkeypatch, "unpin:written-early", marker) as dm:
+            env.ctl("pin", str(d), check=True)
+            for i in range(4):
+                write_version(d / f"big{i}", 1)
+            (d / "gone.txt").unlink()
+            (d / "sub/new.txt").write_text("new in RAM\n")
+            (d / "fresh").mkdir()
+            (d / "fresh/f.txt").write_text("fresh\n")
+            expected = tree(d)
+            unpin = safety.ctl_async(env, "unpin", str(d))
+            safety.wait_paused(marker, "unpin:written-early")
+            dm.kill()
+            if fault == "power":
+                safety.drop_ram(env.runtime.parent, env.data)
+                safety.count("power cuts")
+            else:
+                safety.count("crash points")
+            unpin.wait(30)
+        with running(env) as again:
+            if fault == "kill":
+                again.wait_log(r"adopted " + re.escape(str(d)))
+                assert env.overlay_at(d)
+                assert tree(d) == expected  # the view: RAM, the write-back below it hidden
+                assert env.ctl("unpin", str(d)).returncode == 0, again.log_text()[-3000:]
+            else:
+                assert env.status()["pins"] == []
+            assert again.stop() == 0
+        assert not env.overlay_at(d)
+        remount(env.disk)
+        drop_caches()
+        assert tree(d) == expected
