@@ -68,6 +68,12 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
     ("daemon_cpu_pct_at_10k_events", None, None, "daemon CPU, % of one core, at 10k events/s"),
     ("daemon_rss_mb", "<=", 50.0, "daemon resident memory"),
     (
+        "daemon_rss_mb_100k_dirs",
+        "<=",
+        50.0,
+        "daemon resident memory after a write in each of 100,000 new directories",
+    ),
+    (
         "ledger_read_mib_per_s",
         None,
         None,
@@ -162,6 +168,13 @@ WHY_MISSED = {
         " nothing that close-after-write does not show for files that are closed)."
     ),
     "daemon_rss_mb": "The interpreter and its modules (yaml, psutil) make most of it.",
+    "daemon_rss_mb_100k_dirs": (
+        "At the start the daemon took {daemon_rss_mb_dirs_start} MiB, after 10,000 directories"
+        " {daemon_rss_mb_10k_dirs_written}, after 50,000 {daemon_rss_mb_50k_dirs_written}, after"
+        " all {daemon_rss_mb_all_dirs_written} (peak {daemon_peak_rss_mb_100k_dirs}). What grows"
+        " is a table keyed by directory or candidate that is not bounded: the monitor's handle"
+        " cache, the attributor's cache, the rate table (forgotten below 0.001 events/s)."
+    ),
 }
 
 
