@@ -113,6 +113,7 @@ _COALESCE = 0.005  # pause after a read with data: fewer, larger reads; far belo
 _AGG_MAX = 32_768
 _VERDICTS_MAX = 10_000
 _MAX_ANCESTRY = 64
+_RELEASE_EVERY = 10.0  # seconds between giving the heap's free pages back (monitor_handles)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class Monitor:
         self._cache = HandleCache(cache_max, cache_ttl)
         self._unresolved_total = 0
         self._batches = 0
+        self._next_release = clock() + _RELEASE_EVERY
 
     # ----------------------------------------------------------------- filesystems
 
@@ -334,6 +336,10 @@ class Monitor:
             counts[path] = counts.get(path, 0) + n
         self._unresolved_total += unresolved
         self._batches += 1
+        if now >= self._next_release:
+            # drain() is the one call the main loop makes several times a second, busy or not
+            self._next_release = now + _RELEASE_EVERY
+            monitor_handles.release_free_memory()
         return Batch(counts, events, lost, ignored, unresolved)
 
     def stats(self) -> dict[str, int]:
