@@ -12,6 +12,7 @@ runs on are noisy, and absolute figures do not compare between runs. What runs, 
 5. adaptive pinning in time: a write burst, the rate the daemon sees, pin and unpin;
 6. bytes written back by (2) and (3) against a log2ram-style copy (4), same changes, same time;
 7. the monitor: lossless event rate, cost to the writer, daemon CPU and memory;
+   and the daemon's memory after writes in 100,000 directories (bench/daemon_memory.py);
 8. the SQLite experiment ends; results go to bench/results/ (report.md, charts, summary.json).
 
 Configurations (2) and (3) are the real daemon (`rampiped --config ...`) on simulated sticks
@@ -44,6 +45,7 @@ from typing import Any
 import psutil
 
 from bench import monitor_capacity, report, workloads
+from bench.daemon_memory import daemon_memory
 from bench.stick import Stick, blkio_root, profile, stick, sweep_stale_rules
 from bench.tmpfscopy import TmpfsCopy
 from rampiped import control, ramarea
@@ -94,6 +96,8 @@ class Plan:
     busy_tries: int = 20
     # the switch part's pins: the name of each figure and the MiB written into the pin
     switch_sizes: tuple[tuple[str, int], ...] = (("64m", 64), ("1g", 1024))
+    memory_dirs: int = 100_000
+    memory_half_life: float = 10.0  # the default: the table holds every candidate at its peak
 
 
 QUICK = Plan(
@@ -116,6 +120,8 @@ QUICK = Plan(
     stick_mb=128,
     busy_tries=3,
     switch_sizes=(("64m", 4), ("1g", 8)),
+    memory_dirs=4_000,
+    memory_half_life=1.0,
 )
 
 
@@ -1122,6 +1128,8 @@ def run(plan: Plan, out: Path, parts: set[str] | None = None) -> dict[str, Any]:
             steps.append(("write-back bytes against log2ram", lambda: writeback_bytes(b)))
         if want("monitor"):
             steps.append(("monitor", lambda: monitor(b)))
+        if want("memory"):
+            steps.append(("daemon memory over many directories", lambda: daemon_memory(b)))
         if want("ledger"):
             steps.append(("content check cost", lambda: ledger_cost(b)))
         if want("switch"):
@@ -1171,6 +1179,7 @@ def main(argv: list[str] | None = None) -> int:
             "timing",
             "wbbytes",
             "monitor",
+            "memory",
             "ledger",
             "busy",
             "switch",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from fnmatch import fnmatchcase
 
 from rampiped.config import WatchRoot
@@ -113,10 +113,23 @@ class PathPattern:
 # --------------------------------------------------------------------------- rates
 
 
-class RateTable:
-    """Continuous-time EMA of events per second, per key (a candidate directory)."""
+# A reading below this is nothing: a tenth of the floor below which `snapshot` (what the
+# engine decides on) leaves a key out, and far below any threshold one would set (events per
+# second). A key below it is forgotten, and reads 0.0 from then on.
+PRUNE_FLOOR = 0.001
+# `prune` looks at every key at most once per this fraction of the half-life: a reading falls
+# by less than 9% in that time, and the work is spread over the many calls of the daemon's
+# loop (it calls `prune` on every tick).
+PRUNE_EVERY = 1 / 8
 
-    __slots__ = ("_entries", "_half_life", "_lambda")
+
+class RateTable:
+    """Continuous-time EMA of events per second, per key (a candidate directory).
+
+    Its size is bounded by the keys written recently, not by every key ever written: `prune`
+    forgets the keys whose reading decayed below `PRUNE_FLOOR`."""
+
+    __slots__ = ("_entries", "_half_life", "_lambda", "_next_prune")
 
     def __init__(self, half_life: float) -> None:
         self._half_life = 0.0
@@ -125,6 +138,7 @@ class RateTable:
         # key -> [r, t_last]; a two-element list is updated in place, which keeps `add`
         # (called once per directory per batch of events) allocation-free.
         self._entries: dict[str, list[float]] = {}
+        self._next_prune = -math.inf
 
     def _set(self, half_life: float) -> None:
         if not half_life > 0 or math.isinf(half_life):
@@ -172,12 +186,20 @@ class RateTable:
                 out[key] = value
         return out
 
-    def prune(self, now: float, floor: float = 0.001) -> None:
-        """Forget keys whose reading at `now` fell below `floor`, so that memory is bounded by
-        the directories written recently, not by every directory ever written."""
-        gone = [k for k, e in self._entries.items() if self._reading(e, now) < floor]
+    def prune(self, now: float, floor: float = PRUNE_FLOOR, keep: Container[str] = ()) -> int:
+        """Forget keys whose reading at `now` fell below `floor`, except those in `keep` (a
+        pinned or pending directory keeps its entry, however quiet), so that memory is bounded
+        by the directories written recently, not by every directory ever written. Cheap to
+        call often: the keys are looked at once per `PRUNE_EVERY` half-lives, and calls in
+        between return at once. Returns the number of keys forgotten."""
+        if now < self._next_prune:
+            return 0
+        self._next_prune = now + PRUNE_EVERY * self._half_life
+        reading = self._reading
+        gone = [k for k, e in self._entries.items() if reading(e, now) < floor and k not in keep]
         for key in gone:
             del self._entries[key]
+        return len(gone)
 
     def set_half_life(self, half_life: float, now: float | None = None) -> None:
         """Use a new half-life from here on. Readings are kept: with `now`, every key's reading
@@ -214,7 +236,8 @@ class Attributor:
 
     # Distinct directories written between two changes of the configuration or of the pins;
     # beyond this the cache is simply started again (a miss costs a few string operations).
-    CACHE_LIMIT = 65536
+    # About 250 bytes an entry (two paths and a dict slot): at most ~2 MiB.
+    CACHE_LIMIT = 8192
 
     def __init__(
         self,

@@ -155,7 +155,10 @@ class Daemon(Requests, Stop):
             if not self.dry_run:
                 self._retry_stranded(now)
                 self._retry_static(now)
-            self.rates.prune(now)
+            with self.pinmgr.lock:  # the worker changes the table of pins
+                pinned = set(self.pinmgr.pins)
+            # a pinned or pending directory keeps its rate, however quiet
+            self.rates.prune(now, keep={*pinned, *self.pending, *self.dry_pins})
         self.notifier.status(self.status_line())
 
     def _pin_infos(self, now: float) -> dict[str, engine.PinInfo]:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from rampiped.config import WatchRoot
 from rampiped.monitor import Batch, Monitor, MonitorError
+from rampiped.rates import Attributor, RateTable
 from tests.system.helpers import LoopFs, mount_points, unmount_tree, wait_for
 
 pytestmark = pytest.mark.system
@@ -38,6 +40,15 @@ for line in sys.stdin:
         for i in range(n):
             os.close(os.open(f"{d}/{prefix}{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             os.unlink(f"{d}/{prefix}{i}")
+    elif cmd == "tree":  # tree ROOT PREFIX N BUSY: N candidates of 4 new directories (itself
+        # and 3 below it), one file each; after each candidate, one file in BUSY
+        root, prefix, n, busy = args[0], args[1], int(args[2]), args[3]
+        for c in range(n):
+            for j in range(4):
+                d = f"{root}/{prefix}{c}" + ("" if j == 0 else f"/s{j}")
+                os.mkdir(d)
+                os.close(os.open(f"{d}/f", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(f"{busy}/{prefix}{c}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     elif cmd == "mkdir":
         os.mkdir(args[0])
     elif cmd == "rename":
@@ -423,3 +434,60 @@ def test_stop_is_idempotent_and_closes_everything(loopfs: LoopFs) -> None:
         m.drain()
     # Its fds are closed: the filesystem unmounts.
     subprocess.run(["umount", str(loopfs.mountpoint)], check=True, capture_output=True)
+
+
+def test_memory_stays_bounded_over_thousands_of_directories(loopfs: LoopFs) -> None:
+    """Writes in 5,000 new directories (two rounds of 625 candidates under a watch root at
+    depth 1) while one directory stays busy, drained and rated as the daemon's loop does: the
+    handle cache never holds more than its limit, the rates of the written candidates are
+    forgotten once they decayed (the table holds one round at most, not both), and the busy
+    directory's rate is reported all along."""
+    root = loopfs.mountpoint / "projects"
+    busy = root / "busy"
+    busy.mkdir(parents=True)
+    m = Monitor(cache_max=64)
+    m.add_filesystem(str(root))
+    m.start()
+    rates = RateTable(0.5)
+    attributor = Attributor([WatchRoot(str(root), 1)], [])
+    most_cached = most_rated = 0
+
+    def drain() -> None:
+        nonlocal most_cached, most_rated
+        now = time.monotonic()
+        batch = m.drain()
+        assert batch.lost == 0
+        for dirpath, n in batch.counts.items():
+            cand = attributor.candidate(dirpath)
+            if cand is not None:
+                rates.add(cand, n, now)
+        rates.prune(now)
+        most_cached = max(most_cached, m.cached_handles())
+        most_rated = max(most_rated, len(rates))
+
+    try:
+        with writer(root) as w:
+            assert w.proc.stdin is not None and w.proc.stdout is not None
+            for prefix in ("a", "b"):
+                w.proc.stdin.write(f"tree {root} {prefix} 625 {busy}\n")
+                w.proc.stdin.flush()
+                while not select.select([w.proc.stdout], [], [], 0.05)[0]:
+                    drain()
+                assert w.proc.stdout.readline().split() == ["ok"]
+                drain()
+                assert rates.rate(str(busy), time.monotonic()) > 0
+                assert len(rates) > 10, "the candidates were never rated at all"
+
+                # The busy directory goes on; every other candidate decays and is forgotten.
+                def only_busy_left(prefix: str = prefix) -> bool:
+                    w.do(f"files busy 5 {prefix}-{time.monotonic_ns()}-")
+                    drain()
+                    return set(rates.snapshot(time.monotonic(), floor=0.0)) == {str(busy)}
+
+                wait_for(only_busy_left, 60, "the quiet candidates to be forgotten", interval=0.1)
+                assert rates.rate(str(busy), time.monotonic()) > 1.0
+        assert most_cached <= 64
+        assert most_rated <= 625 + 1  # one round and the busy directory, never both rounds
+        assert m.stats()["events"] >= 1250 * 4 * 2  # every directory's create and file seen
+    finally:
+        m.stop()

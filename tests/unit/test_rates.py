@@ -8,7 +8,14 @@ import random
 import pytest
 
 from rampiped.config import WatchRoot
-from rampiped.rates import Attributor, PathPattern, RateTable, is_within, normalize
+from rampiped.rates import (
+    PRUNE_FLOOR,
+    Attributor,
+    PathPattern,
+    RateTable,
+    is_within,
+    normalize,
+)
 
 H = 10.0
 LAM = math.log(2) / H
@@ -148,6 +155,74 @@ def test_prune_forgets_decayed_keys() -> None:
     assert len(t) == 1
     assert "old" not in t and "new" in t
     assert t.rate("old", 62.0) == 0.0
+
+
+def test_prune_looks_at_the_keys_once_per_eighth_of_a_half_life() -> None:
+    t = RateTable(H)
+    t.add("old", 1, 0.0)
+    assert t.prune(10.0) == 0  # 0.0347: kept; the next look is due at 11.25
+    assert t.prune(61.9, floor=1.0) == 1  # due: gone
+    t.add("old", 1, 61.9)
+    assert t.prune(62.0, floor=1.0) == 0  # not due before 61.9 + H / 8
+    assert "old" in t
+    assert t.prune(61.9 + H / 8, floor=1.0) == 1
+    assert "old" not in t
+
+
+def test_prune_keeps_what_is_asked_to_be_kept_however_quiet() -> None:
+    t = RateTable(H)
+    for key in ("pinned", "pending", "other"):
+        t.add(key, 1, 0.0)
+    assert t.prune(1000.0, keep={"pinned", "pending"}) == 1
+    assert "pinned" in t and "pending" in t and "other" not in t
+    assert 0.0 < t.rate("pinned", 1000.0) < 1e-20  # kept as it is: tiny, never negative
+
+
+def test_a_hot_or_cooling_candidate_is_never_pruned() -> None:
+    """The engine pins above pin_above held for hot_for and unpins below unpin_below held for
+    cool_for; every reading it acts on is far above the floor, and a forgotten key reads 0,
+    below any threshold, as its true reading (below the floor) is too."""
+    pin_above, unpin_below = 0.5, 0.05  # low thresholds
+    t = RateTable(H)
+    now = 0.0
+    while now < 300.0:  # a steady 1 event/s: the reading stays near 1 > pin_above
+        t.add("hot", 1, now)
+        now += 1.0
+        t.prune(now)
+    assert t.rate("hot", now) > pin_above
+    # writes stop: it cools (below unpin_below, held for cool_for) long before it is forgotten
+    while t.rate("hot", now) >= unpin_below:
+        t.prune(now)
+        assert "hot" in t
+        now += 0.5
+    cooling_since = now
+    while "hot" in t:
+        reading = t.rate("hot", now)
+        t.prune(now)
+        if "hot" not in t:
+            assert reading < PRUNE_FLOOR
+        now += 0.5
+    assert now - cooling_since > math.log2(unpin_below / PRUNE_FLOOR) * H
+    assert t.rate("hot", now) == 0.0
+
+
+def test_the_table_holds_the_recent_keys_not_every_key_ever_written() -> None:
+    """100,000 candidates written once each, 1000 a second, pruned on every 0.5 s tick: the
+    table holds those written in the last ~log2(lambda * 3 / floor) half-lives, then none."""
+    t = RateTable(H)
+    most = 0
+    now = 0.0
+    for i in range(100_000):
+        now = i / 1000
+        t.add(f"/srv/c{i}", 3, now)
+        if i % 500 == 0:
+            t.prune(now)
+            most = max(most, len(t))
+    kept_for = math.log2(LAM * 3 / PRUNE_FLOOR) * H + H / 8  # seconds a key lives
+    assert most <= (kept_for + 0.5) * 1000
+    assert most < 100_000
+    t.prune(now + kept_for + 1.0)
+    assert len(t) == 0
 
 
 def test_set_half_life_keeps_the_reading_at_now() -> None:
