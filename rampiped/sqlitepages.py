@@ -129,6 +129,11 @@ class Plan:
     def empty(self) -> bool:
         return not self.write and self.old_pages == self.new_pages
 
+    @property
+    def cost(self) -> int:
+        """Bytes the write-back writes: the journal and the pages."""
+        return SECTOR + len(self.journal) * (self.page_size + 8) + len(self.write) * self.page_size
+
 
 # bytes 24..27 change counter, 28..31 size in pages, 40..43 schema cookie, 92..95 the change
 # counter the size is valid for, 96..99 SQLite's version: what a commit moves on in page 1
@@ -237,12 +242,15 @@ def _lock(fd: int) -> None:
         raise Unsupported(f"SQLite's lock on it is taken ({exc.strerror})") from None
 
 
-def write_back(src: str, dst: str, *, lock_wait: float, step: Step = _no_step) -> Written:
+def write_back(
+    src: str, dst: str, *, lock_wait: float, at_most: float | None = None, step: Step = _no_step
+) -> Written:
     """Make the disk database `dst` hold what the database `src` holds, writing the pages that
     differ under a rollback journal (see the module's description). Unsupported when this
-    cannot be done by pages (nothing was written then); an OSError may leave a hot journal,
-    which SQLite rolls back at the next open. `step` is called after each write and sync (the
-    power-cut tests stop there)."""
+    cannot be done by pages, or when it would write more than `at_most` times the database's
+    size (nothing was written then); an OSError may leave a hot journal, which SQLite rolls
+    back at the next open. `step` is called after each write and sync (the power-cut tests
+    stop there)."""
     _roll_back_hot_journal(dst, lock_wait)
     new = image(src, lock_wait)
     size = page_size_of(bytes(new[:100]))
@@ -261,6 +269,11 @@ def write_back(src: str, dst: str, *, lock_wait: float, step: Step = _no_step) -
             todo = plan(old, new, size)
             if todo.empty:
                 return Written(0, 0, st.st_size)
+            if at_most is not None and todo.cost > at_most * len(new):
+                raise Unsupported(
+                    f"{len(todo.write)} of its {todo.new_pages} pages changed: the journal and"
+                    " the pages would cost more than the whole file"
+                )
             journal_bytes = _write_journal(dir_fd, name, st, old, todo, step)
             for pgno in todo.write:
                 os.pwrite(fd, new[(pgno - 1) * size : pgno * size], (pgno - 1) * size)
@@ -337,11 +350,13 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def try_write_back(src: str, dst: str, *, lock_wait: float) -> Written | None:
-    """write_back, or None when the database has to be written whole (the reason is logged at
-    debug; a write cut short by an error leaves a hot journal, which SQLite rolls back when the
-    whole-file path opens the disk copy)."""
+    """write_back, or None when the database is better written whole: it cannot be written by
+    pages, or so many pages changed that their old content in the journal and their new content
+    would cost more than the whole file (the reason is logged at debug; a write cut short by an
+    error leaves a hot journal, which SQLite rolls back when the whole-file path opens the disk
+    copy)."""
     try:
-        done = write_back(src, dst, lock_wait=lock_wait)
+        done = write_back(src, dst, lock_wait=lock_wait, at_most=1.0)
     except (Unsupported, OSError, sqlite3.Error) as exc:
         log.debug(
             "database %s: not by its pages (%s): written whole, through the backup API", dst, exc

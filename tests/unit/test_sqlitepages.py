@@ -137,6 +137,7 @@ def test_plan_writes_what_differs_and_journals_what_it_overwrites(
     after = bytearray(db_bytes([bytes([c]) for c in new], counter=1, cookie=1))
     todo = sp.plan(before, after, PAGE)
     assert (todo.write, todo.journal) == (write, journal)
+    assert todo.cost == sp.SECTOR + len(journal) * (PAGE + 8) + len(write) * PAGE
     assert (todo.old_pages, todo.new_pages) == (1 + len(old), 1 + len(new))
     moved_on = 8 if write else 7  # the change counter, as a commit into `before` sets it
     assert struct.unpack_from(">IIII", after, 24)[:2] == (moved_on, 1 + len(new))
