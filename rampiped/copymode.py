@@ -45,7 +45,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from rampiped import mounts, osutil, tree
+from rampiped import mounts, osutil, sqlitepages, tree
 from rampiped.engine import format_bytes
 from rampiped.errors import RampipeError
 from rampiped.ledger import Ledger, settled, with_links
@@ -544,14 +544,18 @@ def settle_database(path: str) -> list[str]:
     return present
 
 
-def _checkpoint_database(data: str, disk: str, rel: str) -> int | None:
-    """Write RAM's database `rel` to disk; the bytes written, or None when it vanished."""
+def _checkpoint_database(data: str, disk: str, rel: str, *, by_pages: bool = False) -> int | None:
+    """Write RAM's database `rel` to disk; the bytes written, or None when it vanished.
+    `by_pages`: its changed pages in place when it can (sqlitepages), else whole."""
     src = os.path.join(data, rel)
     dst = os.path.join(disk, rel)
     try:
         st = os.lstat(src)
     except FileNotFoundError:
         return None
+    if by_pages and (done := sqlitepages.try_write_back(src, dst, lock_wait=DB_LOCK_WAIT)):
+        _copy_metadata(src, st, dst)
+        return done.bytes
     directory = os.path.dirname(dst)
     tmp = _tmp_path(dst)
     try:
@@ -686,7 +690,7 @@ def checkpoint(
     failures: list[str] = []
     for rel in sorted(databases):
         try:
-            size = _checkpoint_database(data, disk, rel)
+            size = _checkpoint_database(data, disk, rel, by_pages=True)
         except (CopyError, OSError, sqlite3.Error) as exc:
             failures.append(str(exc))
             continue

@@ -5,6 +5,7 @@ stops there; nothing of rampiped runs afterwards, SQLite alone opens the disk co
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sqlite3
@@ -18,6 +19,10 @@ import pytest
 from rampiped import sqlitepages as sp
 from rampiped.osutil import syncfs
 from tests.system.helpers import LoopFs, make_loopfs
+from tests.system.test_copymode import Layout, db_state, layout, sql
+from tests.system.test_copymode import make_db as make_pve_db
+
+__all__ = ["layout"]  # the fixture, used by name
 
 pytestmark = pytest.mark.system
 
@@ -42,15 +47,6 @@ def make_db(path: Path, mode: str) -> None:
     conn.executemany("INSERT INTO tree VALUES(?, 0, randomblob(3000))", [(i,) for i in range(ROWS)])
     conn.execute("COMMIT")
     conn.close()
-
-
-def sql(path: Path, *statements: str) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        for statement in statements:
-            conn.execute(statement)
-    finally:
-        conn.close()
 
 
 def content(path: Path) -> list[tuple[Any, ...]]:
@@ -263,3 +259,39 @@ def test_what_cannot_be_written_by_pages_is_left_to_the_backup_path(
                     os.unlink(disk.mountpoint / extra)
         reset()
         assert disk_db.read_bytes() == before
+
+
+def test_more_changed_than_the_whole_file_costs_is_left_to_the_backup_path(
+    disk: LoopFs, tmp_path: Path
+) -> None:
+    with scenario(disk, tmp_path, "shrunk") as (ram_db, disk_db, reset):
+        reset()
+        before = disk_db.read_bytes()
+        with pytest.raises(sp.Unsupported, match="pages changed"):
+            sp.write_back(str(ram_db), str(disk_db), lock_wait=5, at_most=1.0)
+        assert disk_db.read_bytes() == before
+        assert not os.path.exists(str(disk_db) + sp.JOURNAL_SUFFIX)
+        assert sp.try_write_back(str(ram_db), str(disk_db), lock_wait=5) is None
+    with scenario(disk, tmp_path, "in place") as (ram_db, disk_db, reset):
+        done = sp.try_write_back(str(ram_db), str(disk_db), lock_wait=5)
+        assert done is not None and done.bytes < done.size / 4
+
+
+def test_a_checkpoint_writes_a_database_by_its_pages(
+    layout: Layout, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = layout.orig / "config.db"
+    make_pve_db(db, mode="wal")
+    size = db.stat().st_size
+    layout.copy_in()
+    layout.bind_over()
+    sql(db, "UPDATE tree SET version = 7, data = randomblob(3000) WHERE inode = 42")
+    with caplog.at_level(logging.DEBUG, logger="rampiped.sqlitepages"):
+        result = layout.checkpoint()
+    assert result.databases == ["config.db"]
+    assert 0 < result.bytes < size / 10, (result.bytes, size)
+    assert "changed pages written under a rollback journal" in caplog.text
+    assert db_state(layout.disk / "config.db") == db_state(db)
+    layout.unbind()
+    layout.final_sync()
+    assert sorted(p.name for p in layout.disk.iterdir()) == ["config.db"]
