@@ -276,7 +276,7 @@ def write_back(
                 )
             journal_bytes = _write_journal(dir_fd, name, st, old, todo, step)
             for pgno in todo.write:
-                os.pwrite(fd, new[(pgno - 1) * size : pgno * size], (pgno - 1) * size)
+                _write_all(fd, new[(pgno - 1) * size : pgno * size], (pgno - 1) * size)
                 step("page:written")
             if todo.new_pages < todo.old_pages:
                 os.ftruncate(fd, todo.new_pages * size)
@@ -342,7 +342,7 @@ def _write_journal(
     return len(data)
 
 
-def _write_all(fd: int, data: bytes, offset: int) -> None:
+def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
     view = memoryview(data)
     while view:
         done = os.pwrite(fd, view, offset)
