@@ -14,7 +14,8 @@ What it does, in SQLite's order (src/pager.c; https://www.sqlite.org/atomiccommi
 3. The disk copy is locked the way SQLite locks a database it writes (an EXCLUSIVE lock: the
    pending, reserved and shared bytes), then compared with the image page by page. It must be
    a database of the same page size, a regular file with one name, below SQLite's lock page
-   (1 GiB); otherwise Unsupported.
+   (1 GiB); otherwise Unsupported. So is a write whose journal and pages would cost more than
+   the whole file, when the caller says so (try_write_back does).
 4. `<db>-journal` gets the original content of every page that changes or is cut off by a
    shrink, and the original size; header first with its magic and record count zero, then the
    records, fsync, then magic and count (the journal is now hot), fsync, fsync the directory.
@@ -22,9 +23,11 @@ What it does, in SQLite's order (src/pager.c; https://www.sqlite.org/atomiccommi
    does at each commit), the file is truncated to the new size, fsync.
 6. Deleting the journal commits; the directory is synced.
 
-A power cut before 6 leaves a hot journal: the first process that opens the database with
-SQLite rolls it back to the old checkpoint's content (a copy-in with rsync carries the journal
-along with the database). After 6, the disk holds the new checkpoint. Writes are whole pages
+A power cut before the journal is sealed leaves the database untouched and a journal that is
+not hot (the next write-back leaves it to the backup path, which removes it). A cut after the
+seal and before 6 leaves a hot journal: the first process that opens the database with SQLite
+rolls it back to the old checkpoint's content (a copy-in with rsync carries the journal along
+with the database). After 6, the disk holds the new checkpoint. Writes are whole pages
 at page boundaries, and the sector size written into the journal is SQLite's own default on
 Linux (512: it assumes, as this module does, that a write does not damage bytes around it).
 """
