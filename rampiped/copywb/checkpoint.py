@@ -176,7 +176,7 @@ def checkpoint(
     unstable = changed
 
     failures: list[str] = []
-    written = write_databases(data, disk, sorted(databases), totals, failures)
+    written = write_databases(data, disk, sorted(databases), totals, failures, by_pages=True)
     mounts.syncfs(disk)
     skip = with_companions(databases)
     outcome = CheckpointResult(

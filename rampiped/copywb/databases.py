@@ -14,6 +14,7 @@ import time
 import urllib.parse
 from collections.abc import Iterable
 
+from rampiped import sqlitepages
 from rampiped.copywb.atomic import fsync_dir, fsync_path, tmp_path
 from rampiped.copywb.results import CopyError
 from rampiped.copywb.snapshot import Snapshot
@@ -171,14 +172,18 @@ def settle_database(path: str) -> list[str]:
     return present
 
 
-def _checkpoint_database(data: str, disk: str, rel: str) -> int | None:
-    """Write RAM's database `rel` to disk; the bytes written, or None when it vanished."""
+def _checkpoint_database(data: str, disk: str, rel: str, *, by_pages: bool = False) -> int | None:
+    """Write RAM's database `rel` to disk; the bytes written, or None when it vanished.
+    `by_pages`: its changed pages in place when it can (sqlitepages), else whole."""
     src = os.path.join(data, rel)
     dst = os.path.join(disk, rel)
     try:
         st = os.lstat(src)
     except FileNotFoundError:
         return None
+    if by_pages and (done := sqlitepages.try_write_back(src, dst, lock_wait=DB_LOCK_WAIT)):
+        _copy_metadata(src, st, dst)
+        return done.bytes
     directory = os.path.dirname(dst)
     tmp = tmp_path(dst)
     try:
@@ -208,15 +213,19 @@ def write_databases(
     rels: Iterable[str],
     totals: dict[str, int],
     failures: list[str] | None = None,
+    *,
+    by_pages: bool = False,
 ) -> list[str]:
     """Write RAM's databases `rels` to disk one by one (_checkpoint_database), counting each in
     `totals` ("files", "bytes"), then put RAM's directory times back; returns those written (a
     database gone from RAM meanwhile is not). A database that cannot be written raises, or,
-    given `failures`, is recorded there while the others are still written."""
+    given `failures`, is recorded there while the others are still written. `by_pages`: as
+    in _checkpoint_database (the write-back after an unmount writes whole files: it holds the
+    disk files it replaces)."""
     written: list[str] = []
     for rel in rels:
         try:
-            size = _checkpoint_database(data, disk, rel)
+            size = _checkpoint_database(data, disk, rel, by_pages=by_pages)
         except (CopyError, OSError, sqlite3.Error) as exc:
             if failures is None:
                 raise

@@ -4,9 +4,11 @@ manifest oracle (what a tree holds, as a dict that compares equal when nothing w
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -14,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rampiped.sqlitepages import PENDING_BYTE
 
 
 @dataclass
@@ -285,3 +289,17 @@ def tree(root: Path) -> dict[str, bytes | str]:
             else:
                 out[rel] = f"type {stat.S_IFMT(st.st_mode):o}"
     return out
+
+
+@contextlib.contextmanager
+def sqlite_shared_lock(db: Path) -> Iterator[None]:
+    """SQLite's SHARED lock on `db` (a read lock on its shared byte range, os_unix.c), waited
+    for; an open-file-description lock, so that it also excludes this process's own
+    checkpoints (a classic POSIX lock would not)."""
+    fd = os.open(db, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        shared = struct.pack("@hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, PENDING_BYTE + 2, 510, 0)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, shared)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

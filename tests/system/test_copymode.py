@@ -27,6 +27,7 @@ from tests.system.helpers import (
     LoopFs,
     diff_manifests,
     manifest,
+    sqlite_shared_lock,
     unmount_tree,
     wait_for,
 )
@@ -552,16 +553,19 @@ def test_sqlite_checkpoints_under_load_are_always_valid(
     done = threading.Event()
 
     def backup_tool() -> None:
-        """Copies the directory on disk as a backup tool would (companions too), any time."""
+        """Copies the directory on disk as a backup tool would (companions too), any time,
+        under SQLite's SHARED lock on the database, as SQLite's own readers and `.backup` take
+        it: a checkpoint writes the changed pages in place, under SQLite's EXCLUSIVE lock."""
         i = 0
         while not done.is_set():
             i += 1
             scratch = tmp_path / f"copy{i % 4}"
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir()
-            for name in ["config.db", *("config.db" + s for s in copymode.DB_COMPANIONS)]:
-                with contextlib.suppress(FileNotFoundError):
-                    shutil.copyfile(layout.disk / name, scratch / name)
+            with sqlite_shared_lock(layout.disk / "config.db"):
+                for name in ["config.db", *("config.db" + s for s in copymode.DB_COMPANIONS)]:
+                    with contextlib.suppress(FileNotFoundError):
+                        shutil.copyfile(layout.disk / name, scratch / name)
             conn = sqlite3.connect(scratch / "config.db")
             try:
                 verdict = "; ".join(r[0] for r in conn.execute("PRAGMA integrity_check"))

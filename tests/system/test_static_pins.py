@@ -26,7 +26,14 @@ from rampiped import pins as pinsmod
 from tests.system.changes import CHANGES, write
 from tests.system.changes import populate as populate_changes
 from tests.system.daemon_harness import Daemon, Env, Writer, make_env, running
-from tests.system.helpers import diff_manifests, drop_caches, manifest, mountinfo, wait_for
+from tests.system.helpers import (
+    diff_manifests,
+    drop_caches,
+    manifest,
+    mountinfo,
+    sqlite_shared_lock,
+    wait_for,
+)
 from tests.system.test_adaptive import power_cut
 from tests.system.test_copymode import (
     DB_WRITER,
@@ -199,16 +206,24 @@ def test_sqlite_under_load_with_checkpoints_every_second(env: Env, mode: str) ->
         done = threading.Event()
 
         def backup_tool() -> None:
-            """Copies the database on disk (companions too) as a backup tool would, any time."""
+            """Copies the database on disk (companions too) as a backup tool would, any time,
+            under SQLite's SHARED lock (checkpoints write pages in place under its EXCLUSIVE
+            lock)."""
             i = 0
             while not done.is_set():
                 i += 1
                 scratch = env.tmp / f"copy{i % 4}"
                 shutil.rmtree(scratch, ignore_errors=True)
                 scratch.mkdir()
-                for name in ["config.db", "config.db-wal", "config.db-shm", "config.db-journal"]:
-                    with contextlib.suppress(FileNotFoundError):
-                        shutil.copyfile(disk / name, scratch / name)
+                with sqlite_shared_lock(disk / "config.db"):
+                    for name in [
+                        "config.db",
+                        "config.db-wal",
+                        "config.db-shm",
+                        "config.db-journal",
+                    ]:
+                        with contextlib.suppress(FileNotFoundError):
+                            shutil.copyfile(disk / name, scratch / name)
                 conn = sqlite3.connect(scratch / "config.db")
                 try:
                     verdict = "; ".join(r[0] for r in conn.execute("PRAGMA integrity_check"))
