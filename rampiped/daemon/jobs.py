@@ -50,6 +50,8 @@ class Jobs(DaemonState):
         if not self._take(pin, "unpin", reply, busy=self.pending.get(pin.path) == "pin"):
             return False
         self.pending[pin.path] = "unpin"
+        with self.pinmgr.lock:
+            pin.evicting = reason.startswith("evicted")
         self._unwatch_pin(pin)  # the monitor's fds must not keep the tmpfs busy
         fn = functools.partial(self.pinmgr.unpin, pin)
         self.worker.submit(Job("unpin", pin.path, fn, reason, pin.mode, reply))

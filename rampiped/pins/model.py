@@ -156,6 +156,8 @@ class Pin:
     # write-back's temporary files, removed once the unpin frees the directory (never while
     # the overlay is mounted: its lower must not change under it)
     adopted: bool = False
+    # evicted (RAM is short): its unpin unmounts as soon as it can, and writes back after
+    evicting: bool = False
 
     @property
     def static(self) -> bool:

@@ -6,21 +6,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import shutil
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rampiped import handover, mounts, pause, tree, writeback
+from rampiped import handover, mounts, pause, writeback
 from rampiped import ledger as ledger_mod
 from rampiped.engine import format_bytes
 from rampiped.osutil import write_json_atomic
 from rampiped.pins.dirs import copy_root_attributes, largest_file
+from rampiped.pins.early import (
+    CATCH_UP_PASSES,
+    Early,
+    changed_files,
+    changed_since,
+    disk_clock,
+    disk_clock_after,
+    file_inodes,
+    read_json,
+    written_early,
+)
 from rampiped.pins.handoff import Handoff
 from rampiped.pins.mode import Mode, Undo
 from rampiped.pins.model import (
@@ -40,112 +49,6 @@ if TYPE_CHECKING:
     from rampiped.pins.manager import PinManager
 
 log = logging.getLogger("rampiped")
-
-# An unpin writes back what changed during its write-back before the unmount, pass after pass,
-# at most this many times (a directory written faster than it is written back would not
-# settle): what is left is written after the unmount.
-CATCH_UP_PASSES = 3
-
-
-@dataclass(frozen=True)
-class _Early:
-    """What an unpin wrote back before its unmount (OverlayMode.write_early)."""
-
-    since: int  # ns, wall clock: what changed in the layer from then on is written after it
-    generation: str  # the journal generation written into the directory
-    # ns, the disk's own clock: later than every change the early write-back made there, and
-    # not later than any a process makes once the path shows the disk (HeldFiles.threshold)
-    disk_since: int
-    inodes: dict[str, int]  # regular files of the generation applied: rel -> inode
-    files: int
-    bytes: int
-
-    def unchanged_in(self, gen: str | None) -> frozenset[str] | None:
-        """The regular files of `gen` that are those written early (linked to them); None when
-        a directory was renamed since (the whole layer is then written again, after the move)."""
-        if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
-            return None
-        return frozenset(
-            rel
-            for rel, st in tree.walk(gen)
-            if stat.S_ISREG(st.st_mode) and self.inodes.get(rel) == st.st_ino
-        )
-
-
-def _changed_files(upper: str, since: int, *, invert: bool = False) -> frozenset[str]:
-    """The regular files of the layer changed at or after `since` (ns); with `invert`, those
-    not changed since."""
-    return frozenset(
-        rel
-        for rel, st in tree.walk(upper, tolerate=(OSError,))
-        if stat.S_ISREG(st.st_mode) and (st.st_ctime_ns >= since) != invert
-    )
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _written_early(m: PinManager, pid: str) -> frozenset[str]:
-    """The files of the journal's newest generation that the directory holds already, as
-    that generation has them: those the final mark lists, or all of a generation written
-    into the directory before the unmount (EARLY_MARK). Nothing when neither says so."""
-    journal = m.journal(pid)
-    final = _read_json(os.path.join(journal, FINAL_MARK))
-    if final is not None:
-        listed = final.get("unchanged")
-        return (
-            frozenset(r for r in listed if isinstance(r, str))
-            if isinstance(listed, list)
-            else frozenset()
-        )
-    early = _read_json(os.path.join(journal, EARLY_MARK))
-    gen = writeback.latest_generation(journal)
-    if early is None or gen is None or early.get("generation") != os.path.basename(gen):
-        return frozenset()
-    return frozenset(_file_inodes(gen))
-
-
-def _disk_clock(disk: str) -> int:
-    """The clock of the disk's filesystem now: the ctime of a file made and removed in the
-    scratch directory (which the pin's whiteout hides while the overlay is mounted)."""
-    scratch = os.path.join(disk, writeback.SCRATCH_NAME)
-    made = not os.path.isdir(scratch)
-    if made:
-        os.mkdir(scratch, 0o700)
-    try:
-        probe = os.path.join(scratch, ".clock")
-        with open(probe, "w"):
-            pass
-        try:
-            return os.lstat(probe).st_ctime_ns
-        finally:
-            os.unlink(probe)
-    finally:
-        if made:
-            os.rmdir(scratch)
-
-
-def _disk_clock_after(disk: str, after: int) -> int:
-    """_disk_clock, once it is later than `after` (the coarse clock ticks every few ms)."""
-    while (now := _disk_clock(disk)) <= after:
-        time.sleep(0.001)
-    return now
-
-
-def _file_inodes(gen: str) -> dict[str, int]:
-    return {rel: st.st_ino for rel, st in tree.walk(gen) if stat.S_ISREG(st.st_mode)}
-
-
-def _changed_since(upper: str, since: int) -> bool:
-    """Whether an entry of the layer (of any kind: a whiteout, a directory whose entries
-    changed) changed at or after `since` (ns)."""
-    return any(st.st_ctime_ns >= since for _rel, st in tree.walk(upper, tolerate=(OSError,)))
 
 
 class OverlayMode(Mode):
@@ -330,7 +233,7 @@ class OverlayMode(Mode):
         unmounted = time.monotonic()
         writeback.pause_point("unpin:unmounted")
         upper = self.m.upper(pin.id)
-        if early is not None and not _changed_since(upper, early.since):
+        if early is not None and not changed_since(upper, early.since):
             # nothing changed since the last pass before the unmount: the disk holds it all
             res = writeback.ApplyResult(0, 0, 0, 0.0)
         else:
@@ -359,7 +262,7 @@ class OverlayMode(Mode):
             files, nbytes = files + early.files, nbytes + early.bytes
         return SyncRecord(wall, True, time.monotonic() - start, files, nbytes)
 
-    def write_early(self, pin: Pin) -> _Early | None:
+    def write_early(self, pin: Pin) -> Early | None:
         """While the overlay still serves the path: checkpoint the layer into the journal and
         apply that generation to the directory below it, through the staging bind. Readers
         see none of it: the upper layer shadows every entry the apply changes (a file deleted
@@ -368,13 +271,14 @@ class OverlayMode(Mode):
         apply's scratch directory. After the unmount only what changed since is written, so
         the path shows its last state on disk moments after it stops showing RAM, not after a
         whole write-back. A power cut meanwhile finds a complete checkpoint in the journal, as
-        always. None (nothing done) when this cannot be: an older pin without the whiteout, a
-        reopen command (its writers hold files), a process that wrote the disk below the pin
+        always. None (nothing done) when this cannot be: an eviction (RAM is short: the
+        unmount comes first), an older pin without the whiteout, a reopen command (its
+        writers hold files), a process that wrote the disk below the pin
         (late_bases), holders that stay, a file mapped (a store through a mapping made before
         now would change no stamp), or a renamed directory (its origin, which the overlay
         reads, must stay until the unmount)."""
         upper, journal, disk = self.m.upper(pin.id), self.m.journal(pin.id), self.m.disk(pin.id)
-        if pause.late_writeback_only() or pin.reopen or pin.late_bases:
+        if pause.late_writeback_only() or pin.evicting or pin.reopen or pin.late_bases:
             return None
         try:
             hides = stat.S_ISCHR(os.lstat(os.path.join(upper, writeback.SCRATCH_NAME)).st_mode)
@@ -389,12 +293,12 @@ class OverlayMode(Mode):
         if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
             return None
         applied = writeback.apply_layer(gen, disk, self.m.runner, keep_plan=False)
-        early = _Early(since, gen, 0, _file_inodes(gen), applied.files, applied.bytes)
+        early = Early(since, gen, 0, file_inodes(gen), applied.files, applied.bytes)
         writeback.pause_point("unpin:written-early")
         # what was written meanwhile, the same way, until a pass finds nothing new: what is
         # left for after the unmount is then what is written in its last moment
         for _ in range(CATCH_UP_PASSES):
-            if not _changed_since(upper, early.since):
+            if not changed_since(upper, early.since):
                 break
             since = self.m.ram_clock_ns(pin)
             writeback.checkpoint(upper, journal, runner=self.m.runner, changed_since=early.since)
@@ -406,15 +310,15 @@ class OverlayMode(Mode):
             applied = writeback.apply_layer(
                 gen, disk, self.m.runner, keep_plan=False, unchanged=unchanged
             )
-            early = _Early(
+            early = Early(
                 since,
                 gen,
                 0,
-                _file_inodes(gen),
+                file_inodes(gen),
                 early.files + applied.files,
                 early.bytes + applied.bytes,
             )
-        early = dataclasses.replace(early, disk_since=_disk_clock_after(disk, _disk_clock(disk)))
+        early = dataclasses.replace(early, disk_since=disk_clock_after(disk, disk_clock(disk)))
         write_json_atomic(
             os.path.join(journal, EARLY_MARK),
             {"generation": os.path.basename(early.generation), "since": early.since},
@@ -426,7 +330,7 @@ class OverlayMode(Mode):
         pin: Pin,
         replaced: dict[str, writeback.Stamp],
         since: int,
-        early: _Early | None,
+        early: Early | None,
     ) -> writeback.ApplyResult:
         """After the unmount: what is left to write (all of it, without `early`), carrying
         over what processes write meanwhile into the disk files it replaces. On failure the
@@ -440,7 +344,7 @@ class OverlayMode(Mode):
                 self.m.disk(pin.id),
                 replaced,
                 since,
-                only=None if early is None else _changed_files(upper, early.since),
+                only=None if early is None else changed_files(upper, early.since),
             )
             res = self.apply_final(pin, held, early)
         except BaseException:
@@ -500,7 +404,7 @@ class OverlayMode(Mode):
         return None
 
     def apply_final(
-        self, pin: Pin, held: writeback.HeldFiles, early: _Early | None
+        self, pin: Pin, held: writeback.HeldFiles, early: Early | None
     ) -> writeback.ApplyResult:
         """The layer into a final journal generation, then that generation into the directory:
         an apply cut short by a power loss is then replayed from disk at the next start (the
@@ -549,7 +453,7 @@ class OverlayMode(Mode):
                 pid,
                 path,
                 functools.partial(
-                    writeback.apply_journal, m.journal(pid), unchanged=_written_early(m, pid)
+                    writeback.apply_journal, m.journal(pid), unchanged=written_early(m, pid)
                 ),
             )
             if res is None:
@@ -559,7 +463,7 @@ class OverlayMode(Mode):
             return "the overlay was never mounted: nothing to write"
         # through the staging bind (nosymfollow), never the path users control
         m.ensure_staging(pid, path, disk_mounted)
-        early = _read_json(os.path.join(m.journal(pid), EARLY_MARK))
+        early = read_json(os.path.join(m.journal(pid), EARLY_MARK))
         since = early.get("since") if early else None
         res = self.recover_apply(
             pid,
@@ -567,7 +471,7 @@ class OverlayMode(Mode):
             functools.partial(
                 writeback.apply_upper,
                 m.upper(pid),
-                unchanged=_changed_files(m.upper(pid), since, invert=True)
+                unchanged=changed_files(m.upper(pid), since, invert=True)
                 if isinstance(since, int)
                 else frozenset(),
             ),
@@ -583,7 +487,7 @@ class OverlayMode(Mode):
                 pid,
                 path,
                 functools.partial(
-                    writeback.apply_journal, m.journal(pid), unchanged=_written_early(m, pid)
+                    writeback.apply_journal, m.journal(pid), unchanged=written_early(m, pid)
                 ),
             )
         finally:

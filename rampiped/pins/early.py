@@ -1,0 +1,123 @@
+"""The write-back of an overlay pin before its unmount (OverlayMode.write_early): what it
+wrote, how to tell what changed since, and what a recovery leaves alone after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rampiped import tree, writeback
+from rampiped.pins.model import EARLY_MARK, FINAL_MARK
+
+if TYPE_CHECKING:
+    from rampiped.pins.manager import PinManager
+
+# An unpin writes back what changed during its write-back before the unmount, pass after pass,
+# at most this many times (a directory written faster than it is written back would not
+# settle): what is left is written after the unmount.
+CATCH_UP_PASSES = 3
+
+
+@dataclass(frozen=True)
+class Early:
+    """What an unpin wrote back before its unmount (OverlayMode.write_early)."""
+
+    since: int  # ns, wall clock: what changed in the layer from then on is written after it
+    generation: str  # the journal generation written into the directory
+    # ns, the disk's own clock: later than every change the early write-back made there, and
+    # not later than any a process makes once the path shows the disk (HeldFiles.threshold)
+    disk_since: int
+    inodes: dict[str, int]  # regular files of the generation applied: rel -> inode
+    files: int
+    bytes: int
+
+    def unchanged_in(self, gen: str | None) -> frozenset[str] | None:
+        """The regular files of `gen` that are those written early (linked to them); None when
+        a directory was renamed since (the whole layer is then written again, after the move)."""
+        if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
+            return None
+        return frozenset(
+            rel
+            for rel, st in tree.walk(gen)
+            if stat.S_ISREG(st.st_mode) and self.inodes.get(rel) == st.st_ino
+        )
+
+
+def changed_files(upper: str, since: int, *, invert: bool = False) -> frozenset[str]:
+    """The regular files of the layer changed at or after `since` (ns); with `invert`, those
+    not changed since."""
+    return frozenset(
+        rel
+        for rel, st in tree.walk(upper, tolerate=(OSError,))
+        if stat.S_ISREG(st.st_mode) and (st.st_ctime_ns >= since) != invert
+    )
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def written_early(m: PinManager, pid: str) -> frozenset[str]:
+    """The files of the journal's newest generation that the directory holds already, as
+    that generation has them: those the final mark lists, or all of a generation written
+    into the directory before the unmount (EARLY_MARK). Nothing when neither says so."""
+    journal = m.journal(pid)
+    final = read_json(os.path.join(journal, FINAL_MARK))
+    if final is not None:
+        listed = final.get("unchanged")
+        return (
+            frozenset(r for r in listed if isinstance(r, str))
+            if isinstance(listed, list)
+            else frozenset()
+        )
+    early = read_json(os.path.join(journal, EARLY_MARK))
+    gen = writeback.latest_generation(journal)
+    if early is None or gen is None or early.get("generation") != os.path.basename(gen):
+        return frozenset()
+    return frozenset(file_inodes(gen))
+
+
+def disk_clock(disk: str) -> int:
+    """The clock of the disk's filesystem now: the ctime of a file made and removed in the
+    scratch directory (which the pin's whiteout hides while the overlay is mounted)."""
+    scratch = os.path.join(disk, writeback.SCRATCH_NAME)
+    made = not os.path.isdir(scratch)
+    if made:
+        os.mkdir(scratch, 0o700)
+    try:
+        probe = os.path.join(scratch, ".clock")
+        with open(probe, "w"):
+            pass
+        try:
+            return os.lstat(probe).st_ctime_ns
+        finally:
+            os.unlink(probe)
+    finally:
+        if made:
+            os.rmdir(scratch)
+
+
+def disk_clock_after(disk: str, after: int) -> int:
+    """disk_clock, once it is later than `after` (the coarse clock ticks every few ms)."""
+    while (now := disk_clock(disk)) <= after:
+        time.sleep(0.001)
+    return now
+
+
+def file_inodes(gen: str) -> dict[str, int]:
+    return {rel: st.st_ino for rel, st in tree.walk(gen) if stat.S_ISREG(st.st_mode)}
+
+
+def changed_since(upper: str, since: int) -> bool:
+    """Whether an entry of the layer (of any kind: a whiteout, a directory whose entries
+    changed) changed at or after `since` (ns)."""
+    return any(st.st_ctime_ns >= since for _rel, st in tree.walk(upper, tolerate=(OSError,)))
