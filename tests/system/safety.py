@@ -142,6 +142,16 @@ def drop_ram(run_mount: Path, data_root: Path) -> None:
     )
 
 
+def fault(kind: str, env: Env, d: Daemon) -> None:
+    """kill -9 of the daemon; with `kind` "power", a power cut: its RAM side dropped too."""
+    d.kill()
+    if kind == "power":
+        drop_ram(env.runtime.parent, env.data)
+        count("power cuts")
+    else:
+        count("crash points")
+
+
 @contextlib.contextmanager
 def manual_env(tmp: Path) -> Iterator[Env]:
     """make_env with adaptive pinning off: pins come and go only on command."""

@@ -230,12 +230,7 @@ def test_a_crash_while_writing_back_before_the_unmount(
             expected = tree(d)
             unpin = safety.ctl_async(env, "unpin", str(d))
             safety.wait_paused(marker, "unpin:written-early")
-            dm.kill()
-            if fault == "power":
-                safety.drop_ram(env.runtime.parent, env.data)
-                safety.count("power cuts")
-            else:
-                safety.count("crash points")
+            safety.fault(fault, env, dm)
             unpin.wait(30)
         with running(env) as again:
             if fault == "kill":

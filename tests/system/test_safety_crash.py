@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import Daemon, Env, make_env
+from tests.system.daemon_harness import Env, make_env
 from tests.system.helpers import wait_for
 
 pytestmark = pytest.mark.system
@@ -48,13 +48,7 @@ daemon = safety.paused_daemon
 ctl_async = safety.ctl_async
 
 
-def fault(kind: str, env: Env, d: Daemon) -> None:
-    d.kill()
-    if kind == "power":
-        safety.drop_ram(env.runtime.parent, env.data)
-        safety.count("power cuts")
-    else:
-        safety.count("crash points")
+fault = safety.fault
 
 
 def check_clean_after_start(env: Env, path: Path) -> None:
