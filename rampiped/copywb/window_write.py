@@ -17,6 +17,7 @@ from rampiped.copywb.results import CheckpointResult, NotVerified
 from rampiped.copywb.sides import DATA, verify_source, verify_target
 from rampiped.copywb.snapshot import Snapshot, Stamp, entry_stamp, kind_letter, snapshot
 from rampiped.copywb.window import Window, changed_databases, ram_changes, since_ns
+from rampiped.fsops import opened_dir
 from rampiped.writeback import (
     CONFLICT_SUFFIX,
     HeldFiles,
@@ -235,6 +236,23 @@ class WindowWriteBack:
         held = HeldFiles.hold_paths(disk, replaced, bases, window.threshold)
         return cls(ram, disk, window, in_ram, listed, dbs, skip, held)
 
+    def own_writes(self) -> set[str]:
+        """The held files that RAM changed and this write-back writes itself rather than rsync
+        (HeldFiles.write_own): regular files with one name in RAM (hard links go to rsync)."""
+        names: dict[int, int] = {}
+        for st in self.in_ram.values():
+            if st[0] == "f":
+                names[st[4]] = names.get(st[4], 0) + 1
+        held = {e.rel for e in self.held.entries}
+        return {
+            rel
+            for rel in self.listed
+            if rel in held
+            and rel in self.in_ram
+            and self.in_ram[rel][0] == "f"
+            and names[self.in_ram[rel][4]] == 1
+        }
+
     def write(self, runner: Runner = run_command) -> CheckpointResult:
         start = time.monotonic()
         ram, disk = self.ram, self.disk
@@ -246,14 +264,16 @@ class WindowWriteBack:
             os.chown(disk, top.st_uid, top.st_gid, follow_symlinks=False)
             os.chmod(disk, stat.S_IMODE(top.st_mode))
         totals = {"files": 0, "bytes": 0, "deleted": deleted}
-        if self.listed:
+        own = self.own_writes()
+        rest = [rel for rel in self.listed if rel not in own]
+        if rest:
             # no --delete: deletions were done above
             argv, result = copy_listed(
                 runner,
                 ram,
                 disk,
                 ".rampiped-window",
-                self.listed,
+                rest,
                 self.skip,
                 "--ignore-missing-args",
             )
@@ -262,6 +282,15 @@ class WindowWriteBack:
             stats = rsync_stats(result.stdout)
             totals["files"] += stats["files"]
             totals["bytes"] += stats["bytes"]
+        if own:
+            # RAM's version, then what was appended to the held disk file so far, renamed over
+            # the name, then what came in between: a line appended on disk right after the
+            # unmount stays before those appended to the new file (rsync, then a merge, put it
+            # after them)
+            with opened_dir(disk) as disk_fd:
+                self.held.write_own(data, disk_fd, sorted(own))
+            totals["files"] += len(own)
+            totals["bytes"] += sum(self.in_ram[rel][1] for rel in own)
         # what was appended to the replaced files so far goes after RAM's version now, before
         # a process that opens the name anew appends to that version: the order a plain disk
         # would have (the caller's merges carry what comes later, and retry a failure here)

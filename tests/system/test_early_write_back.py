@@ -52,11 +52,11 @@ class Reader(threading.Thread):
     def run(self) -> None:
         last: dict[str, int] = {}
         while not self.stop.is_set():
-            mounted = self.env.overlay_at(self.d)
+            mounted = self.env.mounted_at(self.d) is not None
             names = os.listdir(self.d)
             now = time.monotonic()
             own = [n for n in names if OWN.match(n)]
-            if own and mounted and self.env.overlay_at(self.d):
+            if own and mounted and self.env.mounted_at(self.d) is not None:
                 self.own_mounted += own
             elif own:
                 self.own_seen.append(now)
@@ -90,7 +90,12 @@ class Appender(threading.Thread):
             self.stop.wait(0.02)
 
 
-def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["overlay", "copy"])
+def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path, mode: str) -> None:
+    """A copy pin writes back while its copy covers the path too, and after its unmount what
+    changed since: the reader and the logger see the same there. (On the code before this
+    stop, a line the logger appended on disk right after the unmount landed after the lines
+    it appended to the written-back file: the order was lost.)"""
     with make_env(tmp_path, disk_mb=1024) as env:
         env.write_config(adaptive={"enabled": False})
         d = env.data / "app"
@@ -99,8 +104,8 @@ def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path) -> None:
         for i in range(BIG):
             write_version(d / f"big{i}", 0)
         with running(env) as dm:
-            env.ctl("pin", str(d), check=True)
-            assert env.overlay_at(d)
+            env.ctl("pin", str(d), "--mode", mode, check=True)
+            assert env.mounted_at(d) is not None
             for i in range(BIG):  # into RAM: all of it is to be written back
                 write_version(d / f"big{i}", 1)
             for n in range(1, 200):
@@ -115,7 +120,7 @@ def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path) -> None:
                 done = env.ctl("unpin", str(d))
                 took = time.monotonic() - started
                 assert done.returncode == 0, (done.stdout, done.stderr, dm.log_text()[-3000:])
-                assert not env.overlay_at(d)
+                assert env.mounted_at(d) is None
                 after = reader.reads  # the reader and the logger go on after the switch
                 wait_for(lambda: reader.reads > after + 20, 30, "reads after the unpin")
             finally:
@@ -128,12 +133,13 @@ def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path) -> None:
         assert reader.back == [], reader.back[:10]
         assert reader.missing == [], reader.missing[:10]
         assert reader.own_mounted == [], reader.own_mounted[:10]
-        # after the unmount, only for the moments the changes made meanwhile take
-        span = max(reader.own_seen, default=0.0) - min(reader.own_seen, default=0.0)
-        assert span < 0.5, (span, took)
-        found = re.search(r"written back before the unmount \(.*", log)
-        assert found, log[-3000:]
-        print(f"\nunpin {took:.2f} s; {found.group(0)}; reader: {reader.reads} reads")
+        if mode == "overlay":
+            # after the unmount, only for the moments the changes made meanwhile take
+            span = max(reader.own_seen, default=0.0) - min(reader.own_seen, default=0.0)
+            assert span < 0.5, (span, took)
+            found = re.search(r"written back before the unmount \(.*", log)
+            assert found, log[-3000:]
+            print(f"\nunpin {took:.2f} s; {found.group(0)}; reader: {reader.reads} reads")
         remount(env.disk)
         drop_caches()
         assert (d / "state.json").read_text() == "199"
