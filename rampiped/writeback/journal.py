@@ -294,16 +294,23 @@ def _short_of_space(
 
 
 def _linked_stale(changed: list[str], previous: str, new: str) -> list[str]:
-    """Of the files whose content changed, those that --link-dest linked to the previous
-    generation's copy (the same inode in both): their new generation holds stale content."""
+    """Of the files whose content changed, those whose new copy rsync took from the previous
+    generation's rather than from the layer: its quick check found size and mtime equal there
+    (what a same-size rewrite keeping its mtime, or a shared mapping, shows), and it linked
+    that copy or, when the attributes differ (a file that tar or rsync -a made anew where a
+    copied-up one was, without its trusted.overlay.origin), copied it locally. Either way the
+    new generation holds the stale content; a file rsync sent has other size or mtime."""
     out = []
     for rel in changed:
         try:
             a = os.lstat(os.path.join(previous, rel))
             b = os.lstat(os.path.join(new, rel))
         except (FileNotFoundError, NotADirectoryError):
-            continue  # not in the previous generation: copied, not linked
-        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            continue  # not in the previous generation: sent from the layer
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (a.st_size, a.st_mtime_ns) == (
+            b.st_size,
+            b.st_mtime_ns,
+        ):
             out.append(rel)
     return out
 

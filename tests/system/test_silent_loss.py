@@ -204,6 +204,42 @@ def test_cp_p_rewrite_keeping_size_and_mtime(env: Env, mode: str, made: str, end
     check_disk(env, d, expected, problems)
 
 
+@pytest.mark.parametrize("ending", ENDINGS)
+@pytest.mark.parametrize("tool", ["tar", "rsync"])
+def test_replaced_by_tar_or_rsync_keeping_size_and_mtime(
+    env: Env, mode: str, tool: str, ending: str
+) -> None:
+    """tar -xp and rsync -a put a new file at the name (an unlink and a create, or a rename
+    over it) with the old size and mtime. In an overlay the new file lacks the copied-up one's
+    trusted.overlay.origin, so rsync's --link-dest copied the last generation's stale file
+    instead of linking it."""
+    d = env.disk.mountpoint / "svc"
+    d.mkdir()
+    src = env.tmp / "src"
+    src.mkdir()
+    (d / "a.conf").write_bytes(OLD)
+    (src / "a.conf").write_bytes(NEW)
+    subprocess.run(
+        ["touch", "-d", "2024-01-01", str(d / "a.conf"), str(src / "a.conf")], check=True
+    )
+    subprocess.run(["tar", "-C", str(src), "-cf", str(env.tmp / "a.tar"), "a.conf"], check=True)
+    problems: list[str] = []
+    with disk_side(env, d, mode) as disk, pinned(env, d, mode) as daemon:
+        (d / "a.conf").write_bytes(OLD)  # in RAM (an overlay copies it up), same stamps
+        subprocess.run(["touch", "-d", "2024-01-01", "a.conf"], cwd=d, check=True)
+        checkpoint(env, d, disk, problems)
+        if tool == "tar":
+            subprocess.run(["tar", "-C", str(d), "-xpf", str(env.tmp / "a.tar")], check=True)
+        else:
+            subprocess.run(["rsync", "-a", "-c", str(src / "a.conf"), str(d)], check=True)
+        assert (d / "a.conf").read_bytes() == NEW
+        if ending == "sync-stop":
+            checkpoint(env, d, disk, problems)
+        expected = stop(daemon, d)
+    assert expected.files["a.conf"] == NEW
+    check_disk(env, d, expected, problems)
+
+
 # -- 2. touch -d back to the former mtime -------------------------------------------------------
 
 
