@@ -7,8 +7,10 @@ read the pin's old state for the whole write-back (seconds with this much data).
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -206,6 +208,103 @@ def test_changes_after_the_early_write_back_reach_the_disk(
         assert after, log[-3000:]
         if stage == "unpin:recorded":
             assert int(after.group(1)) > 0  # written after the unmount
+
+
+OLD_NS = 1_600_000_000 * 10**9  # an mtime long past, put back by cp -p, tar and rsync -a
+
+
+def same_size_old_mtime(path: Path, text: str) -> None:
+    path.write_text(text)
+    os.utime(path, ns=(OLD_NS, OLD_NS))
+
+
+def run(*argv: str | Path) -> None:
+    subprocess.run([str(a) for a in argv], check=True, capture_output=True)
+
+
+def commit(repo: Path, message: str, *args: str) -> None:
+    run("git", "-C", repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", *args, message)
+
+
+@pytest.mark.parametrize("stage", ["unpin:written-early", "unpin:recorded"])
+def test_real_programs_after_the_early_write_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """What comes after the first write-back before the unmount is told by ctime: real
+    programs that keep size and mtime (cp -p, tar, rsync -a -c, a store through a shared
+    mapping made then, with its mtime put back), git and sqlite3 write there, and all of it
+    reaches the disk, at another pass before the unmount or after it."""
+    marker = tmp_path / "paused"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with make_env(tmp_path) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        d.mkdir()
+        for name in ("cp.txt", "tar.txt", "rsync.txt"):
+            (d / name).write_text("on disk\n")
+            same_size_old_mtime(outside / name, f"{name} version B\n")
+        run("tar", "-C", outside, "-cf", outside / "b.tar", "tar.txt")
+        (d / "mapped.bin").write_bytes(b"a" * 8192)
+        repo = d / "repo"
+        run("git", "init", "-q", repo)
+        (repo / "file").write_text("one\n")
+        run("git", "-C", repo, "add", "file")
+        commit(repo, "1", "-qm")
+        run("sqlite3", d / "db.sqlite", "create table t(x); insert into t values (1);")
+        with safety.paused_daemon(env, monkeypatch, stage, marker) as dm:
+            env.ctl("pin", str(d), check=True)
+            # into RAM before the unpin, so that its first write-back holds these versions
+            for name in ("cp.txt", "tar.txt", "rsync.txt"):
+                same_size_old_mtime(d / name, f"{name} version A\n")
+            (d / "mapped.bin").write_bytes(b"b" * 8192)
+            os.utime(d / "mapped.bin", ns=(OLD_NS, OLD_NS))
+            run("sqlite3", d / "db.sqlite", "insert into t values (2);")
+            unpin = safety.ctl_async(env, "unpin", str(d))
+            safety.wait_paused(marker, stage)
+            run("cp", "-p", outside / "cp.txt", d / "cp.txt")
+            run("tar", "-C", d, "-xpf", outside / "b.tar")
+            run("rsync", "-a", "-c", outside / "rsync.txt", d / "rsync.txt")
+            with open(d / "mapped.bin", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+                m[100:105] = b"STORE"
+                m.flush()
+            os.utime(d / "mapped.bin", ns=(OLD_NS, OLD_NS))
+            (repo / "file").write_text("two\n")
+            run(
+                "git",
+                "-C",
+                repo,
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-qam",
+                "2",
+            )
+            run("sqlite3", d / "db.sqlite", "insert into t values (3);")
+            expected = tree(d)
+            safety.release(marker)
+            out, err = unpin.communicate(timeout=120)
+            assert unpin.returncode == 0, (out, err, dm.log_text()[-3000:])
+        assert not env.overlay_at(d)
+        remount(env.disk)
+        drop_caches()
+        assert tree(d) == expected
+        assert (d / "cp.txt").read_text() == "cp.txt version B\n"
+        assert (d / "mapped.bin").read_bytes()[100:105] == b"STORE"
+        run("git", "-C", repo, "fsck", "--strict")
+        log = subprocess.run(
+            ["git", "-C", str(repo), "log", "--format=%s"], check=True, capture_output=True
+        )
+        assert log.stdout.split() == [b"2", b"1"]
+        check = subprocess.run(
+            ["sqlite3", str(d / "db.sqlite"), "pragma integrity_check; select x from t;"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        assert check.stdout.split() == ["ok", "1", "2", "3"]
 
 
 @pytest.mark.parametrize("fault", ["kill", "power"])
