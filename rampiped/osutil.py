@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import stat
+from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syncfs.argtypes = [ctypes.c_int]
@@ -56,6 +57,17 @@ def write_json_atomic(path: str, doc: object) -> None:
     """`doc` as JSON (keys sorted, indented for a person reading it) at `path`, written with
     `write_atomic`: the runtime state and the records in a pin's journal directory."""
     write_atomic(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """The JSON object at `path` (one written by write_json_atomic); None when there is none
+    or it is not one."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def syncfs(fd: int) -> None:

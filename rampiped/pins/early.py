@@ -3,14 +3,14 @@ wrote, how to tell what changed since, and what a recovery leaves alone after it
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rampiped import tree, writeback
+from rampiped.osutil import read_json
 from rampiped.pins.model import EARLY_MARK, FINAL_MARK
 
 if TYPE_CHECKING:
@@ -55,15 +55,6 @@ def changed_files(upper: str, since: int, *, invert: bool = False) -> frozenset[
         for rel, st in tree.walk(upper, tolerate=(OSError,))
         if stat.S_ISREG(st.st_mode) and (st.st_ctime_ns >= since) != invert
     )
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def written_early(m: PinManager, pid: str) -> frozenset[str]:

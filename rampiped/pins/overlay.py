@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from rampiped import handover, mounts, pause, writeback
 from rampiped import ledger as ledger_mod
 from rampiped.engine import format_bytes
-from rampiped.osutil import write_json_atomic
+from rampiped.osutil import read_json, write_json_atomic
 from rampiped.pins.dirs import copy_root_attributes, largest_file
 from rampiped.pins.early import (
     CATCH_UP_PASSES,
@@ -27,7 +27,6 @@ from rampiped.pins.early import (
     disk_clock,
     disk_clock_after,
     file_inodes,
-    read_json,
     written_early,
 )
 from rampiped.pins.handoff import Handoff
