@@ -25,7 +25,9 @@ from tests.systemd.guest import (
     clean_stale_runs,
     copy_checkout,
     copy_tree,
+    pinned,
     session_run,
+    wait,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +39,32 @@ TIMINGS: dict[str, str] = {}
 
 def record(what: str, seconds: float) -> None:
     TIMINGS[what] = f"{seconds:.1f}s"
+
+
+@contextlib.contextmanager
+def installed(
+    guest: Guest, pin: str, conf: str, config: str, what: str, *, before_uninstall: str = ""
+) -> Iterator[Guest]:
+    """`make install` in the guest with `config` at `conf` and a file on disk in `pin`, until
+    `pin` is pinned; `make uninstall` at the end (after the shell command `before_uninstall`).
+    `what` names the install in the timings."""
+    guest.run(f"mkdir -p {pin}")
+    guest.write(f"{pin}/on-disk", "on disk before the pin\n")
+    guest.write(conf, config)
+    started = time.monotonic()
+    proc = guest.run(f"cd {SOURCE_IN_GUEST} && make install", check=False, timeout=1200)
+    record(f"make install for the {what}", time.monotonic() - started)
+    if proc.returncode != 0:
+        raise GuestError(
+            f"`make install` exited with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+        )
+    try:
+        wait(guest, lambda: pinned(guest, pin), 60, f"{pin} pinned")
+        yield guest
+    finally:
+        if before_uninstall:
+            guest.run(before_uninstall, check=False)
+        guest.run(f"cd {SOURCE_IN_GUEST} && make uninstall", check=False, timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.systemd.conftest import SOURCE_IN_GUEST, record
-from tests.systemd.guest import Guest, GuestError, journal, pinned
+from tests.systemd.conftest import installed, record
+from tests.systemd.guest import Guest, journal, pinned
 from tests.systemd.guest import wait as guest_wait
 
 pytestmark = pytest.mark.systemd
@@ -160,23 +160,10 @@ def service(guest: Guest) -> Iterator[Guest]:
     # own, and with one, journalctl 252 finds nothing after a cursor with a unit match (as
     # the other tests in this guest use).
     guest.run(f"id {USER} >/dev/null 2>&1 || useradd --system --create-home --shell /bin/sh {USER}")
-    guest.run(f"mkdir -p {PIN}")
-    guest.write(f"{PIN}/on-disk", "on disk before the pin\n")
-    guest.write(CONF, config(True))
-    started = time.monotonic()
-    proc = guest.run(f"cd {SOURCE_IN_GUEST} && make install", check=False, timeout=1200)
-    record("make install for the session-end test", time.monotonic() - started)
-    if proc.returncode != 0:
-        raise GuestError(
-            f"`make install` exited with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
-        )
-    try:
-        wait(guest, lambda: pinned(guest, PIN), 60, f"{PIN} pinned")
+    with installed(guest, PIN, CONF, config(True), "session-end test") as installed_guest:
         # Nothing else may end a session in these tests.
         assert sessions(guest) == {}
-        yield guest
-    finally:
-        guest.run(f"cd {SOURCE_IN_GUEST} && make uninstall", check=False, timeout=300)
+        yield installed_guest
 
 
 def test_the_last_user_logout_checkpoints_every_pin(service: Guest) -> None:

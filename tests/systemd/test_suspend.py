@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.systemd.conftest import SOURCE_IN_GUEST, record
-from tests.systemd.guest import Guest, GuestError, journal, pinned, wait
+from tests.systemd.conftest import installed, record
+from tests.systemd.guest import Guest, journal, wait
 
 pytestmark = pytest.mark.systemd
 
@@ -73,21 +73,8 @@ def rampiped_lock(guest: Guest) -> dict[str, str] | None:
 
 @pytest.fixture(scope="module")
 def service(guest: Guest) -> Iterator[Guest]:
-    guest.run(f"mkdir -p {PIN}")
-    guest.write(f"{PIN}/on-disk", "on disk before the pin\n")
-    guest.write(CONF, CONFIG)
-    started = time.monotonic()
-    proc = guest.run(f"cd {SOURCE_IN_GUEST} && make install", check=False, timeout=1200)
-    record("make install for the suspend test", time.monotonic() - started)
-    if proc.returncode != 0:
-        raise GuestError(
-            f"`make install` exited with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
-        )
-    try:
-        wait(guest, lambda: pinned(guest, PIN), 60, f"{PIN} pinned")
-        yield guest
-    finally:
-        guest.run(f"cd {SOURCE_IN_GUEST} && make uninstall", check=False, timeout=300)
+    with installed(guest, PIN, CONF, CONFIG, "suspend test") as installed_guest:
+        yield installed_guest
 
 
 def test_the_delay_lock_shows_in_systemd_inhibit(service: Guest) -> None:

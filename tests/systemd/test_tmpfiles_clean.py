@@ -5,13 +5,12 @@ behind. Files are made old by letting max_age (2s) pass: every timestamp counts,
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.systemd.conftest import SOURCE_IN_GUEST, record
-from tests.systemd.guest import Guest, GuestError, journal, pinned, wait
+from tests.systemd.conftest import installed
+from tests.systemd.guest import Guest, journal, wait
 
 pytestmark = pytest.mark.systemd
 
@@ -31,22 +30,15 @@ pins:
 
 @pytest.fixture(scope="module")
 def service(guest: Guest) -> Iterator[Guest]:
-    guest.run(f"mkdir -p {PIN}")
-    guest.write(f"{PIN}/on-disk", "on disk before the pin\n")
-    guest.write(CONF, CONFIG)
-    started = time.monotonic()
-    proc = guest.run(f"cd {SOURCE_IN_GUEST} && make install", check=False, timeout=1200)
-    record("make install for the max_age test", time.monotonic() - started)
-    if proc.returncode != 0:
-        raise GuestError(
-            f"`make install` exited with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
-        )
-    try:
-        wait(guest, lambda: pinned(guest, PIN), 60, f"{PIN} pinned")
-        yield guest
-    finally:
-        guest.run("systemctl stop rp-holder.service", check=False)
-        guest.run(f"cd {SOURCE_IN_GUEST} && make uninstall", check=False, timeout=300)
+    with installed(
+        guest,
+        PIN,
+        CONF,
+        CONFIG,
+        "max_age test",
+        before_uninstall="systemctl stop rp-holder.service",
+    ) as installed_guest:
+        yield installed_guest
 
 
 def test_systemd_tmpfiles_clean_removes_old_files_of_the_pin(service: Guest) -> None:
