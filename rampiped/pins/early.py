@@ -34,6 +34,7 @@ class Early:
     inodes: dict[str, int]  # regular files of the generation applied: rel -> inode
     files: int
     bytes: int
+    linked: int = 0  # of `files`, those linked from the journal (written to the disk once)
 
     def unchanged_in(self, gen: str | None) -> frozenset[str] | None:
         """The regular files of `gen` that are those written early (linked to them); None when
@@ -44,6 +45,24 @@ class Early:
             rel
             for rel, st in tree.walk(gen)
             if stat.S_ISREG(st.st_mode) and self.inodes.get(rel) == st.st_ino
+        )
+
+
+    def unchanged_after_unmount(self, gen: str | None, upper: str) -> frozenset[str] | None:
+        """The regular files of the final generation `gen` that the directory holds already:
+        those written early that did not change in the layer since (by ctime; nothing is
+        mapped, see write_early). Not by inode as in unchanged_in: a file written early is the
+        journal's own inode when the apply linked it, and a process that writes it on disk
+        after the unmount changes that inode, so the generation taken after the unmount holds
+        RAM's copy of it, and writing that would undo what the process wrote. None when a
+        directory was renamed since."""
+        if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
+            return None
+        still = changed_files(upper, self.since, invert=True)
+        return frozenset(
+            rel
+            for rel, st in tree.walk(gen)
+            if stat.S_ISREG(st.st_mode) and rel in self.inodes and rel in still
         )
 
 

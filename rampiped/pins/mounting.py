@@ -3,12 +3,13 @@ a lazy detach), the remount after a failed write-back, and the release of what i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from rampiped import handover, holders, mounts, ramarea, writeback
@@ -25,6 +26,7 @@ from rampiped.pins.model import (
     UnpinBusy,
     holder_list,
 )
+from rampiped.writeback import LinkRoute
 
 log = logging.getLogger("rampiped")
 
@@ -64,6 +66,61 @@ class Mounting(ManagerCore):
             self.bind_staging(dir_fd, disk)
         finally:
             os.close(dir_fd)
+
+    @contextlib.contextmanager
+    def journal_links(self, pid: str, path: str) -> Iterator[Callable[[str], LinkRoute | None]]:
+        """Where a generation of the pin's journal and the directory below the pin are, both
+        below one private copy of the mount the directory is on (mounts.clone_mount: no path
+        leads to it, and it goes when the block ends, also if the daemon dies): a write-back
+        then links the generation's files into place instead of writing them again. The
+        function gives None (copy) when the journal is on another mount or the copy does not
+        show both."""
+        fd = self._clone_shared(pid, path)
+        try:
+            if fd is None:
+                yield lambda _gen: None
+                return
+            mountpoint, clone = fd
+            target = os.path.relpath(path, mountpoint)
+            journal = os.path.relpath(os.path.realpath(self.journal(pid)), mountpoint)
+
+            def route(gen: str) -> LinkRoute | None:
+                return LinkRoute(
+                    clone, os.path.join(journal, os.path.basename(gen)).removeprefix("./"),
+                    "" if target == "." else target,
+                )  # fmt: skip
+
+            yield route
+        finally:
+            if fd is not None:
+                os.close(fd[1])
+
+    def journal_shares_mount(self, pid: str, path: str) -> bool:
+        """Whether the journal of `pid` is on the mount the directory `path` is on (where a
+        write-back can link the journal's files into place: journal_links)."""
+        return self._shared_mount(pid, path) is not None
+
+    def _shared_mount(self, pid: str, path: str) -> str | None:
+        try:
+            os.makedirs(self.journal(pid), mode=0o700, exist_ok=True)
+            under = mounts.mount_containing(os.path.dirname(path))
+            if mounts.mount_containing(self.journal(pid)).mount_id != under.mount_id:
+                return None
+        except OSError:
+            return None
+        return under.mountpoint
+
+    def _clone_shared(self, pid: str, path: str) -> tuple[str, int] | None:
+        """(mount point, descriptor of a private copy of that mount) when the journal of `pid`
+        and the directory `path` are on one mount, else None."""
+        mountpoint = self._shared_mount(pid, path)
+        if mountpoint is None:
+            return None
+        try:
+            return mountpoint, mounts.clone_mount(mountpoint)
+        except OSError as e:
+            log.info("%s: the journal is copied into place, not linked (%s)", path, e)
+            return None
 
     def check_in_place(self, pin: Pin) -> None:
         """After mounting through the descriptor: the mount must be at the pin's path. If the

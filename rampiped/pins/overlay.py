@@ -214,37 +214,39 @@ class OverlayMode(Mode):
             return self.handoff.finish(pin, time.monotonic(), time.time())
         start, wall = time.monotonic(), time.time()
         self.check_room(pin, "write-back")  # refused while RAM still serves the path
-        early = self.write_early(pin)
-        try:
-            replaced, since = self.m.unmount_when_free(
-                pin,
-                SOURCE_PREFIX + pin.id,
-                before=lambda: self.record_replaced(
-                    pin, read=early is None, since=None if early is None else early.disk_since
-                ),
-            )
-        except UnpinBusy as busy:
-            overlay_id = self.handover_mount(pin, busy)
-            if overlay_id is None:
-                raise
-            # writers that keep their files open: hand them over to the disk
-            return self.handoff.start(pin, overlay_id, start, wall)
-        unmounted = time.monotonic()
-        writeback.pause_point("unpin:unmounted")
-        upper = self.m.upper(pin.id)
-        if early is not None and not changed_since(upper, early.since):
-            # nothing changed since the last pass before the unmount: the disk holds it all
-            res = writeback.ApplyResult(0, 0, 0, 0.0)
-        else:
-            res = self.write_rest(pin, replaced, since, early)
+        with self.m.journal_links(pin.id, pin.path) as link:
+            early = self.write_early(pin, link)
+            try:
+                replaced, since = self.m.unmount_when_free(
+                    pin,
+                    SOURCE_PREFIX + pin.id,
+                    before=lambda: self.record_replaced(
+                        pin, read=early is None, since=None if early is None else early.disk_since
+                    ),
+                )
+            except UnpinBusy as busy:
+                overlay_id = self.handover_mount(pin, busy)
+                if overlay_id is None:
+                    raise
+                # writers that keep their files open: hand them over to the disk
+                return self.handoff.start(pin, overlay_id, start, wall)
+            unmounted = time.monotonic()
+            writeback.pause_point("unpin:unmounted")
+            upper = self.m.upper(pin.id)
+            if early is not None and not changed_since(upper, early.since):
+                # nothing changed since the last pass before the unmount: the disk holds it all
+                res = writeback.ApplyResult(0, 0, 0, 0.0)
+            else:
+                res = self.write_rest(pin, replaced, since, early, link)
         writeback.pause_point("unpin:applied")
         if early is not None:
             log.info(
-                "%s: written back before the unmount (%d files, %s); after it, %d files, %s in"
-                " %.0f ms",
+                "%s: written back before the unmount (%d files, %s; %d linked from the journal,"
+                " not written again); after it, %d files, %s in %.0f ms",
                 pin.path,
                 early.files,
                 format_bytes(early.bytes),
+                early.linked,
                 res.files,
                 format_bytes(res.bytes),
                 (time.monotonic() - unmounted) * 1000,
@@ -261,7 +263,9 @@ class OverlayMode(Mode):
             files, nbytes = files + early.files, nbytes + early.bytes
         return SyncRecord(wall, True, time.monotonic() - start, files, nbytes)
 
-    def write_early(self, pin: Pin) -> Early | None:
+    def write_early(
+        self, pin: Pin, link: Callable[[str], writeback.LinkRoute | None]
+    ) -> Early | None:
         """While the overlay still serves the path: checkpoint the layer into the journal and
         apply that generation to the directory below it, through the staging bind. Readers
         see none of it: the upper layer shadows every entry the apply changes (a file deleted
@@ -291,8 +295,8 @@ class OverlayMode(Mode):
         gen = writeback.latest_generation(journal)
         if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
             return None
-        applied = writeback.apply_layer(gen, disk, self.m.runner, keep_plan=False)
-        early = Early(since, gen, 0, file_inodes(gen), applied.files, applied.bytes)
+        applied = writeback.apply_layer(gen, disk, self.m.runner, keep_plan=False, link=link(gen))
+        early = Early(since, gen, 0, file_inodes(gen), applied.files, applied.bytes, applied.linked)
         writeback.pause_point("unpin:written-early")
         # what was written meanwhile, the same way, until a pass finds nothing new: what is
         # left for after the unmount is then what is written in its last moment
@@ -307,7 +311,7 @@ class OverlayMode(Mode):
             if gen is None or unchanged is None:
                 break  # a directory renamed meanwhile: written after the unmount
             applied = writeback.apply_layer(
-                gen, disk, self.m.runner, keep_plan=False, unchanged=unchanged
+                gen, disk, self.m.runner, keep_plan=False, unchanged=unchanged, link=link(gen)
             )
             early = Early(
                 since,
@@ -316,6 +320,7 @@ class OverlayMode(Mode):
                 file_inodes(gen),
                 early.files + applied.files,
                 early.bytes + applied.bytes,
+                early.linked + applied.linked,
             )
         early = dataclasses.replace(early, disk_since=disk_clock_after(disk, disk_clock(disk)))
         write_json_atomic(
@@ -330,6 +335,7 @@ class OverlayMode(Mode):
         replaced: dict[str, writeback.Stamp],
         since: int,
         early: Early | None,
+        link: Callable[[str], writeback.LinkRoute | None],
     ) -> writeback.ApplyResult:
         """After the unmount: what is left to write (all of it, without `early`), carrying
         over what processes write meanwhile into the disk files it replaces. On failure the
@@ -345,7 +351,7 @@ class OverlayMode(Mode):
                 since,
                 only=None if early is None else changed_files(upper, early.since),
             )
-            res = self.apply_final(pin, held, early)
+            res = self.apply_final(pin, held, early, link)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.m.journal(pin.id), EARLY_MARK))
@@ -403,7 +409,11 @@ class OverlayMode(Mode):
         return None
 
     def apply_final(
-        self, pin: Pin, held: writeback.HeldFiles, early: Early | None
+        self,
+        pin: Pin,
+        held: writeback.HeldFiles,
+        early: Early | None,
+        link: Callable[[str], writeback.LinkRoute | None],
     ) -> writeback.ApplyResult:
         """The layer into a final journal generation, then that generation into the directory:
         an apply cut short by a power loss is then replayed from disk at the next start (the
@@ -415,9 +425,16 @@ class OverlayMode(Mode):
         if early is None:
             writeback.checkpoint(upper, journal, runner=self.m.runner, ledger=pin.ledger)
         else:
-            writeback.checkpoint(upper, journal, runner=self.m.runner, changed_since=early.since)
+            writeback.checkpoint(
+                upper,
+                journal,
+                runner=self.m.runner,
+                changed_since=early.since,
+                keep_older=True,  # the one written early: its files are in the directory
+            )
         pin.ledger = None  # the apply removes the journal it describes
-        unchanged = early.unchanged_in(writeback.latest_generation(journal)) if early else None
+        gen = writeback.latest_generation(journal)
+        unchanged = early.unchanged_after_unmount(gen, upper) if early else None
         # from here on the journal, not the RAM layer, is what gets applied: applying the layer
         # a second time after this apply moved renamed directories would find their origins gone
         write_json_atomic(
@@ -431,6 +448,7 @@ class OverlayMode(Mode):
             runner=self.m.runner,
             window=held,
             unchanged=unchanged or frozenset(),
+            link=link,
         )
         if res is None:
             raise writeback.SyncError(f"the journal of {pin.path} vanished before its apply")
@@ -448,13 +466,17 @@ class OverlayMode(Mode):
         if os.path.exists(os.path.join(m.journal(pid), FINAL_MARK)):
             # the final generation was written: the layer must not be applied again
             m.ensure_staging(pid, path, disk_mounted)
-            res = self.recover_apply(
-                pid,
-                path,
-                functools.partial(
-                    writeback.apply_journal, m.journal(pid), unchanged=written_early(m, pid)
-                ),
-            )
+            with m.journal_links(pid, path) as link:
+                res = self.recover_apply(
+                    pid,
+                    path,
+                    functools.partial(
+                        writeback.apply_journal,
+                        m.journal(pid),
+                        unchanged=written_early(m, pid),
+                        link=link,
+                    ),
+                )
             if res is None:
                 return "the write-back had finished"
             return f"wrote {res.files} files, {format_bytes(res.bytes)}"
@@ -482,13 +504,17 @@ class OverlayMode(Mode):
         m = self.m
         m.ensure_staging(pid, path, disk_mounted)
         try:
-            res = self.recover_apply(
-                pid,
-                path,
-                functools.partial(
-                    writeback.apply_journal, m.journal(pid), unchanged=written_early(m, pid)
-                ),
-            )
+            with m.journal_links(pid, path) as link:
+                res = self.recover_apply(
+                    pid,
+                    path,
+                    functools.partial(
+                        writeback.apply_journal,
+                        m.journal(pid),
+                        unchanged=written_early(m, pid),
+                        link=link,
+                    ),
+                )
         finally:
             mounts.umount(m.disk(pid))
             shutil.rmtree(m.base(pid), ignore_errors=True)
@@ -502,8 +528,9 @@ class OverlayMode(Mode):
 
     def check_room(self, pin: Pin, what: str) -> writeback.SpaceNeed:
         """An overlay pin's journal generation and the apply that follows must both fit (on
-        one filesystem, twice the changed data): a generation that cannot be applied strands
-        its data in the journal. Raises writeback.NoSpace before anything is written."""
+        one filesystem, twice the changed data, unless the apply links the generation's files
+        into place): a generation that cannot be applied strands its data in the journal.
+        Raises writeback.NoSpace before anything is written."""
         return writeback.check_space(
             self.m.upper(pin.id),
             self.m.journal(pin.id),
@@ -511,6 +538,7 @@ class OverlayMode(Mode):
             pin.ledger,
             f"{what} of {pin.path}",
             pin.path,
+            linked=self.m.journal_shares_mount(pin.id, pin.path),
         )
 
     def recover_apply(

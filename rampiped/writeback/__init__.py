@@ -26,8 +26,9 @@ is applied with the same rules (`apply_journal`).
 The package, from the bottom up (each module imports only those before it): `names`
 (rampiped's own names in a directory), `layer` (reading a layer), `scratch` (rsync's temporary
 names), `moves` (renamed directories), `stamps` and `held` (the write-back window), `verify`,
-`apply`, `journal`. Below it, imported by it and importing nothing above: `rampiped.commands`,
-`rampiped.fsops`, `rampiped.osutil`, `rampiped.pause`.
+`links` (a generation linked into place), `apply`, `journal`. Below it, imported by it and
+importing nothing above: `rampiped.commands`, `rampiped.fsops`, `rampiped.osutil`,
+`rampiped.pause`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from rampiped.writeback.journal import (
     space_need,
 )
 from rampiped.writeback.layer import OVERLAY_FEATURES, renamed_dirs, scan_layer
+from rampiped.writeback.links import LinkRoute
 from rampiped.writeback.names import CONFLICT_SUFFIX, HOLD_NAME, SCRATCH_NAME, STASH_NAME
 from rampiped.writeback.scratch import scratch_dir, scrub_leftovers
 from rampiped.writeback.stamps import (
@@ -87,6 +89,7 @@ __all__ = [
     "CheckpointResult",
     "CommandResult",
     "HeldFiles",
+    "LinkRoute",
     "NoSpace",
     "Runner",
     "SpaceNeed",

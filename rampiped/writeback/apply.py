@@ -22,6 +22,7 @@ from rampiped.fsops import (
 )
 from rampiped.writeback.held import HeldFiles, exclude_file
 from rampiped.writeback.layer import Layer, UpperDir, first_ten, renamed_dirs, scan_layer
+from rampiped.writeback.links import LinkRoute, link_files, linkable, same_dir
 from rampiped.writeback.moves import (
     _mark_stash_done,
     _move_renamed_dirs,
@@ -41,6 +42,7 @@ class ApplyResult:
     bytes: int  # their data (each hard-linked inode once)
     deleted: int  # entries removed from disk (whiteouts, opaque dirs, type changes, replaced)
     seconds: float
+    linked: int = 0  # of `files`, those linked from a journal generation (not written again)
 
 
 def _apply_deletions(layer: Layer, target_fd: int, keep_newer_than: int | None = None) -> int:
@@ -222,10 +224,13 @@ def apply_layer(
     keep_newer_than: int | None = None,
     window: HeldFiles | None = None,
     unchanged: frozenset[str] = frozenset(),
+    link: LinkRoute | None = None,
 ) -> ApplyResult:
     """apply_upper's work (see there). `unchanged`: regular files of the layer that the
     directory holds already, as they are in the layer (written there before and verified):
-    left out of the copy, so that a write-back after an earlier one writes only the rest."""
+    left out of the copy, so that a write-back after an earlier one writes only the rest.
+    `link`: where `upper` (a journal generation, synced) and `target` are below one mount;
+    the generation's regular files are then linked into place rather than copied (links.py)."""
     if keep_newer_than is None and window is not None:
         keep_newer_than = window.threshold
     start = time.monotonic()
@@ -236,6 +241,10 @@ def apply_layer(
     moves = renamed_dirs(layer)
     fsync = rsync_has_fsync(runner)
     deleted = 0
+    if link is not None and not same_dir(link, upper, target):
+        log.info("%s: not on the mount of %s; copied, not linked", upper, target)
+        link = None
+    linked = 0
     with opened_dir(target) as target_fd:
         try:
             try:
@@ -250,18 +259,29 @@ def apply_layer(
                 ) from e
             own = window.own_writes(layer) if window is not None else []
             own = [rel for rel in own if rel not in unchanged]
+            to_link = [] if link is None else linkable(layer, [*own, *unchanged])
             with (
-                exclude_file(own + sorted(unchanged)) as exclude_from,
+                exclude_file(own + sorted(unchanged) + to_link) as exclude_from,
                 scratch_dir(target) as scratch,
             ):
                 argv = _rsync_apply_argv(upper, target, fsync, exclude_from, scratch)
                 result = runner(argv)
-            if result.returncode != 0:
-                raise SyncError.from_command(
-                    f"write-back of {upper} into {target} (partly written; the layer is unchanged)",
-                    argv,
-                    result,
-                )
+                if result.returncode != 0:
+                    raise SyncError.from_command(
+                        f"write-back of {upper} into {target} (partly written; the layer is"
+                        " unchanged)",
+                        argv,
+                        result,
+                    )
+                if link is not None:
+                    try:
+                        linked, _ = link_files(link, to_link)
+                    except OSError as e:
+                        raise SyncError(
+                            f"write-back of {upper} into {target} failed while linking "
+                            f"{e.filename or 'a file'} from the journal: {e.strerror or e}; "
+                            f"{target} is partly written, the journal is unchanged"
+                        ) from e
             if window is not None:
                 try:
                     window.write_own(upper, target_fd, own)
@@ -313,5 +333,9 @@ def apply_layer(
     kept = [os.lstat(os.path.join(upper, rel)) for rel in unchanged]
     kept_bytes = sum({(st.st_dev, st.st_ino): st.st_size for st in kept}.values())
     return ApplyResult(
-        layer.files - len(kept), layer.bytes - kept_bytes, deleted, time.monotonic() - start
+        layer.files - len(kept),
+        layer.bytes - kept_bytes,
+        deleted,
+        time.monotonic() - start,
+        linked,
     )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rampiped import tree
@@ -36,6 +38,7 @@ from rampiped.ledger import scan as ledger_scan
 from rampiped.pause import pause_point
 from rampiped.writeback.apply import ApplyResult, apply_layer, at_or_below
 from rampiped.writeback.held import HeldFiles
+from rampiped.writeback.links import LinkRoute
 from rampiped.writeback.moves import clear_finished_stash, remove_stash
 from rampiped.writeback.names import SCRATCH_NAME, STASH_NAME
 
@@ -82,6 +85,7 @@ def checkpoint(
     ledger: Ledger | None = None,
     found: LedgerScan | None = None,
     changed_since: int | None = None,
+    keep_older: bool = False,
 ) -> CheckpointResult:
     """Copy the upper layer of a mounted overlay (whiteouts, trusted.overlay.* attributes and
     all: a faithful copy of the layer) into a new generation of `journal`, on disk outside the
@@ -101,7 +105,12 @@ def checkpoint(
     has no ledger). Sound only when the last generation was taken after that moment and no
     process had a file of the layer mapped then: a store through a mapping made before it
     changes no stamp, while every other change (a write, a truncate, a new mapping's first
-    store, cp -p or touch -d on new content) sets the ctime."""
+    store, cp -p or touch -d on new content) sets the ctime.
+
+    `keep_older`: the older generations stay until the journal is discarded. An unpin that
+    linked a generation's files into the directory (links.py) keeps it, so that no unlink in
+    the journal moves the ctime of a file the directory shows while the write-back tells what
+    processes wrote there from then on by ctime (HeldFiles.threshold)."""
     start = time.monotonic()
     upper = os.path.abspath(upper)
     journal = os.path.abspath(journal)
@@ -165,9 +174,10 @@ def checkpoint(
         os.rename(tmp_name, f"gen-{gen}", src_dir_fd=jfd, dst_dir_fd=jfd)
         _fsync_dir(jfd)
         pause_point("checkpoint:renamed")
-        for name in complete.values():
-            remove_at(jfd, name)
-        _fsync_dir(jfd)
+        if not keep_older:
+            for name in complete.values():
+                remove_at(jfd, name)
+            _fsync_dir(jfd)
     return CheckpointResult(
         gen,
         files,
@@ -227,6 +237,8 @@ def check_space(
     ledger: Ledger | None,
     what: str,
     target_name: str | None = None,
+    *,
+    linked: bool = False,
 ) -> SpaceNeed:
     """Refuse (NoSpace) a checkpoint or write-back of `upper` that would not fit: the new
     journal generation on the journal's filesystem, and the apply into `target` afterwards on
@@ -235,16 +247,22 @@ def check_space(
     are checked for bytes only. `target_name`: the directory as its users know it.
 
     The content of the layer is read only when it matters: if the write-back fits even with
-    every file counted as changed, no file is read (an eviction must unmount quickly)."""
+    every file counted as changed, no file is read (an eviction must unmount quickly).
+    `linked`: the apply links the generation's files into place (links.py), so only the
+    generation takes space for their data."""
     shown = target_name or target
     os.makedirs(journal, mode=0o700, exist_ok=True)
     jst, tst = os.statvfs(journal), os.statvfs(target)
     same = os.stat(journal).st_dev == os.stat(target).st_dev
     bound = space_need(upper, None)
+    if linked:
+        bound = dataclasses.replace(bound, apply_bytes=0)
     if ledger is None or _short_of_space(bound, jst, tst, same, what, shown, journal) is None:
         need = bound
     else:
         need = space_need(upper, ledger, bound.found)
+        if linked:
+            need = dataclasses.replace(need, apply_bytes=0)
     refusal = _short_of_space(need, jst, tst, same, what, shown, journal)
     if refusal is not None:
         raise NoSpace(refusal)
@@ -385,10 +403,12 @@ def apply_journal(
     keep_newer_than: int | None = None,
     window: HeldFiles | None = None,
     unchanged: frozenset[str] = frozenset(),
+    link: Callable[[str], LinkRoute | None] | None = None,
 ) -> ApplyResult | None:
     """Apply the newest complete generation of `journal` to `target` (as apply_upper does),
     verify it, then remove the generations. None when there is no complete generation.
-    `keep_newer_than` and `window` as in apply_upper, `unchanged` as in apply_layer.
+    `keep_newer_than` and `window` as in apply_upper, `unchanged` as in apply_layer; `link`
+    gives, for the generation, apply_layer's `link`.
 
     Meant for the start after a crash: the disk directory was the lower layer and nothing
     writes into a mounted lower, so it is unchanged since the pin, and applying the newest
@@ -414,6 +434,7 @@ def apply_journal(
         keep_newer_than=keep_newer_than,
         window=window,
         unchanged=unchanged,
+        link=None if link is None else link(gen),
     )
     root = os.lstat(gen)
     discard_journal(journal)

@@ -4,6 +4,7 @@ with the real rampipectl. Writers are separate processes, outside the daemon's p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -203,6 +204,21 @@ def make_env(tmp: Path, disk_mb: int = 256, inodes: int | None = None) -> Iterat
             yield env
         finally:
             unmount_tree(tmp)
+
+
+def journal_on_another_mount(env: Env) -> Env:
+    """`env` with its journal on the same disk reached through a bind mount of a directory of
+    it: one filesystem, two mounts. link(2) does not cross mounts, so an overlay write-back
+    then copies the journal into place instead of linking it, and the changed data must fit
+    twice. make_env's clean-up unmounts the bind."""
+    src = env.disk.mountpoint / "journal-src"
+    src.mkdir()
+    bind = env.tmp / "journal-bind"
+    bind.mkdir()
+    subprocess.run(["mount", "--bind", str(src), str(bind)], check=True)
+    moved = dataclasses.replace(env, journal=bind / "journal")
+    moved.write_config()
+    return moved
 
 
 @contextlib.contextmanager

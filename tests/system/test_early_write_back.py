@@ -309,15 +309,17 @@ def test_real_programs_after_the_early_write_back(
         assert check.stdout.split() == ["ok", "1", "2", "3"]
 
 
+@pytest.mark.parametrize("stage", ["unpin:written-early", "apply:linked-one"])
 @pytest.mark.parametrize("fault", ["kill", "power"])
 def test_a_crash_while_writing_back_before_the_unmount(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, stage: str
 ) -> None:
     """kill -9 of the daemon, or a power cut, when the unpin has written the directory back
-    once and the overlay still serves it: after a kill the next start adopts the pin (the view
-    is RAM's, what was written below it stays hidden) and its unpin completes; after a power
-    cut the next start applies the checkpoint that write-back took. Either way the directory
-    ends up as the view was, with none of rampiped's names in it."""
+    once (unpin:written-early), or has linked one file of the journal into place of several
+    (apply:linked-one), and the overlay still serves it: after a kill the next start adopts the
+    pin (the view is RAM's, what was written below it stays hidden) and its unpin completes;
+    after a power cut the next start applies the checkpoint that write-back took. Either way
+    the directory ends up as the view was, with none of rampiped's names in it."""
     marker = tmp_path / "paused"
     with safety.manual_env(tmp_path) as env:
         d = env.data / "app"
@@ -326,7 +328,7 @@ def test_a_crash_while_writing_back_before_the_unmount(
         (d / "gone.txt").write_text("deleted in RAM\n")
         for i in range(4):
             write_version(d / f"big{i}", 0)
-        with safety.paused_daemon(env, monkeypatch, "unpin:written-early", marker) as dm:
+        with safety.paused_daemon(env, monkeypatch, stage, marker) as dm:
             env.ctl("pin", str(d), check=True)
             for i in range(4):
                 write_version(d / f"big{i}", 1)
@@ -336,7 +338,7 @@ def test_a_crash_while_writing_back_before_the_unmount(
             (d / "fresh/f.txt").write_text("fresh\n")
             expected = tree(d)
             unpin = safety.ctl_async(env, "unpin", str(d))
-            safety.wait_paused(marker, "unpin:written-early")
+            safety.wait_paused(marker, stage)
             safety.fault(fault, env, dm)
             unpin.wait(30)
         with running(env) as again:

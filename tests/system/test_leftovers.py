@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import Daemon, Env, make_env, running
+from tests.system.daemon_harness import Daemon, Env, journal_on_another_mount, make_env, running
 from tests.system.helpers import tree, wait_for
 from tests.system.test_silent_loss import remount
 from tests.system.test_static_pins import assert_pinned_copy, disk_view
@@ -53,9 +53,12 @@ RAMPIPED_NAME = re.compile(
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    # room on the disk for the journal of an overlay pin next to the data it is applied to
+    # room on the disk for the journal of an overlay pin next to the data it is applied to;
+    # the journal on another mount of that disk, so that the write-back copies its files with
+    # rsync (linked into place, as from the journal on the directory's own mount, no rsync
+    # writes a file: test_written_once.py and the crash matrix's apply:linked-one cover that)
     with make_env(tmp_path, disk_mb=768) as e:
-        yield e
+        yield journal_on_another_mount(e)
 
 
 # -- what a tree holds --------------------------------------------------------------------------

@@ -80,6 +80,7 @@ LATER_STAGES = [
     "checkpoint:renamed",
     "unpin:unmounted",
     "unpin:journaled",
+    "apply:linked-one",
     "unpin:applied",
 ]
 COPY_STAGES = ["copy-checkpoint:copied", "unpin:unmounted"]
@@ -93,6 +94,7 @@ POWER_EXPECTED = {
     # from writing that into the directory then: test_early_write_back.py has the rest)
     ("overlay", "unpin:unmounted"): E2,
     ("overlay", "unpin:journaled"): E2,
+    ("overlay", "apply:linked-one"): E2,  # the final generation, linked in part
     ("overlay", "unpin:applied"): E2,
     ("copy", "copy-checkpoint:copied"): E2,
 }
@@ -151,7 +153,7 @@ def test_kill_at_each_stage(
             check_clean_after_start(env, d)
             round2(d)
             if stage != "pinned":
-                cmd = "unpin" if stage.startswith("unpin") else "sync"
+                cmd = "unpin" if stage.startswith(("unpin", "apply")) else "sync"
                 ctl = ctl_async(env, cmd, str(d))
                 safety.wait_paused(marker, stage)
                 fault("kill", env, dm)
@@ -181,7 +183,7 @@ def test_power_cut_at_each_stage(
             with daemon(env, monkeypatch, stage, marker) as dm:
                 dm.wait_log(r"adopted " + str(d))
                 round2(d)
-                cmd = "unpin" if stage.startswith("unpin") else "sync"
+                cmd = "unpin" if stage.startswith(("unpin", "apply")) else "sync"
                 ctl = ctl_async(env, cmd, str(d))
                 safety.wait_paused(marker, stage)
                 fault("power", env, dm)

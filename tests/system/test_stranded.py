@@ -1,8 +1,10 @@
 """A write-back that does not fit on the disk (issue: files stranded in the journal).
 
 An overlay pin's write-back goes through a journal on the same disk and then into the
-directory, so the changed data has to fit twice. Before, a checkpoint wrote its generation
-whatever the room left; the apply at the stop then failed, and after a power cut the start
+directory. When the journal is on the directory's own mount the apply links its files into
+place, so the changed data has to fit once; through another mount (here a bind mount of a
+directory of the same disk) it is copied, and has to fit twice. Before, a checkpoint wrote its
+generation whatever the room left; the apply at the stop then failed, and after a power cut the start
 logged "could not reconcile", went on as a normal start with 0 pins, and the directory lacked
 the files that only the journal held.
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.system import safety
-from tests.system.daemon_harness import Env, make_env, running
+from tests.system.daemon_harness import Env, journal_on_another_mount, make_env, running
 from tests.system.helpers import wait_for
 
 pytestmark = pytest.mark.system
@@ -58,9 +60,34 @@ def generations(env: Env) -> list[str]:
     return sorted(str(p.relative_to(env.journal)) for p in env.journal.glob("*/gen-*"))
 
 
-def test_a_checkpoint_that_would_not_fit_twice_is_refused_before_writing(tmp_path: Path) -> None:
-    # 128 MiB ext4: 60 MiB fit on the plain disk, not twice (journal, then the directory)
+def test_a_checkpoint_that_fits_once_is_written_when_the_journal_is_linked_into_place(
+    tmp_path: Path,
+) -> None:
+    # 128 MiB ext4: 60 MiB fit on the plain disk, not twice; the journal is on the
+    # directory's mount, so the unpin links it into place and it needs to fit once
     with make_env(tmp_path, disk_mb=128) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        d.mkdir()
+        with running(env) as dm:
+            env.ctl("pin", str(d), check=True)
+            dd(d / "f1.bin", 30)
+            dd(d / "f2.bin", 30)
+            env.ctl("sync", str(d), check=True)
+            assert len(generations(env)) == 1
+            view = files(d)
+            env.ctl("unpin", str(d), check=True)
+            assert dm.stop() == 0
+        assert not env.overlay_at(d)
+        assert files(d) == view
+        assert generations(env) == []
+
+
+def test_a_checkpoint_that_would_not_fit_twice_is_refused_before_writing(tmp_path: Path) -> None:
+    # 128 MiB ext4: 60 MiB fit on the plain disk, not twice (journal, then the directory: the
+    # journal is on another mount of the disk, so it is copied into place)
+    with make_env(tmp_path, disk_mb=128) as env:
+        env = journal_on_another_mount(env)
         env.write_config(adaptive={"enabled": False})
         d = env.data / "app"
         d.mkdir()
@@ -118,6 +145,7 @@ def test_a_checkpoint_that_would_run_out_of_inodes_is_refused_before_writing(
 
 def test_a_recovery_that_does_not_fit_is_stranded_reported_and_retried(tmp_path: Path) -> None:
     with make_env(tmp_path, disk_mb=128) as env:
+        env = journal_on_another_mount(env)  # copied into place: it must fit a second time
         textfile = env.tmp / "rampiped.prom"
         env.write_config(
             adaptive={"enabled": False}, metrics={"textfile": str(textfile), "interval": "1s"}
