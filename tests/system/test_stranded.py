@@ -4,9 +4,9 @@ An overlay pin's write-back goes through a journal on the same disk and then int
 directory. When the journal is on the directory's own mount the apply links its files into
 place, so the changed data has to fit once; through another mount (here a bind mount of a
 directory of the same disk) it is copied, and has to fit twice. Before, a checkpoint wrote its
-generation whatever the room left; the apply at the stop then failed, and after a power cut the start
-logged "could not reconcile", went on as a normal start with 0 pins, and the directory lacked
-the files that only the journal held.
+generation whatever the room left; the apply at the stop then failed, and after a power cut the
+start logged "could not reconcile", went on as a normal start with 0 pins, and the directory
+lacked the files that only the journal held.
 
 Now a checkpoint or write-back that would not fit is refused before anything is written, and a
 recovery that cannot complete at start is kept as stranded: retried, reported in the status,
