@@ -47,7 +47,6 @@ class Early:
             if stat.S_ISREG(st.st_mode) and self.inodes.get(rel) == st.st_ino
         )
 
-
     def unchanged_after_unmount(self, gen: str | None, upper: str) -> frozenset[str] | None:
         """The regular files of the final generation `gen` that the directory holds already:
         those written early that did not change in the layer since (by ctime; nothing is
