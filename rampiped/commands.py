@@ -303,3 +303,13 @@ def rsync_has_fsync(runner: Runner) -> bool:
     if result.returncode == 0:
         _FSYNC_SUPPORT[key] = supported
     return supported
+
+
+def exclude_pattern(rel: str) -> str:
+    """An rsync pattern that matches exactly the path `rel` below the transfer root.
+
+    rsync honours backslash escapes only in patterns holding a wildcard, so the last character
+    becomes a one-character class (which also is a wildcard) and every other wildcard or
+    backslash is escaped."""
+    body = "".join("\\" + c if c in "*?[\\" else c for c in rel[:-1])
+    return "/" + body + "[\\" + rel[-1] + "]"

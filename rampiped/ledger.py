@@ -113,13 +113,22 @@ def scan_stamps(root: str) -> dict[str, Seen]:
 
 @dataclass
 class Ledger:
-    """rel -> digest of the content the disk (or the journal) holds for that RAM file."""
+    """rel -> digest of the content the disk (or the journal) holds for that RAM file, and
+    its size (see appends.py: a file that only grew gets its tail appended)."""
 
     digests: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, found: Scan) -> Ledger:
-        return cls({rel: seen.digest for rel, seen in found.items()})
+        return cls(
+            {rel: seen.digest for rel, seen in found.items()},
+            {rel: seen.size for rel, seen in found.items()},
+        )
+
+    def record(self, rel: str, digest: str, size: int) -> None:
+        self.digests[rel] = digest
+        self.sizes[rel] = size
 
     def changed(self, found: Scan) -> list[str]:
         """Files of `found` whose content is not what the disk holds for them (or that the
@@ -133,7 +142,7 @@ def settled(found: Scan, root: str) -> Ledger:
     """The ledger after a write-back that read `root` from the moment `found` was taken: files
     whose stamps moved since then are left out (they changed while being copied, or vanished
     or changed type, which rsync reports and skips), so the next write-back copies them."""
-    out = {}
+    out = Ledger()
     for rel, seen in found.items():
         try:
             st = os.lstat(os.path.join(root, rel))
@@ -145,8 +154,8 @@ def settled(found: Scan, root: str) -> Ledger:
             st.st_mtime_ns,
             st.st_ctime_ns,
         ) == (seen.ino, seen.size, seen.mtime_ns, seen.ctime_ns):
-            out[rel] = seen.digest
-    return Ledger(out)
+            out.record(rel, seen.digest, seen.size)
+    return out
 
 
 def with_links(found: Scan, rels: Iterable[str]) -> set[str]:

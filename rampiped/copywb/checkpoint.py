@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from functools import partial
 
 from rampiped import mounts
-from rampiped.commands import CommandResult
+from rampiped.appends import append_grown, candidates, still_prefix
+from rampiped.commands import CommandResult, exclude_pattern
 from rampiped.copywb.databases import databases_in, sqlite_uri, with_companions, write_databases
 from rampiped.copywb.results import CheckpointIncomplete, CheckpointResult, CopyError, NotVerified
 from rampiped.copywb.sides import DATA, verify_source, verify_target
@@ -32,17 +33,6 @@ from rampiped.writeback import (
     scratch_dir,
     source_churn_only,
 )
-
-
-def exclude_pattern(rel: str) -> str:
-    """An rsync pattern that matches exactly the path `rel` below the transfer root.
-
-    rsync honours backslash escapes only in patterns holding a wildcard, so the last character
-    becomes a one-character class (which also is a wildcard) and every other wildcard or
-    backslash is escaped."""
-    body = "".join("\\" + c if c in "*?[\\" else c for c in rel[:-1])
-    return "/" + body + "[\\" + rel[-1] + "]"
-
 
 _STAT_LABELS = {
     "files": "Number of regular files transferred",
@@ -130,6 +120,13 @@ def checkpoint(
             f"{data} holds an entry named {SCRATCH_NAME}, which write-back reserves: rename it"
             " (nothing was written)"
         )
+    # files that only grew: their tail appended to the disk copy, and left out of the copy
+    appended = (
+        append_grown(data, disk, candidates(found, ledger, with_companions(databases)), ledger)
+        if ledger is not None
+        else []
+    )
+    excludes += [f"--exclude={exclude_pattern(a.rel)}" for a in appended]
     argv = [*_RSYNC, "--delete", "--fsync", "--stats", *compare, *excludes, data + "/", disk + "/"]
     with scratch_dir(disk) as scratch:
         argv[-2:-2] = scratch
@@ -139,11 +136,17 @@ def checkpoint(
         raise SyncError.from_command(f"checkpoint of {data} to {disk}", argv, result)
     pause_point("copy-checkpoint:copied")
     totals = rsync_stats(result.stdout)
+    totals["files"] += len(appended)
+    totals["bytes"] += sum(a.new_size - a.old_size for a in appended)
 
-    # Files that changed while rsync read them: their copy may mix old and new bytes.
+    # Files that changed while rsync read them: their copy may mix old and new bytes. A file
+    # whose tail was appended and that only grew on meanwhile is a prefix on disk: the next
+    # checkpoint appends the rest (it is not copied again now).
     after = snapshot(data)
     changed = [p for p in differences(before, after) if p != "."]
     changed = sorted(set(changed) | set(misses))
+    grew_on = {a.rel for a in appended if a.rel in changed and still_prefix(data, a)}
+    changed = [p for p in changed if p not in grew_on]
     attempts = 0
     while changed and attempts < stable_attempts:
         attempts += 1
@@ -179,6 +182,11 @@ def checkpoint(
     written = write_databases(data, disk, sorted(databases), totals, failures, by_pages=True)
     mounts.syncfs(disk)
     skip = with_companions(databases)
+    held = settled({rel: seen for rel, seen in found.items() if rel not in skip}, data)
+    redone = set(unstable) | (set(misses) - grew_on)
+    for a in appended:
+        if a.rel in grew_on or (a.rel in held.digests and a.rel not in redone):
+            held.record(a.rel, a.digest, a.new_size)  # what the disk file holds now
     outcome = CheckpointResult(
         files=totals["files"],
         bytes=totals["bytes"],
@@ -186,7 +194,8 @@ def checkpoint(
         seconds=time.monotonic() - start,
         unstable=unstable,
         databases=written,
-        ledger=settled({rel: seen for rel, seen in found.items() if rel not in skip}, data),
+        ledger=held,
+        appended=len(appended),
     )
     if failures:
         raise CheckpointIncomplete(

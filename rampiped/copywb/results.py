@@ -71,3 +71,4 @@ class CheckpointResult:
     # what the disk holds of each file after it, by content (see ledger.py); databases and
     # their companions are left out (every checkpoint writes them through the backup API)
     ledger: Ledger | None = field(default=None, repr=False, compare=False)
+    appended: int = 0  # of `files`, those that only grew: their tail appended (appends.py)

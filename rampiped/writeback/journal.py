@@ -11,12 +11,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rampiped import tree
+from rampiped import appends, tree
+from rampiped.appends import open_rel_path
 from rampiped.commands import (
     RSYNC_COPY,
     CommandResult,
     Runner,
     SyncError,
+    exclude_pattern,
     rsync_has_fsync,
     run_command,
     run_pass,
@@ -56,6 +58,7 @@ class CheckpointResult:
     seconds: float
     # what the new generation holds of each file of the layer, by content (see ledger.py)
     ledger: Ledger | None = field(default=None, repr=False, compare=False)
+    appended: int = 0  # of `files`, those that only grew: the last copy got their tail
 
 
 def _generations(journal_fd: int) -> tuple[dict[int, str], list[str]]:
@@ -142,6 +145,14 @@ def checkpoint(
         tmp_name = f"gen-{gen}.tmp"
         argv = [*RSYNC_COPY, "--stats", f"--exclude=/{SCRATCH_NAME}"]
         linked = bool(latest) and (ledger is not None or changed_since is not None)
+        # files that only grew: the last generation's copy gets their tail (appends.py) and
+        # is linked into this one, rather than copied whole
+        grown = (
+            appends.candidates(found, ledger, ())
+            if ledger is not None and linked and changed_since is None
+            else {}
+        )
+        argv += [f"--exclude={exclude_pattern(rel)}" for rel in sorted(grown)]
         if linked:
             argv.append(f"--link-dest={journal}/{complete[latest]}")
         argv += [upper + "/", f"{journal}/{tmp_name}/"]
@@ -154,12 +165,28 @@ def checkpoint(
             raise SyncError.from_command(f"checkpoint of {upper} into {journal}", argv, result)
         files = rsync_stat(result.stdout, "Number of regular files transferred")
         nbytes = rsync_stat(result.stdout, "Total transferred file size")
+        appended: list[appends.Appended] = []
+        if grown:
+            assert ledger is not None
+            previous = f"{journal}/{complete[latest]}"
+            appended = appends.append_grown(upper, previous, grown, ledger)
+            _link_into(previous, f"{journal}/{tmp_name}", [a.rel for a in appended])
+            files += len(appended)
+            nbytes += sum(a.new_size - a.old_size for a in appended)
+            left = set(grown) - {a.rel for a in appended}
+            if left:  # not only grown after all: copied whole
+                redo = _copy_listed(
+                    runner, upper, f"{journal}/{tmp_name}", journal, sorted(left), found
+                )
+                files += rsync_stat(redo.stdout, "Number of regular files transferred")
+                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
         if linked:
             if changed_since is not None:
                 changed = [rel for rel, seen in found.items() if seen.ctime_ns >= changed_since]
             else:
                 assert ledger is not None
-                changed = ledger.changed(found)
+                done = {a.rel for a in appended}
+                changed = [rel for rel in ledger.changed(found) if rel not in done]
             stale = _linked_stale(changed, f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}")
             if stale:
                 redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, stale, found)
@@ -178,13 +205,35 @@ def checkpoint(
             for name in complete.values():
                 remove_at(jfd, name)
             _fsync_dir(jfd)
+    held = None if changed_since is not None else settled(found, upper)
+    if held is not None:
+        for a in appended:
+            if a.rel in held.digests or appends.still_prefix(upper, a):
+                held.record(a.rel, a.digest, a.new_size)  # what the generation holds now
     return CheckpointResult(
         gen,
         files,
         nbytes,
         time.monotonic() - start,
-        ledger=None if changed_since is not None else settled(found, upper),
+        ledger=held,
+        appended=len(appended),
     )
+
+
+def _link_into(previous: str, new: str, rels: list[str]) -> None:
+    """Link the files `rels` of the generation `previous` into the one being written, `new`
+    (their directories are there: rsync made every directory of the layer)."""
+    for rel in rels:
+        parent, _, name = rel.rpartition("/")
+        src, dst = open_rel_path(previous, parent), open_rel_path(new, parent)
+        try:
+            if src is None or dst is None:
+                raise FileNotFoundError(f"{rel}: its directory is missing in a generation")
+            os.link(name, name, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
+        finally:
+            for fd in (src, dst):
+                if fd is not None:
+                    os.close(fd)
 
 
 # Left free beyond what a write-back needs: the filesystem's own reserve is already out of

@@ -1,0 +1,197 @@
+"""A file that only grew since the last checkpoint is written back by appending its new tail
+to the disk copy, not by a new copy of all of it: a log of 100 MiB that got 20 KiB costs 20 KiB.
+
+How "only grew" is known, whatever the file's stamps say (cp -p, tar and rsync -a keep old
+mtimes; a store through a shared mapping changes none): the ledger holds the digest and the
+size of what the last checkpoint left on disk; the file in RAM is longer, and the digest of
+its first `size` bytes, read now, is that digest. Anything else (a rewrite of the old part, a
+truncate and regrow, a same-size rewrite, another mode or owner, hard links, the disk copy not
+the size the ledger says) is copied whole, as before.
+
+What a power cut leaves: the tail is written at the old end with pwrite, then fsync; ext4
+(data=ordered, the default) commits the new size only with the data it covers, so after a cut
+the disk file is the old one, or the old one followed by a part of the tail: always a prefix of
+what RAM held, never a torn middle and never garbage. Its mtime is set after the fsync; a cut
+before that leaves the new content with the old mtime, which the next start's copy-in reads
+as the file it is."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from rampiped.fsops import open_rel
+from rampiped.ledger import Ledger, Seen, open_regular
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Appended:
+    rel: str
+    old_size: int
+    new_size: int
+    digest: str  # sha256 of what the disk file holds now
+
+
+def candidates(found: Mapping[str, Seen], ledger: Ledger, skip: Iterable[str]) -> dict[str, int]:
+    """Files that may only have grown: changed, longer than the disk copy the ledger knows,
+    with one name. rel -> the size on disk."""
+    left_out = set(skip)
+    out = {}
+    for rel in ledger.changed(found):
+        seen = found.get(rel)
+        old = ledger.sizes.get(rel)
+        if seen is None or old is None or rel in left_out:
+            continue
+        if seen.nlink == 1 and seen.size > old > 0:
+            out[rel] = old
+    return out
+
+
+def append_grown(
+    data: str,
+    disk: str,
+    grown: dict[str, int],
+    ledger: Ledger,
+    step: Callable[[str], None] = lambda _name: None,
+) -> list[Appended]:
+    """Append to the disk copy below `disk` the tail of each file of `grown` (rel -> size
+    on disk) that only grew in `data`; the others are left for the copy. `step` is told
+    after each step of each file (tail:written, tail:synced, times:set)."""
+    out = []
+    for rel in sorted(grown):
+        done = _append_one(data, disk, rel, grown[rel], ledger.digests.get(rel), step)
+        if done is not None:
+            out.append(done)
+    return out
+
+
+def _append_one(
+    data: str,
+    disk: str,
+    rel: str,
+    old: int,
+    want: str | None,
+    step: Callable[[str], None],
+) -> Appended | None:
+    parent, _, name = rel.rpartition("/")
+    src_dir = open_rel_path(data, parent)
+    if src_dir is None:
+        return None
+    try:
+        found = open_regular(name, src_dir)
+    finally:
+        os.close(src_dir)
+    if found is None:
+        return None
+    src, sst = found
+    try:
+        dst_dir = open_rel_path(disk, parent)
+        if dst_dir is None:
+            return None
+        try:
+            dst = _open_disk_copy(dst_dir, name, src, sst, old)
+        finally:
+            os.close(dst_dir)
+        if dst is None:
+            return None
+        try:
+            h = hashlib.sha256()
+            if not _hash_range(src, 0, old, h) or h.hexdigest() != want:
+                return None  # the old part changed: a new copy
+            end = old
+            while chunk := os.pread(src, _CHUNK, end):
+                written = 0
+                while written < len(chunk):
+                    written += os.pwrite(dst, chunk[written:], end + written)
+                h.update(chunk)
+                end += len(chunk)
+            step("tail:written")
+            os.fsync(dst)
+            step("tail:synced")
+            os.utime(dst, ns=(sst.st_atime_ns, sst.st_mtime_ns))
+            step("times:set")
+            return Appended(rel, old, end, h.hexdigest())
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _open_disk_copy(
+    dir_fd: int, name: str, ram_fd: int, ram: os.stat_result, old: int
+) -> int | None:
+    """The disk copy, open for writing, when it is a regular file of one name, the size the
+    ledger says, with RAM's mode and owner, and the same extended attributes; else None."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    same = (
+        stat.S_ISREG(st.st_mode)
+        and st.st_nlink == 1
+        and st.st_size == old
+        and (st.st_mode, st.st_uid, st.st_gid) == (ram.st_mode, ram.st_uid, ram.st_gid)
+        and _xattrs(ram_fd) == _xattrs(fd)
+    )
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _xattrs(fd: int) -> dict[str, bytes] | None:
+    """The extended attributes rsync -X carries (labels aside); None when unreadable."""
+    try:
+        return {k: os.getxattr(fd, k) for k in os.listxattr(fd) if not k.startswith("security.")}
+    except OSError:
+        return None
+
+
+def still_prefix(data: str, done: Appended) -> bool:
+    """Whether the disk file `done` left is still a prefix of the file in RAM (it grew on
+    while its tail was written, and nothing else): then the next checkpoint appends the rest,
+    and it need not be copied again now."""
+    parent, _, name = done.rel.rpartition("/")
+    dir_fd = open_rel_path(data, parent)
+    if dir_fd is None:
+        return False
+    try:
+        found = open_regular(name, dir_fd)
+    finally:
+        os.close(dir_fd)
+    if found is None:
+        return False
+    fd, _st = found
+    try:
+        h = hashlib.sha256()
+        return _hash_range(fd, 0, done.new_size, h) and h.hexdigest() == done.digest
+    finally:
+        os.close(fd)
+
+
+def _hash_range(fd: int, start: int, end: int, h: Any) -> bool:
+    """Feed bytes [start, end) of `fd` to `h`; False when the file is shorter now."""
+    at = start
+    while at < end:
+        chunk = os.pread(fd, min(_CHUNK, end - at), at)
+        if not chunk:
+            return False
+        h.update(chunk)
+        at += len(chunk)
+    return True
+
+
+def open_rel_path(root: str, rel: str) -> int | None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return open_rel(fd, rel)
+    finally:
+        os.close(fd)

@@ -1,0 +1,234 @@
+"""A copy pin's checkpoint writes a file that only grew by appending its tail to the disk copy
+(appends.py), and copies whole every file that changed any other way, whatever its
+stamps say. A power cut at any step of an append leaves the disk file a prefix of the RAM file
+at least as long as the last checkpoint's: never a torn middle, never garbage."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from rampiped import appends, writeback
+from rampiped.ledger import scan as ledger_scan
+from rampiped.osutil import syncfs
+from tests.system.helpers import LoopFs
+from tests.system.test_copymode import Layout, layout, make_loopfs_from
+
+pytestmark = pytest.mark.system
+
+__all__ = ["layout"]  # the fixture, used by name
+
+KiB = 1 << 10
+OLD_NS = 1_600_000_000 * 10**9
+
+
+def sectors_written(fs: LoopFs) -> int:
+    fields = Path(f"/sys/block/{Path(fs.device).name}/stat").read_text().split()
+    return int(fields[6]) * 512
+
+
+def sync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def lines(n: int, start: int = 0) -> bytes:
+    return b"".join(b"%08d a log line of some length, as syslog writes them\n" % i for i in
+                    range(start, start + n))  # fmt: skip
+
+
+def append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def rewrite_old_part_and_grow(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.write(b"X")
+    append(path, lines(10, 900_000))
+
+
+def store_through_a_mapping_and_grow(path: Path) -> None:
+    st = path.stat()
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        m[5] = ord("M")
+        m.flush()
+    append(path, lines(10, 900_000))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def truncate_and_regrow(path: Path) -> None:
+    old = path.read_bytes()
+    path.write_bytes(b"new start\n" + old[10:] + lines(10, 900_000))
+
+
+def cp_p_longer_other_prefix(path: Path) -> None:
+    other = path.with_name("other")
+    other.write_bytes(b"Y" + path.read_bytes()[1:] + lines(10, 900_000))
+    os.utime(other, ns=(OLD_NS, OLD_NS))
+    subprocess.run(["cp", "-p", str(other), str(path)], check=True)
+    other.unlink()
+
+
+def chmod_and_grow(path: Path) -> None:
+    append(path, lines(10, 900_000))
+    path.chmod(0o600)
+
+
+CHANGES: dict[str, Callable[[Path], None]] = {
+    "rewrite of the old part": rewrite_old_part_and_grow,
+    "store through a shared mapping, old mtime": store_through_a_mapping_and_grow,
+    "truncate and regrow": truncate_and_regrow,
+    "cp -p of a longer file": cp_p_longer_other_prefix,
+    "another mode": chmod_and_grow,
+}
+
+
+@contextlib.contextmanager
+def pinned_log(layout: Layout) -> Iterator[tuple[Path, Path]]:
+    """app.log (about 1 MiB) copied into RAM and checkpointed once; (RAM file, disk file)."""
+    (layout.orig / "app.log").write_bytes(lines(20_000))
+    layout.copy_in()
+    layout.bind_over()
+    try:
+        yield layout.orig / "app.log", layout.disk / "app.log"
+    finally:
+        layout.unbind()
+
+
+def test_a_file_that_only_grew_gets_its_tail_appended(layout: Layout) -> None:
+    with pinned_log(layout) as (ram, disk):
+        ledger = layout.checkpoint().ledger
+        ino = disk.stat().st_ino
+        for round_ in range(3):
+            append(ram, lines(100, 20_000 + 100 * round_))  # about 5 KiB
+            sync_path(layout.loop.mountpoint)
+            before = sectors_written(layout.loop)
+            res = layout.checkpoint(ledger=ledger)
+            written = sectors_written(layout.loop) - before
+            ledger = res.ledger
+            assert res.appended == 1 and res.files == 1, res
+            assert res.bytes == 100 * len(lines(1)), res
+            assert disk.stat().st_ino == ino  # the same file, not a new copy
+            assert disk.read_bytes() == ram.read_bytes()
+            assert disk.stat().st_mtime_ns == ram.stat().st_mtime_ns
+            assert written < 256 * KiB, written  # not the file (about 1 MiB) again
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_file_that_changed_otherwise_is_copied_whole(layout: Layout, change: str) -> None:
+    with pinned_log(layout) as (ram, disk):
+        ledger = layout.checkpoint().ledger
+        CHANGES[change](ram)
+        res = layout.checkpoint(ledger=ledger)
+        assert res.appended == 0, res
+        assert disk.read_bytes() == ram.read_bytes()
+        assert disk.stat().st_mode == ram.stat().st_mode
+        layout.final_sync(ledger=res.ledger)
+    assert disk.read_bytes() == (layout.data / "app.log").read_bytes()
+
+
+def test_a_file_that_grows_on_during_the_checkpoint_is_taken_next_time(layout: Layout) -> None:
+    """Each change once: a file that grew on while its tail was appended is a prefix on disk;
+    it is not copied again in that checkpoint, and the next one appends the rest."""
+    with pinned_log(layout) as (ram, disk):
+        ledger = layout.checkpoint().ledger
+        append(ram, lines(100, 20_000))
+        assert ledger is not None
+        grown = appends.candidates(ledger_scan(str(layout.data)), ledger, [])
+        assert grown == {"app.log": len(lines(20_000))}
+        done = appends.append_grown(str(layout.data), str(layout.disk), grown, ledger)
+        append(ram, lines(100, 20_100))  # after the tail was written
+        assert appends.still_prefix(str(layout.data), done[0])
+        assert ram.read_bytes().startswith(disk.read_bytes())
+
+
+class Cut(Exception):
+    pass
+
+
+def cut_at(n: int, seen: list[str]) -> Callable[[str], None]:
+    def step(name: str) -> None:
+        seen.append(name)
+        if len(seen) == n:
+            raise Cut(name)
+
+    return step
+
+
+def test_a_power_cut_during_an_append_leaves_a_prefix(layout: Layout, tmp_path: Path) -> None:
+    """After each step, the device as it is (what ext4 did not write out is not in the image;
+    commit=600: metadata reaches it only where rampiped syncs), mounted as after a reboot."""
+    subprocess.run(["mount", "-o", "remount,commit=600", str(layout.loop.mountpoint)], check=True)
+    with pinned_log(layout) as (ram, disk):
+        ledger = layout.checkpoint().ledger
+        assert ledger is not None
+        old = disk.read_bytes()
+        append(ram, lines(6_000, 20_000))  # about 330 KiB
+        new = ram.read_bytes()
+        grown = {"app.log": len(old)}
+        steps: list[str] = []
+        appends.append_grown(str(layout.data), str(layout.disk), grown, ledger, step=steps.append)
+        assert steps == ["tail:written", "tail:synced", "times:set"]
+        for n, name in enumerate(steps, 1):
+            with open(disk, "r+b") as f:  # back to the last checkpoint, on the device
+                f.truncate(len(old))
+                os.fsync(f.fileno())
+            sync_path(layout.loop.mountpoint)
+            with pytest.raises(Cut):
+                appends.append_grown(
+                    str(layout.data), str(layout.disk), grown, ledger, step=cut_at(n, [])
+                )
+            image = tmp_path / "after-cut.img"
+            subprocess.run(
+                ["cp", "--sparse=always", str(layout.loop.image), str(image)], check=True
+            )
+            with make_loopfs_from(image, tmp_path / f"rebooted-{n}") as rebooted:
+                found = (rebooted / "pve-cluster" / "app.log").read_bytes()
+            image.unlink()
+            assert len(found) >= len(old) and new.startswith(found), (name, len(found))
+            if name != "tail:written":
+                assert found == new, name
+
+
+# -- an overlay pin's journal ------------------------------------------------------------------
+
+
+def test_a_journal_generation_takes_a_grown_file_by_its_tail(
+    loopfs: LoopFs, runtime_tmpfs: Path
+) -> None:
+    """The generation before gets the tail and is linked into the new one; a file changed any
+    other way is copied whole; each generation holds what the layer held."""
+    upper = runtime_tmpfs / "upper"
+    upper.mkdir()
+    journal = loopfs.mountpoint / "journal"
+    log, other = upper / "app.log", upper / "other.log"
+    log.write_bytes(lines(20_000))
+    other.write_bytes(lines(20_000))
+    first = writeback.checkpoint(str(upper), str(journal))
+    gen1 = journal / f"gen-{first.generation}"
+    ino = (gen1 / "app.log").stat().st_ino
+    append(log, lines(100, 20_000))
+    rewrite_old_part_and_grow(other)
+    sync_path(loopfs.mountpoint)
+    before = sectors_written(loopfs)
+    second = writeback.checkpoint(str(upper), str(journal), ledger=first.ledger)
+    written = sectors_written(loopfs) - before
+    gen2 = journal / f"gen-{second.generation}"
+    assert second.appended == 1, second
+    assert (gen2 / "app.log").stat().st_ino == ino
+    assert (gen2 / "app.log").read_bytes() == log.read_bytes()
+    assert (gen2 / "other.log").read_bytes() == other.read_bytes()
+    assert not gen1.exists()
+    # the tail, other.log whole (about 1 MiB) and metadata; app.log again would double it
+    assert written < 1.6 * other.stat().st_size, written
+    assert second.ledger is not None and second.ledger.changed(ledger_scan(str(upper))) == []
