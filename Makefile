@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # debootstrap for the booted-systemd test, sqlite3 for inspection, man-db and groff-base for
 # the test that renders the manual pages, prometheus for promtool (the test of the alert
 # rules in packaging/prometheus).
-DEB_PACKAGES = rsync acl attr e2fsprogs util-linux psmisc fio sqlite3 systemd-container debootstrap \
+DEB_PACKAGES = rsync acl attr e2fsprogs util-linux psmisc fio sqlite3 systemd-container debootstrap logrotate \
 	man-db groff-base
 # Installed without their recommended packages: prometheus recommends (and would start, on a
 # booted systemd) prometheus-node-exporter; the tests need only its promtool.
@@ -37,7 +37,7 @@ venv: $(VENV)/.stamp
 # Installs the Debian packages above when one of their commands is missing (needs root), and
 # those `make deb` needs (the booted-systemd test builds the package).
 deps: deb-deps
-	@missing=""; for c in rsync setfacl getfattr mkfs.ext4 losetup fuser fio sqlite3 systemd-nspawn debootstrap man promtool; do \
+	@missing=""; for c in rsync setfacl getfattr mkfs.ext4 losetup fuser fio sqlite3 systemd-nspawn debootstrap man promtool logrotate; do \
 	  command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (missing:$$missing)"; \

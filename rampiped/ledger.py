@@ -118,17 +118,33 @@ class Ledger:
 
     digests: dict[str, str] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+    # the RAM file's inode then (see renames.py: a file renamed in RAM keeps its inode)
+    inodes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, found: Scan) -> Ledger:
-        return cls(
-            {rel: seen.digest for rel, seen in found.items()},
-            {rel: seen.size for rel, seen in found.items()},
-        )
+        out = cls()
+        for rel, seen in found.items():
+            out.record(rel, seen.digest, seen.size, seen.ino)
+        return out
 
-    def record(self, rel: str, digest: str, size: int) -> None:
+    def record(self, rel: str, digest: str, size: int, ino: int | None = None) -> None:
         self.digests[rel] = digest
         self.sizes[rel] = size
+        if ino is not None:
+            self.inodes[rel] = ino
+        else:
+            self.inodes.pop(rel, None)
+
+    def moved(self, pairs: Mapping[str, str]) -> Ledger:
+        """This ledger with the entries of each old name (value) under its new name (key): what
+        the disk holds once those files were renamed there (renames.py)."""
+        out = Ledger(dict(self.digests), dict(self.sizes), dict(self.inodes))
+        for new, old in pairs.items():
+            out.digests[new] = self.digests[old]
+            out.sizes[new] = self.sizes[old]
+            out.inodes[new] = self.inodes[old]
+        return out
 
     def changed(self, found: Scan) -> list[str]:
         """Files of `found` whose content is not what the disk holds for them (or that the
@@ -154,7 +170,7 @@ def settled(found: Scan, root: str) -> Ledger:
             st.st_mtime_ns,
             st.st_ctime_ns,
         ) == (seen.ino, seen.size, seen.mtime_ns, seen.ctime_ns):
-            out.record(rel, seen.digest, seen.size)
+            out.record(rel, seen.digest, seen.size, seen.ino)
     return out
 
 

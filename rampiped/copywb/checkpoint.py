@@ -15,12 +15,14 @@ from rampiped import mounts
 from rampiped.appends import append_grown, candidates, still_prefix
 from rampiped.commands import CommandResult, exclude_pattern
 from rampiped.copywb.databases import databases_in, sqlite_uri, with_companions, write_databases
+from rampiped.copywb.renamed import rename_on_disk
 from rampiped.copywb.results import CheckpointIncomplete, CheckpointResult, CopyError, NotVerified
 from rampiped.copywb.sides import DATA, verify_source, verify_target
 from rampiped.copywb.snapshot import differences, kind_letter, snapshot
 from rampiped.ledger import Ledger, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
+from rampiped.renames import renamed
 from rampiped.writeback import RSYNC_COPY as _RSYNC
 from rampiped.writeback import (
     SCRATCH_NAME,
@@ -112,6 +114,12 @@ def checkpoint(
     found = ledger_scan(data)
     databases = databases_in(data, before)
     excludes = [f"--exclude={exclude_pattern(p)}" for p in sorted(with_companions(databases))]
+    # files renamed in RAM: renamed on disk (renames.py), and the ledger with them
+    moved: dict[str, str] = {}
+    if ledger is not None:
+        pairs = renamed(found, ledger, frozenset(with_companions(databases)), grown=True)
+        moved = rename_on_disk(disk, pairs, ledger) if pairs else {}
+        ledger = ledger.moved(moved)
     # looked at before the pass: afterwards every file it copied would look like a miss
     misses = _content_misses(data, disk, found, ledger) if ledger is not None else []
     compare = [] if ledger is not None else ["--checksum"]
@@ -186,7 +194,7 @@ def checkpoint(
     redone = set(unstable) | (set(misses) - grew_on)
     for a in appended:
         if a.rel in grew_on or (a.rel in held.digests and a.rel not in redone):
-            held.record(a.rel, a.digest, a.new_size)  # what the disk file holds now
+            held.record(a.rel, a.digest, a.new_size, found[a.rel].ino)  # the disk file now
     outcome = CheckpointResult(
         files=totals["files"],
         bytes=totals["bytes"],
@@ -196,6 +204,7 @@ def checkpoint(
         databases=written,
         ledger=held,
         appended=len(appended),
+        renamed=len(moved),
     )
     if failures:
         raise CheckpointIncomplete(

@@ -72,3 +72,4 @@ class CheckpointResult:
     # their companions are left out (every checkpoint writes them through the backup API)
     ledger: Ledger | None = field(default=None, repr=False, compare=False)
     appended: int = 0  # of `files`, those that only grew: their tail appended (appends.py)
+    renamed: int = 0  # files renamed on disk as they were in RAM (renames.py), not copied

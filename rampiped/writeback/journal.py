@@ -38,6 +38,7 @@ from rampiped.ledger import Ledger, scan_stamps, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
 from rampiped.pause import pause_point
+from rampiped.renames import renamed
 from rampiped.writeback.apply import ApplyResult, apply_layer, at_or_below
 from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.links import LinkRoute
@@ -147,12 +148,12 @@ def checkpoint(
         linked = bool(latest) and (ledger is not None or changed_since is not None)
         # files that only grew: the last generation's copy gets their tail (appends.py) and
         # is linked into this one, rather than copied whole
-        grown = (
-            appends.candidates(found, ledger, ())
-            if ledger is not None and linked and changed_since is None
-            else {}
-        )
-        argv += [f"--exclude={exclude_pattern(rel)}" for rel in sorted(grown)]
+        # and files renamed in the layer with their content as it was: the last generation's
+        # copy is linked in under the new name (renames.py)
+        known = ledger is not None and linked and changed_since is None
+        moved = renamed(found, ledger, frozenset(), grown=False) if known and ledger else {}
+        grown = appends.candidates(found, ledger, moved) if known and ledger else {}
+        argv += [f"--exclude={exclude_pattern(rel)}" for rel in sorted(grown) + sorted(moved)]
         if linked:
             argv.append(f"--link-dest={journal}/{complete[latest]}")
         argv += [upper + "/", f"{journal}/{tmp_name}/"]
@@ -166,18 +167,22 @@ def checkpoint(
         files = rsync_stat(result.stdout, "Number of regular files transferred")
         nbytes = rsync_stat(result.stdout, "Total transferred file size")
         appended: list[appends.Appended] = []
+        if moved:
+            left = _link_into(f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}", moved)
+            if left:  # not there as the ledger says: copied whole
+                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, left, found)
+                files += rsync_stat(redo.stdout, "Number of regular files transferred")
+                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
         if grown:
             assert ledger is not None
             previous = f"{journal}/{complete[latest]}"
             appended = appends.append_grown(upper, previous, grown, ledger)
-            _link_into(previous, f"{journal}/{tmp_name}", [a.rel for a in appended])
+            _link_into(previous, f"{journal}/{tmp_name}", {a.rel: a.rel for a in appended})
             files += len(appended)
             nbytes += sum(a.new_size - a.old_size for a in appended)
-            left = set(grown) - {a.rel for a in appended}
-            if left:  # not only grown after all: copied whole
-                redo = _copy_listed(
-                    runner, upper, f"{journal}/{tmp_name}", journal, sorted(left), found
-                )
+            whole = sorted(set(grown) - {a.rel for a in appended})
+            if whole:  # not only grown after all: copied whole
+                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, whole, found)
                 files += rsync_stat(redo.stdout, "Number of regular files transferred")
                 nbytes += rsync_stat(redo.stdout, "Total transferred file size")
         if linked:
@@ -185,7 +190,7 @@ def checkpoint(
                 changed = [rel for rel, seen in found.items() if seen.ctime_ns >= changed_since]
             else:
                 assert ledger is not None
-                done = {a.rel for a in appended}
+                done = {a.rel for a in appended} | set(moved)
                 changed = [rel for rel in ledger.changed(found) if rel not in done]
             stale = _linked_stale(changed, f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}")
             if stale:
@@ -209,7 +214,7 @@ def checkpoint(
     if held is not None:
         for a in appended:
             if a.rel in held.digests or appends.still_prefix(upper, a):
-                held.record(a.rel, a.digest, a.new_size)  # what the generation holds now
+                held.record(a.rel, a.digest, a.new_size, found[a.rel].ino)  # the generation now
     return CheckpointResult(
         gen,
         files,
@@ -220,20 +225,27 @@ def checkpoint(
     )
 
 
-def _link_into(previous: str, new: str, rels: list[str]) -> None:
-    """Link the files `rels` of the generation `previous` into the one being written, `new`
-    (their directories are there: rsync made every directory of the layer)."""
-    for rel in rels:
-        parent, _, name = rel.rpartition("/")
-        src, dst = open_rel_path(previous, parent), open_rel_path(new, parent)
+def _link_into(previous: str, new: str, pairs: dict[str, str]) -> list[str]:
+    """Link each file of the generation `previous` into the one being written, `new`, under
+    its new name (pairs: new name -> name in `previous`; the directories are there, rsync
+    made every directory of the layer). Returns the new names whose file was not there as a
+    regular file: those are to be copied."""
+    left = []
+    for rel, old in sorted(pairs.items()):
+        sparent, _, sname = old.rpartition("/")
+        dparent, _, dname = rel.rpartition("/")
+        src, dst = open_rel_path(previous, sparent), open_rel_path(new, dparent)
         try:
-            if src is None or dst is None:
-                raise FileNotFoundError(f"{rel}: its directory is missing in a generation")
-            os.link(name, name, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
+            st = None if src is None else lstat_at(src, sname)
+            if dst is None or st is None or not stat.S_ISREG(st.st_mode):
+                left.append(rel)
+                continue
+            os.link(sname, dname, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
         finally:
             for fd in (src, dst):
                 if fd is not None:
                     os.close(fd)
+    return left
 
 
 # Left free beyond what a write-back needs: the filesystem's own reserve is already out of

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rampiped import appends, writeback
+from rampiped import appends, renames, writeback
+from rampiped.copywb.renamed import rename_on_disk
 from rampiped.ledger import scan as ledger_scan
 from rampiped.osutil import syncfs
 from tests.system.helpers import LoopFs
@@ -232,3 +233,111 @@ def test_a_journal_generation_takes_a_grown_file_by_its_tail(
     # the tail, other.log whole (about 1 MiB) and metadata; app.log again would double it
     assert written < 1.6 * other.stat().st_size, written
     assert second.ledger is not None and second.ledger.changed(ledger_scan(str(upper))) == []
+
+
+# -- renames ---------------------------------------------------------------------------------
+
+
+def rotate(d: Path) -> None:
+    """logrotate's way without copytruncate: each rotated file one up, the oldest gone, the
+    live log renamed to .1 and a new, empty one made."""
+    (d / "app.log.4").unlink(missing_ok=True)
+    for k in (3, 2, 1):
+        if (d / f"app.log.{k}").exists():
+            os.rename(d / f"app.log.{k}", d / f"app.log.{k + 1}")
+    os.rename(d / "app.log", d / "app.log.1")
+    (d / "app.log").write_bytes(b"")
+
+
+def seed_rotated(d: Path) -> None:
+    for k in (1, 2, 3):
+        (d / f"app.log.{k}").write_bytes(lines(8_000, 100_000 * k))
+    (d / "app.log").write_bytes(lines(8_000))
+
+
+def contents(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_a_rotation_in_a_copy_pin_is_renamed_on_disk(layout: Layout) -> None:
+    seed_rotated(layout.orig)
+    layout.copy_in()
+    layout.bind_over()
+    try:
+        ledger = layout.checkpoint().ledger
+        rotate(layout.orig)
+        append(layout.orig / "app.log", lines(10, 500_000))
+        sync_path(layout.loop.mountpoint)
+        before = sectors_written(layout.loop)
+        res = layout.checkpoint(ledger=ledger)
+        written = sectors_written(layout.loop) - before
+        assert res.renamed == 4, res  # app.log -> .1 -> .2 -> .3 -> .4
+        assert contents(layout.disk) == contents(layout.orig)
+        # about 1.7 MiB of rotated files: renamed, not written again
+        assert written < 256 * KiB, written
+        layout.final_sync(ledger=res.ledger)
+    finally:
+        layout.unbind()
+    assert contents(layout.orig) == contents(layout.data)
+
+
+def test_a_power_cut_while_renaming_leaves_each_name_old_or_new(
+    layout: Layout, tmp_path: Path
+) -> None:
+    subprocess.run(["mount", "-o", "remount,commit=600", str(layout.loop.mountpoint)], check=True)
+    seed_rotated(layout.orig)
+    layout.copy_in()
+    layout.bind_over()
+    try:
+        ledger = layout.checkpoint().ledger
+        assert ledger is not None
+        old = contents(layout.disk)
+        rotate(layout.orig)
+        new = contents(layout.orig)
+        found = ledger_scan(str(layout.data))
+        pairs = renames.renamed(found, ledger, frozenset(), grown=True)
+        assert pairs == {f"app.log.{k + 1}": f"app.log.{k}" if k else "app.log" for k in range(4)}
+        for n, stage in enumerate(["renames-linked", "renames-done"], 1):
+            sync_path(layout.loop.mountpoint)
+            with pytest.raises(Cut):
+                rename_on_disk(str(layout.disk), pairs, ledger, step=cut_at(n, []))
+            image = tmp_path / "after-cut.img"
+            subprocess.run(
+                ["cp", "--sparse=always", str(layout.loop.image), str(image)], check=True
+            )
+            with make_loopfs_from(image, tmp_path / f"rebooted-{n}") as rebooted:
+                found_after = contents(rebooted / "pve-cluster")
+            image.unlink()
+            for name in set(old) | set(new):
+                assert found_after.get(name) in (old.get(name), new.get(name)), (stage, name)
+            # back to the last checkpoint for the next cut
+            for name in os.listdir(layout.disk):
+                if name != ".rampiped-tmp":
+                    (layout.disk / name).unlink()
+            for name, data in old.items():
+                (layout.disk / name).write_bytes(data)
+    finally:
+        layout.unbind()
+
+
+def test_a_rotation_in_an_overlay_pin_links_the_last_generation(
+    loopfs: LoopFs, runtime_tmpfs: Path
+) -> None:
+    upper = runtime_tmpfs / "upper"
+    upper.mkdir()
+    journal = loopfs.mountpoint / "journal"
+    seed_rotated(upper)
+    first = writeback.checkpoint(str(upper), str(journal))
+    gen1 = journal / f"gen-{first.generation}"
+    inodes = {p.name: p.stat().st_ino for p in gen1.iterdir()}
+    rotate(upper)
+    sync_path(loopfs.mountpoint)
+    before = sectors_written(loopfs)
+    second = writeback.checkpoint(str(upper), str(journal), ledger=first.ledger)
+    written = sectors_written(loopfs) - before
+    gen2 = journal / f"gen-{second.generation}"
+    assert contents(gen2) == contents(upper)
+    for k in range(4):
+        was = f"app.log.{k}" if k else "app.log"
+        assert (gen2 / f"app.log.{k + 1}").stat().st_ino == inodes[was]
+    assert written < 256 * KiB, written
