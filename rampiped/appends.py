@@ -195,3 +195,37 @@ def open_rel_path(root: str, rel: str) -> int | None:
         return open_rel(fd, rel)
     finally:
         os.close(fd)
+
+
+def disk_prefix(data: str, disk: str, rel: str) -> tuple[str, int] | None:
+    """(digest, size) of the disk copy of `rel` when it is a prefix of the file in RAM now
+    (one name on each side), else None: a file that grew while a checkpoint copied it is then
+    on disk as it was at some moment, and the next checkpoint appends the rest instead of this
+    one copying it again. Reads the disk copy, which the checkpoint has just written (it is in
+    the page cache)."""
+    parent, _, name = rel.rpartition("/")
+    opened: list[int] = []
+    try:
+        for root in (disk, data):
+            dir_fd = open_rel_path(root, parent)
+            if dir_fd is None:
+                return None
+            try:
+                found = open_regular(name, dir_fd)
+            finally:
+                os.close(dir_fd)
+            if found is None:
+                return None
+            opened.append(found[0])
+            if found[1].st_nlink != 1:
+                return None
+        disk_fd, ram_fd = opened
+        size = os.fstat(disk_fd).st_size
+        on_disk, in_ram = hashlib.sha256(), hashlib.sha256()
+        if not _hash_range(disk_fd, 0, size, on_disk) or not _hash_range(ram_fd, 0, size, in_ram):
+            return None
+        digest = on_disk.hexdigest()
+        return (digest, size) if digest == in_ram.hexdigest() else None
+    finally:
+        for fd in opened:
+            os.close(fd)

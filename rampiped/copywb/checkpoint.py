@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from functools import partial
 
 from rampiped import mounts
-from rampiped.appends import append_grown, candidates, still_prefix
+from rampiped.appends import append_grown, candidates, disk_prefix, still_prefix
 from rampiped.commands import CommandResult, exclude_pattern
 from rampiped.copywb.databases import databases_in, sqlite_uri, with_companions, write_databases
 from rampiped.copywb.renamed import rename_on_disk
@@ -154,7 +154,17 @@ def checkpoint(
     changed = [p for p in differences(before, after) if p != "."]
     changed = sorted(set(changed) | set(misses))
     grew_on = {a.rel for a in appended if a.rel in changed and still_prefix(data, a)}
-    changed = [p for p in changed if p not in grew_on]
+    # each change once: a file that only grew while it was copied is a prefix on disk, and the
+    # next checkpoint appends the rest (the others may be torn: copied again, up to
+    # `stable_attempts` times)
+    prefixes = {
+        p: known
+        for p in changed
+        if p not in grew_on
+        and p not in misses
+        and (known := disk_prefix(data, disk, p)) is not None
+    }
+    changed = [p for p in changed if p not in grew_on and p not in prefixes]
     attempts = 0
     while changed and attempts < stable_attempts:
         attempts += 1
@@ -195,6 +205,9 @@ def checkpoint(
     for a in appended:
         if a.rel in grew_on or (a.rel in held.digests and a.rel not in redone):
             held.record(a.rel, a.digest, a.new_size, found[a.rel].ino)  # the disk file now
+    for rel, (digest, size) in prefixes.items():
+        if rel in found and rel not in skip:  # (one new since the scan is copied next time)
+            held.record(rel, digest, size, found[rel].ino)
     outcome = CheckpointResult(
         files=totals["files"],
         bytes=totals["bytes"],

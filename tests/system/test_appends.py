@@ -9,6 +9,8 @@ import contextlib
 import mmap
 import os
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -341,3 +343,46 @@ def test_a_rotation_in_an_overlay_pin_links_the_last_generation(
         was = f"app.log.{k}" if k else "app.log"
         assert (gen2 / f"app.log.{k + 1}").stat().st_ino == inodes[was]
     assert written < 256 * KiB, written
+
+
+def test_a_log_appended_during_the_checkpoint_is_copied_once(layout: Layout) -> None:
+    """Each change once: logs that a writer appends to all through a checkpoint (one whose tail
+    is appended, one new and copied) are on disk as prefixes afterwards, not copied again and
+    again (nor reported as never holding still); the next checkpoint appends the rest."""
+    (layout.orig / "busy.log").write_bytes(lines(20_000))
+    layout.copy_in()
+    layout.bind_over()
+    busy = layout.orig / "busy.log"
+    stop = threading.Event()
+
+    def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            append(busy, lines(5, 200_000 + n))
+            append(layout.orig / "new.log", lines(5, 400_000 + n))
+            n += 5
+            time.sleep(0.0005)
+
+    try:
+        ledger = layout.checkpoint().ledger
+        append(busy, lines(200, 100_000))  # grown: appended, then grown on during the pass
+        (layout.orig / "new.log").write_bytes(lines(20_000, 300_000))
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            res = layout.checkpoint(ledger=ledger)
+        finally:
+            stop.set()
+            thread.join()
+        assert res.unstable == [], res
+        for name in ("busy.log", "new.log"):
+            disk = (layout.disk / name).read_bytes()
+            assert (layout.orig / name).read_bytes().startswith(disk), name
+        assert res.bytes < 2 * len(lines(20_000)), res  # new.log once, busy.log's tail
+        again = layout.checkpoint(ledger=res.ledger)
+        assert again.appended == 2 and again.files == 2, again
+        assert contents(layout.disk) == contents(layout.orig)
+        layout.final_sync(ledger=again.ledger)
+    finally:
+        layout.unbind()
+    assert contents(layout.orig) == contents(layout.data)
