@@ -165,6 +165,7 @@ def checkpoint(
         and (known := disk_prefix(data, disk, p)) is not None
     }
     changed = [p for p in changed if p not in grew_on and p not in prefixes]
+    steady: list[str] = []  # copied again, and held still while that copy read them
     attempts = 0
     while changed and attempts < stable_attempts:
         attempts += 1
@@ -193,7 +194,12 @@ def checkpoint(
         for key, value in rsync_stats(redo.stdout).items():
             totals[key] += value
         second = snapshot(data, changed)
-        changed = [p for p in changed if first.get(p) != second.get(p)]
+        steady += [p for p in changed if first.get(p) == second.get(p)]
+        moving = [p for p in changed if first.get(p) != second.get(p)]
+        for p in moving:
+            if (known := disk_prefix(data, disk, p)) is not None:
+                prefixes[p] = known
+        changed = [p for p in moving if p not in prefixes]
     unstable = changed
 
     failures: list[str] = []
@@ -208,6 +214,19 @@ def checkpoint(
     for rel, (digest, size) in prefixes.items():
         if rel in found and rel not in skip:  # (one new since the scan is copied next time)
             held.record(rel, digest, size, found[rel].ino)
+    # what the copies made again hold, so that the next checkpoint does not take them for
+    # content it cannot know (and copy them once more)
+    settled_again = settled(
+        {rel: seen for rel, seen in ledger_scan(data, steady).items() if rel not in skip}, data
+    )
+    for rel in settled_again.digests:
+        if rel not in unstable:
+            held.record(
+                rel,
+                settled_again.digests[rel],
+                settled_again.sizes[rel],
+                settled_again.inodes.get(rel),
+            )
     outcome = CheckpointResult(
         files=totals["files"],
         bytes=totals["bytes"],
