@@ -185,6 +185,13 @@ def print_status(st: dict[str, Any]) -> None:
                 f" {format_bytes(p['ram_bytes']):>10} {format_bytes(p['dirty_bytes']):>10}"
                 f"  {sync_text}  ({kind})"
             )
+            whole = p.get("whole_file_bytes", 0)
+            if whole:
+                written = p.get("written_bytes", 0)
+                print(
+                    f"    checkpoints wrote {format_bytes(written)} where whole files would"
+                    f" have been {format_bytes(whole)} ({1 - written / whole:.0%} spared)"
+                )
             if p.get("error"):
                 print(f"    {p['error']}")
     else:

@@ -59,6 +59,16 @@ GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
         "Bytes the pin's files take in RAM before compression (ram_bytes on tmpfs).",
         _BY_PIN,
     ),
+    "rampiped_pin_written_bytes": (
+        "Bytes the pin's checkpoints wrote to disk since it was made: files copied whole and"
+        " tails appended (a file renamed or linked into place costs none).",
+        _BY_PIN,
+    ),
+    "rampiped_pin_whole_file_bytes": (
+        "Bytes the same checkpoints would have written with each changed file whole: against"
+        " rampiped_pin_written_bytes, what appends and renames spared.",
+        _BY_PIN,
+    ),
     "rampiped_stranded_bytes": (
         "Bytes of a write-back that could not complete: in the journal or RAM only, not in the"
         " directory (retried until it completes).",
@@ -147,6 +157,8 @@ class PinSample:
     at_risk_s: float  # age of the oldest change not yet on disk; 0 when there is none
     sync_interval: float = 0.0  # seconds between its checkpoints; 0: none
     stored_bytes: int | None = None  # before compression (ram.backend zram); None: ram_bytes
+    written_bytes: int = 0  # what its checkpoints wrote
+    whole_file_bytes: int = 0  # what they would have written with whole files
 
 
 @dataclass(frozen=True)
@@ -215,6 +227,8 @@ class Metrics:
         self.pin_rate = gauge("rampiped_pin_write_rate")
         self.pin_ram = gauge("rampiped_pin_ram_bytes")
         self.pin_stored = gauge("rampiped_pin_stored_bytes")
+        self.pin_written = gauge("rampiped_pin_written_bytes")
+        self.pin_whole = gauge("rampiped_pin_whole_file_bytes")
         self.stranded = gauge("rampiped_stranded_bytes")
         self.pin_dirty = gauge("rampiped_pin_dirty_bytes")
         self.pin_at_risk = gauge("rampiped_pin_data_at_risk_seconds")
@@ -318,7 +332,15 @@ class Metrics:
         self.textfile_interval.set(sample.textfile_interval)
         self.dirty.set(sum(p.dirty_bytes for p in sample.pins))
         self.at_risk.set(max((p.at_risk_s for p in sample.pins), default=0.0))
-        for gauge in (self.pin_state, self.pin_rate, self.pin_ram, self.pin_stored, self.pin_dirty):
+        for gauge in (
+            self.pin_state,
+            self.pin_rate,
+            self.pin_ram,
+            self.pin_stored,
+            self.pin_dirty,
+            self.pin_written,
+            self.pin_whole,
+        ):
             gauge.clear()
         self.pin_at_risk.clear()
         self.pin_sync_interval.clear()
@@ -331,6 +353,8 @@ class Metrics:
             stored = p.ram_bytes if p.stored_bytes is None else p.stored_bytes
             self.pin_stored.labels(label, p.mode).set(stored)
             self.pin_dirty.labels(label, p.mode).set(p.dirty_bytes)
+            self.pin_written.labels(label, p.mode).set(p.written_bytes)
+            self.pin_whole.labels(label, p.mode).set(p.whole_file_bytes)
             self.pin_at_risk.labels(label, p.mode).set(p.at_risk_s)
             self.pin_sync_interval.labels(label, p.mode).set(p.sync_interval)
         self._totals.values = dict(sample.monitor)

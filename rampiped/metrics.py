@@ -359,6 +359,8 @@ class Observer:
                     sync_interval=(
                         default_interval if pin.sync_interval is None else pin.sync_interval
                     ),
+                    written_bytes=pin.written_bytes,
+                    whole_file_bytes=pin.whole_file_bytes,
                 )
             )
         for path in list(self._measured):

@@ -237,6 +237,9 @@ def checkpoint(
         ledger=held,
         appended=len(appended),
         renamed=len(moved),
+        whole_bytes=totals["bytes"]
+        + sum(a.old_size for a in appended)
+        + sum(found[rel].size for rel in moved if rel in found),
     )
     if failures:
         raise CheckpointIncomplete(

@@ -73,3 +73,4 @@ class CheckpointResult:
     ledger: Ledger | None = field(default=None, repr=False, compare=False)
     appended: int = 0  # of `files`, those that only grew: their tail appended (appends.py)
     renamed: int = 0  # files renamed on disk as they were in RAM (renames.py), not copied
+    whole_bytes: int = 0  # what writing each changed file whole would have written

@@ -61,8 +61,11 @@ class Status(DaemonState):
                         "seconds": round(last.seconds, 3),
                         "files": last.files,
                         "bytes": last.bytes,
+                        "whole_file_bytes": last.whole_bytes,
                         "error": last.error,
                     },
+                    "written_bytes": pin.written_bytes,
+                    "whole_file_bytes": pin.whole_file_bytes,
                     "holders": pin.holders,
                     "error": pin.error,
                 }

@@ -22,6 +22,7 @@ from rampiped.pins.model import (
     PinRefused,
     StillDraining,
     SyncRecord,
+    Written,
 )
 
 log = logging.getLogger("rampiped")
@@ -132,7 +133,7 @@ class CopyMode(Mode):
             ledger=ledger,
         )
 
-    def write_checkpoint(self, pin: Pin) -> tuple[int, int, ledger_mod.Ledger | None]:
+    def write_checkpoint(self, pin: Pin) -> Written:
         res = self.copy_checkpoint(pin, pin.ledger)
         if res.unstable:
             log.warning(
@@ -140,7 +141,7 @@ class CopyMode(Mode):
                 pin.path,
                 ", ".join(res.unstable[:10]),
             )
-        return res.files, res.bytes, res.ledger
+        return Written(res.files, res.bytes, res.ledger, res.whole_bytes)
 
     def dirty_floor(self, pin: Pin, since: float) -> tuple[float, float | None]:
         # copy_in writes its sentinel last: everything older came from the disk

@@ -163,8 +163,10 @@ class PinManager(Recovery):
             return skipped
         clock = self.ram_clock(pin)  # what changes from here on, the next checkpoint writes
         try:
-            files, nbytes, known = kind.write_checkpoint(pin)
-            record = SyncRecord(wall, True, time.monotonic() - start, files, nbytes)
+            files, nbytes, known, whole = kind.write_checkpoint(pin)
+            record = SyncRecord(
+                wall, True, time.monotonic() - start, files, nbytes, whole_bytes=whole
+            )
         except writeback.NoSpace as exc:
             record = SyncRecord(wall, False, time.monotonic() - start, error=str(exc))
             known = pin.ledger  # refused before writing anything
@@ -175,6 +177,8 @@ class PinManager(Recovery):
             pin.ledger = known
             pin.last_sync = record
             if record.ok:
+                pin.written_bytes += record.bytes
+                pin.whole_file_bytes += record.whole_bytes
                 pin.last_sync_mono = start
                 pin.last_ok_wall = clock
                 pin.backoff = 0.0

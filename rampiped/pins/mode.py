@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rampiped import copymode, handover, mounts, writeback
-from rampiped import ledger as ledger_mod
 from rampiped.pins.dirs import open_dir_nofollow
 from rampiped.pins.model import (
     Pin,
@@ -24,6 +23,7 @@ from rampiped.pins.model import (
     PinRequest,
     StillDraining,
     SyncRecord,
+    Written,
     holder_list,
     pin_id,
 )
@@ -175,9 +175,9 @@ class Mode:
         """The record of a checkpoint that is not to be made now, or None."""
         return None
 
-    def write_checkpoint(self, pin: Pin) -> tuple[int, int, ledger_mod.Ledger | None]:
-        """Make the RAM side durable without unmounting: files and bytes written, and what the
-        disk (or journal) now holds by content."""
+    def write_checkpoint(self, pin: Pin) -> Written:
+        """Make the RAM side durable without unmounting: files and bytes written, what the
+        disk (or journal) now holds by content, and what whole files would have cost."""
         raise NotImplementedError
 
     def unpin(self, pin: Pin) -> SyncRecord:

@@ -6,7 +6,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from rampiped import copymode, handover, holders, writeback
 from rampiped import ledger as ledger_mod
@@ -87,8 +87,18 @@ class SyncRecord:
     ok: bool
     seconds: float
     files: int = 0
-    bytes: int = 0
+    bytes: int = 0  # written: files copied whole, tails appended (renames and links: none)
     error: str | None = None
+    whole_bytes: int = 0  # what writing every changed file whole would have written
+
+
+class Written(NamedTuple):
+    """What a checkpoint wrote (Mode.write_checkpoint)."""
+
+    files: int
+    bytes: int  # written: files copied whole, tails appended
+    ledger: ledger_mod.Ledger | None  # what the disk (or journal) now holds, by content
+    whole_bytes: int  # what writing each changed file whole would have written
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,10 @@ class Pin:
     # content (ledger.py); None: not known (adopted, or a write-back failed), and the next
     # write-back compares content instead
     ledger: ledger_mod.Ledger | None = field(default=None, repr=False)
+    # what its checkpoints wrote to disk since it was made (or adopted), and what writing each
+    # changed file whole would have written: the bytes the appends and renames spared
+    written_bytes: int = 0
+    whole_file_bytes: int = 0
     # adopted at start after a crash: an overlay's lower may hold what that crash left of a
     # write-back's temporary files, removed once the unpin frees the directory (never while
     # the overlay is mounted: its lower must not change under it)

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rampiped import handover, mounts, pause, writeback
-from rampiped import ledger as ledger_mod
 from rampiped.engine import format_bytes
 from rampiped.osutil import read_json, write_json_atomic
 from rampiped.pins.dirs import copy_root_attributes, largest_file
@@ -41,6 +40,7 @@ from rampiped.pins.model import (
     StillDraining,
     SyncRecord,
     UnpinBusy,
+    Written,
     held_files,
 )
 
@@ -187,7 +187,7 @@ class OverlayMode(Mode):
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def write_checkpoint(self, pin: Pin) -> tuple[int, int, ledger_mod.Ledger | None]:
+    def write_checkpoint(self, pin: Pin) -> Written:
         need = self.check_room(pin, "checkpoint")  # deferred, loudly, if it won't fit
         res = writeback.checkpoint(
             self.m.upper(pin.id),
@@ -196,7 +196,7 @@ class OverlayMode(Mode):
             ledger=pin.ledger,
             found=need.found,  # read just now: once per checkpoint
         )
-        return res.files, res.bytes, res.ledger
+        return Written(res.files, res.bytes, res.ledger, res.whole_bytes)
 
     # -- unpin -------------------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ class CheckpointResult:
     # what the new generation holds of each file of the layer, by content (see ledger.py)
     ledger: Ledger | None = field(default=None, repr=False, compare=False)
     appended: int = 0  # of `files`, those that only grew: the last copy got their tail
+    whole_bytes: int = 0  # what copying each changed file whole would have written
 
 
 def _generations(journal_fd: int) -> tuple[dict[int, str], list[str]]:
@@ -215,6 +216,13 @@ def checkpoint(
         for a in appended:
             if a.rel in held.digests or appends.still_prefix(upper, a):
                 held.record(a.rel, a.digest, a.new_size, found[a.rel].ino)  # the generation now
+        # a file that grew while it was copied is in the generation as a prefix of what the
+        # layer holds now: known so, the next checkpoint appends the rest instead of copying
+        # it whole again
+        for rel in found.keys() - held.digests.keys():
+            prefix = appends.disk_prefix(upper, f"{journal}/gen-{gen}", rel)
+            if prefix is not None:
+                held.record(rel, prefix[0], prefix[1], found[rel].ino)
     return CheckpointResult(
         gen,
         files,
@@ -222,6 +230,9 @@ def checkpoint(
         time.monotonic() - start,
         ledger=held,
         appended=len(appended),
+        whole_bytes=nbytes
+        + sum(a.old_size for a in appended)
+        + sum(found[rel].size for rel in moved if rel in found),
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from rampiped import appends, renames, writeback
+from rampiped.commands import CommandResult, run_command
 from rampiped.copywb.renamed import rename_on_disk
 from rampiped.ledger import scan as ledger_scan
 from rampiped.osutil import syncfs
@@ -386,3 +387,28 @@ def test_a_log_appended_during_the_checkpoint_is_copied_once(layout: Layout) -> 
     finally:
         layout.unbind()
     assert contents(layout.orig) == contents(layout.data)
+
+
+def test_a_log_that_grows_while_the_journal_copies_it_is_appended_next_time(
+    loopfs: LoopFs, runtime_tmpfs: Path
+) -> None:
+    """Each change once, in an overlay pin's journal: a file that grew while its generation
+    was written is known as a prefix there, and the next generation takes only its tail."""
+    upper = runtime_tmpfs / "upper"
+    upper.mkdir()
+    journal = loopfs.mountpoint / "journal"
+    log = upper / "app.log"
+    log.write_bytes(lines(20_000))
+
+    def busy(argv: list[str]) -> CommandResult:
+        result = run_command(argv)
+        append(log, lines(50, 50_000))  # right after rsync read it
+        return result
+
+    first = writeback.checkpoint(str(upper), str(journal), runner=busy)  # copied whole
+    assert first.ledger is not None and "app.log" in first.ledger.digests
+    second = writeback.checkpoint(str(upper), str(journal), ledger=first.ledger)
+    assert second.appended == 1 and second.files == 1, second
+    assert second.bytes == 50 * len(lines(1)), second
+    gen = journal / f"gen-{second.generation}"
+    assert (gen / "app.log").read_bytes() == log.read_bytes()

@@ -67,6 +67,9 @@ def test_logrotate_in_a_pinned_directory(tmp_path: Path, mode: str, how: str) ->
             env.ctl("sync", str(d), check=True)
             os.sync()
             after_rotation = sectors_written(env) - before
+            pin = next(p for p in env.status()["pins"] if p["path"] == str(d))
+            spared = pin["whole_file_bytes"] - pin["written_bytes"]
+            text = env.ctl("status", check=True).stdout
             logrotate(conf, state)
             log_lines(log, 200, 30_000)
             view = tree(d)
@@ -76,5 +79,9 @@ def test_logrotate_in_a_pinned_directory(tmp_path: Path, mode: str, how: str) ->
         drop_caches()
         assert tree(d) == view
         if how == "create":
-            # the rotated files (about 1.6 MiB) are renamed, not written again
+            # the rotated files (about 1.6 MiB) are renamed, not written again; the status
+            # says so
             assert after_rotation < 400 * KiB, after_rotation
+            assert spared > 1000 * KiB, pin
+            assert "spared)" in text, text
+        assert pin["last_sync"]["whole_file_bytes"] >= pin["last_sync"]["bytes"], pin

@@ -97,6 +97,20 @@ def test_gauges_per_pin_and_overall() -> None:
     assert not [k for k in s if k[0].endswith("_created")]
 
 
+def test_what_a_pins_checkpoints_wrote_and_would_have_written_whole() -> None:
+    m = Metrics()
+    m.update(
+        sample(
+            PinSample(
+                NGINX, "copy", "pinned", 1.0, 4096, 0, 0.0, written_bytes=300, whole_file_bytes=9000
+            )
+        )
+    )
+    s = scrape(m.render())
+    assert value(s, "rampiped_pin_written_bytes", path=NGINX, mode="copy") == 300
+    assert value(s, "rampiped_pin_whole_file_bytes", path=NGINX, mode="copy") == 9000
+
+
 def test_nothing_pinned_is_zero_not_absent() -> None:
     m = Metrics()
     m.update(sample())
