@@ -46,6 +46,18 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
         "stick bytes of (2) and (3) over (4), same changes (the larger of the two)",
     ),
     (
+        "logrotate_bytes_vs_log2ram_style",
+        None,
+        None,
+        "a /var/log with real logrotate runs: stick bytes of (2) and (3) over (4) (the larger)",
+    ),
+    (
+        "logrotate_bytes_vs_plain_stick",
+        None,
+        None,
+        "the same over the plain stick with no RAM at all (the larger)",
+    ),
+    (
         "writeback_vs_disk_seq_ratio",
         ">=",
         0.8,
@@ -531,6 +543,57 @@ def markdown(
         if facts.get("wb_log"):
             md.append("The daemons' checkpoints (file bytes, not device bytes):\n")
             for line in facts["wb_log"]:
+                md.append(f"    {line}")
+        md.append("")
+    if "logrotate_bytes_vs_log2ram_style" in r:
+        md.append("## A /var/log with real logrotate runs\n")
+        md.append(
+            "Syslog-style lines appended to five logs every 0.1 s, a row of a small SQLite"
+            f" database updated every second, and a real `logrotate -f` every"
+            f" {_fmt(r.get('lr_rotate_s'))} s (create, copytruncate, compress), for"
+            f" {_fmt(r.get('lr_seconds'))} s; checkpoints (and the log2ram-style syncs) every"
+            f" {_fmt(r.get('lr_interval_s'))} s, then the final write-back. The same changes on"
+            " each stick; bytes from the device counters. All trees identical afterwards:"
+            f" {_fmt(r.get('lr_trees_identical'))}.\n"
+        )
+        md.append(
+            _table(
+                ["configuration", "MB written", "over (4)", "over the plain stick"],
+                [
+                    [
+                        CONFIG_LABELS["overlay"] + ", static overlay pin",
+                        _mb(r.get("lr_overlay_device_bytes")),
+                        r.get("logrotate_bytes_overlay_vs_log2ram_style"),
+                        r.get("logrotate_bytes_overlay_vs_plain_stick"),
+                    ],
+                    [
+                        CONFIG_LABELS["copy"],
+                        _mb(r.get("lr_copy_device_bytes")),
+                        r.get("logrotate_bytes_copy_vs_log2ram_style"),
+                        r.get("logrotate_bytes_copy_vs_plain_stick"),
+                    ],
+                    [
+                        CONFIG_LABELS["tmpfs_copy"],
+                        _mb(r.get("lr_tmpfs_copy_device_bytes")),
+                        1.0,
+                        "",
+                    ],
+                    ["the plain stick, no RAM", _mb(r.get("lr_plain_device_bytes")), "", 1.0],
+                ],
+            )
+            + "\n"
+        )
+        for mode in ("overlay", "copy"):
+            md.append(
+                f"- ({mode}) its checkpoints wrote {_mb(r.get(f'lr_{mode}_written_bytes'))} MB of"
+                f" files where writing each changed file whole would have been"
+                f" {_mb(r.get(f'lr_{mode}_whole_file_bytes'))} MB"
+            )
+        for line in facts.get("lr_differences", []):
+            md.append(f"- differs from the plain stick: {line}")
+        if facts.get("lr_log"):
+            md.append("\nThe daemons' checkpoints (file bytes, not device bytes):\n")
+            for line in facts["lr_log"]:
                 md.append(f"    {line}")
         md.append("")
     if "writeback_vs_disk_seq_ratio" in r:

@@ -14,6 +14,7 @@ the benchmark's own threads never share an interpreter with them.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
@@ -248,6 +249,107 @@ def log_day(dirs: list[Path], seconds: float, tick: float = 0.1) -> dict[str, fl
     return {"steps": float(steps), "seconds": time.perf_counter() - t0}
 
 
+# A /var/log-like tree for real logrotate runs: (log, rotation style); "nginx/..." in a subdir
+VARLOG = (
+    ("syslog", "create"),
+    ("auth.log", "create"),
+    ("daemon.log", "compress"),
+    ("nginx/access.log", "copytruncate"),
+    ("nginx/error.log", "copytruncate"),
+)
+
+
+def seed_varlog(root: Path) -> None:
+    """The tree of VARLOG with a day of each log and three older rotations, and a small SQLite
+    state database (a service's). The same bytes every time."""
+    rng = random.Random(11)
+    for name, style in VARLOG:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_syslog_lines(rng, 120_000, name))
+        for k in (1, 2, 3):
+            rotated = path.with_name(f"{path.name}.{k}" + (".gz" if style == "compress" else ""))
+            data = _syslog_lines(rng, 100_000 + 20_000 * k, f"{name}.{k}")
+            rotated.write_bytes(gzip.compress(data, mtime=0) if style == "compress" else data)
+    state = root / "app" / "state.db"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(state)
+    try:
+        con.execute("CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT)")
+        con.executemany("INSERT INTO kv VALUES (?, ?)", ((i, "x" * 200) for i in range(200)))
+        con.commit()
+    finally:
+        con.close()
+
+
+def logrotate_conf(root: Path) -> str:
+    """A logrotate configuration for the tree of `root` (create, copytruncate, compress)."""
+    out = []
+    for name, style in VARLOG:
+        how = {"create": "create 0640 root root", "copytruncate": "copytruncate"}.get(
+            style, "create 0640 root root\n  compress"
+        )
+        out.append(f"{root / name} {{\n  rotate 3\n  missingok\n  {how}\n}}\n")
+    return "".join(out)
+
+
+def _syslog_lines(rng: random.Random, size: int, tag: str) -> bytes:
+    out = bytearray()
+    n = 0
+    while len(out) < size:
+        out += (
+            f"Dec  7 01:{n // 60 % 60:02d}:{n % 60:02d} host {tag}[{rng.randrange(1, 9999)}]:"
+            f" session {n} for user{n % 17} from 10.0.{n % 255}.{rng.randrange(255)} ok\n"
+        ).encode()
+        n += 1
+    return bytes(out)
+
+
+def varlog_day(
+    dirs: list[Path], seconds: float, rotate_every: float, state_dir: Path, tick: float = 0.1
+) -> dict[str, float]:
+    """The same changes in every directory of `dirs` (each seeded by seed_varlog), every
+    `tick`: a syslog-style line appended to each log; every second a row of the state
+    database updated (its own transaction, journal_mode DELETE); every `rotate_every` seconds
+    a real logrotate run (-f) over each tree, its state file in `state_dir`."""
+    steps = max(1, int(seconds / tick))
+    every = max(1, int(rotate_every / tick))
+    t0 = time.perf_counter()
+    rotations = 0
+    for n in range(steps):
+        for root in dirs:
+            for name, _style in VARLOG:
+                with open(root / name, "a") as f:
+                    f.write(
+                        f"Dec  7 02:00:{n % 60:02d} host {name}[{(n * 7919) % 9999}]: "
+                        f"tick {n} {'ok' if n % 7 else 'warning: slow request'}\n"
+                    )
+            if n % 10 == 0:
+                con = sqlite3.connect(root / "app" / "state.db", isolation_level=None)
+                try:
+                    con.execute("UPDATE kv SET v = ? WHERE k = ?", (f"{n}" * 20, n % 200))
+                finally:
+                    con.close()
+        if n and n % every == 0:
+            for i, root in enumerate(dirs):
+                conf = state_dir / f"logrotate-{i}.conf"
+                conf.write_text(logrotate_conf(root))
+                subprocess.run(
+                    ["logrotate", "-f", "-s", str(state_dir / f"logrotate-{i}.state"), str(conf)],
+                    check=True,
+                    capture_output=True,
+                )
+            rotations += 1
+        ahead = t0 + (n + 1) * tick - time.perf_counter()
+        if ahead > 0:
+            time.sleep(ahead)
+    return {
+        "steps": float(steps),
+        "rotations": float(rotations),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def run(name: str, directory: Path, seconds: float, **kw: Any) -> dict[str, float]:
     """Run workload `name` in `directory`: fio in place, the others in a child process."""
     if name == "logger":
@@ -266,15 +368,23 @@ def run(name: str, directory: Path, seconds: float, **kw: Any) -> dict[str, floa
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="run one workload and print its figures as JSON")
-    p.add_argument("name", choices=[*[w for w in WORKLOADS if w != "logger"], "log_day"])
+    p.add_argument(
+        "name", choices=[*[w for w in WORKLOADS if w != "logger"], "log_day", "varlog_day"]
+    )
     p.add_argument("directory", type=Path)
     p.add_argument("seconds", type=float)
     p.add_argument("--rate", type=float, default=0.0)
     p.add_argument("--stop-file", type=Path)
     p.add_argument("--file-mb", type=int, default=32)
     p.add_argument("--more-dirs", type=Path, nargs="*", default=[])
+    p.add_argument("--rotate-every", type=float, default=60.0)
+    p.add_argument("--state-dir", type=Path)
     args = p.parse_args(argv)
-    if args.name == "log_day":
+    if args.name == "varlog_day":
+        result = varlog_day(
+            [args.directory, *args.more_dirs], args.seconds, args.rotate_every, args.state_dir
+        )
+    elif args.name == "log_day":
         result = log_day([args.directory, *args.more_dirs], args.seconds)
     elif args.name == "sqlite":
         result = sqlite_tx(args.directory / DB_NAME, args.seconds, args.rate, args.stop_file)

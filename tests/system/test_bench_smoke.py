@@ -185,6 +185,7 @@ def test_the_whole_run_in_miniature(tmp_path: Path) -> None:
     for key, *_ in report.TARGETS:
         assert isinstance(summary.get(key), int | float), key
     assert summary["wb_trees_identical"] is True
+    assert summary["lr_trees_identical"] is True
     assert summary["sqlite_plain_transactions"] > 0
     assert results["bench_total_s"] < 240
     assert not [m for m in mount_points() if "/rp-bench-" in m]
