@@ -41,6 +41,8 @@ def fill(d: Path) -> None:
     os.setxattr(d / "sub" / "old.txt", "user.note", b"kept")
     (d / "sub" / "old.txt").write_text("rewritten in RAM\n")
     os.chmod(d / "sub" / "old.txt", 0o600)
+    os.chown(d / "big1.bin", 4321, 4321)  # another user's: linked all the same
+    os.chmod(d / "big1.bin", 0o000)
     os.symlink("sub/old.txt", d / "link")
     (d / "gone.txt").unlink()
     (d / "fresh").mkdir()
@@ -61,6 +63,7 @@ def view(d: Path) -> dict[str, object]:
         "pair": os.stat(d / "pair-a").st_ino == os.stat(d / "sub" / "pair-b").st_ino,
         "xattr": os.getxattr(d / "sub" / "old.txt", "user.note"),
         "mode": os.stat(d / "sub" / "old.txt").st_mode & 0o777,
+        "other": (lambda st: (st.st_uid, st.st_gid, st.st_mode & 0o777))(os.stat(d / "big1.bin")),
     }
 
 
