@@ -163,7 +163,9 @@ def checkpoint(
         # 23/24 for source churn only: a file vanished, shrank or became a directory while
         # the live layer was copied; the next checkpoint sees the new state (the ledger leaves
         # those files out), and this one is as good as any copy of a layer being written.
-        if result.returncode != 0 and not source_churn_only(result):
+        # (and a file that became something else while rsync wrote it: rsync's "could not make
+        # way for new regular file", as in the re-copy below; one still a file is a failure)
+        if result.returncode != 0 and not source_churn_only(retyped_left_out(result, upper)):
             raise SyncError.from_command(f"checkpoint of {upper} into {journal}", argv, result)
         files = rsync_stat(result.stdout, "Number of regular files transferred")
         nbytes = rsync_stat(result.stdout, "Total transferred file size")

@@ -33,3 +33,10 @@ def test_a_file_still_regular_is_a_failure(tmp_path: Path) -> None:
     assert not source_churn_only(left)
     assert "could not make way for new device file: plain" in left.stderr
     assert "n18" not in left.stderr
+
+
+def test_the_main_pass_too_a_file_made_a_directory_meanwhile_is_churn(tmp_path: Path) -> None:
+    """The pass that writes a generation can meet it as well ("new regular file")."""
+    (tmp_path / "n36").mkdir()
+    res = CommandResult(23, "", f"could not make way for new regular file: n36\n{TAIL}")
+    assert source_churn_only(retyped_left_out(res, str(tmp_path)))
