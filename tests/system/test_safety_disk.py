@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rampiped import mounts
 from tests.system import safety
 from tests.system.daemon_harness import Env, make_env, running
 from tests.system.helpers import wait_for
@@ -189,4 +190,38 @@ def test_rsync_failing_on_a_copy_pin(tmp_path: Path, monkeypatch: pytest.MonkeyP
                 assert safety.check_tree(d, expected) == []
                 flag.unlink()
                 dm.wait_log(r"unpinned " + re.escape(str(d)), timeout=60)
+        assert safety.check_tree(d, expected) == []
+
+
+def test_a_write_back_that_fails_after_the_unmount_mounts_the_overlay_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The overlay is mounted volatile (on tmpfs); the kernel leaves a mark in its workdir and
+    refuses to mount those layers again while it is there. After a write-back that failed
+    after the unmount, the RAM side is mounted again all the same (the mark removed: the same
+    boot, the layers intact), with everything written, and the next try succeeds."""
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "app"
+        d.mkdir()
+        write_files(d, version=0)
+        with monkeypatch.context() as m:
+            m.setenv("RAMPIPED_TEST_LATE_WRITEBACK", "1")  # written back after the unmount
+            flag = safety.failing_rsync(tmp_path, m)
+            with running(env) as dm:
+                env.ctl("pin", str(d), check=True)
+                expected = write_files(d, version=1)
+                options = [e.super_options for e in mounts.mountinfo() if e.mountpoint == str(d)]
+                # shown as "volatile", or "fsync=volatile" since Linux 6.15
+                shown = set(options[-1].split(",")) if options else set()
+                assert shown & {"volatile", "fsync=volatile"}, options
+                flag.touch()
+                safety.count("disk faults")
+                assert env.ctl("unpin", str(d)).returncode == 1
+                dm.wait_log(r"write-back of \S+ failed, staying pinned")
+                assert "could not be mounted again" not in dm.log_text()
+                assert env.overlay_at(d)
+                assert safety.check_tree(d, expected) == []
+                flag.unlink()
+                dm.wait_log(r"unpinned " + re.escape(str(d)), timeout=60)
+        assert not env.overlay_at(d)
         assert safety.check_tree(d, expected) == []
