@@ -17,6 +17,7 @@ CONFIG_LABELS = {
     "overlay": "(2) rampiped adaptive (overlay)",
     "copy": "(3) rampiped static copy pin",
     "tmpfs_copy": "(4) tmpfs copy + rsync (log2ram style)",
+    "kernel_overlay": "(6) the kernel's overlay alone (a pin's options, no daemon)",
     "tmpfs": "(5) plain tmpfs",
 }
 WORKLOAD_LABELS = {
@@ -30,6 +31,12 @@ WORKLOAD_LABELS = {
 # what it is
 TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
     ("overlay_vs_tmpfs_fsync_ratio", ">=", 0.85, "(2) once pinned over (5) on (a)"),
+    (
+        "kernel_overlay_vs_tmpfs_fsync_ratio",
+        None,
+        None,
+        "(6) the kernel's overlay alone, same options, over (5) on (a): what (2) can reach",
+    ),
     ("copy_vs_tmpfs_fsync_ratio", ">=", 0.95, "(3) over (5) on (a)"),
     ("pinned_vs_disk_fsync_ratio", None, None, "(2) over (1) on (a)"),
     (

@@ -51,6 +51,7 @@ from bench.daemon_memory import daemon_memory
 from bench.stick import Stick, blkio_root, profile, stick, sweep_stale_rules
 from bench.tmpfscopy import TmpfsCopy
 from rampiped import control, ramarea
+from rampiped.writeback import OVERLAY_FEATURES
 from tests.system.daemon_harness import Daemon, Env, FsyncLogger, Writer
 from tests.system.helpers import (
     LoopFs,
@@ -64,7 +65,7 @@ from tests.system.helpers import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1024 * 1024
-CONFIGS = ("disk", "overlay", "copy", "tmpfs_copy", "tmpfs")
+CONFIGS = ("disk", "overlay", "copy", "tmpfs_copy", "kernel_overlay", "tmpfs")
 
 
 @dataclass(frozen=True)
@@ -425,6 +426,7 @@ def matrix(b: Bench, plain: Stick) -> Matrix:
     tmpfs_dir = b.mount_tmpfs(b.tmp / "m-tmpfs")
     dirs = {name: s.mountpoint / "data" / "w" for name, s in sticks.items()}
     dirs["tmpfs"] = tmpfs_dir / "w"
+    dirs["kernel_overlay"] = kernel_overlay(b, plain) / "w"
     for d in dirs.values():
         d.mkdir()
         workloads.seed_db(d / workloads.DB_NAME)
@@ -475,12 +477,37 @@ def matrix(b: Bench, plain: Stick) -> Matrix:
         )
     fanotify_cost(b, dirs["tmpfs"])
     res["overlay_vs_tmpfs_fsync_ratio"] = res["ratio_logger_overlay_vs_tmpfs"]
+    res["kernel_overlay_vs_tmpfs_fsync_ratio"] = res["ratio_logger_kernel_overlay_vs_tmpfs"]
     res["copy_vs_tmpfs_fsync_ratio"] = res["ratio_logger_copy_vs_tmpfs"]
     res["pinned_vs_disk_fsync_ratio"] = round(med["logger"]["overlay"] / med["logger"]["disk"], 1)
     res["matrix_rounds"] = p.rounds
     res["matrix_seconds_per_run"] = p.workload_seconds
     b.series["matrix_ops"] = m.ops
     return m
+
+
+def kernel_overlay(b: Bench, plain: Stick) -> Path:
+    """(6) an overlay that only the kernel serves, with the options of a pin's (upper and
+    work on a tmpfs, its lower on the plain stick): what the overlay itself costs, with no
+    daemon, no fanotify mark and no checkpoint."""
+    ram = b.mount_tmpfs(b.tmp / "m-kov-ram")
+    lower = plain.mountpoint / "data" / "kov-lower"
+    lower.mkdir(parents=True)
+    for d in ("upper", "work"):
+        (ram / d).mkdir()
+    target = b.tmp / "m-kov"
+    target.mkdir()
+    subprocess.run(
+        [
+            "mount", "-t", "overlay", "rp-bench-kov", "-o",
+            f"lowerdir={lower},upperdir={ram / 'upper'},workdir={ram / 'work'},"
+            f"{OVERLAY_FEATURES},volatile",
+            str(target),
+        ],
+        check=True,
+    )  # fmt: skip
+    b.stack.callback(subprocess.run, ["umount", str(target)], capture_output=True)
+    return target
 
 
 @contextlib.contextmanager
