@@ -80,13 +80,7 @@ def _append_one(
     step: Callable[[str], None],
 ) -> Appended | None:
     parent, _, name = rel.rpartition("/")
-    src_dir = open_rel_path(data, parent)
-    if src_dir is None:
-        return None
-    try:
-        found = open_regular(name, src_dir)
-    finally:
-        os.close(src_dir)
+    found = open_file(data, rel)
     if found is None:
         return None
     src, sst = found
@@ -159,14 +153,7 @@ def still_prefix(data: str, done: Appended) -> bool:
     """Whether the disk file `done` left is still a prefix of the file in RAM (it grew on
     while its tail was written, and nothing else): then the next checkpoint appends the rest,
     and it need not be copied again now."""
-    parent, _, name = done.rel.rpartition("/")
-    dir_fd = open_rel_path(data, parent)
-    if dir_fd is None:
-        return False
-    try:
-        found = open_regular(name, dir_fd)
-    finally:
-        os.close(dir_fd)
+    found = open_file(data, done.rel)
     if found is None:
         return False
     fd, _st = found
@@ -189,6 +176,19 @@ def _hash_range(fd: int, start: int, end: int, h: Any) -> bool:
     return True
 
 
+def open_file(root: str, rel: str) -> tuple[int, os.stat_result] | None:
+    """The regular file `rel` below `root`, open for reading, and its fstat; reached without
+    following a symlink. None when there is none."""
+    parent, _, name = rel.rpartition("/")
+    dir_fd = open_rel_path(root, parent)
+    if dir_fd is None:
+        return None
+    try:
+        return open_regular(name, dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def open_rel_path(root: str, rel: str) -> int | None:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -203,17 +203,10 @@ def disk_prefix(data: str, disk: str, rel: str) -> tuple[str, int] | None:
     on disk as it was at some moment, and the next checkpoint appends the rest instead of this
     one copying it again. Reads the disk copy, which the checkpoint has just written (it is in
     the page cache)."""
-    parent, _, name = rel.rpartition("/")
     opened: list[int] = []
     try:
         for root in (disk, data):
-            dir_fd = open_rel_path(root, parent)
-            if dir_fd is None:
-                return None
-            try:
-                found = open_regular(name, dir_fd)
-            finally:
-                os.close(dir_fd)
+            found = open_file(root, rel)
             if found is None:
                 return None
             opened.append(found[0])

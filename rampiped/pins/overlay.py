@@ -479,17 +479,7 @@ class OverlayMode(Mode):
         if os.path.exists(os.path.join(m.journal(pid), FINAL_MARK)):
             # the final generation was written: the layer must not be applied again
             m.ensure_staging(pid, path, disk_mounted)
-            with m.journal_links(pid, path) as link:
-                res = self.recover_apply(
-                    pid,
-                    path,
-                    functools.partial(
-                        writeback.apply_journal,
-                        m.journal(pid),
-                        unchanged=written_early(m, pid),
-                        link=link,
-                    ),
-                )
+            res = self.apply_left_journal(pid, path)
             if res is None:
                 return "the write-back had finished"
             return f"wrote {res.files} files, {format_bytes(res.bytes)}"
@@ -517,17 +507,7 @@ class OverlayMode(Mode):
         m = self.m
         m.ensure_staging(pid, path, disk_mounted)
         try:
-            with m.journal_links(pid, path) as link:
-                res = self.recover_apply(
-                    pid,
-                    path,
-                    functools.partial(
-                        writeback.apply_journal,
-                        m.journal(pid),
-                        unchanged=written_early(m, pid),
-                        link=link,
-                    ),
-                )
+            res = self.apply_left_journal(pid, path)
         finally:
             mounts.umount(m.disk(pid))
             shutil.rmtree(m.base(pid), ignore_errors=True)
@@ -553,6 +533,22 @@ class OverlayMode(Mode):
             pin.path,
             linked=self.m.journal_shares_mount(pin.id, pin.path),
         )
+
+    def apply_left_journal(self, pid: str, path: str) -> writeback.ApplyResult | None:
+        """At start: apply the newest generation a crash or power cut left in the journal,
+        linked into place where it can be, leaving alone what the unpin wrote before it."""
+        m = self.m
+        with m.journal_links(pid, path) as link:
+            return self.recover_apply(
+                pid,
+                path,
+                functools.partial(
+                    writeback.apply_journal,
+                    m.journal(pid),
+                    unchanged=written_early(m, pid),
+                    link=link,
+                ),
+            )
 
     def recover_apply(
         self, pid: str, path: str, apply: Callable[..., writeback.ApplyResult | None]

@@ -23,6 +23,7 @@ from rampiped.ledger import scan as ledger_scan
 from rampiped.osutil import syncfs
 from tests.system.helpers import LoopFs
 from tests.system.test_copymode import Layout, layout, make_loopfs_from
+from tests.system.test_sqlitepages import Cut, cut_at, sectors_written
 
 pytestmark = pytest.mark.system
 
@@ -30,11 +31,6 @@ __all__ = ["layout"]  # the fixture, used by name
 
 KiB = 1 << 10
 OLD_NS = 1_600_000_000 * 10**9
-
-
-def sectors_written(fs: LoopFs) -> int:
-    fields = Path(f"/sys/block/{Path(fs.device).name}/stat").read_text().split()
-    return int(fields[6]) * 512
 
 
 def sync_path(path: Path) -> None:
@@ -154,19 +150,6 @@ def test_a_file_that_grows_on_during_the_checkpoint_is_taken_next_time(layout: L
         append(ram, lines(100, 20_100))  # after the tail was written
         assert appends.still_prefix(str(layout.data), done[0])
         assert ram.read_bytes().startswith(disk.read_bytes())
-
-
-class Cut(Exception):
-    pass
-
-
-def cut_at(n: int, seen: list[str]) -> Callable[[str], None]:
-    def step(name: str) -> None:
-        seen.append(name)
-        if len(seen) == n:
-            raise Cut(name)
-
-    return step
 
 
 def test_a_power_cut_during_an_append_leaves_a_prefix(layout: Layout, tmp_path: Path) -> None:
