@@ -109,6 +109,7 @@ def test_an_overlay_unpin_writes_each_changed_byte_once(tmp_path: Path) -> None:
         seed(d)
         (written,), log = unpin_and_count(env, d, [env.disk.device])
         # the journal generation, metadata and the filesystem's journal: not the data twice
+        print(f"\nunpin of {PAYLOAD / MiB:.0f} MiB of changes: {written / MiB:.1f} MiB written")
         assert PAYLOAD <= written < 1.25 * PAYLOAD, f"{written / MiB:.1f} MiB written"
         m = re.search(r"written back before the unmount \((\d+) files, .*; (\d+) linked", log)
         assert m is not None, log[-3000:]
