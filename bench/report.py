@@ -37,6 +37,13 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
         None,
         "(6) the kernel's overlay alone, same options, over (5) on (a): what (2) can reach",
     ),
+    ("overlay_small_files_vs_tmpfs_ratio", ">=", 0.55, "(2) once pinned over (5) on (c)"),
+    (
+        "kernel_overlay_small_files_vs_tmpfs_ratio",
+        None,
+        None,
+        "(6) over (5) on (c)",
+    ),
     ("copy_vs_tmpfs_fsync_ratio", ">=", 0.95, "(3) over (5) on (a)"),
     ("pinned_vs_disk_fsync_ratio", None, None, "(2) over (1) on (a)"),
     (
