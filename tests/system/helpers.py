@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rampiped.osutil import syncfs
 from rampiped.sqlitepages import PENDING_BYTE
 
 
@@ -307,3 +308,19 @@ def sqlite_shared_lock(db: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def bytes_written(fs: LoopFs) -> int:
+    """Bytes the loop device of `fs` wrote so far: its own counter (sectors, field 7 of
+    /sys/block/loopN/stat), the filesystem's journal and metadata included."""
+    fields = Path(f"/sys/block/{Path(fs.device).name}/stat").read_text().split()
+    return int(fields[6]) * 512
+
+
+def syncfs_path(path: Path) -> None:
+    """syncfs(2) of the filesystem that holds `path`."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syncfs(fd)
+    finally:
+        os.close(fd)

@@ -20,10 +20,9 @@ from rampiped import appends, renames, writeback
 from rampiped.commands import CommandResult, run_command
 from rampiped.copywb.renamed import rename_on_disk
 from rampiped.ledger import scan as ledger_scan
-from rampiped.osutil import syncfs
-from tests.system.helpers import LoopFs
+from tests.system.helpers import LoopFs, bytes_written, syncfs_path
 from tests.system.test_copymode import Layout, layout, make_loopfs_from
-from tests.system.test_sqlitepages import Cut, cut_at, sectors_written
+from tests.system.test_sqlitepages import Cut, cut_at
 
 pytestmark = pytest.mark.system
 
@@ -31,14 +30,6 @@ __all__ = ["layout"]  # the fixture, used by name
 
 KiB = 1 << 10
 OLD_NS = 1_600_000_000 * 10**9
-
-
-def sync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 def lines(n: int, start: int = 0) -> bytes:
@@ -111,10 +102,10 @@ def test_a_file_that_only_grew_gets_its_tail_appended(layout: Layout) -> None:
         ino = disk.stat().st_ino
         for round_ in range(3):
             append(ram, lines(100, 20_000 + 100 * round_))  # about 5 KiB
-            sync_path(layout.loop.mountpoint)
-            before = sectors_written(layout.loop)
+            syncfs_path(layout.loop.mountpoint)
+            before = bytes_written(layout.loop)
             res = layout.checkpoint(ledger=ledger)
-            written = sectors_written(layout.loop) - before
+            written = bytes_written(layout.loop) - before
             ledger = res.ledger
             assert res.appended == 1 and res.files == 1, res
             assert res.bytes == 100 * len(lines(1)), res
@@ -170,7 +161,7 @@ def test_a_power_cut_during_an_append_leaves_a_prefix(layout: Layout, tmp_path: 
             with open(disk, "r+b") as f:  # back to the last checkpoint, on the device
                 f.truncate(len(old))
                 os.fsync(f.fileno())
-            sync_path(layout.loop.mountpoint)
+            syncfs_path(layout.loop.mountpoint)
             with pytest.raises(Cut):
                 appends.append_grown(
                     str(layout.data), str(layout.disk), grown, ledger, step=cut_at(n, [])
@@ -206,10 +197,10 @@ def test_a_journal_generation_takes_a_grown_file_by_its_tail(
     ino = (gen1 / "app.log").stat().st_ino
     append(log, lines(100, 20_000))
     rewrite_old_part_and_grow(other)
-    sync_path(loopfs.mountpoint)
-    before = sectors_written(loopfs)
+    syncfs_path(loopfs.mountpoint)
+    before = bytes_written(loopfs)
     second = writeback.checkpoint(str(upper), str(journal), ledger=first.ledger)
-    written = sectors_written(loopfs) - before
+    written = bytes_written(loopfs) - before
     gen2 = journal / f"gen-{second.generation}"
     assert second.appended == 1, second
     assert (gen2 / "app.log").stat().st_ino == ino
@@ -253,10 +244,10 @@ def test_a_rotation_in_a_copy_pin_is_renamed_on_disk(layout: Layout) -> None:
         ledger = layout.checkpoint().ledger
         rotate(layout.orig)
         append(layout.orig / "app.log", lines(10, 500_000))
-        sync_path(layout.loop.mountpoint)
-        before = sectors_written(layout.loop)
+        syncfs_path(layout.loop.mountpoint)
+        before = bytes_written(layout.loop)
         res = layout.checkpoint(ledger=ledger)
-        written = sectors_written(layout.loop) - before
+        written = bytes_written(layout.loop) - before
         assert res.renamed == 4, res  # app.log -> .1 -> .2 -> .3 -> .4
         assert contents(layout.disk) == contents(layout.orig)
         # about 1.7 MiB of rotated files: renamed, not written again
@@ -284,7 +275,7 @@ def test_a_power_cut_while_renaming_leaves_each_name_old_or_new(
         pairs = renames.renamed(found, ledger, frozenset(), grown=True)
         assert pairs == {f"app.log.{k + 1}": f"app.log.{k}" if k else "app.log" for k in range(4)}
         for n, stage in enumerate(["renames-linked", "renames-done"], 1):
-            sync_path(layout.loop.mountpoint)
+            syncfs_path(layout.loop.mountpoint)
             with pytest.raises(Cut):
                 rename_on_disk(str(layout.disk), pairs, ledger, step=cut_at(n, []))
             image = tmp_path / "after-cut.img"
@@ -317,10 +308,10 @@ def test_a_rotation_in_an_overlay_pin_links_the_last_generation(
     gen1 = journal / f"gen-{first.generation}"
     inodes = {p.name: p.stat().st_ino for p in gen1.iterdir()}
     rotate(upper)
-    sync_path(loopfs.mountpoint)
-    before = sectors_written(loopfs)
+    syncfs_path(loopfs.mountpoint)
+    before = bytes_written(loopfs)
     second = writeback.checkpoint(str(upper), str(journal), ledger=first.ledger)
-    written = sectors_written(loopfs) - before
+    written = bytes_written(loopfs) - before
     gen2 = journal / f"gen-{second.generation}"
     assert contents(gen2) == contents(upper)
     for k in range(4):

@@ -11,17 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.daemon_harness import Env, make_env, running
-from tests.system.helpers import drop_caches, remount, tree
+from tests.system.daemon_harness import make_env, running
+from tests.system.helpers import bytes_written, drop_caches, remount, tree
 
 pytestmark = pytest.mark.system
 
 KiB = 1 << 10
-
-
-def sectors_written(env: Env) -> int:
-    fields = Path(f"/sys/block/{Path(env.disk.device).name}/stat").read_text().split()
-    return int(fields[6]) * 512
 
 
 def log_lines(path: Path, n: int, start: int) -> None:
@@ -63,10 +58,10 @@ def test_logrotate_in_a_pinned_directory(tmp_path: Path, mode: str, how: str) ->
             logrotate(conf, state)
             log_lines(log, 200, 25_000)
             os.sync()
-            before = sectors_written(env)
+            before = bytes_written(env.disk)
             env.ctl("sync", str(d), check=True)
             os.sync()
-            after_rotation = sectors_written(env) - before
+            after_rotation = bytes_written(env.disk) - before
             pin = next(p for p in env.status()["pins"] if p["path"] == str(d))
             spared = pin["whole_file_bytes"] - pin["written_bytes"]
             text = env.ctl("status", check=True).stdout

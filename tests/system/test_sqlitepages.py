@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from rampiped import sqlitepages as sp
-from rampiped.osutil import syncfs
-from tests.system.helpers import LoopFs, make_loopfs
+from tests.system.helpers import LoopFs, bytes_written, make_loopfs, syncfs_path
 from tests.system.test_copymode import Layout, db_state, layout, make_loopfs_from, sql
 from tests.system.test_copymode import make_db as make_pve_db
 
@@ -76,12 +75,6 @@ def first_copy(ram_db: Path, disk_db: Path) -> None:
         dst.close()
 
 
-def sectors_written(fs: LoopFs) -> int:
-    """Bytes the loop device wrote so far (its own counter: sectors, field 7)."""
-    fields = Path(f"/sys/block/{Path(fs.device).name}/stat").read_text().split()
-    return int(fields[6]) * 512
-
-
 # how the RAM database changes between the two checkpoints
 CHANGES: dict[str, tuple[str, ...]] = {
     "in place": ("UPDATE tree SET version = 1, data = randomblob(3000) WHERE inode IN (3, 77)",),
@@ -126,10 +119,10 @@ def test_only_changed_pages_reach_the_disk(disk: LoopFs, tmp_path: Path) -> None
     with scenario(disk, tmp_path, "in place") as (ram_db, disk_db, _reset):
         size = disk_db.stat().st_size
         syncfs_path(disk.mountpoint)
-        before = sectors_written(disk)
+        before = bytes_written(disk)
         done = sp.write_back(str(ram_db), str(disk_db), lock_wait=5)
         syncfs_path(disk.mountpoint)
-        device = sectors_written(disk) - before
+        device = bytes_written(disk) - before
         assert done.size == size and 2 <= done.pages <= 5, done
         # the pages and their journal: a few pages, not the database (~90 pages)
         assert done.bytes == done.pages * 4096 + sp.SECTOR + (done.pages) * (4096 + 8)
@@ -138,14 +131,6 @@ def test_only_changed_pages_reach_the_disk(disk: LoopFs, tmp_path: Path) -> None
         assert sorted(os.listdir(disk.mountpoint)) == ["config.db", "lost+found"]
         # nothing changed since: nothing is written
         assert sp.write_back(str(ram_db), str(disk_db), lock_wait=5).pages == 0
-
-
-def syncfs_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("change", sorted(CHANGES))

@@ -15,19 +15,13 @@ import pytest
 
 from tests.system import safety
 from tests.system.daemon_harness import Env, make_env, running
-from tests.system.helpers import drop_caches, make_loopfs, remount, tree
+from tests.system.helpers import LoopFs, bytes_written, drop_caches, make_loopfs, remount, tree
 
 pytestmark = pytest.mark.system
 
 MiB = 1 << 20
 BIG = 6  # files of 8 MiB
 PAYLOAD = BIG * 8 * MiB
-
-
-def sectors_written(device: str) -> int:
-    """Bytes the loop device wrote so far (its own counter: sectors, field 7)."""
-    fields = Path(f"/sys/block/{Path(device).name}/stat").read_text().split()
-    return int(fields[6]) * 512
 
 
 def fill(d: Path) -> None:
@@ -80,18 +74,18 @@ def overlay_xattrs(d: Path) -> list[str]:
     return found
 
 
-def unpin_and_count(env: Env, d: Path, devices: list[str]) -> tuple[list[int], str]:
+def unpin_and_count(env: Env, d: Path, disks: list[LoopFs]) -> tuple[list[int], str]:
     """Pin `d`, fill it, unpin it: what each device wrote during the unpin, and the log."""
     with running(env) as dm:
         env.ctl("pin", str(d), check=True)
         fill(d)
         expected = view(d)
         os.sync()
-        before = [sectors_written(dev) for dev in devices]
+        before = [bytes_written(fs) for fs in disks]
         result = env.ctl("unpin", str(d))
         assert result.returncode == 0, dm.log_text()[-3000:]
         os.sync()
-        written = [sectors_written(dev) - b for dev, b in zip(devices, before, strict=True)]
+        written = [bytes_written(fs) - b for fs, b in zip(disks, before, strict=True)]
         assert dm.stop() == 0
         log = dm.log_text()
     assert not env.overlay_at(d)
@@ -107,7 +101,7 @@ def test_an_overlay_unpin_writes_each_changed_byte_once(tmp_path: Path) -> None:
     with make_env(tmp_path, disk_mb=512) as env:
         d = env.data / "app"
         seed(d)
-        (written,), log = unpin_and_count(env, d, [env.disk.device])
+        (written,), log = unpin_and_count(env, d, [env.disk])
         # the journal generation, metadata and the filesystem's journal: not the data twice
         print(f"\nunpin of {PAYLOAD / MiB:.0f} MiB of changes: {written / MiB:.1f} MiB written")
         assert PAYLOAD <= written < 1.25 * PAYLOAD, f"{written / MiB:.1f} MiB written"
@@ -125,7 +119,7 @@ def test_a_journal_on_another_filesystem_is_copied_into_place(tmp_path: Path) ->
         env.write_config()
         d = env.data / "app"
         seed(d)
-        (on_disk, on_journal), log = unpin_and_count(env, d, [env.disk.device, jdisk.device])
+        (on_disk, on_journal), log = unpin_and_count(env, d, [env.disk, jdisk])
         assert on_disk >= PAYLOAD and on_journal >= PAYLOAD
         assert re.search(r"before the unmount \(\d+ files, [^;]*; 0 linked", log), log[-3000:]
 
