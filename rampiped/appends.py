@@ -38,6 +38,19 @@ class Appended:
     digest: str  # sha256 of what the disk file holds now
 
 
+def whole_bytes(
+    written: int, appended: Iterable[Appended], renamed: Iterable[str], found: Mapping[str, Seen]
+) -> int:
+    """What a checkpoint that wrote `written` bytes would have written with each changed file
+    whole: the tails it appended counted as their whole files, the files it renamed (their new
+    names, in `found`) as written too."""
+    return (
+        written
+        + sum(a.old_size for a in appended)
+        + sum(found[rel].size for rel in renamed if rel in found)
+    )
+
+
 def candidates(found: Mapping[str, Seen], ledger: Ledger, skip: Iterable[str]) -> dict[str, int]:
     """Files that may only have grown: changed, longer than the disk copy the ledger knows,
     with one name. rel -> the size on disk."""

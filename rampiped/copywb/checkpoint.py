@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from functools import partial
 
-from rampiped import mounts
+from rampiped import appends, mounts
 from rampiped.appends import append_grown, candidates, disk_prefix, still_prefix
 from rampiped.commands import CommandResult, exclude_pattern
 from rampiped.copywb.databases import databases_in, sqlite_uri, with_companions, write_databases
@@ -237,9 +237,7 @@ def checkpoint(
         ledger=held,
         appended=len(appended),
         renamed=len(moved),
-        whole_bytes=totals["bytes"]
-        + sum(a.old_size for a in appended)
-        + sum(found[rel].size for rel in moved if rel in found),
+        whole_bytes=appends.whole_bytes(totals["bytes"], appended, moved, found),
     )
     if failures:
         raise CheckpointIncomplete(

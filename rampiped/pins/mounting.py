@@ -73,14 +73,14 @@ class Mounting(ManagerCore):
         below one private copy of the mount the directory is on (mounts.clone_mount: no path
         leads to it, and it goes when the block ends, also if the daemon dies): a write-back
         then links the generation's files into place instead of writing them again. The
-        function gives None (copy) when the journal is on another mount or the copy does not
-        show both."""
-        fd = self._clone_shared(pid, path)
+        function gives None (copy) when the journal is on another mount; the apply copies too
+        when the route does not reach both (links.same_dir)."""
+        shared = self._clone_shared(pid, path)
+        if shared is None:
+            yield lambda _gen: None
+            return
+        mountpoint, clone = shared
         try:
-            if fd is None:
-                yield lambda _gen: None
-                return
-            mountpoint, clone = fd
             target = os.path.relpath(path, mountpoint)
             journal = os.path.relpath(os.path.realpath(self.journal(pid)), mountpoint)
 
@@ -92,8 +92,7 @@ class Mounting(ManagerCore):
 
             yield route
         finally:
-            if fd is not None:
-                os.close(fd[1])
+            os.close(clone)
 
     def journal_shares_mount(self, pid: str, path: str) -> bool:
         """Whether the journal of `pid` is on the mount the directory `path` is on (where a

@@ -232,9 +232,7 @@ def checkpoint(
         time.monotonic() - start,
         ledger=held,
         appended=len(appended),
-        whole_bytes=nbytes
-        + sum(a.old_size for a in appended)
-        + sum(found[rel].size for rel in moved if rel in found),
+        whole_bytes=appends.whole_bytes(nbytes, appended, moved, found),
     )
 
 
