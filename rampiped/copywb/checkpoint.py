@@ -55,13 +55,16 @@ def copy_listed(
     rels: list[str],
     skip: Iterable[str],
     missing: str,
+    *,
+    files: bool = True,
 ) -> tuple[list[str], CommandResult]:
     """rsync exactly the entries `rels` of `ram`/data to `disk`, even when size and mtime look
     equal (-I), each written whole (--fsync), with `skip` (databases and their companions)
     excluded. --no-r: only the listed entries (-a would recurse into a listed directory);
     `missing` says what becomes of a listed entry gone from RAM (--delete-missing-args,
     --ignore-missing-args). The list is written into `ram` as `name`, outside the copy, and
-    removed again. Returns the command line and what `run` returned for it."""
+    removed again. `files`: whether a regular file is among them (rsync's scratch directory
+    is made only then). Returns the command line and what `run` returned for it."""
     data = os.path.join(ram, DATA)
     listing = os.path.join(ram, name)
     with open(listing, "wb") as f:
@@ -72,7 +75,7 @@ def copy_listed(
         "--from0", f"--files-from={listing}", *excludes, data + "/", disk + "/",
     ]  # fmt: skip
     try:
-        with scratch_dir(disk) as scratch:
+        with scratch_dir(disk, needed=files) as scratch:
             argv[-2:-2] = scratch
             result = run(argv)
     finally:

@@ -21,6 +21,7 @@ from rampiped.fsops import opened_dir
 from rampiped.writeback import (
     CONFLICT_SUFFIX,
     HeldFiles,
+    HoldPlace,
     Runner,
     SyncError,
     pause_point,
@@ -212,8 +213,11 @@ class WindowWriteBack:
     held: HeldFiles
 
     @classmethod
-    def prepare(cls, ram: str, disk: str, window: Window, *, pin_id: str) -> WindowWriteBack:
-        """RAM must not change any more (nothing holds it)."""
+    def prepare(
+        cls, ram: str, disk: str, window: Window, *, pin_id: str, hold: HoldPlace | None = None
+    ) -> WindowWriteBack:
+        """RAM must not change any more (nothing holds it). `hold`: where the replaced disk
+        files are held (default: at the top of `disk`)."""
         verify_source(ram, pin_id)
         verify_target(ram, disk)
         data = os.path.join(ram, DATA)
@@ -233,12 +237,15 @@ class WindowWriteBack:
             rel: _window_base(disk, rel, window.before.get(rel), window.stamps.get(rel))
             for rel in replaced
         }
-        held = HeldFiles.hold_paths(disk, replaced, bases, window.threshold)
+        held = HeldFiles.hold_paths(hold or disk, replaced, bases, window.threshold)
         return cls(ram, disk, window, in_ram, listed, dbs, skip, held)
 
     def own_writes(self) -> set[str]:
-        """The held files that RAM changed and this write-back writes itself rather than rsync
-        (HeldFiles.write_own): regular files with one name in RAM (hard links go to rsync)."""
+        """The files that RAM changed and this write-back writes itself rather than rsync
+        (HeldFiles.write_own): regular files with one name in RAM (hard links go to rsync)
+        that replace a held file, and, when the hold directory is outside the directory,
+        those that replace no file at all (their new file is made there, not as rsync's in
+        the directory)."""
         names: dict[int, int] = {}
         for st in self.in_ram.values():
             if st[0] == "f":
@@ -247,10 +254,13 @@ class WindowWriteBack:
         return {
             rel
             for rel in self.listed
-            if rel in held
-            and rel in self.in_ram
+            if rel in self.in_ram
             and self.in_ram[rel][0] == "f"
             and names[self.in_ram[rel][4]] == 1
+            and (
+                rel in held
+                or (self.held.place.outside and not os.path.lexists(os.path.join(self.disk, rel)))
+            )
         }
 
     def write(self, runner: Runner = run_command) -> CheckpointResult:
@@ -276,6 +286,7 @@ class WindowWriteBack:
                 rest,
                 self.skip,
                 "--ignore-missing-args",
+                files=any(self.in_ram.get(rel, ("",))[0] == "f" for rel in rest),
             )
             if result.returncode not in (0, 24):
                 raise SyncError.from_command(f"write-back of {data} to {disk}", argv, result)

@@ -91,7 +91,7 @@ class CopyMode(Mode):
         window.save(os.path.join(self.m.journal(pin.id), COPY_WINDOW))  # for a crash from here
         self.m.unmount_placed(pin)  # raises (and the rollback goes on) when still in use
         try:
-            res, held = self.m.write_window(pin.id, window)
+            res, held = self.m.write_window(pin.id, pin.path, window)
         except (OSError, writeback.SyncError, copymode.CopyError) as exc:
             undo.clear()  # keep the RAM copy: it holds what is not on disk
             pin.window = window
@@ -237,7 +237,7 @@ class CopyMode(Mode):
             return synced.files, synced.bytes, None
         # RAM changed after the verified sync (a process still wrote at the unpin): write those
         # changes, leaving alone what is written on disk meanwhile
-        res, held = self.m.write_window(pin.id, window)
+        res, held = self.m.write_window(pin.id, pin.path, window)
         return synced.files + res.files, synced.bytes + res.bytes, held
 
     def retry_window(self, pin: Pin, window: copymode.Window) -> SyncRecord:
@@ -245,7 +245,7 @@ class CopyMode(Mode):
         start, wall = time.monotonic(), time.time()
         self.m.set_state(pin, "draining")
         try:
-            cres, held = self.m.write_window(pin.id, window)
+            cres, held = self.m.write_window(pin.id, pin.path, window)
         except BaseException:
             if self.import_window(pin, window):
                 pin.window = None
@@ -280,6 +280,26 @@ class CopyMode(Mode):
 
     # -- start-up ----------------------------------------------------------------------------------
 
+    def after_power_cut(self, pid: str, path: str, disk_mounted: bool) -> str:
+        """The RAM copy is gone; an unpin cut short after its unmount may have left the disk
+        files it replaced held, with what processes wrote into them meanwhile: that is carried
+        over to their names now, as the unpin would have (writeback.HeldFiles)."""
+        m = self.m
+        try:
+            m.ensure_staging(pid, path, disk_mounted)
+            try:
+                m.finish_window(pid, path)
+            finally:
+                mounts.umount(m.disk(pid))
+        except (OSError, mounts.MountError, writeback.SyncError) as exc:
+            log.error(
+                "%s: carrying the writes made during an unpin cut short by a power cut"
+                " failed (%s); the files they went to are kept (see the next message)",
+                path,
+                exc,
+            )
+        return super().after_power_cut(pid, path, False)
+
     def finish_interrupted(self, pid: str, path: str, state: Any, disk_mounted: bool) -> str:
         m = self.m
         if state != "draining":
@@ -289,9 +309,12 @@ class CopyMode(Mode):
         if window is not None:
             # the path showed the disk since the unmount: what was written there meanwhile
             # stays (see copymode.WindowWriteBack)
-            res, held = m.write_window(pid, window)
-            held.merge()
-            held.finish()
+            res, held = m.write_window(pid, path, window)
+            try:
+                held.merge()
+                held.finish()
+            finally:
+                held.keep()
         else:
             # no ledger after a crash: every file compared by content
             res = copymode.final_sync(m.ram(pid), m.disk(pid), pin_id=pid, runner=m.runner)

@@ -157,5 +157,5 @@ class Handoff:
             ramarea.unmount(self.m.ram(pid))
         shutil.rmtree(self.m.base(pid), ignore_errors=True)
         writeback.discard_journal(self.m.journal(pid))
-        shutil.rmtree(self.m.journal(pid), ignore_errors=True)
+        self.m.drop_journal(pid, path)
         return f"{path}: finished an interrupted hand-over to disk: {what}"

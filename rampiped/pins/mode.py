@@ -205,7 +205,7 @@ class Mode:
         if disk_mounted:
             mounts.umount(self.m.disk(pid))
         shutil.rmtree(self.m.base(pid), ignore_errors=True)
-        shutil.rmtree(self.m.journal(pid), ignore_errors=True)
+        self.m.drop_journal(pid, path)
         return f"{path}: RAM copy lost (power cut or reboot); the disk holds the last checkpoint"
 
     def scrub_mounted(self, pid: str) -> list[str]:

@@ -118,8 +118,48 @@ class Mounting(ManagerCore):
         try:
             return mountpoint, mounts.clone_mount(mountpoint)
         except OSError as e:
-            log.info("%s: the journal is copied into place, not linked (%s)", path, e)
+            log.info(
+                "%s: no private copy of its mount (%s): the journal is copied into place, not"
+                " linked, and a write-back holds the files it replaces inside the directory",
+                path,
+                e,
+            )
             return None
+
+    def hold_place(self, pid: str, path: str) -> writeback.HoldPlace:
+        """Where a write-back of the pin at `path` keeps the disk files it replaces: in its
+        journal when that is on the directory's mount (a reader of the directory never sees
+        it), else at the directory's top (writeback.HoldPlace)."""
+        inside = writeback.HoldPlace.inside(self.disk(pid))
+        shared = self._clone_shared(pid, path)
+        if shared is None:
+            return inside
+        mountpoint, clone = shared
+        journal = os.path.realpath(self.journal(pid))
+        target = os.path.relpath(path, mountpoint)
+        place = writeback.HoldPlace(
+            self.disk(pid),
+            root_fd=clone,
+            target_rel="" if target == "." else target,
+            hold_rel=os.path.join(os.path.relpath(journal, mountpoint), writeback.JOURNAL_HOLD),
+            shown=os.path.join(journal, writeback.JOURNAL_HOLD),
+        )
+        if not place.reaches(self.disk(pid), journal):
+            place.close()
+            return inside
+        return place
+
+    def drop_journal(self, pid: str, path: str) -> None:
+        """Remove the pin's journal; a hold directory left in it is moved into the directory
+        first (never removed with it), and the journal stays when that fails."""
+        if os.path.lexists(os.path.join(self.journal(pid), writeback.JOURNAL_HOLD)):
+            place = self.hold_place(pid, path)
+            try:
+                if not place.rescue():
+                    return
+            finally:
+                place.close()
+        shutil.rmtree(self.journal(pid), ignore_errors=True)
 
     def check_in_place(self, pin: Pin) -> None:
         """After mounting through the descriptor: the mount must be at the pin's path. If the
@@ -257,7 +297,7 @@ class Mounting(ManagerCore):
         ramarea.unmount(self.ram(pin.id))
         shutil.rmtree(self.base(pin.id), ignore_errors=True)
         writeback.discard_journal(self.journal(pin.id))
-        shutil.rmtree(self.journal(pin.id), ignore_errors=True)
+        self.drop_journal(pin.id, pin.path)
         with self.lock:
             self.pins.pop(pin.path, None)
         self.save_state()
@@ -266,7 +306,7 @@ class Mounting(ManagerCore):
         if os.path.ismount(self.disk(pin.id)):
             mounts.umount(self.disk(pin.id))
         shutil.rmtree(self.base(pin.id), ignore_errors=True)
-        shutil.rmtree(self.journal(pin.id), ignore_errors=True)
+        self.drop_journal(pin.id, pin.path)
         with self.lock:
             self.pins.pop(pin.path, None)
         self.save_state()

@@ -359,7 +359,7 @@ class OverlayMode(Mode):
             # after a write-back before the unmount, only what changed since is replaced
             held = writeback.HeldFiles.hold(
                 upper,
-                self.m.disk(pin.id),
+                self.m.hold_place(pin.id, pin.path),
                 replaced,
                 since,
                 only=None if early is None else changed_files(upper, early.since),
@@ -373,6 +373,7 @@ class OverlayMode(Mode):
                 with contextlib.suppress(OSError, writeback.SyncError):
                     held.merge(conflicts_only=True)
                     held.finish()
+                held.keep()
             self.m.remount(pin)
             raise
         self.m.settle_window(pin, held)
@@ -511,7 +512,7 @@ class OverlayMode(Mode):
         finally:
             mounts.umount(m.disk(pid))
             shutil.rmtree(m.base(pid), ignore_errors=True)
-        shutil.rmtree(m.journal(pid), ignore_errors=True)
+        m.drop_journal(pid, path)
         if res is None:
             return ""
         return (
@@ -556,11 +557,12 @@ class OverlayMode(Mode):
         """Finish an overlay write-back found half done at start: `apply` (apply_upper or
         apply_journal, its source bound) into the staging bind, carrying over what was held
         from the write-back's window."""
-        res = apply(
-            self.m.disk(pid),
-            runner=self.m.runner,
-            window=writeback.HeldFiles.load(self.m.disk(pid)),
-        )
+        place = self.m.hold_place(pid, path)
+        try:
+            left = writeback.HeldFiles.left(place)
+            res = apply(self.m.disk(pid), runner=self.m.runner, window=left[0] if left else None)
+        finally:
+            place.close()
         self.m.finish_window(pid, path)
         return res
 

@@ -18,13 +18,12 @@ from rampiped.engine import format_bytes, format_duration
 from rampiped.pins.dirs import open_dir_nofollow
 from rampiped.pins.mode import Mode
 from rampiped.pins.model import RETRY_MIN, SOURCE_PREFIX, Pin, PinRefused, Stranded, SyncRecord
-from rampiped.pins.mounting import Mounting
 from rampiped.pins.windows import Windows
 
 log = logging.getLogger("rampiped")
 
 
-class Recovery(Mounting, Windows):
+class Recovery(Windows):
     def reconcile(self) -> list[str]:
         """Adopt pins that survived a daemon crash, finish or undo half-done steps, and apply
         journals left by a power cut. Returns one line per thing done, for the log."""
@@ -202,5 +201,5 @@ class Recovery(Mounting, Windows):
         ramarea.unmount(self.ram(pid))
         shutil.rmtree(self.base(pid), ignore_errors=True)
         writeback.discard_journal(self.journal(pid))
-        shutil.rmtree(self.journal(pid), ignore_errors=True)
+        self.drop_journal(pid, path)
         return f"{path}: finished an interrupted {state or 'pin'}: {what}"

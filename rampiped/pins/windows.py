@@ -9,26 +9,29 @@ import os
 import time
 
 from rampiped import copymode, writeback
-from rampiped.pins.core import ManagerCore
 from rampiped.pins.model import BUSY_POLL, WINDOW_GRACE, Pin
+from rampiped.pins.mounting import Mounting
 
 log = logging.getLogger("rampiped")
 
 
-class Windows(ManagerCore):
+class Windows(Mounting):
     def write_window(
-        self, pid: str, window: copymode.Window
+        self, pid: str, path: str, window: copymode.Window
     ) -> tuple[copymode.CheckpointResult, writeback.HeldFiles]:
         """A copy pin's write-back after its unmount (copymode.WindowWriteBack); the caller
         settles the held files. When it fails, they are first kept as conflict files (the
         copy may cover the path again and hide their names)."""
-        plan = copymode.WindowWriteBack.prepare(self.ram(pid), self.disk(pid), window, pin_id=pid)
+        plan = copymode.WindowWriteBack.prepare(
+            self.ram(pid), self.disk(pid), window, pin_id=pid, hold=self.hold_place(pid, path)
+        )
         try:
             return plan.write(self.runner), plan.held
         except BaseException:
             with contextlib.suppress(OSError, writeback.SyncError):
                 plan.held.merge(conflicts_only=True)
                 plan.held.finish()
+            plan.held.keep()
             raise
 
     def settle_window(self, pin: Pin, held: writeback.HeldFiles) -> None:
@@ -57,21 +60,26 @@ class Windows(ManagerCore):
         except (OSError, writeback.SyncError) as exc:
             log.error(
                 "%s: carrying the writes made during the write-back failed (%s); the files"
-                " they went to stay in %s/%s",
+                " they went to stay in %s",
                 pin.path,
                 exc,
-                pin.path,
-                writeback.HOLD_NAME,
+                held.place.shown if held.place.outside else f"{pin.path}/{writeback.HOLD_NAME}",
             )
+        finally:
+            held.keep()
 
     def finish_window(self, pid: str, path: str) -> None:
         """At start-up, after the apply: what an unpin cut short left in the hold directory."""
-        held = writeback.HeldFiles.load(self.disk(pid))
-        if held is None:
-            return
-        held.merge()
-        held.finish()
-        log.info("%s: carried the writes made during an interrupted write-back", path)
+        place = self.hold_place(pid, path)
+        try:
+            left = writeback.HeldFiles.left(place)
+            for held in left:
+                held.merge()
+                held.finish()
+        finally:
+            place.close()
+        if left:
+            log.info("%s: carried the writes made during an interrupted write-back", path)
 
 
 def processes_holding(inodes: set[tuple[int, int]]) -> list[str]:

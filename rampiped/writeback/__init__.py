@@ -47,7 +47,8 @@ from rampiped.commands import (
 )
 from rampiped.pause import PAUSE_ENV, PAUSE_FILE_ENV, pause_point
 from rampiped.writeback.apply import ApplyResult, apply_layer, apply_upper
-from rampiped.writeback.held import HeldFiles
+from rampiped.writeback.held import HeldFiles, exclude_file
+from rampiped.writeback.holdplace import JOURNAL_HOLD, HoldPlace
 from rampiped.writeback.journal import (
     CheckpointResult,
     NoSpace,
@@ -79,6 +80,7 @@ __all__ = [
     "CONFLICT_SUFFIX",
     "HOLD_NAME",
     "HUNG_EXIT",
+    "JOURNAL_HOLD",
     "OVERLAY_FEATURES",
     "PAUSE_ENV",
     "PAUSE_FILE_ENV",
@@ -89,6 +91,7 @@ __all__ = [
     "CheckpointResult",
     "CommandResult",
     "HeldFiles",
+    "HoldPlace",
     "LinkRoute",
     "NoSpace",
     "Runner",
@@ -103,6 +106,7 @@ __all__ = [
     "communicate_watched",
     "describe_exit",
     "discard_journal",
+    "exclude_file",
     "is_prefix",
     "latest_generation",
     "pause_point",

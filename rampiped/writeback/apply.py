@@ -215,6 +215,16 @@ def apply_upper(
     )
 
 
+def _writes_files(layer: Layer, excluded: list[str]) -> bool:
+    """Whether rsync writes a regular file of `layer`: one not in `excluded`."""
+    skip = set(excluded)
+    return any(
+        kind == "file" and (f"{d.rel}/{name}" if d.rel else name) not in skip
+        for d in layer.dirs.values()
+        for name, kind in d.children.items()
+    )
+
+
 def apply_layer(
     upper: str,
     target: str,
@@ -260,9 +270,10 @@ def apply_layer(
             own = window.own_writes(layer) if window is not None else []
             own = [rel for rel in own if rel not in unchanged]
             to_link = [] if link is None else linkable(layer, [*own, *unchanged])
+            excluded = own + sorted(unchanged) + to_link
             with (
-                exclude_file(own + sorted(unchanged) + to_link) as exclude_from,
-                scratch_dir(target) as scratch,
+                exclude_file(excluded) as exclude_from,
+                scratch_dir(target, needed=_writes_files(layer, excluded)) as scratch,
             ):
                 argv = _rsync_apply_argv(upper, target, fsync, exclude_from, scratch)
                 result = runner(argv)

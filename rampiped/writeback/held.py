@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from rampiped.commands import SyncError
 from rampiped.fsops import (
     _PAGE,
-    DIR_FLAGS,
     _fsync_dir,
     _make_dirs_rel,
     common_prefix,
@@ -24,14 +23,14 @@ from rampiped.fsops import (
     lstat_at,
     open_dir_at,
     open_rel,
-    opened_dir,
     read_at,
     remove_at,
 )
 from rampiped.pause import pause_point
+from rampiped.writeback.holdplace import HoldPlace
 from rampiped.writeback.layer import Layer, scan_layer
 from rampiped.writeback.moves import write_json_at
-from rampiped.writeback.names import CONFLICT_SUFFIX, HOLD_NAME
+from rampiped.writeback.names import CONFLICT_SUFFIX
 from rampiped.writeback.stamps import (
     _HELD_INDEX,
     _HELD_VERSION,
@@ -136,12 +135,54 @@ def _copy_attributes(src: str, fd: int) -> None:
         os.setxattr(fd, name, os.getxattr(src, name, follow_symlinks=False))
 
 
-class HeldFiles:
-    """The disk files an apply replaces, kept alive (hard links in `target`/HOLD_NAME) from the
-    unmount until what was written into them meanwhile is carried over (see above)."""
+def _place(target: str | HoldPlace) -> HoldPlace:
+    return target if isinstance(target, HoldPlace) else HoldPlace.inside(target)
 
-    def __init__(self, target: str, threshold: int, entries: list[_Held]) -> None:
-        self.target = target
+
+def _read_index(parent_fd: int, name: str) -> bytes:
+    hold_fd = open_dir_at(parent_fd, name)
+    try:
+        fd = os.open(_HELD_INDEX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=hold_fd)
+    finally:
+        os.close(hold_fd)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _hold_one(
+    target_fd: int, hold_fd: int, source: str, link: str, base: Stamp | None, threshold: int
+) -> Stamp | None:
+    """Link the disk file at `source` into the hold directory as `link`; its base (what the
+    window's writes are told apart from), or None when there is no regular file to hold."""
+    parent, _, name = source.rpartition("/")
+    pfd = open_rel(target_fd, parent)
+    if pfd is None:
+        return None
+    try:
+        st = lstat_at(pfd, name)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return None
+        if base is None:  # copied up after the snapshot
+            if st.st_ctime_ns < threshold:
+                base = _stamp_at(pfd, name, source)
+        elif base.ino not in (0, st.st_ino):
+            base = None  # replaced on disk meanwhile
+        if base is None:
+            base = Stamp(source, -1, 0, 0, 0, "")
+        os.link(name, link, src_dir_fd=pfd, dst_dir_fd=hold_fd, follow_symlinks=False)
+        return base
+    finally:
+        os.close(pfd)
+
+
+class HeldFiles:
+    """The disk files an apply replaces, kept alive (hard links in a hold directory on their
+    filesystem: see HoldPlace) from the unmount until what was written into them meanwhile is
+    carried over (see above)."""
+
+    def __init__(self, place: HoldPlace, threshold: int, entries: list[_Held]) -> None:
+        self.place = place
+        self.target = place.target
         # ns, wall clock: what changed on disk from then on was written in the window
         self.threshold = threshold
         self.entries = entries
@@ -150,7 +191,7 @@ class HeldFiles:
     def hold(
         cls,
         upper: str,
-        target: str,
+        target: str | HoldPlace,
         snapshot: dict[str, Stamp],
         threshold: int,
         *,
@@ -166,83 +207,85 @@ class HeldFiles:
             if only is None or rel in only
         ]
         snapshot = _with_layer_digests(upper, snapshot, [rel for rel, _source in items])
-        return cls._hold_items(target, items, snapshot, threshold)
+        return cls._hold_items(_place(target), items, snapshot, threshold)
 
     @classmethod
     def hold_paths(
-        cls, target: str, rels: Iterable[str], snapshot: dict[str, Stamp], threshold: int
+        cls,
+        target: str | HoldPlace,
+        rels: Iterable[str],
+        snapshot: dict[str, Stamp],
+        threshold: int,
     ) -> HeldFiles:
         """The same for a write-back that replaces the files at `rels` (relative to `target`)
         rather than a layer's (a copy pin's, after its unmount)."""
-        return cls._hold_items(target, [(rel, rel) for rel in rels], snapshot, threshold)
+        return cls._hold_items(_place(target), [(rel, rel) for rel in rels], snapshot, threshold)
 
     @classmethod
     def _hold_items(
         cls,
-        target: str,
+        place: HoldPlace,
         items: Iterable[tuple[str, str]],
         snapshot: dict[str, Stamp],
         threshold: int,
     ) -> HeldFiles:
-        target = os.path.abspath(target)
-        earlier = cls.load(target)
-        if earlier is not None:  # left by an unpin cut short: finish it before starting over
+        for earlier in cls.left(place):  # left by an unpin cut short: finish it first
             earlier.merge()
             earlier.finish()
         entries: list[_Held] = []
-        with opened_dir(target) as target_fd:
-            os.mkdir(HOLD_NAME, 0o700, dir_fd=target_fd)
-            hold_fd = open_dir_at(target_fd, HOLD_NAME)
-            try:
-                for rel, source in items:
-                    parent, _, name = source.rpartition("/")
-                    pfd = open_rel(target_fd, parent)
-                    if pfd is None:
-                        continue
-                    try:
-                        st = lstat_at(pfd, name)
-                        if st is None or not stat.S_ISREG(st.st_mode):
-                            continue
-                        base = snapshot.get(rel)
-                        if base is None:  # copied up after the snapshot
-                            if st.st_ctime_ns < threshold:
-                                base = _stamp_at(pfd, name, source)
-                        elif base.ino not in (0, st.st_ino):
-                            base = None  # replaced on disk meanwhile
-                        if base is None:
-                            base = Stamp(source, -1, 0, 0, 0, "")
+        target_fd = place.open_target()
+        if target_fd is None:
+            raise SyncError(f"{place.target} is gone")
+        try:
+            with place.hold_parent() as parent:
+                if parent is None:
+                    raise SyncError(f"the parent of {place.shown} is gone")
+                os.mkdir(parent[1], 0o700, dir_fd=parent[0])
+                hold_fd = open_dir_at(parent[0], parent[1])
+                try:
+                    for rel, source in items:
                         link = str(len(entries))
-                        os.link(
-                            name, link, src_dir_fd=pfd, dst_dir_fd=hold_fd, follow_symlinks=False
-                        )
-                    finally:
-                        os.close(pfd)
-                    entries.append(_Held(rel, link, base))
-                held = cls(target, threshold, entries)
-                held._save(hold_fd)
-                _fsync_dir(hold_fd)
-            finally:
-                os.close(hold_fd)
-            _fsync_dir(target_fd)
+                        base = _hold_one(target_fd, hold_fd, source, link, snapshot.get(rel),
+                                         threshold)  # fmt: skip
+                        if base is not None:
+                            entries.append(_Held(rel, link, base))
+                    held = cls(place, threshold, entries)
+                    held._save(hold_fd)
+                    _fsync_dir(hold_fd)
+                finally:
+                    os.close(hold_fd)
+                _fsync_dir(parent[0])
+        finally:
+            os.close(target_fd)
         return held
 
     @classmethod
-    def load(cls, target: str) -> HeldFiles | None:
-        """The hold directory an unpin cut short (crash, power cut) left in `target`, if any."""
-        target = os.path.abspath(target)
-        try:
-            with open(os.path.join(target, HOLD_NAME, _HELD_INDEX), "rb") as f:
-                doc = json.loads(f.read())
-        except FileNotFoundError:
-            try:
-                st = os.lstat(os.path.join(target, HOLD_NAME))
-            except FileNotFoundError:
+    def left(cls, place: HoldPlace) -> list[HeldFiles]:
+        """The hold directories an unpin cut short (crash, power cut) left: at `place`, and in
+        the directory itself (where a hold outside it is moved when its journal goes)."""
+        found = [cls.load(place)]
+        if place.outside:
+            found.append(cls.load(HoldPlace.inside(place.target)))
+        return [held for held in found if held is not None]
+
+    @classmethod
+    def load(cls, target: str | HoldPlace) -> HeldFiles | None:
+        """The hold directory an unpin cut short (crash, power cut) left at `target`, if any."""
+        place = _place(target)
+        with place.hold_parent() as parent:
+            if parent is None:
                 return None
-            # cut short before the index was written: nothing was replaced yet, and the
-            # directory was made right after the unmount
-            return cls(target, st.st_ctime_ns - CLOCK_SLACK_NS, [])
-        except ValueError as e:
-            raise SyncError(f"{target}/{HOLD_NAME}/{_HELD_INDEX} is unreadable: {e}") from e
+            try:
+                doc = json.loads(_read_index(parent[0], parent[1]))
+            except FileNotFoundError:
+                st = lstat_at(parent[0], parent[1])
+                if st is None:
+                    return None
+                # cut short before the index was written: nothing was replaced yet, and the
+                # directory was made right after the unmount
+                return cls(place, st.st_ctime_ns - CLOCK_SLACK_NS, [])
+            except ValueError as e:
+                raise SyncError(f"{place.shown}/{_HELD_INDEX} is unreadable: {e}") from e
         entries = [
             _Held(
                 str(e["rel"]),
@@ -254,7 +297,7 @@ class HeldFiles:
             )
             for e in doc.get("entries", [])
         ]
-        return cls(target, int(doc.get("threshold", 0)), entries)
+        return cls(place, int(doc.get("threshold", 0)), entries)
 
     def _save(self, hold_fd: int) -> None:
         doc = {
@@ -276,15 +319,29 @@ class HeldFiles:
         # announces is
         write_json_at(hold_fd, _HELD_INDEX, doc)
 
+    @contextlib.contextmanager
+    def _hold_dir(self) -> Iterator[int | None]:
+        """A descriptor of the hold directory, or None when it is gone."""
+        with self.place.hold_parent() as parent:
+            if parent is None or lstat_at(parent[0], parent[1]) is None:
+                yield None
+                return
+            hold_fd = open_dir_at(parent[0], parent[1])
+            try:
+                yield hold_fd
+            finally:
+                os.close(hold_fd)
+
     def inodes(self) -> set[tuple[int, int]]:
         """(st_dev, st_ino) of the held files still linked."""
-        out = set()
-        for e in self.entries:
-            try:
-                st = os.lstat(os.path.join(self.target, HOLD_NAME, e.link))
-            except FileNotFoundError:
-                continue
-            out.add((st.st_dev, st.st_ino))
+        out: set[tuple[int, int]] = set()
+        with self._hold_dir() as hold_fd:
+            if hold_fd is None:
+                return out
+            for e in self.entries:
+                st = lstat_at(hold_fd, e.link)
+                if st is not None:
+                    out.add((st.st_dev, st.st_ino))
         return out
 
     def own_writes(self, layer: Layer) -> list[str]:
@@ -295,40 +352,72 @@ class HeldFiles:
         return [e.rel for e in self.entries if kinds.get(e.rel) == "file" and e.rel not in linked]
 
     def write_own(self, upper: str, target_fd: int, rels: list[str]) -> None:
-        """For each of `rels`: the layer's file into a new file next to it, the bytes appended
-        to the held disk file so far after it (when it was appended to), a rename over the
-        name, then what was appended in between."""
-        by_rel = {e.rel: e for e in self.entries}
-        hold_fd = open_dir_at(target_fd, HOLD_NAME)
-        try:
-            for rel in rels:
-                e = by_rel[rel]
-                parent, _, name = rel.rpartition("/")
-                pfd, _ = _make_dirs_rel(target_fd, parent)
-                try:
-                    self._write_one(upper, rel, e, hold_fd, pfd, name)
-                finally:
-                    os.close(pfd)
-            self._save(hold_fd)
-        finally:
-            os.close(hold_fd)
+        """For each of `rels`: the layer's file into a new file, the bytes appended to the
+        held disk file so far after it (when it was appended to), a rename over the name, then
+        what was appended in between. A rel without a held file (a file new on disk; only when
+        the hold directory is outside the directory) gets the layer's file alone.
 
-    def _write_one(self, upper: str, rel: str, e: _Held, hold_fd: int, pfd: int, name: str) -> None:
+        The new file is made in the hold directory when that is outside the directory (a
+        reader of the directory never sees it; the rename goes through the copy of the mount),
+        else as .NAME.rampiped-new next to its name."""
+        by_rel = {e.rel: e for e in self.entries}
+        own_target = self.place.open_target() if self.place.outside else None
+        if self.place.outside and own_target is None:
+            raise SyncError(f"{self.target} is gone")
+        try:
+            with self._hold_dir() as hold_fd:
+                if hold_fd is None:
+                    raise SyncError(f"{self.place.shown} is gone")
+                for n, rel in enumerate(rels):
+                    e = by_rel.get(rel)
+                    if e is None and own_target is None:
+                        raise SyncError(f"{rel}: not held, and no place for its new file")
+                    parent, _, name = rel.rpartition("/")
+                    base_fd = own_target if own_target is not None else target_fd
+                    pfd, _ = _make_dirs_rel(base_fd, parent)
+                    try:
+                        if own_target is not None:
+                            tmp, tmp_fd = f"new-{n}", hold_fd
+                        else:
+                            tmp, tmp_fd = f".{name}.rampiped-new", pfd
+                        self._write_one(upper, rel, e, hold_fd, pfd, name, (tmp_fd, tmp))
+                    finally:
+                        os.close(pfd)
+                self._save(hold_fd)
+        finally:
+            if own_target is not None:
+                os.close(own_target)
+
+    def _write_one(
+        self,
+        upper: str,
+        rel: str,
+        e: _Held | None,
+        hold_fd: int,
+        pfd: int,
+        name: str,
+        new: tuple[int, str],
+    ) -> None:
         src = os.path.join(upper, rel)
-        tmp = f".{name}.rampiped-new"
-        # an apply resumed after a crash writes the layer's version again (and carries the
-        # held file's appends into it from the start): a recorded append is moot
-        e.done = None
-        e.append = None
+        tmp_fd, tmp = new
+        if e is not None:
+            # an apply resumed after a crash writes the layer's version again (and carries
+            # the held file's appends into it from the start): a recorded append is moot
+            e.done = None
+            e.append = None
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=pfd)
-        held_fd = os.open(e.link, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=hold_fd)
+            os.unlink(tmp, dir_fd=tmp_fd)
+        held_fd = (
+            os.open(e.link, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=hold_fd)
+            if e is not None
+            else -1
+        )
         try:
             out = os.open(
                 tmp,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0o600,
-                dir_fd=pfd,
+                dir_fd=tmp_fd,
             )
             try:
                 with open(src, "rb") as f:
@@ -336,18 +425,19 @@ class HeldFiles:
                 _copy_attributes(src, out)
                 ust = os.lstat(src)
                 os.utime(out, ns=(ust.st_atime_ns, ust.st_mtime_ns))
-                appended = self._appended(e, held_fd)
-                if appended:
+                appended = e is not None and self._appended(e, held_fd)
+                if e is not None and appended:
                     e.done = e.base.size + _copy_fd(held_fd, out, e.base.size)
                 os.fsync(out)
             finally:
                 os.close(out)
-            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            os.rename(tmp, name, src_dir_fd=tmp_fd, dst_dir_fd=pfd)
             _fsync_dir(pfd)
-            if appended and e.done is not None:
+            if e is not None and appended and e.done is not None:
                 self._append_since(e, held_fd, hold_fd, pfd, name)
         finally:
-            os.close(held_fd)
+            if held_fd >= 0:
+                os.close(held_fd)
 
     @staticmethod
     def _appended(e: _Held, held_fd: int) -> bool:
@@ -424,15 +514,13 @@ class HeldFiles:
         apply failed and the RAM layer is mounted again, hiding the disk files at those names)
         every changed held file becomes a conflict file. Returns the conflict files made."""
         made: list[str] = []
-        try:
-            target_fd = os.open(self.target, DIR_FLAGS)
-        except FileNotFoundError:
+        target_fd = self.place.open_target()
+        if target_fd is None:
             return made
         try:
-            if lstat_at(target_fd, HOLD_NAME) is None:
-                return made
-            hold_fd = open_dir_at(target_fd, HOLD_NAME)
-            try:
+            with self._hold_dir() as hold_fd:
+                if hold_fd is None:
+                    return made
                 for e in self.entries:
                     if e.conflict:
                         continue
@@ -447,8 +535,6 @@ class HeldFiles:
                     finally:
                         os.close(held_fd)
                 self._save(hold_fd)
-            finally:
-                os.close(hold_fd)
         finally:
             os.close(target_fd)
         return made
@@ -491,11 +577,10 @@ class HeldFiles:
         if pfd is None:
             log.error(
                 "%s/%s was written on disk during the write-back but its directory is gone; "
-                "the data stays in %s/%s/%s",
+                "the data stays in %s/%s",
                 self.target,
                 e.rel,
-                self.target,
-                HOLD_NAME,
+                self.place.shown,
                 e.link,
             )
             return []
@@ -522,8 +607,16 @@ class HeldFiles:
 
     def finish(self) -> None:
         """Drop the hold directory (the held files that are not conflict files go with it)."""
-        with opened_dir(self.target) as target_fd:
-            if lstat_at(target_fd, HOLD_NAME) is None:
+        with self.place.hold_parent() as parent:
+            if parent is None or lstat_at(parent[0], parent[1]) is None:
                 return
-            remove_at(target_fd, HOLD_NAME)
-            _fsync_dir(target_fd)
+            remove_at(parent[0], parent[1])
+            _fsync_dir(parent[0])
+
+    def keep(self) -> None:
+        """At the end of its use, finished or not: a hold directory still there stays where the
+        next start or unpin finds it (HoldPlace.rescue), and the copy of the mount is let go."""
+        try:
+            self.place.rescue()
+        finally:
+            self.place.close()

@@ -21,12 +21,13 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from rampiped.fsops import lstat_at, open_rel
+from rampiped.fsops import lstat_at, open_rel, remove_at
 from rampiped.pause import pause_point
 from rampiped.writeback.layer import Layer
 from rampiped.writeback.names import SCRATCH_NAME
 
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
+LINK_SCRATCH = "linking"  # beside the generations in the journal (see _scratch)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def same_dir(route: LinkRoute, source: str, target: str) -> bool:
 
 def link_files(route: LinkRoute, rels: list[str]) -> tuple[int, int]:
     """Put each regular file `rels` of the generation in place in the directory, as the same
-    inode: linked in the scratch directory (SCRATCH_NAME, made by the caller), then renamed
+    inode: linked in a scratch directory beside the generation (_scratch), then renamed
     over its name. The trusted.overlay.* attributes the generation copied from the layer are
     removed first (they must not reach the disk). Returns (files linked, their bytes); a name
     that shows the generation's inode already is left alone. Raises OSError."""
@@ -83,7 +84,7 @@ def link_files(route: LinkRoute, rels: list[str]) -> tuple[int, int]:
     with (
         _opened(route.root_fd, route.source) as src_root,
         _opened(route.root_fd, route.target) as dst_root,
-        _opened(dst_root, SCRATCH_NAME) as scratch,
+        _scratch(route, dst_root) as scratch,
     ):
         for parent, names in _by_parent(sorted(rels)):
             with _opened(src_root, parent) as sfd, _opened(dst_root, parent) as dfd:
@@ -96,6 +97,29 @@ def link_files(route: LinkRoute, rels: list[str]) -> tuple[int, int]:
                         seen.add(st.st_ino)
                         nbytes += st.st_size
     return files, nbytes
+
+
+@contextlib.contextmanager
+def _scratch(route: LinkRoute, dst_root: int) -> Iterator[int]:
+    """The directory a file is linked into before its rename into place: LINK_SCRATCH beside
+    the generation, in the journal (a reader of the directory never sees it), made afresh and
+    removed afterwards; SCRATCH_NAME in the directory (made by the caller) for a generation at
+    the top of the copy of the mount."""
+    parent = os.path.dirname(route.source)
+    if not route.source or parent == route.source:
+        with _opened(dst_root, SCRATCH_NAME) as fd:
+            yield fd
+        return
+    with _opened(route.root_fd, parent) as pfd:
+        if lstat_at(pfd, LINK_SCRATCH) is not None:
+            remove_at(pfd, LINK_SCRATCH)  # left by a crash: extra names of generation files
+        os.mkdir(LINK_SCRATCH, 0o700, dir_fd=pfd)
+        try:
+            with _opened(pfd, LINK_SCRATCH) as fd:
+                yield fd
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                remove_at(pfd, LINK_SCRATCH)
 
 
 def _link_one(sfd: int, dfd: int, scratch: int, name: str) -> os.stat_result:

@@ -17,10 +17,15 @@ _LEFTOVER_RE = re.compile(r"\..+\.rampiped-tmp-[0-9a-f]{8}|.+\.rampiped-tmp|\..+
 
 
 @contextlib.contextmanager
-def scratch_dir(target: str) -> Iterator[list[str]]:
+def scratch_dir(target: str, *, needed: bool = True) -> Iterator[list[str]]:
     """rsync's options for writing into `target` (a pinned directory on disk) with its
     temporary files in `target`/SCRATCH_NAME, created empty (a leftover removed) and removed
-    again afterwards; the scratch directory is excluded, so --delete leaves it alone."""
+    again afterwards; the scratch directory is excluded, so --delete leaves it alone. Not
+    `needed` (rsync writes no regular file: the directory shows no name of rampiped's own):
+    only the exclusion."""
+    if not needed:
+        yield [f"--exclude=/{SCRATCH_NAME}"]
+        return
     with opened_dir(target) as tfd:
         if lstat_at(tfd, SCRATCH_NAME) is not None:
             remove_at(tfd, SCRATCH_NAME)

@@ -5,9 +5,11 @@ what reached RAM is written back (copymode.WindowWriteBack)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import pytest
 
 from tests.system import safety
 from tests.system.daemon_harness import Env, running
-from tests.system.helpers import wait_for
+from tests.system.helpers import holding_open, wait_for
+from tests.system.helpers import release as let_go
 from tests.system.safety import append, release
 
 pytestmark = pytest.mark.system
@@ -195,6 +198,54 @@ def test_a_crash_during_the_write_back_after_the_unmount_is_finished_at_start(
             assert_clean(env, d)
 
 
+def test_a_power_cut_after_the_unmount_carries_what_the_held_files_got(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut once RAM's version has replaced a file that a process still holds open on
+    disk and writes into: the replaced file is held in the journal (outside the directory, no
+    name of rampiped's in it), and the next start carries what the process wrote to the name,
+    as the unpin would have."""
+    marker = tmp_path / "paused"
+    with safety.manual_env(tmp_path) as env, contextlib.ExitStack() as stack:
+        d = env.data / "copy"
+        seed(d)
+        holder: list[subprocess.Popen[str]] = []
+        with safety.paused_daemon(
+            env, monkeypatch, f"{SYNCED},{UNMOUNTED},{WRITTEN}", marker
+        ) as dm:
+            env.ctl("pin", "--mode", "copy", str(d), check=True)
+            append(d / "a.log", "ram 1b\n")
+
+            def on_disk() -> None:
+                write_on_disk(d)
+                holder.append(
+                    stack.enter_context(holding_open(d / "a.log", "held 3b\n", "held 4\n"))
+                )
+
+            def cut() -> None:
+                assert not [n for n in os.listdir(d) if "rampiped" in n], os.listdir(d)
+                assert list(env.journal.glob("*/held/held.json"))
+                assert let_go(holder[0]) == 0  # into the replaced file, only held now
+                safety.fault("power", env, dm)
+
+            rc, _, _ = staged(
+                env,
+                marker,
+                ["unpin", str(d)],
+                [(SYNCED, lambda: change_in_ram(d)), (UNMOUNTED, on_disk), (WRITTEN, cut)],
+            )
+            assert rc != 0
+        with running(env) as dm:
+            dm.wait_log(r"RAM copy lost")
+            assert (d / "a.log").read_text() == (
+                "disk 1\nram 1b\nram 2\ndisk 3\nheld 3b\nheld 4\n"
+            ), dm.log_text()[-3000:]
+            assert (d / "made-on-disk").read_text() == "window\n"
+            assert (d / "made-in-ram").read_text() == "ram\n"
+            assert_clean(env, d)
+        assert not list(env.journal.glob("*/held"))
+
+
 def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -209,6 +260,12 @@ def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
         with safety.paused_daemon(env, monkeypatch, f"{SYNCED},{UNMOUNTED}", marker) as dm:
             env.ctl("pin", "--mode", "copy", str(d), check=True)
 
+            def in_ram() -> None:
+                change_in_ram(d)
+                # a symlink: what rsync writes after the unmount (regular files are written
+                # by rampiped itself, through the hold directory in the journal)
+                os.symlink("a.log", d / "made-link")
+
             def disk_writes_then_rsync_fails() -> None:
                 write_on_disk(d)
                 flag.touch()
@@ -218,7 +275,7 @@ def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
                 env,
                 marker,
                 ["unpin", str(d)],
-                [(SYNCED, lambda: change_in_ram(d)), (UNMOUNTED, disk_writes_then_rsync_fails)],
+                [(SYNCED, in_ram), (UNMOUNTED, disk_writes_then_rsync_fails)],
             )
             assert rc == 1, (out, err)
             assert "exited with code 11" in err, err
@@ -238,6 +295,7 @@ def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
         assert (d / "a.log.rampiped-conflict").read_text() == "disk 1\ndisk 3\n"
         assert (d / "made-in-ram").read_text() == "ram\n"
         assert not (d / "gone").exists()
+        assert os.readlink(d / "made-link") == "a.log"
 
 
 def test_a_pin_rolled_back_after_its_bind_writes_back_what_reached_ram(
