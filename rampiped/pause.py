@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 # For the crash and power-cut tests only, and inert unless both variables are set: when
 # RAMPIPED_TEST_PAUSE_AT names stages (comma-separated; see the pause_point calls:
 # "pin:layers", "pin:overlay-mounted", "pin:bound", "pin:mounted", "checkpoint:copied",
-# "checkpoint:renamed", "copy-checkpoint:renames-linked", "copy-checkpoint:copied",
+# "checkpoint:renamed", "copy-checkpoint:renames-linked", "copy-checkpoint:staged",
+# "copy-checkpoint:moved", "copy-checkpoint:copied",
 # "unpin:copy-synced", "unpin:written-early", "apply:linked-one", "unpin:unmounted",
 # "copy-window:written", "unpin:journaled", "unpin:applied", "held:appended"), the thread
 # that reaches it writes the stage into RAMPIPED_TEST_PAUSE_FILE and blocks until that file is

@@ -19,6 +19,7 @@ from rampiped.copywb.renamed import rename_on_disk
 from rampiped.copywb.results import CheckpointIncomplete, CheckpointResult, CopyError, NotVerified
 from rampiped.copywb.sides import DATA, verify_source, verify_target
 from rampiped.copywb.snapshot import differences, kind_letter, snapshot
+from rampiped.copywb.staged import left_by_exclusion, move_staged, stage_files
 from rampiped.ledger import Ledger, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
@@ -28,6 +29,7 @@ from rampiped.writeback import (
     SCRATCH_NAME,
     Runner,
     SyncError,
+    exclude_file,
     pause_point,
     rsync_stat,
     run_command,
@@ -138,15 +140,34 @@ def checkpoint(
         else []
     )
     excludes += [f"--exclude={exclude_pattern(a.rel)}" for a in appended]
-    argv = [*_RSYNC, "--delete", "--fsync", "--stats", *compare, *excludes, data + "/", disk + "/"]
+    # the files to write whole: staged, synced once, renamed into place (staged.py); then
+    # the main pass, which finds them in place (it compares by size and mtime now: what
+    # --checksum found different is in place too)
+    argv = [*_RSYNC, "--delete", "--fsync", "--stats", *excludes, data + "/", disk + "/"]
     with scratch_dir(disk) as scratch:
-        argv[-2:-2] = scratch
-        result = run_pass(runner, argv)
+        staged_run = stage_files(
+            runner, data, disk, os.path.join(disk, SCRATCH_NAME), [*compare, *excludes]
+        )
+        mounts.syncfs(disk)
+        pause_point("copy-checkpoint:staged")
+        moved_in = move_staged(disk, os.path.join(disk, SCRATCH_NAME))
+        pause_point("copy-checkpoint:moved")
+        # left out of the main pass: a file that changed since it was staged is found below
+        # (a hard-linked one is left to the pass, which links its names: rsync -H)
+        left_out = [rel for rel in moved_in if _one_name(data, rel)]
+        with exclude_file(left_out) as exclude_from:
+            if exclude_from is not None:
+                argv[-2:-2] = ["--from0", f"--exclude-from={exclude_from}"]
+            argv[-2:-2] = scratch
+            result = left_by_exclusion(run_pass(runner, argv), left_out)
     # 23/24 for files that vanished or changed while rsync read them: handled below
     if result.returncode != 0 and not source_churn_only(result):
         raise SyncError.from_command(f"checkpoint of {data} to {disk}", argv, result)
     pause_point("copy-checkpoint:copied")
     totals = rsync_stats(result.stdout)
+    staged_stats = rsync_stats(staged_run.stdout)
+    totals["files"] += staged_stats["files"]
+    totals["bytes"] += staged_stats["bytes"]
     totals["files"] += len(appended)
     totals["bytes"] += sum(a.new_size - a.old_size for a in appended)
 
@@ -249,6 +270,13 @@ def checkpoint(
             outcome,
         )
     return outcome
+
+
+def _one_name(data: str, rel: str) -> bool:
+    try:
+        return os.lstat(os.path.join(data, rel)).st_nlink == 1
+    except OSError:
+        return False  # gone from RAM: the pass deletes it on disk
 
 
 # -- final sync -------------------------------------------------------------------------------

@@ -293,6 +293,11 @@ def test_kill_during_the_final_write_back(
         safety.count("crash points")
         assert "caught: " in said
         caught = said.split("caught: ")[1].split(" (in ")[0]
+        # where that rsync wrote, below the pin's staging bind of the directory: the directory
+        # itself, or the stage in its scratch directory (a copy pin's checkpoint writes whole
+        # files there first: copywb/staged.py)
+        below = said.split(" (in ")[1].split(")")[0].split("/disk", 1)[1].strip("/")
+        caught = f"{below}/{caught}" if below else caught
         at_kill = tree(disk)
         assert caught in at_kill, f"the temporary {caught} was gone at the kill: {said}"
         print(

@@ -83,7 +83,12 @@ LATER_STAGES = [
     "apply:linked-one",
     "unpin:applied",
 ]
-COPY_STAGES = ["copy-checkpoint:copied", "unpin:unmounted"]
+COPY_STAGES = [
+    "copy-checkpoint:staged",
+    "copy-checkpoint:moved",
+    "copy-checkpoint:copied",
+    "unpin:unmounted",
+]
 
 # After a power cut: the versions the next start must show (the last complete checkpoint).
 POWER_EXPECTED = {
@@ -96,6 +101,9 @@ POWER_EXPECTED = {
     ("overlay", "unpin:journaled"): E2,
     ("overlay", "apply:linked-one"): E2,  # the final generation, linked in part
     ("overlay", "unpin:applied"): E2,
+    # the files a checkpoint writes whole: staged and synced, not yet renamed into place
+    ("copy", "copy-checkpoint:staged"): E1,
+    ("copy", "copy-checkpoint:moved"): E2,
     ("copy", "copy-checkpoint:copied"): E2,
 }
 
