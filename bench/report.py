@@ -72,6 +72,36 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
         "the same over the plain stick with no RAM at all (the larger)",
     ),
     (
+        "checkpoint_bytes_20k_one_change",
+        "<=",
+        float(1 << 20),
+        "stick bytes of a checkpoint of one changed file in a pin of 20,000 (the larger mode)",
+    ),
+    (
+        "checkpoint_s_20k_one_change",
+        "<=",
+        1.0,
+        "seconds of that checkpoint (`rampipectl sync`, the larger mode)",
+    ),
+    (
+        "checkpoint_bytes_1k_one_change",
+        None,
+        None,
+        "the same for a pin of 1,000 files",
+    ),
+    (
+        "checkpoint_bytes_20k_new_files",
+        None,
+        None,
+        "stick bytes of the first checkpoint of 20,000 new files of 200 bytes (the larger)",
+    ),
+    (
+        "checkpoint_s_20k_new_files",
+        None,
+        None,
+        "seconds of that checkpoint",
+    ),
+    (
         "writeback_vs_disk_seq_ratio",
         ">=",
         0.8,

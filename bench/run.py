@@ -105,6 +105,8 @@ class Plan:
     switch_sizes: tuple[tuple[str, int], ...] = (("64m", 64), ("1g", 1024))
     memory_dirs: int = 100_000
     memory_half_life: float = 10.0  # the default: the table holds every candidate at its peak
+    # the checkpoint cost part's pins: the name of each figure and the files of 200 bytes
+    checkpoint_files: tuple[tuple[str, int], ...] = (("1k", 1_000), ("20k", 20_000))
 
 
 QUICK = Plan(
@@ -132,6 +134,7 @@ QUICK = Plan(
     switch_sizes=(("64m", 4), ("1g", 8)),
     memory_dirs=4_000,
     memory_half_life=1.0,
+    checkpoint_files=(("1k", 100), ("20k", 400)),
 )
 
 
@@ -858,6 +861,55 @@ def switch(b: Bench) -> None:
             b.say(f"switch {label}{' with a writer' if with_writer else ''}: {found[-1].group(0)}")
 
 
+def _small_files(where: Path, n: int, tag: str) -> None:
+    """`n` files of 200 bytes in 100 directories below `where`."""
+    for i in range(n):
+        sub = where / f"d{i % 100:02d}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"f{i}").write_text(f"{tag} {i} ".ljust(200, "."))
+
+
+def checkpoint_cost(b: Bench) -> None:
+    """What a checkpoint costs on the throttled stick, by what it holds: a pin (each mode) of
+    1,000 and of 20,000 new files of 200 bytes, checkpointed (the first checkpoint of new
+    files), then one file rewritten and checkpointed again (one change). Bytes from the
+    stick's own counter; seconds of `rampipectl sync`."""
+    r = b.results
+    for mode in ("overlay", "copy"):
+        for label, n in b.plan.checkpoint_files:
+            name = f"cp-{mode}-{label}"
+            # inodes for the files, their journal generation and the apply's links
+            s = b.new_stick(name, size_mb=max(b.plan.stick_mb, n // 8))
+            env, _d = b.daemon(name, s, sync={"interval": 0}, adaptive={"enabled": False})
+            where = s.mountpoint / "data" / "many"
+            where.mkdir()
+            response = control.call(
+                str(env.runtime / "control.sock"), "pin", {"path": str(where), "mode": mode}
+            )
+            if not response.get("ok"):
+                raise RuntimeError(f"pin {where}: {response.get('error')}")
+            s.throttle()
+            _small_files(where, n, "new")
+            for step in ("new_files", "one_change"):
+                if step == "one_change":
+                    (where / "d00" / "f0").write_text("changed".ljust(200))
+                s.sync()
+                before = s.bytes_written()
+                t0 = time.perf_counter()
+                command(env, "sync", where)
+                took = time.perf_counter() - t0
+                s.sync()
+                key = f"checkpoint_{step}_{label}_{mode}"
+                r[f"{key}_bytes"] = s.bytes_written() - before
+                r[f"{key}_s"] = round(took, 2)
+                b.say(f"{key}: {r[f'{key}_bytes'] / 2**20:.2f} MiB, {took:.2f} s")
+    for label, _n in b.plan.checkpoint_files:
+        for step in ("one_change", "new_files"):
+            keys = [f"checkpoint_{step}_{label}_{m}" for m in ("overlay", "copy")]
+            r[f"checkpoint_bytes_{label}_{step}"] = max(r[f"{k}_bytes"] for k in keys)
+            r[f"checkpoint_s_{label}_{step}"] = max(r[f"{k}_s"] for k in keys)
+
+
 # --------------------------------------------------------------------------- 6. bytes back
 
 
@@ -1289,6 +1341,8 @@ def run(plan: Plan, out: Path, parts: set[str] | None = None) -> dict[str, Any]:
             steps.append(("pins of a busy logger", lambda: busy_pin(b)))
         if want("zram"):
             steps.append(("compressed RAM (zram)", lambda: zram_ratio(b)))
+        if want("checkpoints"):
+            steps.append(("checkpoint cost by pin size", lambda: checkpoint_cost(b)))
         if sql is not None:
             steps.append(("SQLite experiment", sql.finish))
         for what, step in steps:
@@ -1336,6 +1390,7 @@ def main(argv: list[str] | None = None) -> int:
             "busy",
             "switch",
             "zram",
+            "checkpoints",
         ],
         help="run only these parts (the stick profile always runs)",
     )
