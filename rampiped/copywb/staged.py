@@ -19,12 +19,10 @@ rename."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
 
 from rampiped.commands import (
     RSYNC_COPY,
@@ -34,7 +32,7 @@ from rampiped.commands import (
     run_pass,
     source_churn_only,
 )
-from rampiped.fsops import DIR_FLAGS, join, lstat_at, open_dir_at
+from rampiped.fsops import join, lstat_at, open_dir_at, opened_dir
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +93,7 @@ def move_staged(disk: str, scratch: str) -> list[str]:
     directory too). Call after a syncfs of the disk's filesystem: the renames must not reach
     the disk before the data."""
     moved: list[str] = []
-    with _opened(os.path.join(scratch, STAGE)) as stage_fd, _opened(disk) as disk_fd:
+    with opened_dir(os.path.join(scratch, STAGE)) as stage_fd, opened_dir(disk) as disk_fd:
         stack = [("", os.dup(stage_fd), os.dup(disk_fd))]
         while stack:
             rel, sfd, dfd = stack.pop()
@@ -145,12 +143,3 @@ def _files_below(parent_fd: int, name: str, rel: str) -> list[str]:
     finally:
         os.close(fd)
     return out
-
-
-@contextlib.contextmanager
-def _opened(path: str) -> Iterator[int]:
-    fd = os.open(path, DIR_FLAGS)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
