@@ -11,8 +11,9 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -313,3 +314,20 @@ def exclude_pattern(rel: str) -> str:
     backslash is escaped."""
     body = "".join("\\" + c if c in "*?[\\" else c for c in rel[:-1])
     return "/" + body + "[\\" + rel[-1] + "]"
+
+
+@contextlib.contextmanager
+def exclude_file(rels: list[str]) -> Iterator[str | None]:
+    """An rsync --exclude-from file (NUL-separated, --from0) naming exactly `rels`
+    (exclude_pattern each); None when there are none."""
+    if not rels:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="rampiped-exclude-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for rel in rels:
+                f.write(os.fsencode(exclude_pattern(rel)) + b"\0")
+        yield path
+    finally:
+        os.unlink(path)

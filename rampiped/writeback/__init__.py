@@ -41,13 +41,14 @@ from rampiped.commands import (
     SyncError,
     communicate_watched,
     describe_exit,
+    exclude_file,
     run_command,
     run_pass,
     source_churn_only,
 )
 from rampiped.pause import PAUSE_ENV, PAUSE_FILE_ENV, pause_point
 from rampiped.writeback.apply import ApplyResult, apply_layer, apply_upper
-from rampiped.writeback.held import HeldFiles, exclude_file
+from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.holdplace import JOURNAL_HOLD, HoldPlace
 from rampiped.writeback.journal import (
     CheckpointResult,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from rampiped import osutil
-from rampiped.commands import Runner, SyncError, rsync_has_fsync, run_command
+from rampiped.commands import Runner, SyncError, exclude_file, rsync_has_fsync, run_command
 from rampiped.fsops import (
     join,
     lstat_at,
@@ -20,7 +20,7 @@ from rampiped.fsops import (
     syncfs_checked,
     walk_fds,
 )
-from rampiped.writeback.held import HeldFiles, exclude_file
+from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.layer import Layer, UpperDir, first_ten, renamed_dirs, scan_layer
 from rampiped.writeback.links import LinkRoute, link_files, linkable, same_dir
 from rampiped.writeback.moves import (

@@ -7,9 +7,7 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -90,26 +88,6 @@ def _landed(planned: bytes, tail: bytes, start: int) -> int:
         return len(planned)
     cut = (start + common_prefix(planned, tail)) // _PAGE * _PAGE - start
     return cut if cut >= _MIN_PARTIAL else 0
-
-
-@contextlib.contextmanager
-def exclude_file(rels: list[str]) -> Iterator[str | None]:
-    """An rsync --exclude-from file (NUL-separated, --from0) naming exactly `rels`."""
-    if not rels:
-        yield None
-        return
-    fd, path = tempfile.mkstemp(prefix="rampiped-exclude-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for rel in rels:
-                pattern = "/" + rel
-                if any(c in rel for c in "*?["):
-                    # a backslash escapes only in a pattern that has wildcards (rsync(1))
-                    pattern = re.sub(r"([*?\[\\])", r"\\\1", pattern)
-                f.write(os.fsencode(pattern) + b"\0")
-        yield path
-    finally:
-        os.unlink(path)
 
 
 def _copy_fd(src_fd: int, dst_fd: int, offset: int) -> int:
