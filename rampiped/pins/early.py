@@ -3,9 +3,12 @@ wrote, how to tell what changed since, and what a recovery leaves alone after it
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +24,10 @@ if TYPE_CHECKING:
 # settle): what is left is written after the unmount.
 CATCH_UP_PASSES = 3
 
+# beside the generations in the journal: the one written before the unmount, with its renamed
+# directories at their origins (below_overlay)
+AT_ORIGINS = "at-origins"
+
 
 @dataclass(frozen=True)
 class Early:
@@ -35,12 +42,33 @@ class Early:
     files: int
     bytes: int
     linked: int = 0  # of `files`, those linked from the journal (written to the disk once)
+    # renamed directories written at their origins: their moves are left for after the unmount
+    moves_left: bool = False
 
-    def unchanged_in(self, gen: str | None) -> frozenset[str] | None:
-        """The regular files of `gen` that are those written early (linked to them); None when
-        a directory was renamed since (the whole layer is then written again, after the move)."""
-        if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
-            return None
+    @classmethod
+    def written(
+        cls,
+        since: int,
+        gen: str,
+        applied: writeback.ApplyResult,
+        moves_left: bool,
+        before: Early | None,
+    ) -> Early:
+        """After a pass that wrote the generation `gen` (`applied`), taken from `since` on,
+        following the passes `before`."""
+        files, nbytes, linked = applied.files, applied.bytes, applied.linked
+        if before is not None:
+            files, nbytes, linked = (
+                files + before.files,
+                nbytes + before.bytes,
+                linked + before.linked,
+            )
+        return cls(since, gen, 0, file_inodes(gen), files, nbytes, linked, moves_left)
+
+    def unchanged_in(self, gen: str) -> frozenset[str]:
+        """The regular files of `gen` that are those written early (linked to them). By name in
+        the layer: one in a renamed directory was written at its origin, and the apply's move
+        of the origin takes it to that name."""
         return frozenset(
             rel
             for rel, st in tree.walk(gen)
@@ -53,9 +81,9 @@ class Early:
         mapped, see write_early). Not by inode as in unchanged_in: a file written early is the
         journal's own inode when the apply linked it, and a process that writes it on disk
         after the unmount changes that inode, so the generation taken after the unmount holds
-        RAM's copy of it, and writing that would undo what the process wrote. None when a
-        directory was renamed since."""
-        if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
+        RAM's copy of it, and writing that would undo what the process wrote. None without a
+        generation."""
+        if gen is None:
             return None
         still = changed_files(upper, self.since, invert=True)
         return frozenset(
@@ -63,6 +91,28 @@ class Early:
             for rel, st in tree.walk(gen)
             if stat.S_ISREG(st.st_mode) and rel in self.inodes and rel in still
         )
+
+
+@contextlib.contextmanager
+def below_overlay(journal: str) -> Iterator[Callable[[str], writeback.AtOrigins | None]]:
+    """While the block runs: a function giving a generation of `journal` as the disk below
+    the overlay holds it (writeback.at_origins: renamed directories at their origins, made
+    beside the generations), or None when it cannot be. What it made is removed when it is
+    called again and when the block ends (also one a killed daemon left)."""
+    path = os.path.join(journal, AT_ORIGINS)
+
+    def drop() -> None:
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+
+    def view(gen: str) -> writeback.AtOrigins | None:
+        drop()
+        return writeback.at_origins(gen, path)
+
+    try:
+        yield view
+    finally:
+        drop()
 
 
 def changed_files(upper: str, since: int, *, invert: bool = False) -> frozenset[str]:

@@ -22,11 +22,11 @@ from rampiped.pins.dirs import copy_root_attributes, largest_file
 from rampiped.pins.early import (
     CATCH_UP_PASSES,
     Early,
+    below_overlay,
     changed_files,
     changed_since,
     disk_clock,
     disk_clock_after,
-    file_inodes,
     written_early,
 )
 from rampiped.pins.handoff import Handoff
@@ -246,7 +246,7 @@ class OverlayMode(Mode):
             unmounted = time.monotonic()
             writeback.pause_point("unpin:unmounted")
             upper = self.m.upper(pin.id)
-            if early is not None and not changed_since(upper, early.since):
+            if early is not None and not early.moves_left and not changed_since(upper, early.since):
                 # nothing changed since the last pass before the unmount: the disk holds it all
                 res = writeback.ApplyResult(0, 0, 0, 0.0)
             else:
@@ -291,8 +291,10 @@ class OverlayMode(Mode):
         unmount comes first), an older pin without the whiteout, a reopen command (its
         writers hold files), a process that wrote the disk below the pin
         (late_bases), holders that stay, a file mapped (a store through a mapping made before
-        now would change no stamp), or a renamed directory (its origin, which the overlay
-        reads, must stay until the unmount)."""
+        now would change no stamp), or a renamed directory whose content cannot go to its
+        origin first (writeback/origins.py: the origin, which the overlay reads, stays in
+        place until the unmount, and what the layer holds of the directory is written into
+        it, as hidden as the rest; the apply after the unmount then only moves it)."""
         upper, journal, disk = self.m.upper(pin.id), self.m.journal(pin.id), self.m.disk(pin.id)
         if pause.late_writeback_only() or pin.evicting or pin.reopen or pin.late_bases:
             return None
@@ -305,36 +307,38 @@ class OverlayMode(Mode):
             return None
         res = writeback.checkpoint(upper, journal, runner=self.m.runner, ledger=pin.ledger)
         pin.ledger = res.ledger
-        gen = writeback.latest_generation(journal)
-        if gen is None or writeback.renamed_dirs(writeback.scan_layer(gen)):
-            return None
-        applied = writeback.apply_layer(gen, disk, self.m.runner, keep_plan=False, link=link(gen))
-        early = Early(since, gen, 0, file_inodes(gen), applied.files, applied.bytes, applied.linked)
-        writeback.pause_point("unpin:written-early")
-        # what was written meanwhile, the same way, until a pass finds nothing new: what is
-        # left for after the unmount is then what is written in its last moment
-        for _ in range(CATCH_UP_PASSES):
-            if not changed_since(upper, early.since):
-                break
-            since = self.m.ram_clock_ns(pin)
-            writeback.checkpoint(upper, journal, runner=self.m.runner, changed_since=early.since)
-            pin.ledger = None  # this generation was taken by ctime (see write_early)
-            gen = writeback.latest_generation(journal)
-            unchanged = early.unchanged_in(gen)
-            if gen is None or unchanged is None:
-                break  # a directory renamed meanwhile: written after the unmount
-            applied = writeback.apply_layer(
-                gen, disk, self.m.runner, keep_plan=False, unchanged=unchanged, link=link(gen)
-            )
-            early = Early(
-                since,
-                gen,
-                0,
-                file_inodes(gen),
-                early.files + applied.files,
-                early.bytes + applied.bytes,
-                early.linked + applied.linked,
-            )
+        early: Early | None = None
+        with below_overlay(journal) as at_origins:
+            # the checkpoint just taken, then what was written meanwhile, the same way, until
+            # a pass finds nothing new: what is left for after the unmount is then what is
+            # written in its last moment
+            for n in range(1 + CATCH_UP_PASSES):
+                if early is not None:
+                    if not changed_since(upper, early.since):
+                        break
+                    since = self.m.ram_clock_ns(pin)
+                    writeback.checkpoint(
+                        upper, journal, runner=self.m.runner, changed_since=early.since
+                    )
+                    pin.ledger = None  # this generation was taken by ctime (see write_early)
+                gen = writeback.latest_generation(journal)
+                view = None if gen is None else at_origins(gen)
+                if gen is None or view is None:
+                    break  # renamed directories that cannot go to their origins first
+                applied = writeback.apply_layer(
+                    view.path,
+                    disk,
+                    self.m.runner,
+                    keep_plan=False,
+                    unchanged=view.rels(early.unchanged_in(gen)) if early else frozenset(),
+                    link=link(view.path),
+                )
+                early = Early.written(since, gen, applied, view.names is not None, early)
+                if n == 0:
+                    writeback.pause_point("unpin:written-early")
+        if early is None:
+            return None  # nothing written: all of it after the unmount
+        # (the copy at the origins is gone: no unlink in the journal from here on)
         early = dataclasses.replace(early, disk_since=disk_clock_after(disk, disk_clock(disk)))
         write_json_atomic(
             os.path.join(journal, EARLY_MARK),
@@ -438,6 +442,12 @@ class OverlayMode(Mode):
         upper = self.m.upper(pin.id)
         if early is None:
             writeback.checkpoint(upper, journal, runner=self.m.runner, ledger=pin.ledger)
+        elif (
+            early.moves_left
+            and writeback.latest_generation(journal) == early.generation
+            and not changed_since(upper, early.since)
+        ):
+            pass  # the generation written before the unmount is the layer: only its moves left
         else:
             writeback.checkpoint(
                 upper,

@@ -24,11 +24,12 @@ into a journal of generations on disk (`checkpoint`); after a crash the last com
 is applied with the same rules (`apply_journal`).
 
 The package, from the bottom up (each module imports only those before it): `names`
-(rampiped's own names in a directory), `layer` (reading a layer), `scratch` (rsync's temporary
-names), `moves` (renamed directories), `stamps` and `held` (the write-back window), `verify`,
-`links` (a generation linked into place), `apply`, `journal`. Below it, imported by it and
-importing nothing above: `rampiped.commands`, `rampiped.fsops`, `rampiped.osutil`,
-`rampiped.pause`.
+(rampiped's own names in a directory), `layer` (reading a layer), `origins` (a layer with
+its renamed directories where the disk holds them below the overlay), `scratch` (rsync's
+temporary names), `moves` (renamed directories), `stamps` and `held` (the write-back
+window), `verify`, `links` (a generation linked into place), `apply`, `journal`. Below it,
+imported by it and importing nothing above: `rampiped.commands`, `rampiped.fsops`,
+`rampiped.osutil`, `rampiped.pause`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from rampiped.writeback.journal import (
 from rampiped.writeback.layer import OVERLAY_FEATURES, renamed_dirs, scan_layer
 from rampiped.writeback.links import LinkRoute
 from rampiped.writeback.names import CONFLICT_SUFFIX, HOLD_NAME, SCRATCH_NAME, STASH_NAME
+from rampiped.writeback.origins import AtOrigins, at_origins
 from rampiped.writeback.scratch import scratch_dir, scrub_leftovers
 from rampiped.writeback.stamps import (
     CLOCK_SLACK_NS,
@@ -89,6 +91,7 @@ __all__ = [
     "SCRATCH_NAME",
     "STASH_NAME",
     "ApplyResult",
+    "AtOrigins",
     "CheckpointResult",
     "CommandResult",
     "HeldFiles",
@@ -102,6 +105,7 @@ __all__ = [
     "apply_journal",
     "apply_layer",
     "apply_upper",
+    "at_origins",
     "check_space",
     "checkpoint",
     "communicate_watched",

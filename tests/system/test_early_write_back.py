@@ -7,6 +7,7 @@ read the pin's old state for the whole write-back (seconds with this much data).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -148,6 +149,99 @@ def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path, mode: str)
         lines = (d / "app.log").read_text().splitlines()
         assert sorted(lines) == sorted(f"line {i}" for i in range(appender.lines))
         assert not [n for n in os.listdir(d) if OWN.match(n)]
+
+
+class DirReader(threading.Thread):
+    """Reads the files of one directory in a loop: none may go back to an older version; it
+    counts the reads that found one missing and the names of rampiped's it saw."""
+
+    def __init__(self, d: Path, names: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.d, self.names = d, names
+        self.stop = threading.Event()
+        self.back: list[str] = []
+        self.missing = 0
+        self.own: set[str] = set()
+        self.reads = 0
+
+    def run(self) -> None:
+        last: dict[str, int] = {}
+        while not self.stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                self.own.update(n for n in os.listdir(self.d.parent) if OWN.match(n))
+            for name in self.names:
+                try:
+                    seen = version(self.d / name)
+                except FileNotFoundError:
+                    self.missing += 1
+                    continue
+                if seen < last.get(name, -1):
+                    self.back.append(f"{name}: {seen} after {last[name]}")
+                last[name] = max(seen, last.get(name, -1))
+            self.reads += 1
+
+
+def test_a_renamed_directory_goes_to_its_origin_before_the_unmount(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory from disk renamed through the pin and changed there: the unpin writes what
+    the layer holds of it into its origin on disk while the overlay still serves the path,
+    and the view stays RAM's meanwhile, also once the kernel dropped its caches and follows
+    the redirect to that origin anew. After the unmount only the move is left: nothing is
+    written then, and a reader of the renamed directory never reads an older version. On the
+    code before this, such a pin was not written back before its unmount at all (the pause
+    point is never reached), and the directory was missing for its whole write-back."""
+    marker = tmp_path / "paused"
+    stage = "unpin:written-early"
+    with make_env(tmp_path, disk_mb=512) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        (d / "old").mkdir(parents=True)
+        for i in range(8):
+            write_version(d / f"old/big{i}", 0)
+        (d / "old/gone").write_text("deleted in RAM\n")
+        (d / "other").mkdir()
+        (d / "other/kept").write_text("on disk\n")
+        with safety.paused_daemon(env, monkeypatch, stage, marker) as dm:
+            env.ctl("pin", str(d), check=True)
+            (d / "old").rename(d / "new")
+            for i in range(4):
+                write_version(d / f"new/big{i}", 1)
+            (d / "new/gone").unlink()
+            (d / "new/added").write_text("in RAM\n")
+            (d / "other").rename(d / "new/other")  # a second one, into the first
+            (d / "new/other/kept").write_text("changed in RAM\n")
+            expected = tree(d)
+            unpin = safety.ctl_async(env, "unpin", str(d))
+            safety.wait_paused(marker, stage)
+            assert env.overlay_at(d)
+            drop_caches()
+            assert tree(d) == expected  # written into the origins, hidden below the overlay
+            reader = DirReader(d / "new", [f"big{i}" for i in range(8)])
+            reader.start()
+            try:
+                wait_for(lambda: reader.reads > 5, 30, "reads before the unmount")
+                safety.release(marker)
+                out, err = unpin.communicate(timeout=120)
+                assert unpin.returncode == 0, (out, err, dm.log_text()[-3000:])
+                after = reader.reads
+                wait_for(lambda: reader.reads > after + 5, 30, "reads after the unmount")
+            finally:
+                reader.stop.set()
+                reader.join(10)
+            log = dm.log_text()
+        assert not env.overlay_at(d)
+        found = re.search(r"written back before the unmount \(.*; after it, (\d+) files", log)
+        assert found, log[-3000:]
+        assert found.group(1) == "0", found.group(0)  # the moves only
+        assert reader.back == [], reader.back[:10]
+        print(
+            f"\nreader: {reader.reads} reads, {reader.missing} found a file missing,"
+            f" rampiped's names seen: {sorted(reader.own)}"
+        )
+        remount(env.disk)
+        drop_caches()
+        assert tree(d) == expected
 
 
 def change_in_ram(d: Path) -> None:

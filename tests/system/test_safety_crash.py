@@ -21,7 +21,7 @@ pytestmark = pytest.mark.system
 # Versions of the files in the pinned directory: on disk before the pin (0), after the first
 # round of writes in RAM (1, checkpointed), after the second round (2, not checkpointed yet).
 E0 = {**{f"a/f{i}": 0 for i in range(5)}, "old.txt": 0, "d1/x": 0}
-E1 = {**{f"a/f{i}": 1 for i in range(5)}, "d2/x": 0, "n1": 1}
+E1 = {**{f"a/f{i}": 1 for i in range(5)}, "d2/x": 0, "d2/y": 1, "n1": 1}
 E2 = {**E1, **{f"a/f{i}": 2 for i in range(3)}, "n2": 2}
 
 
@@ -35,6 +35,7 @@ def round1(d: Path) -> None:
         safety.write_version(d / f"a/f{i}", f"a/f{i}", 1)
     (d / "old.txt").unlink()
     (d / "d1").rename(d / "d2")  # a directory from disk: a redirect in an overlay
+    safety.write_version(d / "d2/y", "d2/y", 1)  # written at its origin before an unmount
     safety.write_version(d / "n1", "n1", 1)
 
 
@@ -78,6 +79,7 @@ PIN_STAGES = ["pin:layers", "pin:mounted"]
 LATER_STAGES = [
     "checkpoint:copied",
     "checkpoint:renamed",
+    "unpin:written-early",
     "unpin:unmounted",
     "unpin:journaled",
     "apply:linked-one",
@@ -95,8 +97,9 @@ POWER_EXPECTED = {
     ("overlay", "pin:mounted"): E0,
     ("overlay", "checkpoint:copied"): E1,
     ("overlay", "checkpoint:renamed"): E2,
-    # an unpin checkpoints round 2 before its unmount (round 1's renamed directory keeps it
-    # from writing that into the directory then: test_early_write_back.py has the rest)
+    # an unpin checkpoints round 2 and writes it into the directory below the overlay (round
+    # 1's renamed directory at its origin) before its unmount
+    ("overlay", "unpin:written-early"): E2,
     ("overlay", "unpin:unmounted"): E2,
     ("overlay", "unpin:journaled"): E2,
     ("overlay", "apply:linked-one"): E2,  # the final generation, linked in part

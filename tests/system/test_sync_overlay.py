@@ -8,6 +8,7 @@ also after the kernel dropped its caches."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -610,3 +611,57 @@ def test_run_command_reports_a_missing_program() -> None:
     result = run_command(["/nonexistent/rsync", "--version"])
     assert result.returncode == 127
     assert "command not found" in result.stderr
+
+
+# --- written below the overlay before its unmount ---------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["all", *CHANGES])
+def test_written_below_the_overlay_at_the_origins(pin: Pin, outside: Path, change: str) -> None:
+    """What an unpin writes before its unmount (OverlayMode.write_early): the layer with its
+    renamed directories at their origins, applied into the directory below the overlay while
+    the overlay is mounted. The view does not change, also after the kernel dropped its
+    caches and looks every name up again (a redirect to an origin that was written into);
+    after the unmount the apply of the layer itself (the moves) gives the disk the view."""
+    populate(pin.disk, outside)
+    pin.mount()
+    for name, fn in CHANGES.items():
+        if change in ("all", name):
+            fn(pin.disk)
+    before = oracle(pin.disk)
+    dest = pin.ram / "at-origins"
+    view = writeback.at_origins(str(pin.upper), str(dest))
+    assert view is not None  # each of these can go to its origins first
+    if change in ("all", "dir_rename", "swap", "nested_renames"):
+        assert view.path != str(pin.upper)
+    writeback.apply_layer(view.path, str(pin.staging), run_command, keep_plan=False)
+    assert diff_manifests(before, oracle(pin.disk)) == []
+    drop_caches()
+    assert diff_manifests(before, oracle(pin.disk)) == []
+    if view.path != str(pin.upper):
+        shutil.rmtree(view.path)
+    pin.unmount_overlay()
+    apply_and_check(pin, before, outside)
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_a_new_entry_at_a_renamed_directorys_old_name(pin: Pin, outside: Path, kind: str) -> None:
+    """A directory renamed, then a new directory or file made under its old name: both would
+    go to one place below the overlay, so that layer is not written there first (None, and
+    nothing made); its apply after the unmount writes it all."""
+    (pin.disk / "old").mkdir()
+    write(pin.disk / "old/kept", "from disk")
+    pin.mount()
+    (pin.disk / "old").rename(pin.disk / "new")
+    write(pin.disk / "new/added", "in RAM")
+    if kind == "dir":
+        (pin.disk / "old").mkdir()
+        write(pin.disk / "old/x", "a new directory at the old name")
+    else:
+        write(pin.disk / "old", "a new file at the old name")
+    before = oracle(pin.disk)
+    dest = pin.ram / "at-origins"
+    assert writeback.at_origins(str(pin.upper), str(dest)) is None
+    assert not dest.exists()
+    pin.unmount_overlay()
+    apply_and_check(pin, before, outside)
