@@ -151,7 +151,17 @@ class Mounting(ManagerCore):
 
     def drop_journal(self, pid: str, path: str) -> None:
         """Remove the pin's journal; a hold directory left in it is moved into the directory
-        first (never removed with it), and the journal stays when that fails."""
+        first (never removed with it), and the journal stays when that fails, or when its
+        stash holds renamed directories of an apply cut short (the next apply resumes it)."""
+        if writeback.holds_stashed(self.journal(pid), writeback.JOURNAL_STASH):
+            log.error(
+                "%s: %s holds directories of %s that an interrupted write-back moved there;"
+                " the journal is kept for the next write-back to resume",
+                path,
+                os.path.join(self.journal(pid), writeback.JOURNAL_STASH),
+                path,
+            )
+            return
         if os.path.lexists(os.path.join(self.journal(pid), writeback.JOURNAL_HOLD)):
             place = self.hold_place(pid, path)
             try:

@@ -9,7 +9,8 @@ that the directory then holds what the merged view showed:
 1. scan the layer and refuse (before touching anything) what it cannot apply faithfully: real
    device nodes, metacopy files, whiteouts in xattr form, malformed redirects;
 2. move every redirect origin into a stash directory inside the target (same filesystem, so a
-   rename), deepest first, then move each one to the place its directory was renamed to. A plan
+   rename; in the pin's journal when the apply reaches both through one copy of their mount),
+   deepest first, then move each one to the place its directory was renamed to. A plan
    file in the stash records the progress, so an apply that was cut short (power loss) resumes
    instead of moving directories twice;
 3. delete what whiteouts, opaque directories and type changes removed, fd-relative and without
@@ -65,7 +66,14 @@ from rampiped.writeback.journal import (
 )
 from rampiped.writeback.layer import OVERLAY_FEATURES, renamed_dirs, scan_layer
 from rampiped.writeback.links import LinkRoute
-from rampiped.writeback.names import CONFLICT_SUFFIX, HOLD_NAME, SCRATCH_NAME, STASH_NAME
+from rampiped.writeback.moves import holds_stashed
+from rampiped.writeback.names import (
+    CONFLICT_SUFFIX,
+    HOLD_NAME,
+    JOURNAL_STASH,
+    SCRATCH_NAME,
+    STASH_NAME,
+)
 from rampiped.writeback.origins import AtOrigins, at_origins
 from rampiped.writeback.scratch import scratch_dir, scrub_leftovers
 from rampiped.writeback.stamps import (
@@ -84,6 +92,7 @@ __all__ = [
     "HOLD_NAME",
     "HUNG_EXIT",
     "JOURNAL_HOLD",
+    "JOURNAL_STASH",
     "OVERLAY_FEATURES",
     "PAUSE_ENV",
     "PAUSE_FILE_ENV",
@@ -112,6 +121,7 @@ __all__ = [
     "describe_exit",
     "discard_journal",
     "exclude_file",
+    "holds_stashed",
     "is_prefix",
     "latest_generation",
     "pause_point",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -15,6 +16,7 @@ from rampiped.fsops import (
     join,
     lstat_at,
     open_dir_at,
+    open_rel,
     opened_dir,
     remove_at,
     syncfs_checked,
@@ -24,12 +26,13 @@ from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.layer import Layer, UpperDir, first_ten, renamed_dirs, scan_layer
 from rampiped.writeback.links import LinkRoute, link_files, linkable, same_dir
 from rampiped.writeback.moves import (
+    Stash,
     _mark_stash_done,
     _move_renamed_dirs,
     _undo_moves,
     remove_stash,
 )
-from rampiped.writeback.names import STASH_NAME
+from rampiped.writeback.names import JOURNAL_STASH, STASH_NAME
 from rampiped.writeback.scratch import scratch_dir
 from rampiped.writeback.verify import verify_applied
 
@@ -215,6 +218,33 @@ def apply_upper(
     )
 
 
+@contextlib.contextmanager
+def stash_place(
+    link: LinkRoute | None, target_fd: int, target: str, source: str
+) -> Iterator[tuple[int, Stash]]:
+    """Where the apply of `source` (a generation or a copy of one, in the journal) moves
+    renamed directories from, and the stash they wait in: with a route that reaches the
+    journal and the directory through one copy of their mount, the directory as seen there
+    and JOURNAL_STASH beside the generations (no name of rampiped's in the directory);
+    otherwise `target_fd` and STASH_NAME inside it, as also when a stash is there already (an
+    apply cut short is resumed where it started)."""
+    if link is None or lstat_at(target_fd, STASH_NAME) is not None:
+        yield target_fd, Stash.inside(target_fd, target)
+        return
+    moves_fd = open_rel(link.root_fd, link.target)
+    journal_fd = open_rel(link.root_fd, os.path.dirname(link.source))
+    try:
+        if moves_fd is None or journal_fd is None:
+            yield target_fd, Stash.inside(target_fd, target)
+        else:
+            label = os.path.join(os.path.dirname(source), JOURNAL_STASH)
+            yield moves_fd, Stash(journal_fd, JOURNAL_STASH, label)
+    finally:
+        for fd in (moves_fd, journal_fd):
+            if fd is not None:
+                os.close(fd)
+
+
 def _writes_files(layer: Layer, excluded: list[str]) -> bool:
     """Whether rsync writes a regular file of `layer`: one not in `excluded`."""
     skip = set(excluded)
@@ -255,10 +285,13 @@ def apply_layer(
         log.info("%s: not on the mount of %s; copied, not linked", upper, target)
         link = None
     linked = 0
-    with opened_dir(target) as target_fd:
+    with (
+        opened_dir(target) as target_fd,
+        stash_place(link, target_fd, target, upper) as (moves_fd, stash),
+    ):
         try:
             try:
-                n, stashed = _move_renamed_dirs(target_fd, target, upper, moves)
+                n, stashed = _move_renamed_dirs(moves_fd, target, stash, upper, moves)
                 deleted += n
                 deleted += _apply_deletions(layer, target_fd, keep_newer_than)
             except OSError as e:
@@ -320,11 +353,11 @@ def apply_layer(
             # hidden under the layer or repeated by it) and a later apply starts afresh. A
             # process that dies here instead leaves the plan, and the next apply resumes it.
             try:
-                moved_back = _undo_moves(target_fd, target, upper)
+                moved_back = _undo_moves(moves_fd, target, stash, upper)
             except (OSError, SyncError) as undo_error:
                 raise SyncError(
                     f"{e}; moving the renamed directories back also failed ({undo_error}); "
-                    f"the next apply of {upper} resumes from {target}/{STASH_NAME}",
+                    f"the next apply of {upper} resumes from {stash.label}",
                     argv=e.argv,
                     returncode=e.returncode,
                 ) from e
@@ -337,9 +370,9 @@ def apply_layer(
             raise
         if stashed:
             if keep_plan:
-                _mark_stash_done(target_fd)
+                _mark_stash_done(stash)
             else:
-                remove_stash(target_fd, target)
+                remove_stash(stash)
             os.utime(target_fd, ns=layer.dirs[""].times[""])  # the stash touched the root
     kept = [os.lstat(os.path.join(upper, rel)) for rel in unchanged]
     kept_bytes = sum({(st.st_dev, st.st_ino): st.st_size for st in kept}.values())

@@ -8,7 +8,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from rampiped import appends, tree
@@ -42,8 +42,8 @@ from rampiped.renames import renamed
 from rampiped.writeback.apply import ApplyResult, apply_layer, at_or_below
 from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.links import LinkRoute
-from rampiped.writeback.moves import clear_finished_stash, remove_stash
-from rampiped.writeback.names import SCRATCH_NAME, STASH_NAME
+from rampiped.writeback.moves import Stash, clear_finished_stash, remove_stash
+from rampiped.writeback.names import JOURNAL_STASH, SCRATCH_NAME, STASH_NAME
 
 _GEN_RE = re.compile(r"gen-([0-9]+)")
 
@@ -495,8 +495,9 @@ def apply_journal(
             # A crash after the generations were removed but before the finished apply's
             # stash was: that leftover goes. An unfinished one (an apply straight from a RAM
             # layer that was cut short) is reported, never guessed at.
-            with opened_dir(os.path.abspath(target)) as target_fd:
-                clear_finished_stash(target_fd, target)
+            with _stashes(journal, target) as stashes:
+                for stash in stashes:
+                    clear_finished_stash(stash, target)
         return None
     result = apply_layer(
         gen,
@@ -510,11 +511,26 @@ def apply_journal(
     )
     root = os.lstat(gen)
     discard_journal(journal)
-    with opened_dir(os.path.abspath(target)) as target_fd:
-        if lstat_at(target_fd, STASH_NAME) is not None:
-            remove_stash(target_fd, target)
-            os.utime(target_fd, ns=(root.st_atime_ns, root.st_mtime_ns))
+    with _stashes(journal, target) as stashes:
+        for stash in stashes:
+            if stash.lstat() is not None:
+                remove_stash(stash)
+                if stash.name == STASH_NAME:  # it changed the directory's mtime
+                    os.utime(stash.parent_fd, ns=(root.st_atime_ns, root.st_mtime_ns))
     return result
+
+
+@contextlib.contextmanager
+def _stashes(journal: str, target: str) -> Iterator[list[Stash]]:
+    """The places an apply's stash can be (apply.stash_place): inside the target, and in the
+    journal (when it exists)."""
+    with contextlib.ExitStack() as stack:
+        tfd = stack.enter_context(opened_dir(os.path.abspath(target)))
+        found = [Stash.inside(tfd, target)]
+        if os.path.isdir(journal):
+            jfd = stack.enter_context(opened_dir(os.path.abspath(journal)))
+            found.append(Stash(jfd, JOURNAL_STASH, os.path.join(journal, JOURNAL_STASH)))
+        yield found
 
 
 def discard_journal(journal: str) -> None:

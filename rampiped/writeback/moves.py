@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from rampiped import osutil
 from rampiped.commands import SyncError
@@ -17,6 +18,7 @@ from rampiped.fsops import (
     lstat_at,
     open_dir_at,
     open_rel,
+    opened_dir,
     remove_at,
 )
 from rampiped.writeback.names import STASH_NAME
@@ -28,6 +30,29 @@ _PLAN_NAME = "plan.json"
 
 
 _PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Stash:
+    """Where the renamed directories of an apply wait between their origin and their place:
+    the directory `name` below `parent_fd`, on the mount of the descriptor the moves are made
+    from (a rename does not cross mounts). Inside the target (STASH_NAME), or in the pin's
+    journal when the apply reaches both through one private copy of their mount (JOURNAL_STASH:
+    no name of rampiped's in the directory then)."""
+
+    parent_fd: int
+    name: str
+    label: str  # its path, for messages
+
+    @classmethod
+    def inside(cls, target_fd: int, target: str) -> Stash:
+        return cls(target_fd, STASH_NAME, f"{target}/{STASH_NAME}")
+
+    def lstat(self) -> os.stat_result | None:
+        return lstat_at(self.parent_fd, self.name)
+
+    def open(self) -> int:
+        return open_dir_at(self.parent_fd, self.name)
 
 
 def _layer_identity(upper: str) -> str:
@@ -68,9 +93,9 @@ def _stashed(stash_fd: int) -> list[str]:
     return [n for n in os.listdir(stash_fd) if n not in _PLAN_FILES]
 
 
-def _stash_state(target_fd: int) -> tuple[dict[str, object] | None, list[str]]:
-    """The plan of the stash directory in the target (None: none readable) and what it holds."""
-    stash_fd = open_dir_at(target_fd, STASH_NAME)
+def _stash_state(stash: Stash) -> tuple[dict[str, object] | None, list[str]]:
+    """The plan of the stash directory (None: none readable) and what it holds."""
+    stash_fd = stash.open()
     try:
         return _read_plan(stash_fd), _stashed(stash_fd)
     finally:
@@ -82,37 +107,49 @@ def _stash_finished(plan: dict[str, object] | None, stashed: list[str]) -> bool:
     return not stashed and (plan is None or plan.get("phase") == "done")
 
 
-def remove_stash(target_fd: int, target: str) -> None:
-    st = lstat_at(target_fd, STASH_NAME)
-    if st is None:
+def remove_stash(stash: Stash) -> None:
+    if stash.lstat() is None:
         return
-    stash_fd = open_dir_at(target_fd, STASH_NAME)
+    stash_fd = stash.open()
     try:
         leftover = _stashed(stash_fd)
         if leftover:
             raise SyncError(
-                f"{target}/{STASH_NAME} still holds {leftover[:5]} after write-back; left in "
-                "place for inspection"
+                f"{stash.label} still holds {leftover[:5]} after write-back; left in place for"
+                " inspection"
             )
         for n in _PLAN_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(n, dir_fd=stash_fd)
     finally:
         os.close(stash_fd)
-    os.rmdir(STASH_NAME, dir_fd=target_fd)
-    _fsync_dir(target_fd)
+    os.rmdir(stash.name, dir_fd=stash.parent_fd)
+    _fsync_dir(stash.parent_fd)
 
 
-def clear_finished_stash(target_fd: int, target: str) -> None:
-    st = lstat_at(target_fd, STASH_NAME)
+def holds_stashed(parent: str, name: str) -> bool:
+    """Whether the stash `name` in the directory `parent` holds directories (an apply cut
+    short between moving an origin out and placing it): user data that nothing but the
+    apply's resume may remove."""
+    try:
+        with opened_dir(parent) as fd:
+            stash = Stash(fd, name, os.path.join(parent, name))
+            st = stash.lstat()
+            return st is not None and stat.S_ISDIR(st.st_mode) and bool(_stash_state(stash)[1])
+    except FileNotFoundError:
+        return False
+
+
+def clear_finished_stash(stash: Stash, target: str) -> None:
+    st = stash.lstat()
     if st is None:
         return
-    if stat.S_ISDIR(st.st_mode) and _stash_finished(*_stash_state(target_fd)):
-        remove_stash(target_fd, target)
+    if stat.S_ISDIR(st.st_mode) and _stash_finished(*_stash_state(stash)):
+        remove_stash(stash)
         return
     raise SyncError(
-        f"{target}/{STASH_NAME} holds an interrupted write-back and there is no journal to "
-        f"resume it from: {target} is partly written; inspect it by hand"
+        f"{stash.label} holds an interrupted write-back and there is no journal to resume it"
+        f" from: {target} is partly written; inspect it by hand"
     )
 
 
@@ -139,7 +176,7 @@ def _parent_of(target_fd: int, rel: str, gone: str) -> Iterator[tuple[int, str]]
 
 
 def _move_renamed_dirs(
-    target_fd: int, target: str, upper: str, moves: list[tuple[str, str]]
+    target_fd: int, target: str, stash: Stash, upper: str, moves: list[tuple[str, str]]
 ) -> tuple[int, bool]:
     """Stash every origin, then place each at its destination. Returns (entries deleted,
     whether a stash directory exists now). Resumes a plan left by an interrupted apply of the
@@ -147,21 +184,21 @@ def _move_renamed_dirs(
     identity = _layer_identity(upper)
     encoded = [[o, d] for o, d in moves]
     deleted = 0
-    st = lstat_at(target_fd, STASH_NAME)
+    st = stash.lstat()
     plan: dict[str, object] | None = None
     if st is not None:
         if not stat.S_ISDIR(st.st_mode):
-            raise SyncError(f"{target}/{STASH_NAME} exists and is not a directory; refusing")
-        plan, others = _stash_state(target_fd)
+            raise SyncError(f"{stash.label} exists and is not a directory; refusing")
+        plan, others = _stash_state(stash)
         same = plan is not None and plan.get("layer") == identity and plan.get("moves") == encoded
         if same:
             log.info("resuming an interrupted write-back of %s into %s", upper, target)
         elif _stash_finished(plan, others):
-            remove_stash(target_fd, target)  # a finished apply's leftover: nothing pending
+            remove_stash(stash)  # a finished apply's leftover: nothing pending
             plan = None
         else:
             raise SyncError(
-                f"{target}/{STASH_NAME} holds an interrupted write-back of another layer "
+                f"{stash.label} holds an interrupted write-back of another layer "
                 f"({plan.get('layer') if plan else 'no readable plan'}); {target} is partly "
                 "written. Refusing to apply a different layer on top; inspect it by hand"
             )
@@ -179,16 +216,16 @@ def _move_renamed_dirs(
                     "directory on disk (is this the layer of another directory?)"
                 )
             os.close(fd)
-        os.mkdir(STASH_NAME, 0o700, dir_fd=target_fd)
+        os.mkdir(stash.name, 0o700, dir_fd=stash.parent_fd)
         plan = {"version": _PLAN_VERSION, "layer": identity, "moves": encoded, "phase": "stash"}
-        stash_fd = open_dir_at(target_fd, STASH_NAME)
+        stash_fd = stash.open()
         try:
             _write_plan(stash_fd, plan)
         finally:
             os.close(stash_fd)
-        _fsync_dir(target_fd)
+        _fsync_dir(stash.parent_fd)
 
-    stash_fd = open_dir_at(target_fd, STASH_NAME)
+    stash_fd = stash.open()
     try:
         if plan["phase"] == "stash":
             for i, (origin, _dest) in enumerate(moves):
@@ -225,13 +262,13 @@ def _move_renamed_dirs(
     return deleted, True
 
 
-def _undo_moves(target_fd: int, target: str, upper: str) -> bool:
+def _undo_moves(target_fd: int, target: str, stash: Stash, upper: str) -> bool:
     """Reverse the moves of this layer's plan (placements first, deepest destination first;
     then origins back, shallowest first) and remove the stash. False when there is no plan of
     this layer (nothing was moved, or the stash belongs to another layer: left alone)."""
-    if lstat_at(target_fd, STASH_NAME) is None:
+    if stash.lstat() is None:
         return False
-    stash_fd = open_dir_at(target_fd, STASH_NAME)
+    stash_fd = stash.open()
     try:
         plan = _read_plan(stash_fd)
         if plan is None or plan.get("layer") != _layer_identity(upper):
@@ -261,12 +298,12 @@ def _undo_moves(target_fd: int, target: str, upper: str) -> bool:
                 os.close(pfd)
     finally:
         os.close(stash_fd)
-    remove_stash(target_fd, target)
+    remove_stash(stash)
     return True
 
 
-def _mark_stash_done(target_fd: int) -> None:
-    stash_fd = open_dir_at(target_fd, STASH_NAME)
+def _mark_stash_done(stash: Stash) -> None:
+    stash_fd = stash.open()
     try:
         plan = _read_plan(stash_fd)
         if plan is not None:

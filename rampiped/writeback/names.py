@@ -4,6 +4,9 @@ from __future__ import annotations
 
 # Inside the target directory (its filesystem, so moving an origin there is a rename).
 STASH_NAME = ".rampiped-apply"
+# In the pin's journal instead, when the apply reaches it and the directory through one private
+# copy of their mount (links.LinkRoute): no name of rampiped's shows in the directory then.
+JOURNAL_STASH = "moving"
 
 
 # --- rampiped's own names in a user's directory ----------------------------------------------

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rampiped import mounts
-from rampiped.writeback import HOLD_NAME, HeldFiles, HoldPlace
+from rampiped import mounts, pins
+from rampiped.writeback import HOLD_NAME, JOURNAL_STASH, HeldFiles, HoldPlace, holds_stashed
 from tests.system.helpers import make_loopfs
 
 pytestmark = pytest.mark.system
@@ -105,3 +105,26 @@ def test_a_directory_with_a_mount_of_its_own_is_not_reached_through_the_copy(
         finally:
             subprocess.run(["umount", str(d)], check=True)
         assert place.reaches(str(d), str(journal))
+
+
+def test_a_journal_whose_stash_holds_directories_is_kept(tmp_path: Path) -> None:
+    """A journal whose stash (JOURNAL_STASH) holds a directory that an interrupted apply moved
+    out of the pinned one is never removed with the pin's journal: the next apply resumes from
+    it. An empty stash (a finished apply's plan only) does not keep it."""
+    run, journals = tmp_path / "run", tmp_path / "journal"
+    mgr = pins.PinManager(str(run), str(journals), ram_limit=1 << 20)
+    d = tmp_path / "data" / "app"
+    d.mkdir(parents=True)
+    journal = Path(mgr.journal("p1"))
+    stash = journal / JOURNAL_STASH
+    (stash / "0").mkdir(parents=True)
+    (stash / "0" / "user-file").write_text("moved out of the directory\n")
+    (stash / "plan.json").write_text("{}")
+    assert holds_stashed(str(journal), JOURNAL_STASH)
+    mgr.drop_journal("p1", str(d))
+    assert (stash / "0" / "user-file").read_text() == "moved out of the directory\n"
+    (stash / "0" / "user-file").unlink()
+    (stash / "0").rmdir()
+    assert not holds_stashed(str(journal), JOURNAL_STASH)
+    mgr.drop_journal("p1", str(d))
+    assert not journal.exists()

@@ -19,6 +19,7 @@ import pytest
 
 from rampiped import mounts, writeback
 from rampiped.writeback import (
+    JOURNAL_STASH,
     STASH_NAME,
     CommandResult,
     SyncError,
@@ -564,6 +565,40 @@ def test_interrupted_journal_apply_resumes(pin: Pin, outside: Path, loopfs: Loop
     result = apply_journal(str(journal), str(pin.disk))
     assert result is not None
     assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
+    assert not (pin.disk / STASH_NAME).exists()
+
+
+def test_a_linked_apply_stashes_in_the_journal(pin: Pin, outside: Path, loopfs: LoopFs) -> None:
+    """With a route that reaches the journal and the directory through one private copy of
+    their mount (as an unpin and a start-up have), renamed directories wait in the journal
+    (JOURNAL_STASH), never under a name in the directory; an apply cut short after the moves
+    resumes from there without moving twice."""
+    journal = loopfs.mountpoint / "journal"
+    populate(pin.disk, outside)
+    pin.mount()
+    changes.ch_swap(pin.disk)
+    changes.ch_rename_renamed(pin.disk)
+    changes.ch_delete_in_renamed(pin.disk)
+    checkpoint(str(pin.upper), str(journal))
+    at_checkpoint = oracle(pin.disk)
+    pin.power_cut()
+    root = mounts.clone_mount(str(loopfs.mountpoint))
+    try:
+
+        def route(gen: str) -> writeback.LinkRoute:
+            return writeback.LinkRoute(root, f"journal/{os.path.basename(gen)}", "data")
+
+        with pytest.raises(PowerCut):
+            apply_journal(str(journal), str(pin.disk), runner=cut_at_rsync, link=route)
+        assert (journal / JOURNAL_STASH / "plan.json").exists()
+        assert not (pin.disk / STASH_NAME).exists()
+        assert (pin.disk / "swap/a/fb").exists()  # swapped already: not to be swapped again
+        result = apply_journal(str(journal), str(pin.disk), link=route)
+    finally:
+        os.close(root)
+    assert result is not None
+    assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
+    assert not (journal / JOURNAL_STASH).exists()
     assert not (pin.disk / STASH_NAME).exists()
 
 
