@@ -288,15 +288,16 @@ class OverlayMode(Mode):
         the path shows its last state on disk moments after it stops showing RAM, not after a
         whole write-back. A power cut meanwhile finds a complete checkpoint in the journal, as
         always. None (nothing done) when this cannot be: an eviction (RAM is short: the
-        unmount comes first), an older pin without the whiteout, a reopen command (its
-        writers hold files), a process that wrote the disk below the pin
-        (late_bases), holders that stay, a file mapped (a store through a mapping made before
-        now would change no stamp), or a renamed directory whose content cannot go to its
-        origin first (writeback/origins.py: the origin, which the overlay reads, stays in
-        place until the unmount, and what the layer holds of the directory is written into
-        it, as hidden as the rest; the apply after the unmount then only moves it)."""
+        unmount comes first), an older pin without the whiteout, a process that wrote the
+        disk below the pin (late_bases), holders that stay (with a reopen command, the
+        hand-over follows: it writes the layer while the overlay is mounted too), a file
+        mapped (a store through a mapping made before now would change no stamp), or a
+        renamed directory whose content cannot go to its origin first (writeback/origins.py:
+        the origin, which the overlay reads, stays in place until the unmount, and what the
+        layer holds of the directory is written into it, as hidden as the rest; the apply
+        after the unmount then only moves it)."""
         upper, journal, disk = self.m.upper(pin.id), self.m.journal(pin.id), self.m.disk(pin.id)
-        if pause.late_writeback_only() or pin.evicting or pin.reopen or pin.late_bases:
+        if pause.late_writeback_only() or pin.evicting or pin.late_bases:
             return None
         try:
             hides = stat.S_ISCHR(os.lstat(os.path.join(upper, writeback.SCRATCH_NAME)).st_mode)

@@ -219,3 +219,30 @@ def test_a_failing_reopen_command_is_reported_with_its_own_exit_code(
         "/srv: the reopen command timeout --kill-after=5 30 /nonexistent/reload could not be "
         "run (exit code 127: command not found): timeout: failed to run command"
     )
+
+
+def test_a_directory_its_writers_let_go_of_is_written_back_before_the_unmount(env: Env) -> None:
+    """A pin with a reopen command whose writers hold nothing at the unpin (they open, append
+    and close) is written back while the overlay still serves the path, like any other pin,
+    and the command still runs after the unmount."""
+    srv = env.data / "srv"
+    srv.mkdir()
+    (srv / "app.log").write_text("on disk\n")
+    env.write_config(
+        adaptive={
+            "watch": [{"path": str(env.data), "depth": 1, "reopen": "true"}],
+            "pin_above": 1_000_000,  # pins only by hand here
+        }
+    )
+    with running(env) as daemon:
+        proc = env.ctl("pin", str(srv))
+        assert proc.returncode == 0, proc.stderr + daemon.log_text()
+        with open(srv / "app.log", "a") as f:
+            f.write("in RAM\n")
+        proc = env.ctl("unpin", str(srv))
+        assert proc.returncode == 0, proc.stderr + daemon.log_text()
+        daemon.wait_log(rf"{srv}: written back before the unmount \(1 files")
+        daemon.wait_log(rf"{srv}: ran 'true'")
+        assert daemon.stop() == 0
+    assert (srv / "app.log").read_text() == "on disk\nin RAM\n"
+    assert sorted(os.listdir(srv)) == ["app.log"]
