@@ -120,6 +120,11 @@ class Ledger:
     sizes: dict[str, int] = field(default_factory=dict)
     # the RAM file's inode then (see renames.py: a file renamed in RAM keeps its inode)
     inodes: dict[str, int] = field(default_factory=dict)
+    # the RAM side's clock (ns) before the write-back this ledger describes read anything: an
+    # entry whose ctime is older is as it was then (0: not known; see writeback/carry.py)
+    taken_ns: int = 0
+    # the RAM side's directories then: rel -> inode (a directory moved in keeps its own)
+    dirs: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, found: Scan) -> Ledger:
@@ -139,7 +144,9 @@ class Ledger:
     def moved(self, pairs: Mapping[str, str]) -> Ledger:
         """This ledger with the entries of each old name (value) under its new name (key): what
         the disk holds once those files were renamed there (renames.py)."""
-        out = Ledger(dict(self.digests), dict(self.sizes), dict(self.inodes))
+        out = Ledger(
+            dict(self.digests), dict(self.sizes), dict(self.inodes), self.taken_ns, self.dirs
+        )
         for new, old in pairs.items():
             out.digests[new] = self.digests[old]
             out.sizes[new] = self.sizes[old]

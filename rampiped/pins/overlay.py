@@ -201,6 +201,7 @@ class OverlayMode(Mode):
     # -- checkpoints -----------------------------------------------------------------------------
 
     def write_checkpoint(self, pin: Pin) -> Written:
+        taken = self.m.ram_clock_ns(pin)  # before the layer is read (see writeback/carry.py)
         need = self.check_room(pin, "checkpoint")  # deferred, loudly, if it won't fit
         res = writeback.checkpoint(
             self.m.upper(pin.id),
@@ -208,6 +209,7 @@ class OverlayMode(Mode):
             runner=self.m.runner,
             ledger=pin.ledger,
             found=need.found,  # read just now: once per checkpoint
+            taken_ns=taken,
         )
         return Written(res.files, res.bytes, res.ledger, res.whole_bytes)
 

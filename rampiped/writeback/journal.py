@@ -39,6 +39,7 @@ from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
 from rampiped.pause import pause_point
 from rampiped.renames import renamed
+from rampiped.writeback import carry
 from rampiped.writeback.apply import ApplyResult, apply_layer, at_or_below
 from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.links import LinkRoute
@@ -64,6 +65,8 @@ class CheckpointResult:
 
 
 def _generations(journal_fd: int) -> tuple[dict[int, str], list[str]]:
+    for name in carry.pending(journal_fd):  # complete once their carried directories are in
+        carry.finish(journal_fd, name)
     complete: dict[int, str] = {}
     partial: list[str] = []
     for name in os.listdir(journal_fd):
@@ -91,6 +94,7 @@ def checkpoint(
     found: LedgerScan | None = None,
     changed_since: int | None = None,
     keep_older: bool = False,
+    taken_ns: int = 0,
 ) -> CheckpointResult:
     """Copy the upper layer of a mounted overlay (whiteouts, trusted.overlay.* attributes and
     all: a faithful copy of the layer) into a new generation of `journal`, on disk outside the
@@ -111,6 +115,10 @@ def checkpoint(
     process had a file of the layer mapped then: a store through a mapping made before it
     changes no stamp, while every other change (a write, a truncate, a new mapping's first
     store, cp -p or touch -d on new content) sets the ctime.
+
+    `taken_ns`: the RAM side's clock now, before anything is read (kept in the result's
+    ledger): the next checkpoint with that ledger moves the directories nothing changed in
+    since into its generation, rather than linking every file again (carry.py).
 
     `keep_older`: the older generations stay until the journal is discarded. An unpin that
     linked a generation's files into the directory (links.py) keeps it, so that no unlink in
@@ -155,6 +163,17 @@ def checkpoint(
         moved = renamed(found, ledger, frozenset(), grown=False) if known and ledger else {}
         grown = appends.candidates(found, ledger, moved) if known and ledger else {}
         argv += [f"--exclude={exclude_pattern(rel)}" for rel in sorted(grown) + sorted(moved)]
+        carried, dir_inodes = (
+            carry.survey(
+                upper,
+                ledger if known and not keep_older else None,
+                found,
+                f"{journal}/{complete[latest]}" if latest else None,
+            )
+            if taken_ns
+            else ([], {})
+        )
+        argv += [f"--exclude={exclude_pattern(rel)}" for rel in carried]
         if linked:
             argv.append(f"--link-dest={journal}/{complete[latest]}")
         argv += [upper + "/", f"{journal}/{tmp_name}/"]
@@ -206,8 +225,11 @@ def checkpoint(
             syncfs_checked(tmp_fd, f"{journal}/{tmp_name}")
         finally:
             os.close(tmp_fd)
-        os.rename(tmp_name, f"gen-{gen}", src_dir_fd=jfd, dst_dir_fd=jfd)
-        _fsync_dir(jfd)
+        if carried:
+            carry.commit(jfd, tmp_name, f"gen-{gen}", complete[latest], carried)
+        else:
+            os.rename(tmp_name, f"gen-{gen}", src_dir_fd=jfd, dst_dir_fd=jfd)
+            _fsync_dir(jfd)
         pause_point("checkpoint:renamed")
         if not keep_older:
             for name in complete.values():
@@ -215,6 +237,7 @@ def checkpoint(
             _fsync_dir(jfd)
     held = None if changed_since is not None else settled(found, upper)
     if held is not None:
+        held.taken_ns, held.dirs = taken_ns, dir_inodes
         for a in appended:
             if a.rel in held.digests or appends.still_prefix(upper, a):
                 held.record(a.rel, a.digest, a.new_size, found[a.rel].ino)  # the generation now

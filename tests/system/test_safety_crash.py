@@ -205,6 +205,33 @@ def test_power_cut_at_each_stage(
             finish(env, d, POWER_EXPECTED[(mode, stage)])
 
 
+@pytest.mark.parametrize("stage", ["checkpoint:carrying", "checkpoint:carried-one"])
+@pytest.mark.parametrize("kind", ["kill", "power"])
+def test_a_fault_while_a_checkpoint_carries_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, stage: str
+) -> None:
+    """The second checkpoint of a pin made by this daemon (its ledger and clock known) moves
+    the directory round 2 left alone (d2) from the last generation into its own
+    (writeback/carry.py). A kill or a power cut before or after that move: the next start
+    adopts the pin, or finishes the generation and applies it; nothing is lost either way."""
+    marker = tmp_path / "paused"
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "app"
+        seed(d)
+        with daemon(env, monkeypatch, stage, marker) as dm:
+            env.ctl("pin", str(d), "--mode", "overlay", check=True)
+            round1(d)
+            env.ctl("sync", str(d), check=True)  # no ledger before: nothing carried
+            round2(d)
+            ctl = ctl_async(env, "sync", str(d))
+            safety.wait_paused(marker, stage)
+            fault(kind, env, dm)
+            ctl.wait(30)
+        with daemon(env, monkeypatch) as dm:
+            check_clean_after_start(env, d)
+            finish(env, d, E2)
+
+
 def test_kill_during_a_reload_that_unpins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A reload drops a static pin; the daemon dies while writing it back; the next start (with
     the new configuration) finishes the write-back and does not pin it again."""

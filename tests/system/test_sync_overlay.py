@@ -7,10 +7,11 @@ also after the kernel dropped its caches."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from rampiped import mounts, writeback
+from rampiped.tree import walk as tree_walk
 from rampiped.writeback import (
     JOURNAL_STASH,
     STASH_NAME,
@@ -25,6 +27,7 @@ from rampiped.writeback import (
     SyncError,
     apply_journal,
     apply_upper,
+    carry,
     checkpoint,
     discard_journal,
     latest_generation,
@@ -41,6 +44,7 @@ from tests.system.helpers import (
     make_loopfs,
     manifest,
     unmount_tree,
+    wait_for,
 )
 
 pytestmark = pytest.mark.system
@@ -700,3 +704,132 @@ def test_a_new_entry_at_a_renamed_directorys_old_name(pin: Pin, outside: Path, k
     assert not dest.exists()
     pin.unmount_overlay()
     apply_and_check(pin, before, outside)
+
+
+# --- directories carried whole from one generation into the next (writeback/carry.py) ---------
+
+
+def ram_clock(pin: Pin) -> int:
+    """The RAM side's clock now (as PinManager.ram_clock_ns reads it)."""
+    probe = pin.ram / ".clock"
+    probe.write_text("")
+    return os.stat(probe).st_ctime_ns
+
+
+def many_dirs(root: Path, n: int = 10) -> None:
+    for i in range(n):
+        for j in range(5):
+            write(root / f"d{i}" / f"f{j}", f"{i} {j}\n")
+        (root / f"d{i}" / "deep").mkdir()
+        write(root / f"d{i}" / "deep" / "x", f"deep {i}\n")
+
+
+def checkpoint_twice(
+    pin: Pin, journal: Path, change: Callable[[Path], None]
+) -> tuple[dict[str, int], writeback.CheckpointResult]:
+    """Every directory of the layer in RAM, a first checkpoint (which records the clock), then
+    `change` through the overlay and a second checkpoint with the first's ledger. Returns the
+    inodes of the first generation's directories, read before the second."""
+    pin.mount()
+    many_dirs(pin.disk)
+    for i in range(10):  # no regular file: what is in them is told by the directory alone
+        (pin.disk / f"d{i}" / "links").mkdir()
+        os.symlink(f"target {i}", pin.disk / f"d{i}" / "links" / "link")
+    last = max(st.st_ctime_ns for _rel, st in tree_walk(str(pin.upper)))
+    wait_for(lambda: ram_clock(pin) > last, 5, "the next tick of the RAM side's clock")
+    first = checkpoint(str(pin.upper), str(journal), taken_ns=ram_clock(pin))
+    assert first.ledger is not None and first.ledger.taken_ns
+    gen1 = journal / "gen-1"
+    inodes = {p.name: os.lstat(p).st_ino for p in gen1.iterdir()}
+    change(pin.disk)
+    second = checkpoint(str(pin.upper), str(journal), ledger=first.ledger, taken_ns=ram_clock(pin))
+    assert second.generation == 2
+    return inodes, second
+
+
+def test_a_checkpoint_moves_unchanged_directories_into_its_generation(
+    pin: Pin, outside: Path, loopfs: LoopFs
+) -> None:
+    """A directory nothing changed in since the last generation was read is moved into the new
+    generation whole (the same directory inode), not linked file by file; a directory with a
+    changed file, one with a file changed through a shared mapping (no ctime), and one whose
+    mode changed are copied anew. The generation is the layer all the same: its root keeps the
+    layer root's times, and applied it gives the disk the view."""
+    journal = loopfs.mountpoint / "journal"
+
+    def change(m: Path) -> None:
+        write(m / "d3" / "f1", "changed\n")
+        with open(m / "d5" / "f2", "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+            assert mm[0:1] == b"5"  # read first: tmpfs maps the page writable at once
+            mm[0:1] = b"M"  # so the store sets no ctime on the upper file
+        os.chmod(m / "d7" / "deep", 0o700)
+
+    inodes, second = checkpoint_twice(pin, journal, change)
+    gen2 = journal / "gen-2"
+    assert sorted(os.listdir(journal)) == ["gen-2"]
+    moved = {name for name, ino in inodes.items() if os.lstat(gen2 / name).st_ino == ino}
+    assert moved == {f"d{i}" for i in range(10)} - {"d3", "d5", "d7"}
+    assert second.files <= 3
+    st_up, st_gen = os.lstat(pin.upper), os.lstat(gen2)
+    assert st_gen.st_mtime_ns == st_up.st_mtime_ns
+    at_checkpoint = oracle(pin.disk)
+    assert (pin.disk / "d5" / "f2").read_bytes()[:1] == b"M"
+    pin.power_cut()
+    assert apply_journal(str(journal), str(pin.disk)) is not None
+    drop_caches()
+    assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
+
+
+@pytest.mark.parametrize("stage", ["checkpoint:carrying", "checkpoint:carried-one"])
+def test_a_carry_cut_short_is_finished_by_the_next_reader(
+    pin: Pin, loopfs: LoopFs, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """The process dies after the new generation was renamed to gen-2.carry (nothing moved
+    yet) or after one directory was moved out of gen-1: the journal's next reader finishes the
+    move, and the generation applied is the layer at the checkpoint, whole."""
+    journal = loopfs.mountpoint / "journal"
+
+    def cut(point: str) -> None:
+        if point == stage:
+            raise PowerCut
+
+    def change(m: Path) -> None:
+        monkeypatch.setattr(carry, "pause_point", cut)
+        write(m / "d2" / "f0", "changed\n")
+
+    with pytest.raises(PowerCut):
+        checkpoint_twice(pin, journal, change)
+    assert (journal / "gen-2.carry").is_dir() and (journal / "gen-1").is_dir()
+    monkeypatch.setattr(carry, "pause_point", lambda _point: None)
+    at_checkpoint = oracle(pin.disk)
+    pin.power_cut()
+    assert latest_generation(str(journal)) == str(journal / "gen-2")
+    assert not (journal / "gen-2.carry.json").exists()
+    assert apply_journal(str(journal), str(pin.disk)) is not None
+    assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
+
+
+def test_directories_swapped_since_are_not_carried_by_their_old_paths(
+    pin: Pin, loopfs: LoopFs
+) -> None:
+    """Two directories swapped through the overlay since the last generation: the swap sets
+    the ctime of the two moved, not of what is below them, so `d1/links` (a symlink, no file
+    whose content would tell) looks untouched while it is now the former `d2/links`. It is
+    another directory (another inode) than the one the last generation holds at that path,
+    and is not carried from there."""
+    journal = loopfs.mountpoint / "journal"
+
+    def swap(m: Path) -> None:
+        os.rename(m / "d1", m / "swapping")
+        os.rename(m / "d2", m / "d1")
+        os.rename(m / "swapping", m / "d2")
+
+    checkpoint_twice(pin, journal, swap)
+    gen2 = journal / "gen-2"
+    assert (gen2 / "d1/deep/x").read_text() == "deep 2\n"
+    assert os.readlink(gen2 / "d1/links/link") == "target 2"
+    assert os.readlink(gen2 / "d2/links/link") == "target 1"
+    at_checkpoint = oracle(pin.disk)
+    pin.power_cut()
+    assert apply_journal(str(journal), str(pin.disk)) is not None
+    assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
