@@ -550,33 +550,15 @@ def test_journal_inside_the_pinned_tree_is_refused(pin: Pin, tmp_path: Path) -> 
         checkpoint(str(layer), str(layer / "journal"))
 
 
-def test_interrupted_journal_apply_resumes(pin: Pin, outside: Path, loopfs: LoopFs) -> None:
+@pytest.mark.parametrize("linked", [False, True])
+def test_interrupted_journal_apply_resumes(
+    pin: Pin, outside: Path, loopfs: LoopFs, linked: bool
+) -> None:
     """A cut during the apply at start-up: the generation stays, and applying it again
-    finishes the job without moving renamed directories twice."""
-    journal = loopfs.mountpoint / "journal"
-    populate(pin.disk, outside)
-    pin.mount()
-    changes.ch_swap(pin.disk)
-    changes.ch_rename_renamed(pin.disk)
-    changes.ch_delete_in_renamed(pin.disk)
-    checkpoint(str(pin.upper), str(journal))
-    at_checkpoint = oracle(pin.disk)
-    pin.power_cut()
-
-    with pytest.raises(PowerCut):
-        apply_journal(str(journal), str(pin.disk), runner=cut_at_rsync)
-    assert latest_generation(str(journal)) is not None
-    result = apply_journal(str(journal), str(pin.disk))
-    assert result is not None
-    assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
-    assert not (pin.disk / STASH_NAME).exists()
-
-
-def test_a_linked_apply_stashes_in_the_journal(pin: Pin, outside: Path, loopfs: LoopFs) -> None:
-    """With a route that reaches the journal and the directory through one private copy of
-    their mount (as an unpin and a start-up have), renamed directories wait in the journal
-    (JOURNAL_STASH), never under a name in the directory; an apply cut short after the moves
-    resumes from there without moving twice."""
+    finishes the job without moving renamed directories twice. With a route that reaches the
+    journal and the directory through one private copy of their mount (`linked`, as an unpin
+    and a start-up have), renamed directories wait in the journal (JOURNAL_STASH), never
+    under a name in the directory."""
     journal = loopfs.mountpoint / "journal"
     populate(pin.disk, outside)
     pin.mount()
@@ -592,12 +574,15 @@ def test_a_linked_apply_stashes_in_the_journal(pin: Pin, outside: Path, loopfs: 
         def route(gen: str) -> writeback.LinkRoute:
             return writeback.LinkRoute(root, f"journal/{os.path.basename(gen)}", "data")
 
+        link = route if linked else None
         with pytest.raises(PowerCut):
-            apply_journal(str(journal), str(pin.disk), runner=cut_at_rsync, link=route)
-        assert (journal / JOURNAL_STASH / "plan.json").exists()
-        assert not (pin.disk / STASH_NAME).exists()
+            apply_journal(str(journal), str(pin.disk), runner=cut_at_rsync, link=link)
+        assert latest_generation(str(journal)) is not None
+        stash = journal / JOURNAL_STASH if linked else pin.disk / STASH_NAME
+        assert (stash / "plan.json").exists()
+        assert (pin.disk / STASH_NAME).exists() == (not linked)
         assert (pin.disk / "swap/a/fb").exists()  # swapped already: not to be swapped again
-        result = apply_journal(str(journal), str(pin.disk), link=route)
+        result = apply_journal(str(journal), str(pin.disk), link=link)
     finally:
         os.close(root)
     assert result is not None
