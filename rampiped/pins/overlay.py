@@ -308,7 +308,9 @@ class OverlayMode(Mode):
         since = self.m.ram_clock_ns(pin)
         if not hides or not self.m.free_soon(pin, SOURCE_PREFIX + pin.id):
             return None
-        res = writeback.checkpoint(upper, journal, runner=self.m.runner, ledger=pin.ledger)
+        res = writeback.checkpoint(
+            upper, journal, runner=self.m.runner, ledger=pin.ledger, taken_ns=since
+        )
         pin.ledger = res.ledger
         early: Early | None = None
         with below_overlay(journal) as at_origins:
