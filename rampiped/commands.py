@@ -323,11 +323,24 @@ def exclude_file(rels: list[str]) -> Iterator[str | None]:
     if not rels:
         yield None
         return
-    fd, path = tempfile.mkstemp(prefix="rampiped-exclude-")
+    with _nul_list("rampiped-exclude-", [exclude_pattern(rel) for rel in rels]) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def files_from(rels: list[str]) -> Iterator[str]:
+    """An rsync --files-from file (NUL-separated, --from0) listing `rels`."""
+    with _nul_list("rampiped-files-", rels) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def _nul_list(prefix: str, lines: list[str]) -> Iterator[str]:
+    fd, path = tempfile.mkstemp(prefix=prefix)
     try:
         with os.fdopen(fd, "wb") as f:
-            for rel in rels:
-                f.write(os.fsencode(exclude_pattern(rel)) + b"\0")
+            for line in lines:
+                f.write(os.fsencode(line) + b"\0")
         yield path
     finally:
         os.unlink(path)

@@ -146,7 +146,12 @@ def checkpoint(
     argv = [*_RSYNC, "--delete", "--fsync", "--stats", *excludes, data + "/", disk + "/"]
     with scratch_dir(disk) as scratch:
         staged_run = stage_files(
-            runner, data, disk, os.path.join(disk, SCRATCH_NAME), [*compare, *excludes]
+            runner,
+            data,
+            disk,
+            os.path.join(disk, SCRATCH_NAME),
+            [*compare, *excludes],
+            only=None if ledger is None else ledger.changed(found),
         )
         mounts.syncfs(disk)
         pause_point("copy-checkpoint:staged")

@@ -19,6 +19,7 @@ rename."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ from rampiped.commands import (
     CommandResult,
     Runner,
     describe_exit,
+    files_from,
     run_pass,
     source_churn_only,
 )
@@ -52,15 +54,29 @@ def stage_argv(data: str, disk: str, stage: str, options: list[str]) -> list[str
 
 
 def stage_files(
-    runner: Runner, data: str, disk: str, scratch: str, options: list[str]
+    runner: Runner,
+    data: str,
+    disk: str,
+    scratch: str,
+    options: list[str],
+    only: list[str] | None = None,
 ) -> CommandResult:
-    """Copy into the stage (made here, in `scratch`) what the checkpoint writes whole. A run
-    that failed is not an error: the stage is a saving, and what it lacks the main pass
-    writes (it fails there too when it must: a disk that cannot be written)."""
+    """Copy into the stage (made here, in `scratch`) what the checkpoint writes whole: with
+    `only`, of those files (the ledger's changed ones; rsync then makes only their parent
+    directories in the stage, not every directory of the tree: --compare-dest leaves them
+    there, -m prunes only directories left empty on the sending side). A run that failed is
+    not an error: the stage is a saving, and what it lacks the main pass writes (it fails
+    there too when it must: a disk that cannot be written)."""
     stage = os.path.join(scratch, STAGE)
     os.mkdir(stage, 0o700)
-    argv = stage_argv(data, disk, stage, options)
-    result = run_pass(runner, argv)
+    if only is not None and not only:
+        return CommandResult(0, "", "")  # nothing to write whole
+    with contextlib.ExitStack() as stack:
+        if only is not None:
+            listing = stack.enter_context(files_from(sorted(only)))
+            options = [*options, "--from0", f"--files-from={listing}"]
+        argv = stage_argv(data, disk, stage, options)
+        result = run_pass(runner, argv)
     if result.returncode != 0 and not source_churn_only(result):
         log.info(
             "%s: staging the files to write whole %s; the main pass writes what it lacks: %s",

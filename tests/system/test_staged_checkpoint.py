@@ -55,6 +55,30 @@ def test_the_first_checkpoint_of_many_small_files_costs_few_commits(layout: Layo
     assert not (layout.disk / ".rampiped-tmp").exists()
 
 
+def test_a_checkpoint_of_one_change_stages_one_directory(layout: Layout) -> None:
+    """After a checkpoint of 2,000 files in 20 directories, one file rewritten: with the
+    ledger known, the stage gets that file and its directory only (rsync --compare-dest
+    alone made every directory of the tree in it, and removed them again)."""
+    layout.copy_in()
+    layout.bind_over()
+    try:
+        small_files(layout.orig, 2000, "new")
+        ledger = layout.checkpoint().ledger
+        (layout.orig / "dir7" / "f7").write_text("changed".ljust(200, "."))
+        syncfs_path(layout.loop.mountpoint)
+        before = bytes_written(layout.loop)
+        res = layout.checkpoint(ledger=ledger)
+        syncfs_path(layout.loop.mountpoint)
+        took = bytes_written(layout.loop) - before
+        assert res.files == 1, res
+        assert tree(layout.disk) == tree(layout.data)
+        print(f"\none change among 2,000 files: {took / KiB:.0f} KiB written")
+        assert took < 75 * KiB, took  # 51 KiB measured; 102 KiB staging every directory
+    finally:
+        layout.unbind()
+    assert not (layout.disk / ".rampiped-tmp").exists()
+
+
 def test_a_checkpoint_moves_what_it_staged_and_the_main_pass_does_the_rest(
     layout: Layout,
 ) -> None:
