@@ -28,8 +28,8 @@ The package, from the bottom up (each module imports only those before it): `nam
 (rampiped's own names in a directory), `layer` (reading a layer), `origins` (a layer with
 its renamed directories where the disk holds them below the overlay), `scratch` (rsync's
 temporary names), `moves` (renamed directories), `stamps` and `held` (the write-back
-window), `verify`, `links` (a generation linked into place), `apply`, `carry` (directories
-moved whole from one generation into the next), `journal`. Below it,
+window), `verify`, `links` (a generation linked into place), `apply`, `carry` (a generation made
+of the last one with what changed replaced), `journal`. Below it,
 imported by it and importing nothing above: `rampiped.commands`, `rampiped.fsops`,
 `rampiped.osutil`, `rampiped.pause`.
 """

@@ -226,7 +226,7 @@ def checkpoint(
         finally:
             os.close(tmp_fd)
         if carried:
-            carry.commit(jfd, tmp_name, f"gen-{gen}", complete[latest], carried)
+            carry.commit(jfd, tmp_name, f"gen-{gen}", complete.pop(latest), carried)
         else:
             os.rename(tmp_name, f"gen-{gen}", src_dir_fd=jfd, dst_dir_fd=jfd)
             _fsync_dir(jfd)

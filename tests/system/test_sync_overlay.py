@@ -714,7 +714,7 @@ def checkpoint_twice(
 ) -> tuple[dict[str, int], writeback.CheckpointResult]:
     """Every directory of the layer in RAM, a first checkpoint (which records the clock), then
     `change` through the overlay and a second checkpoint with the first's ledger. Returns the
-    inodes of the first generation's directories, read before the second."""
+    inodes of the first generation's entries, read before the second."""
     pin.mount()
     many_dirs(pin.disk)
     for i in range(10):  # no regular file: what is in them is told by the directory alone
@@ -725,21 +725,22 @@ def checkpoint_twice(
     first = checkpoint(str(pin.upper), str(journal), taken_ns=ram_clock(pin))
     assert first.ledger is not None and first.ledger.taken_ns
     gen1 = journal / "gen-1"
-    inodes = {p.name: os.lstat(p).st_ino for p in gen1.iterdir()}
+    inodes = {rel: st.st_ino for rel, st in tree_walk(str(gen1))}
     change(pin.disk)
     second = checkpoint(str(pin.upper), str(journal), ledger=first.ledger, taken_ns=ram_clock(pin))
     assert second.generation == 2
     return inodes, second
 
 
-def test_a_checkpoint_moves_unchanged_directories_into_its_generation(
+def test_a_checkpoint_keeps_what_did_not_change_in_place(
     pin: Pin, outside: Path, loopfs: LoopFs
 ) -> None:
-    """A directory nothing changed in since the last generation was read is moved into the new
-    generation whole (the same directory inode), not linked file by file; a directory with a
-    changed file, one with a file changed through a shared mapping (no ctime), and one whose
-    mode changed are copied anew. The generation is the layer all the same: its root keeps the
-    layer root's times, and applied it gives the disk the view."""
+    """The new generation is the last one with what changed replaced in place: a directory
+    nothing changed in since the last generation was read stays where it is (the same inode,
+    nothing linked again), and so does every file of a directory that changed. What changed
+    is new: a changed file, one changed through a shared mapping (no ctime), a directory whose
+    mode changed. The generation is the layer all the same: its root has the layer root's
+    times, and applied it gives the disk the view."""
     journal = loopfs.mountpoint / "journal"
 
     def change(m: Path) -> None:
@@ -752,8 +753,9 @@ def test_a_checkpoint_moves_unchanged_directories_into_its_generation(
     inodes, second = checkpoint_twice(pin, journal, change)
     gen2 = journal / "gen-2"
     assert sorted(os.listdir(journal)) == ["gen-2"]
-    moved = {name for name, ino in inodes.items() if os.lstat(gen2 / name).st_ino == ino}
-    assert moved == {f"d{i}" for i in range(10)} - {"d3", "d5", "d7"}
+    now = {rel: st.st_ino for rel, st in tree_walk(str(gen2))}
+    assert now.keys() == inodes.keys()
+    assert {rel for rel in now if now[rel] != inodes[rel]} == {"d3/f1", "d5/f2", "d7/deep"}
     assert second.files <= 3
     st_up, st_gen = os.lstat(pin.upper), os.lstat(gen2)
     assert st_gen.st_mtime_ns == st_up.st_mtime_ns
@@ -769,9 +771,9 @@ def test_a_checkpoint_moves_unchanged_directories_into_its_generation(
 def test_a_carry_cut_short_is_finished_by_the_next_reader(
     pin: Pin, loopfs: LoopFs, monkeypatch: pytest.MonkeyPatch, stage: str
 ) -> None:
-    """The process dies after the new generation was renamed to gen-2.carry (nothing moved
-    yet) or after one directory was moved out of gen-1: the journal's next reader finishes the
-    move, and the generation applied is the layer at the checkpoint, whole."""
+    """The process dies after the new generation's part was renamed to gen-2.carry (nothing
+    replaced yet) or after one entry of gen-1 was replaced: the journal's next reader finishes
+    the plan, and the generation applied is the layer at the checkpoint, whole."""
     journal = loopfs.mountpoint / "journal"
 
     def cut(point: str) -> None:
@@ -816,5 +818,46 @@ def test_directories_swapped_since_are_not_carried_by_their_old_paths(
     assert os.readlink(gen2 / "d2/links/link") == "target 1"
     at_checkpoint = oracle(pin.disk)
     pin.power_cut()
+    assert apply_journal(str(journal), str(pin.disk)) is not None
+    assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
+
+
+@pytest.mark.parametrize("cut_after", range(7))
+def test_a_plan_cut_after_any_step_is_finished_once(
+    pin: Pin, loopfs: LoopFs, monkeypatch: pytest.MonkeyPatch, cut_after: int
+) -> None:
+    """Every kind of replacement (a file changed in a directory kept in place, a new and a
+    removed file, a directory replaced, one removed, one made): the process dies after any of
+    them, then the next reader finishes the plan, each step once, and the generation is the
+    layer at the checkpoint."""
+    journal = loopfs.mountpoint / "journal"
+    real = carry._replace
+    done = 0
+
+    def counting(*args: Any) -> None:
+        nonlocal done
+        real(*args)
+        done += 1
+        if done == cut_after + 1:
+            raise PowerCut
+
+    def change(m: Path) -> None:
+        monkeypatch.setattr(carry, "_replace", counting)
+        write(m / "d3" / "f1", "changed\n")
+        write(m / "new-file", "new\n")
+        os.unlink(m / "d2" / "f0")
+        os.chmod(m / "d7" / "deep", 0o700)
+        shutil.rmtree(m / "d9")
+        write(m / "fresh" / "f", "in a new directory\n")
+        os.unlink(m / "d4" / "links" / "link")
+        os.symlink("elsewhere", m / "d4" / "links" / "link")
+
+    with pytest.raises(PowerCut):
+        checkpoint_twice(pin, journal, change)
+    monkeypatch.setattr(carry, "_replace", real)
+    at_checkpoint = oracle(pin.disk)
+    pin.power_cut()
+    assert latest_generation(str(journal)) == str(journal / "gen-2")
+    assert sorted(os.listdir(journal)) == ["gen-2"]
     assert apply_journal(str(journal), str(pin.disk)) is not None
     assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
