@@ -41,8 +41,8 @@ from rampiped.fsops import (
     _fsync_dir,
     join,
     lstat_at,
-    open_dir_at,
     open_rel,
+    opened_dir,
     remove_at,
     syncfs_checked,
 )
@@ -86,16 +86,18 @@ def survey(
             while mark not in dirty:
                 dirty.add(mark)
                 mark = mark.rpartition("/")[0]
-    out = []
-    for rel in dirs:
-        if not limit or rel in dirty or rel.rpartition("/")[0] not in dirty:
-            continue  # changed, or below a directory carried whole
-        try:
-            assert previous is not None
-            if stat.S_ISDIR(os.lstat(os.path.join(previous, rel)).st_mode):
+    out: list[str] = []
+    if not limit:
+        return out, dirs
+    assert previous is not None
+    with opened_dir(previous) as pfd:
+        for rel in dirs:
+            if rel in dirty or rel.rpartition("/")[0] not in dirty:
+                continue  # changed, or below a directory kept whole
+            fd = open_rel(pfd, rel)  # a real directory there, reached without a symlink
+            if fd is not None:
+                os.close(fd)
                 out.append(rel)
-        except OSError:
-            continue
     return sorted(out), dirs
 
 
@@ -204,9 +206,7 @@ def finish(jfd: int, name: str) -> None:
         for rel in reversed(plan["merged"]):  # children first: their times stay
             src = os.path.join(name, rel) if rel else name
             dst = os.path.join(previous, rel) if rel else previous
-            _copy_attrs(jfd, src, dst)
-            atime, mtime = plan["merged"][rel]
-            os.utime(dst, ns=(atime, mtime), dir_fd=jfd)
+            _copy_attrs(jfd, src, dst, tuple(plan["merged"][rel]))
         syncfs_checked(jfd, previous)
         os.rename(previous, gen, src_dir_fd=jfd, dst_dir_fd=jfd)
         _fsync_dir(jfd)
@@ -241,10 +241,16 @@ def _replace(
                 os.close(fd)
 
 
-def _copy_attrs(jfd: int, src: str, dst: str) -> None:
+def _copy_attrs(jfd: int, src: str, dst: str, times: tuple[int, int]) -> None:
     """Owner, mode and extended attributes (all of them, the overlay's among them) of the
-    directory `src` onto `dst`, those `src` lacks removed."""
-    s_fd, d_fd = open_dir_at(jfd, src), open_dir_at(jfd, dst)
+    directory `src` onto `dst`, those `src` lacks removed, and `times` (atime, mtime).
+    Both are reached from the journal without following a symlink."""
+    s_fd, d_fd = open_rel(jfd, src), open_rel(jfd, dst)
+    if s_fd is None or d_fd is None:
+        for fd in (s_fd, d_fd):
+            if fd is not None:
+                os.close(fd)
+        raise SyncError(f"journal: {src} or {dst} is not a directory")
     try:
         st = os.fstat(s_fd)
         os.fchown(d_fd, st.st_uid, st.st_gid)
@@ -254,6 +260,7 @@ def _copy_attrs(jfd: int, src: str, dst: str) -> None:
         for attr in sorted(wanted):
             os.setxattr(d_fd, attr, os.getxattr(s_fd, attr))
         os.fchmod(d_fd, stat.S_IMODE(st.st_mode))
+        os.utime(d_fd, ns=times)
     finally:
         os.close(s_fd)
         os.close(d_fd)

@@ -11,6 +11,7 @@ import mmap
 import os
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 
 from rampiped import mounts, writeback
+from rampiped.ledger import Ledger
+from rampiped.ledger import scan as ledger_scan
 from rampiped.tree import walk as tree_walk
 from rampiped.writeback import (
     JOURNAL_STASH,
@@ -861,3 +864,25 @@ def test_a_plan_cut_after_any_step_is_finished_once(
     assert sorted(os.listdir(journal)) == ["gen-2"]
     assert apply_journal(str(journal), str(pin.disk)) is not None
     assert diff_manifests(at_checkpoint, oracle(pin.disk)) == []
+
+
+def test_a_kept_directory_is_never_reached_through_a_symlink(tmp_path: Path) -> None:
+    """A directory is kept from the last generation only where that generation holds it as a
+    real directory: reached through a symlink there (a layer whose directory was swapped for a
+    symlink while the last checkpoint copied it), it is not kept, and nothing outside the
+    journal is looked at as if it were the generation."""
+    upper, previous, outside = tmp_path / "upper", tmp_path / "gen-1", tmp_path / "outside"
+    (upper / "x" / "t").mkdir(parents=True)
+    write(upper / "x" / "t" / "f", "in RAM\n")
+    (outside / "t").mkdir(parents=True)
+    previous.mkdir()
+    os.symlink(outside, previous / "x")
+    found = ledger_scan(str(upper))
+    ledger = Ledger.of(found)
+    ledger.taken_ns = time.time_ns() + 10**9  # nothing below changed since, by the clock
+    ledger.dirs = {"x": 0, "x/t": os.lstat(upper / "x" / "t").st_ino}  # x is another one
+    kept, _dirs = carry.survey(str(upper), ledger, found, str(previous))
+    assert kept == []
+    os.unlink(previous / "x")
+    (previous / "x" / "t").mkdir(parents=True)
+    assert carry.survey(str(upper), ledger, found, str(previous))[0] == ["x/t"]
