@@ -220,3 +220,22 @@ def read_at(fd: int, length: int, offset: int) -> bytes:
         offset += len(chunk)
         length -= len(chunk)
     return b"".join(parts)
+
+
+def copy_dir_attrs(
+    src_fd: int, dst_fd: int, *, skip: Iterable[str] = (), times: tuple[int, int] | None = None
+) -> None:
+    """Give the directory `dst_fd` the owner, mode and extended attributes (ACLs among them)
+    of `src_fd`: its own attributes that `src_fd` lacks are removed, those named in `skip`
+    are neither copied nor kept. With `times` (atime, mtime in ns), those too."""
+    st = os.fstat(src_fd)
+    os.fchown(dst_fd, st.st_uid, st.st_gid)
+    left_out = set(skip)
+    wanted = set(os.listxattr(src_fd)) - left_out
+    for attr in set(os.listxattr(dst_fd)) - wanted:
+        os.removexattr(dst_fd, attr)
+    for attr in sorted(wanted):
+        os.setxattr(dst_fd, attr, os.getxattr(src_fd, attr))
+    os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+    if times is not None:
+        os.utime(dst_fd, ns=times)

@@ -39,6 +39,7 @@ from rampiped import osutil, tree
 from rampiped.commands import SyncError
 from rampiped.fsops import (
     _fsync_dir,
+    copy_dir_attrs,
     join,
     lstat_at,
     open_rel,
@@ -64,7 +65,7 @@ def survey(
     """The topmost directories of the layer `upper` (not its root) that nothing below changed
     since the generation `previous` was read (see the module docstring), at the path and with
     the inode they had then, and that `previous` holds as directories; and the inode of every
-    directory of the layer now (for the next ledger). None carried without the ledger's clock
+    directory of the layer now (for the next ledger). None kept without the ledger's clock
     and directories."""
     limit = ledger.taken_ns if ledger is not None and previous is not None else 0
     dirty: set[str] = {""}
@@ -242,25 +243,14 @@ def _replace(
 
 
 def _copy_attrs(jfd: int, src: str, dst: str, times: tuple[int, int]) -> None:
-    """Owner, mode and extended attributes (all of them, the overlay's among them) of the
-    directory `src` onto `dst`, those `src` lacks removed, and `times` (atime, mtime).
-    Both are reached from the journal without following a symlink."""
+    """copy_dir_attrs from the directory `src` onto `dst`, both reached from the journal
+    without following a symlink."""
     s_fd, d_fd = open_rel(jfd, src), open_rel(jfd, dst)
-    if s_fd is None or d_fd is None:
+    try:
+        if s_fd is None or d_fd is None:
+            raise SyncError(f"journal: {src} or {dst} is not a directory")
+        copy_dir_attrs(s_fd, d_fd, times=times)
+    finally:
         for fd in (s_fd, d_fd):
             if fd is not None:
                 os.close(fd)
-        raise SyncError(f"journal: {src} or {dst} is not a directory")
-    try:
-        st = os.fstat(s_fd)
-        os.fchown(d_fd, st.st_uid, st.st_gid)
-        wanted = set(os.listxattr(s_fd))
-        for attr in set(os.listxattr(d_fd)) - wanted:
-            os.removexattr(d_fd, attr)
-        for attr in sorted(wanted):
-            os.setxattr(d_fd, attr, os.getxattr(s_fd, attr))
-        os.fchmod(d_fd, stat.S_IMODE(st.st_mode))
-        os.utime(d_fd, ns=times)
-    finally:
-        os.close(s_fd)
-        os.close(d_fd)

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from dataclasses import dataclass
 
-from rampiped.fsops import join
+from rampiped.fsops import copy_dir_attrs, join, opened_dir
 from rampiped.writeback.layer import Layer, renamed_dirs, scan_layer
 
 REDIRECT_XATTR = "trusted.overlay.redirect"
@@ -119,11 +118,6 @@ def at_origins(gen: str, dest: str) -> AtOrigins | None:
 
 
 def _copy_attrs(src: str, dst: str) -> None:
-    """Owner, extended attributes (ACLs among them, the redirect left out) and mode."""
-    st = os.lstat(src)
-    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
-    for name in os.listxattr(src, follow_symlinks=False):
-        if name != REDIRECT_XATTR:
-            value = os.getxattr(src, name, follow_symlinks=False)
-            os.setxattr(dst, name, value, follow_symlinks=False)
-    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    """copy_dir_attrs between two directories of the journal, the redirect left out."""
+    with opened_dir(src) as s_fd, opened_dir(dst) as d_fd:
+        copy_dir_attrs(s_fd, d_fd, skip=(REDIRECT_XATTR,))
