@@ -247,12 +247,14 @@ class OverlayMode(Mode):
                 return self.handoff.start(pin, overlay_id, start, wall)
             unmounted = time.monotonic()
             writeback.pause_point("unpin:unmounted")
-            upper = self.m.upper(pin.id)
-            if early is not None and not early.moves_left and not changed_since(upper, early.since):
+            # whether anything changed since the last pass before the unmount (all of it
+            # without one): read once, the switch is under way
+            changed = early is None or changed_since(self.m.upper(pin.id), early.since)
+            if early is not None and not early.moves_left and not changed:
                 # nothing changed since the last pass before the unmount: the disk holds it all
                 res = writeback.ApplyResult(0, 0, 0, 0.0)
             else:
-                res = self.write_rest(pin, replaced, since, early, link)
+                res = self.write_rest(pin, replaced, since, early, link, changed)
         writeback.pause_point("unpin:applied")
         if early is not None:
             log.info(
@@ -358,10 +360,11 @@ class OverlayMode(Mode):
         since: int,
         early: Early | None,
         link: Callable[[str], writeback.LinkRoute | None],
+        changed: bool = True,
     ) -> writeback.ApplyResult:
         """After the unmount: what is left to write (all of it, without `early`), carrying
-        over what processes write meanwhile into the disk files it replaces. On failure the
-        overlay is mounted again."""
+        over what processes write meanwhile into the disk files it replaces. `changed`:
+        whether the layer changed since `early`. On failure the overlay is mounted again."""
         upper = self.m.upper(pin.id)
         held: writeback.HeldFiles | None = None
         try:
@@ -373,7 +376,7 @@ class OverlayMode(Mode):
                 since,
                 only=None if early is None else changed_files(upper, early.since),
             )
-            res = self.apply_final(pin, held, early, link)
+            res = self.apply_final(pin, held, early, link, changed)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.m.journal(pin.id), EARLY_MARK))
@@ -437,6 +440,7 @@ class OverlayMode(Mode):
         held: writeback.HeldFiles,
         early: Early | None,
         link: Callable[[str], writeback.LinkRoute | None],
+        changed: bool = True,
     ) -> writeback.ApplyResult:
         """The layer into a final journal generation, then that generation into the directory:
         an apply cut short by a power loss is then replayed from disk at the next start (the
@@ -447,11 +451,7 @@ class OverlayMode(Mode):
         upper = self.m.upper(pin.id)
         if early is None:
             writeback.checkpoint(upper, journal, runner=self.m.runner, ledger=pin.ledger)
-        elif (
-            early.moves_left
-            and writeback.latest_generation(journal) == early.generation
-            and not changed_since(upper, early.since)
-        ):
+        elif not changed and writeback.latest_generation(journal) == early.generation:
             pass  # the generation written before the unmount is the layer: only its moves left
         else:
             writeback.checkpoint(

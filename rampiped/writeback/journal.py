@@ -65,7 +65,7 @@ class CheckpointResult:
 
 
 def _generations(journal_fd: int) -> tuple[dict[int, str], list[str]]:
-    for name in carry.pending(journal_fd):  # complete once their carried directories are in
+    for name in carry.pending(journal_fd):  # complete once their plan is carried out
         carry.finish(journal_fd, name)
     complete: dict[int, str] = {}
     partial: list[str] = []
@@ -117,8 +117,8 @@ def checkpoint(
     store, cp -p or touch -d on new content) sets the ctime.
 
     `taken_ns`: the RAM side's clock now, before anything is read (kept in the result's
-    ledger): the next checkpoint with that ledger moves the directories nothing changed in
-    since into its generation, rather than linking every file again (carry.py).
+    ledger): the next checkpoint with that ledger makes its generation of this one, with
+    only what changed since replaced, rather than linking every file again (carry.py).
 
     `keep_older`: the older generations stay until the journal is discarded. An unpin that
     linked a generation's files into the directory (links.py) keeps it, so that no unlink in
