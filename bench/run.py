@@ -61,6 +61,7 @@ from tests.system.helpers import (
     manifest,
     mount_points,
     mountinfo,
+    small_files,
     wait_for,
 )
 
@@ -862,14 +863,6 @@ def switch(b: Bench) -> None:
             b.say(f"switch {label}{' with a writer' if with_writer else ''}: {found[-1].group(0)}")
 
 
-def _small_files(where: Path, n: int, tag: str) -> None:
-    """`n` files of 200 bytes in 100 directories below `where`."""
-    for i in range(n):
-        sub = where / f"d{i % 100:02d}"
-        sub.mkdir(exist_ok=True)
-        (sub / f"f{i}").write_text(f"{tag} {i} ".ljust(200, "."))
-
-
 def checkpoint_cost(b: Bench) -> None:
     """What a checkpoint costs on the throttled stick, by what it holds: a pin (each mode) of
     1,000 and of 20,000 new files of 200 bytes, checkpointed (the first checkpoint of new
@@ -892,7 +885,7 @@ def checkpoint_cost(b: Bench) -> None:
             if not response.get("ok"):
                 raise RuntimeError(f"pin {where}: {response.get('error')}")
             s.throttle()
-            _small_files(where, n, "new")
+            small_files(where, n, "new")
             for step in ("new_files", "one_change"):
                 if step == "one_change":
                     (where / "d00" / "f0").write_text("changed".ljust(200))

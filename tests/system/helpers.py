@@ -324,3 +324,12 @@ def syncfs_path(path: Path) -> None:
         syncfs(fd)
     finally:
         os.close(fd)
+
+
+def small_files(where: Path, n: int, tag: str, dirs: int = 100) -> None:
+    """`n` files of 200 bytes, `TAG I ...`, spread over `dirs` directories d00, d01, ... below
+    `where` (the checkpoint-cost workload of the tests and the benchmark)."""
+    for i in range(n):
+        sub = where / f"d{i % dirs:02d}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"f{i}").write_text(f"{tag} {i} ".ljust(200, "."))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rampiped.commands import CommandResult, run_command
-from tests.system.helpers import bytes_written, syncfs_path, tree
+from tests.system.helpers import bytes_written, small_files, syncfs_path, tree
 from tests.system.test_copymode import Layout, layout, make_loopfs_from
 
 pytestmark = pytest.mark.system
@@ -24,13 +24,6 @@ KiB = 1 << 10
 MiB = 1 << 20
 
 
-def small_files(d: Path, n: int, tag: str) -> None:
-    for i in range(n):
-        sub = d / f"dir{i % 20}"
-        sub.mkdir(exist_ok=True)
-        (sub / f"f{i}").write_text(f"{tag} {i} ".ljust(200, "."))
-
-
 def test_the_first_checkpoint_of_many_small_files_costs_few_commits(layout: Layout) -> None:
     """2,000 new files of 200 bytes (a 1 KiB block each on this small ext4): the checkpoint
     writes less than 4 KiB per file in all (1.8 KiB measured; with a temporary file, an fsync
@@ -38,7 +31,7 @@ def test_the_first_checkpoint_of_many_small_files_costs_few_commits(layout: Layo
     layout.copy_in()
     layout.bind_over()
     try:
-        small_files(layout.orig, 2000, "new")
+        small_files(layout.orig, 2000, "new", dirs=20)
         syncfs_path(layout.loop.mountpoint)
         before = bytes_written(layout.loop)
         res = layout.checkpoint()
@@ -62,9 +55,9 @@ def test_a_checkpoint_of_one_change_stages_one_directory(layout: Layout) -> None
     layout.copy_in()
     layout.bind_over()
     try:
-        small_files(layout.orig, 2000, "new")
+        small_files(layout.orig, 2000, "new", dirs=20)
         ledger = layout.checkpoint().ledger
-        (layout.orig / "dir7" / "f7").write_text("changed".ljust(200, "."))
+        (layout.orig / "d07" / "f7").write_text("changed".ljust(200, "."))
         syncfs_path(layout.loop.mountpoint)
         before = bytes_written(layout.loop)
         res = layout.checkpoint(ledger=ledger)
