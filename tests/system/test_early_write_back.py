@@ -325,8 +325,9 @@ def test_real_programs_after_the_early_write_back(
 ) -> None:
     """What comes after the first write-back before the unmount is told by ctime: real
     programs that keep size and mtime (cp -p, tar, rsync -a -c, a store through a shared
-    mapping made then, with its mtime put back), git and sqlite3 write there, and all of it
-    reaches the disk, at another pass before the unmount or after it."""
+    mapping made then, with its mtime put back), git and sqlite3 write there, also into a
+    directory mv renamed (written at its origin first), and all of it reaches the disk, at
+    another pass before the unmount or after it."""
     marker = tmp_path / "paused"
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -345,8 +346,12 @@ def test_real_programs_after_the_early_write_back(
         run("git", "-C", repo, "add", "file")
         commit(repo, "1", "-qm")
         run("sqlite3", d / "db.sqlite", "create table t(x); insert into t values (1);")
+        (d / "olddir").mkdir()
+        (d / "olddir" / "kept.txt").write_text("from disk\n")
         with safety.paused_daemon(env, monkeypatch, stage, marker) as dm:
             env.ctl("pin", str(d), check=True)
+            # a directory renamed by mv: the first write-back goes to its origin (origins.py)
+            run("mv", d / "olddir", d / "newdir")
             # into RAM before the unpin, so that its first write-back holds these versions
             for name in ("cp.txt", "tar.txt", "rsync.txt"):
                 same_size_old_mtime(d / name, f"{name} version A\n")
@@ -356,7 +361,9 @@ def test_real_programs_after_the_early_write_back(
             unpin = safety.ctl_async(env, "unpin", str(d))
             safety.wait_paused(marker, stage)
             run("cp", "-p", outside / "cp.txt", d / "cp.txt")
+            run("cp", "-p", outside / "cp.txt", d / "newdir" / "cp.txt")
             run("tar", "-C", d, "-xpf", outside / "b.tar")
+            run("tar", "-C", d / "newdir", "-xpf", outside / "b.tar")
             run("rsync", "-a", "-c", outside / "rsync.txt", d / "rsync.txt")
             with open(d / "mapped.bin", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
                 m[100:105] = b"STORE"
@@ -385,6 +392,8 @@ def test_real_programs_after_the_early_write_back(
         drop_caches()
         assert tree(d) == expected
         assert (d / "cp.txt").read_text() == "cp.txt version B\n"
+        assert (d / "newdir" / "cp.txt").read_text() == "cp.txt version B\n"
+        assert not (d / "olddir").exists()
         assert (d / "mapped.bin").read_bytes()[100:105] == b"STORE"
         run("git", "-C", repo, "fsck", "--strict")
         log = subprocess.run(
