@@ -52,7 +52,13 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
         20.0,
         "stick bytes during (b): (1) over (3) with a 5-minute checkpoint interval",
     ),
-    ("sqlite_device_write_reduction_1m", None, None, "the same with a 1-minute interval"),
+    ("sqlite_device_write_reduction_1m", ">=", 20.0, "the same with a 1-minute interval"),
+    (
+        "sqlite_device_write_reduction_1m_bound",
+        None,
+        None,
+        "the most it can be: (1) over the new content of the pages that changed, per checkpoint",
+    ),
     (
         "writeback_bytes_vs_log2ram_style",
         "<=",
@@ -193,9 +199,25 @@ WHY_MISSED = {
     ),
     "pinned_vs_disk_fsync_ratio": "",
     "sqlite_device_write_reduction": (
-        "Each checkpoint writes the whole database (SQLite's backup API into a temporary file,"
-        " fsync, rename) plus ext4's journal, while the plain stick's writes grow with the"
-        " transactions: the ratio grows with the interval and with the rate of change."
+        "Each checkpoint writes the pages that changed under a rollback journal (their old"
+        " content, then the new), or the whole database when that costs less, plus ext4's"
+        " journal; the plain stick's writes grow with the transactions. The load rewrites a"
+        " random row of {sqlite_db_bytes} bytes of rows with fresh random bytes at each"
+        " transaction, so the pages that changed between two checkpoints hold"
+        " {sqlite_copy_300s_changed_bytes_per_checkpoint} bytes of new content at 5 minutes and"
+        " {sqlite_copy_60s_changed_bytes_per_checkpoint} at 1 minute (counted in this run):"
+        " whatever writes them, the reduction cannot pass {sqlite_device_write_reduction_bound}"
+        " and {sqlite_device_write_reduction_1m_bound}."
+    ),
+    "sqlite_device_write_reduction_1m": (
+        "The load rewrites a random row at each transaction with fresh random bytes: in a"
+        " minute the pages that changed hold {sqlite_copy_60s_changed_bytes_per_checkpoint}"
+        " bytes of new content, of a database of {sqlite_db_bytes} (counted in this run), and"
+        " every checkpoint must put that much on the stick, whatever writes it. The plain stick"
+        " over that much per checkpoint is {sqlite_device_write_reduction_1m_bound}: 20 cannot"
+        " be reached with this load at a 1-minute interval. What is spent above it: the pages'"
+        " old content in the rollback journal (or the whole file, when that is less), and"
+        " ext4's journal commits."
     ),
     "writeback_bytes_vs_log2ram_style": (
         "Three causes, visible in the checkpoint lines above. (1) rampiped writes a changed"

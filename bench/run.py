@@ -375,6 +375,21 @@ class SqliteRun:
             r["sqlite_device_write_reduction_1m"] = round(
                 window["plain"] / max(1, window[names[2]]), 1
             )
+        # what any write-back must write: the new content of the pages that changed between
+        # two checkpoints (the same transactions, counted on a database of its own); the
+        # plain stick over that many bytes per checkpoint is the most a reduction can be
+        rate_tx = p.sqlite_rate or 10.0
+        for iv, name, key in zip(
+            p.sqlite_intervals,
+            names[1:],
+            ["sqlite_device_write_reduction", "sqlite_device_write_reduction_1m"],
+            strict=False,
+        ):
+            need, size = workloads.changed_bytes(self.b.tmp, round(rate_tx * iv))
+            r[f"sqlite_{name}_changed_bytes_per_checkpoint"] = need
+            r["sqlite_db_bytes"] = size
+            least = need * max(1, r[f"sqlite_{name}_checkpoints"])
+            r[f"{key}_bound"] = round(window["plain"] / least, 1)
         # the final write-back at unpin, which the window does not include
         for name, env in self.envs.items():
             before = self.sticks[name].bytes_written()

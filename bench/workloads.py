@@ -76,6 +76,37 @@ def seed_db(path: Path, rows: int = DB_ROWS, blob: int = DB_BLOB) -> None:
         con.close()
 
 
+def _image(path: Path) -> bytes:
+    """The database at `path` as SQLite would write it whole (backup into memory)."""
+    src = sqlite3.connect(path)
+    mem = sqlite3.connect(":memory:")
+    try:
+        src.backup(mem)
+        return mem.serialize()
+    finally:
+        src.close()
+        mem.close()
+
+
+def changed_bytes(workdir: Path, transactions: int, page: int = 4096) -> tuple[int, int]:
+    """(bytes of the pages that differ, bytes of the database) after `transactions` of (b)'s
+    transactions on a fresh seed_db database in `workdir`: what any write-back must put on
+    the disk at a checkpoint after that many (the new content of every changed page), however
+    it writes it. Run flat out; the pages changed do not depend on the pace."""
+    path = workdir / "changed-pages.db"
+    seed_db(path)
+    before = _image(path)
+    sqlite_tx(path, 3600.0, max_tx=transactions)
+    after = _image(path)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    size = max(len(before), len(after))
+    differ = sum(
+        1 for at in range(0, size, page) if before[at : at + page] != after[at : at + page]
+    )
+    return differ * page, len(after)
+
+
 def sqlite_tx(
     path: Path,
     seconds: float,
@@ -83,9 +114,10 @@ def sqlite_tx(
     stop_file: Path | None = None,
     rows: int = DB_ROWS,
     blob: int = DB_BLOB,
+    max_tx: int = 0,
 ) -> dict[str, float]:
     """(b) transactions on the database at `path`: flat out (rate 0) or paced at `rate` per
-    second, for `seconds` or until `stop_file` exists."""
+    second, for `seconds` or until `stop_file` exists (or `max_tx` are done)."""
     rng = random.Random(os.getpid())
     con = sqlite3.connect(path, isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
@@ -104,7 +136,7 @@ def sqlite_tx(
             con.execute("COMMIT")
             n += 1
             now = time.perf_counter()
-            if now >= end:
+            if now >= end or n == max_tx:
                 break
             if rate:
                 if stop_file is not None and stop_file.exists():

@@ -8,12 +8,18 @@ its first `size` bytes, read now, is that digest. Anything else (a rewrite of th
 truncate and regrow, a same-size rewrite, another mode or owner, hard links, the disk copy not
 the size the ledger says) is copied whole, as before.
 
-What a power cut leaves: the tail is written at the old end with pwrite, then fsync; ext4
-(data=ordered, the default) commits the new size only with the data it covers, so after a cut
-the disk file is the old one, or the old one followed by a part of the tail: always a prefix of
-what RAM held, never a torn middle and never garbage. Its mtime is set after the fsync; a cut
-before that leaves the new content with the old mtime, which the next start's copy-in reads
-as the file it is."""
+What a power cut leaves: the tail is written at the old end with pwrite; ext4 (data=ordered,
+the default) commits the new size only with the data it covers, whenever it commits, so after
+a cut the disk file is the old one, or the old one followed by a part of the tail: always a
+prefix of what RAM held, never a torn middle and never garbage. Its mtime is set once the tail
+is durable; a cut before that leaves the new content with the old mtime, which the next
+start's copy-in reads as the file it is.
+
+Few commits: on a filesystem that commits in order (`batched`, mounts.commits_in_order) the
+tails are not synced one by one. The caller syncs the filesystem once, with everything else
+the checkpoint wrote, and then sets the times (`set_times`): one journal commit for all the
+tails of a checkpoint, not one each. Elsewhere each tail is fsynced and its times set at once.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ class Appended:
     old_size: int
     new_size: int
     digest: str  # sha256 of what the disk file holds now
+    times_ns: tuple[int, int] = (0, 0)  # RAM's atime and mtime, for the disk copy
+    ino: int = 0  # the disk copy's inode
+    timed: bool = True  # its times set already (else set_times, after a sync)
 
 
 def whole_bytes(
@@ -72,16 +81,48 @@ def append_grown(
     grown: dict[str, int],
     ledger: Ledger,
     step: Callable[[str], None] = lambda _name: None,
+    *,
+    batched: bool = False,
 ) -> list[Appended]:
     """Append to the disk copy below `disk` the tail of each file of `grown` (rel -> size
     on disk) that only grew in `data`; the others are left for the copy. `step` is told
-    after each step of each file (tail:written, tail:synced, times:set)."""
+    after each step of each file (tail:written, tail:synced, times:set). `batched`: no fsync
+    and no times (no tail:synced, times:set): the caller syncs the filesystem, then calls
+    set_times."""
     out = []
     for rel in sorted(grown):
-        done = _append_one(data, disk, rel, grown[rel], ledger.digests.get(rel), step)
+        done = _append_one(data, disk, rel, grown[rel], ledger.digests.get(rel), step, batched)
         if done is not None:
             out.append(done)
     return out
+
+
+def set_times(
+    disk: str, appended: Iterable[Appended], step: Callable[[str], None] = lambda _name: None
+) -> None:
+    """The times of the disk copies that `append_grown(batched=True)` appended to, once their
+    tails are durable (after a syncfs of their filesystem); a copy that is no longer the file
+    appended to is left alone. `step` is told after each (times:set)."""
+    for a in appended:
+        if a.timed:
+            continue
+        parent, _, name = a.rel.rpartition("/")
+        dir_fd = open_rel_path(disk, parent)
+        if dir_fd is None:
+            continue
+        try:
+            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(name, flags, dir_fd=dir_fd)
+        except OSError:
+            continue
+        finally:
+            os.close(dir_fd)
+        try:
+            if os.fstat(fd).st_ino == a.ino:
+                os.utime(fd, ns=a.times_ns)
+                step("times:set")
+        finally:
+            os.close(fd)
 
 
 def _append_one(
@@ -91,6 +132,7 @@ def _append_one(
     old: int,
     want: str | None,
     step: Callable[[str], None],
+    batched: bool,
 ) -> Appended | None:
     parent, _, name = rel.rpartition("/")
     found = open_file(data, rel)
@@ -119,11 +161,15 @@ def _append_one(
                 h.update(chunk)
                 end += len(chunk)
             step("tail:written")
+            times = (sst.st_atime_ns, sst.st_mtime_ns)
+            ino = os.fstat(dst).st_ino
+            if batched:
+                return Appended(rel, old, end, h.hexdigest(), times, ino, timed=False)
             os.fsync(dst)
             step("tail:synced")
-            os.utime(dst, ns=(sst.st_atime_ns, sst.st_mtime_ns))
+            os.utime(dst, ns=times)
             step("times:set")
-            return Appended(rel, old, end, h.hexdigest())
+            return Appended(rel, old, end, h.hexdigest(), times, ino)
         finally:
             os.close(dst)
     finally:

@@ -495,6 +495,27 @@ def fs_type(path: str) -> str:
     return mount_containing(path).fstype
 
 
+def commits_in_order(path: str) -> bool:
+    """Whether the filesystem holding `path` makes its changes durable in the order they were
+    made, each commit whole or not at all: a journal (ext3 and ext4 with one, xfs, btrfs).
+    There a power cut leaves the state after some commit, so steps that only have to stay in
+    order (link aside, then rename; a tail, then others) need no fsync each: one sync where
+    one step must be durable before the next is made. Elsewhere (vfat, ext4 without a
+    journal, anything unknown) False: every step is synced on its own."""
+    try:
+        fstype = fs_type(path)
+        if fstype in ("xfs", "btrfs"):
+            return True
+        if fstype not in ("ext3", "ext4"):
+            return False
+        dev = os.stat(path).st_dev
+        name = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+        # jbd2 names a journal after its device and the journal's inode: loop0-8, sda1-8
+        return any(e.rpartition("-")[0] == name for e in os.listdir("/proc/fs/jbd2"))
+    except (OSError, MountError):
+        return False
+
+
 def syncfs(path: str) -> None:
     """Write out every dirty page and inode of the filesystem that holds `path` (syncfs(2))."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

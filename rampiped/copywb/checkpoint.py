@@ -120,10 +120,14 @@ def checkpoint(
     databases = databases_in(data, before)
     excludes = [f"--exclude={exclude_pattern(p)}" for p in sorted(with_companions(databases))]
     # files renamed in RAM: renamed on disk (renames.py), and the ledger with them
+    # on a filesystem that commits in order, the renames and the appended tails are made
+    # durable by the syncfs after the stage, not by an fsync each: a few journal commits per
+    # checkpoint, however many files
+    batched = mounts.commits_in_order(disk)
     moved: dict[str, str] = {}
     if ledger is not None:
         pairs = renamed(found, ledger, frozenset(with_companions(databases)), grown=True)
-        moved = rename_on_disk(disk, pairs, ledger) if pairs else {}
+        moved = rename_on_disk(disk, pairs, ledger, batched=batched) if pairs else {}
         ledger = ledger.moved(moved)
     # looked at before the pass: afterwards every file it copied would look like a miss
     misses = _content_misses(data, disk, found, ledger) if ledger is not None else []
@@ -135,7 +139,13 @@ def checkpoint(
         )
     # files that only grew: their tail appended to the disk copy, and left out of the copy
     appended = (
-        append_grown(data, disk, candidates(found, ledger, with_companions(databases)), ledger)
+        append_grown(
+            data,
+            disk,
+            candidates(found, ledger, with_companions(databases)),
+            ledger,
+            batched=batched,
+        )
         if ledger is not None
         else []
     )
@@ -153,7 +163,8 @@ def checkpoint(
             [*compare, *excludes],
             only=None if ledger is None else ledger.changed(found),
         )
-        mounts.syncfs(disk)
+        mounts.syncfs(disk)  # the stage, the tails and the renames
+        appends.set_times(disk, appended)
         pause_point("copy-checkpoint:staged")
         moved_in = move_staged(disk, os.path.join(disk, SCRATCH_NAME))
         pause_point("copy-checkpoint:moved")

@@ -24,11 +24,17 @@ def rename_on_disk(
     pairs: dict[str, str],
     ledger: Ledger,
     step: Callable[[str], None] = pause_point,
+    *,
+    batched: bool = False,
 ) -> dict[str, str]:
     """Rename below `disk` each old name of `pairs` (new -> old) to its new name, where the
     disk file at the old name is the one the ledger knows (regular, one name, its size) and
     the new name's directory exists; returns the pairs done. `step` is told after each phase
-    (copy-checkpoint:renames-linked, copy-checkpoint:renames-done)."""
+    (copy-checkpoint:renames-linked, copy-checkpoint:renames-done) and each rename
+    (copy-checkpoint:renamed-one). `batched` (a filesystem
+    that commits in order, mounts.commits_in_order): no fsync after each rename; the links
+    are made before the renames, so any commit leaves each name old or new, and the
+    checkpoint's next syncfs makes them durable."""
     ready: dict[str, str] = {}
     done: dict[str, str] = {}
     with scratch_dir(disk):
@@ -43,9 +49,11 @@ def rename_on_disk(
                         ready[new] = str(n)
                 step("copy-checkpoint:renames-linked")
                 for new, tmp in ready.items():
-                    if _rename_new(disk, new, scratch, tmp):
+                    if _rename_new(disk, new, scratch, tmp, synced=not batched):
                         done[new] = pairs[new]
-                os.fsync(scratch)
+                        step("copy-checkpoint:renamed-one")
+                if not batched:
+                    os.fsync(scratch)
                 step("copy-checkpoint:renames-done")
             finally:
                 os.close(scratch)
@@ -69,7 +77,7 @@ def _link_old(disk: str, old: str, size: int | None, scratch: int, tmp: str) -> 
         os.close(fd)
 
 
-def _rename_new(disk: str, new: str, scratch: int, tmp: str) -> bool:
+def _rename_new(disk: str, new: str, scratch: int, tmp: str, *, synced: bool) -> bool:
     parent, _, name = new.rpartition("/")
     fd = open_rel_path(disk, parent)
     if fd is None:
@@ -79,7 +87,8 @@ def _rename_new(disk: str, new: str, scratch: int, tmp: str) -> bool:
         if st is not None and stat.S_ISDIR(st.st_mode):
             return False
         os.rename(tmp, name, src_dir_fd=scratch, dst_dir_fd=fd)
-        os.fsync(fd)
+        if synced:
+            os.fsync(fd)
         return True
     finally:
         os.close(fd)

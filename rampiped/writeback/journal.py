@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from rampiped import appends, tree
+from rampiped import appends, mounts, tree
 from rampiped.appends import open_rel_path
 from rampiped.commands import (
     RSYNC_COPY,
@@ -198,7 +198,11 @@ def checkpoint(
         if grown:
             assert ledger is not None
             previous = f"{journal}/{complete[latest]}"
-            appended = appends.append_grown(upper, previous, grown, ledger)
+            # on a journal that commits in order, the tails are made durable by the syncfs
+            # below with the rest of the generation, not by an fsync each
+            appended = appends.append_grown(
+                upper, previous, grown, ledger, batched=mounts.commits_in_order(journal)
+            )
             _link_into(previous, f"{journal}/{tmp_name}", {a.rel: a.rel for a in appended})
             files += len(appended)
             nbytes += sum(a.new_size - a.old_size for a in appended)
@@ -225,6 +229,8 @@ def checkpoint(
             syncfs_checked(tmp_fd, f"{journal}/{tmp_name}")
         finally:
             os.close(tmp_fd)
+        if appended:
+            appends.set_times(f"{journal}/{complete[latest]}", appended)
         if carried:
             carry.commit(jfd, tmp_name, f"gen-{gen}", complete.pop(latest), carried)
         else:

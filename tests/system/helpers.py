@@ -30,7 +30,11 @@ class LoopFs:
 
 @contextlib.contextmanager
 def make_loopfs(
-    mountpoint: Path, size_mb: int = 256, fstype: str = "ext4", inodes: int | None = None
+    mountpoint: Path,
+    size_mb: int = 256,
+    fstype: str = "ext4",
+    inodes: int | None = None,
+    features: str = "",
 ) -> Iterator[LoopFs]:
     """Create an image, attach it to a loop device, make a filesystem and mount it.
 
@@ -56,7 +60,14 @@ def make_loopfs(
         # tests reading the device's counters would take for rampiped's
         ext_options = ["-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
         subprocess.run(
-            ["mkfs." + fstype, "-q", *ext_options, *(["-N", str(inodes)] if inodes else []), device]
+            [
+                "mkfs." + fstype,
+                "-q",
+                *ext_options,
+                *(["-N", str(inodes)] if inodes else []),
+                *(["-O", features] if features else []),
+                device,
+            ]
             if fstype.startswith("ext")
             else ["mkfs." + fstype, device],
             check=True,

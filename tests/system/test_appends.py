@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from rampiped import appends, renames, writeback
+from rampiped import appends, mounts, renames, writeback
 from rampiped.commands import CommandResult, run_command
 from rampiped.copywb.renamed import rename_on_disk
 from rampiped.ledger import scan as ledger_scan
-from tests.system.helpers import LoopFs, bytes_written, syncfs_path
+from tests.system.helpers import LoopFs, bytes_written, make_loopfs, syncfs_path
 from tests.system.test_copymode import Layout, layout, make_loopfs_from
 from tests.system.test_sqlitepages import Cut, cut_at
 
@@ -386,3 +386,213 @@ def test_a_log_that_grows_while_the_journal_copies_it_is_appended_next_time(
     assert second.bytes == 50 * len(lines(1)), second
     gen = journal / f"gen-{second.generation}"
     assert (gen / "app.log").read_bytes() == log.read_bytes()
+
+
+# -- few commits -------------------------------------------------------------------------------
+
+
+def journal_commits(fs: LoopFs) -> int:
+    """Transactions the filesystem's journal (jbd2) has committed since it was mounted."""
+    name = Path(os.path.realpath(fs.device)).name
+    (info,) = Path("/proc/fs/jbd2").glob(f"{name}-*/info")
+    return int(info.read_text().split()[0])
+
+
+def test_only_a_filesystem_with_a_journal_commits_in_order(
+    loopfs: LoopFs, runtime_tmpfs: Path, tmp_path: Path
+) -> None:
+    assert mounts.commits_in_order(str(loopfs.mountpoint))
+    assert not mounts.commits_in_order(str(runtime_tmpfs))
+    with make_loopfs(tmp_path / "nojournal", size_mb=32, features="^has_journal") as fs:
+        assert mounts.fs_type(str(fs.mountpoint)) == "ext4"
+        assert not mounts.commits_in_order(str(fs.mountpoint))
+
+
+def grow_and_rotate(d: Path, logs: int, round_: int) -> None:
+    for i in range(logs):
+        append(d / f"log{i}", lines(20, 1_000 * round_))
+    rotate(d)
+
+
+def test_a_checkpoint_commits_a_few_times_however_many_files_grew_or_moved(
+    layout: Layout,
+) -> None:
+    """Forty tails and four renames: one journal commit each would be 44; the checkpoint
+    makes them durable with the syncfs after its stage, and its closing syncfs."""
+    seed_rotated(layout.orig)
+    for i in range(40):
+        (layout.orig / f"log{i}").write_bytes(lines(100, 10_000 * i))
+    layout.copy_in()
+    layout.bind_over()
+    try:
+        ledger = layout.checkpoint().ledger
+        for round_ in range(2):
+            grow_and_rotate(layout.orig, 40, round_)
+            syncfs_path(layout.loop.mountpoint)
+            before = journal_commits(layout.loop)
+            res = layout.checkpoint(ledger=ledger)
+            commits = journal_commits(layout.loop) - before
+            ledger = res.ledger
+            assert res.appended == 40 and res.renamed == 4, res
+            assert contents(layout.disk) == contents(layout.orig)
+            for i in range(40):  # the times are set after the tails are durable
+                name = f"log{i}"
+                assert (layout.disk / name).stat().st_mtime_ns == (
+                    layout.orig / name
+                ).stat().st_mtime_ns
+            assert commits <= 6, commits
+        layout.final_sync(ledger=ledger)
+    finally:
+        layout.unbind()
+
+
+def test_a_power_cut_during_batched_appends_leaves_prefixes(layout: Layout, tmp_path: Path) -> None:
+    """No fsync per tail: a power cut at any moment, with the journal's last commit before
+    it or right at it (ext4 commits on its own timer too), leaves each file a prefix of RAM
+    at least as long as the last checkpoint's; once the caller's syncfs is done, the tails."""
+    subprocess.run(["mount", "-o", "remount,commit=600", str(layout.loop.mountpoint)], check=True)
+    names = ["a.log", "b.log", "c.log"]
+    for n, name in enumerate(names):
+        (layout.orig / name).write_bytes(lines(5_000, 100_000 * n))
+    layout.copy_in()
+    layout.bind_over()
+    try:
+        ledger = layout.checkpoint().ledger
+        assert ledger is not None
+        old = {name: (layout.disk / name).read_bytes() for name in names}
+        for name in names:
+            append(layout.orig / name, lines(3_000, 900_000))  # about 170 KiB each
+        new = {name: (layout.orig / name).read_bytes() for name in names}
+        grown = {name: len(old[name]) for name in names}
+        mtime = {name: (layout.disk / name).stat().st_mtime_ns for name in names}
+
+        def back_to_last_checkpoint() -> None:
+            for name in names:  # on the device
+                with open(layout.disk / name, "r+b") as f:
+                    f.truncate(len(old[name]))
+                os.utime(layout.disk / name, ns=(mtime[name], mtime[name]))
+            syncfs_path(layout.loop.mountpoint)
+
+        for n in range(1, len(names) + 1):
+            for committed in (False, True):
+                back_to_last_checkpoint()
+                seen: list[str] = []
+                cut = commit_and_cut_at(n, seen, layout.loop) if committed else cut_at(n, seen)
+                with pytest.raises(Cut):
+                    appends.append_grown(
+                        str(layout.data), str(layout.disk), grown, ledger, cut, batched=True
+                    )
+                assert seen == ["tail:written"] * n
+                found = after_a_power_cut(layout, tmp_path, n, committed)
+                for k, name in enumerate(names):
+                    assert new[name].startswith(found[name]), (n, committed, name)
+                    assert len(found[name]) >= len(old[name]), (n, committed, name)
+                    if committed and k < n:
+                        assert found[name] == new[name], (n, name)
+        # the whole sequence, cut after the syncfs and the first time set
+        back_to_last_checkpoint()
+        done = appends.append_grown(str(layout.data), str(layout.disk), grown, ledger, batched=True)
+        assert all(not a.timed for a in done)
+        syncfs_path(layout.loop.mountpoint)
+        with pytest.raises(Cut):
+            appends.set_times(str(layout.disk), done, cut_at(1, []))
+        found = after_a_power_cut(layout, tmp_path, 0, True)
+        assert found == new
+    finally:
+        layout.unbind()
+
+
+def commit_and_cut_at(
+    n: int, seen: list[str], fs: LoopFs, only: str | None = None
+) -> Callable[[str], None]:
+    """A step that, at the `n`th step (of those named `only`), syncs the filesystem (the
+    journal's timer commits right then) and cuts the power (raises Cut)."""
+
+    def step(name: str) -> None:
+        if only is not None and name != only:
+            return
+        seen.append(name)
+        if len(seen) == n:
+            syncfs_path(fs.mountpoint)
+            raise Cut
+
+    return step
+
+
+def after_a_power_cut(layout: Layout, tmp_path: Path, n: int, committed: bool) -> dict[str, bytes]:
+    """The files of the pinned directory on the device as it is now, mounted as after a
+    reboot (ext4 replays its journal)."""
+    image = tmp_path / "after-cut.img"
+    subprocess.run(["cp", "--sparse=always", str(layout.loop.image), str(image)], check=True)
+    try:
+        with make_loopfs_from(image, tmp_path / f"rebooted-{n}-{committed}") as rebooted:
+            return contents(rebooted / "pve-cluster")
+    finally:
+        image.unlink()
+
+
+def test_a_power_cut_between_batched_renames_leaves_each_name_old_or_new(
+    layout: Layout, tmp_path: Path
+) -> None:
+    """No fsync per rename: the journal may commit after any of them (its timer); the device
+    after such a commit holds each name's old file or its new one."""
+    subprocess.run(["mount", "-o", "remount,commit=600", str(layout.loop.mountpoint)], check=True)
+    seed_rotated(layout.orig)
+    layout.copy_in()
+    layout.bind_over()
+    try:
+        ledger = layout.checkpoint().ledger
+        assert ledger is not None
+        old = contents(layout.disk)
+        rotate(layout.orig)
+        new = contents(layout.orig)
+        pairs = renames.renamed(ledger_scan(str(layout.data)), ledger, frozenset(), grown=True)
+        assert len(pairs) == 4
+        for n in range(1, len(pairs) + 1):
+            syncfs_path(layout.loop.mountpoint)
+            seen: list[str] = []
+            with pytest.raises(Cut):
+                rename_on_disk(
+                    str(layout.disk),
+                    pairs,
+                    ledger,
+                    step=commit_and_cut_at(n, seen, layout.loop, "copy-checkpoint:renamed-one"),
+                    batched=True,
+                )
+            found = after_a_power_cut(layout, tmp_path, n, True)
+            for name in set(old) | set(new):
+                assert found.get(name) in (old.get(name), new.get(name)), (n, name)
+            assert sum(found.get(name) == new.get(name) != old.get(name) for name in new) >= 1
+            for name in os.listdir(layout.disk):  # back to the last checkpoint
+                if name != ".rampiped-tmp":
+                    (layout.disk / name).unlink()
+            for name, data in old.items():
+                (layout.disk / name).write_bytes(data)
+    finally:
+        layout.unbind()
+
+
+def test_a_journal_generation_commits_a_few_times_however_many_files_grew(
+    loopfs: LoopFs, runtime_tmpfs: Path
+) -> None:
+    """Forty tails into the last generation: synced with the generation (one syncfs), not
+    one fsync each; the times set once they are durable."""
+    upper = runtime_tmpfs / "upper"
+    upper.mkdir()
+    journal = loopfs.mountpoint / "journal"
+    for i in range(40):
+        (upper / f"log{i}").write_bytes(lines(100, 10_000 * i))
+    first = writeback.checkpoint(str(upper), str(journal))
+    for i in range(40):
+        append(upper / f"log{i}", lines(20, 900_000))
+    syncfs_path(loopfs.mountpoint)
+    before = journal_commits(loopfs)
+    second = writeback.checkpoint(str(upper), str(journal), ledger=first.ledger)
+    commits = journal_commits(loopfs) - before
+    assert second.appended == 40, second
+    gen = journal / f"gen-{second.generation}"
+    for i in range(40):
+        ram, there = upper / f"log{i}", gen / f"log{i}"
+        assert there.read_bytes() == ram.read_bytes()
+        assert there.stat().st_mtime_ns == ram.stat().st_mtime_ns
+    assert commits <= 6, commits
