@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 
 from rampiped import tree
 
+# An entry's stamp (copywb/snapshot.py): kind letter, size, mtime, ctime, inode
+Stamp = tuple[str, int, int, int, int]
+
 _CHUNK = 1 << 20
 
 
@@ -125,6 +128,10 @@ class Ledger:
     taken_ns: int = 0
     # the RAM side's directories then: rel -> inode (a directory moved in keeps its own)
     dirs: dict[str, int] = field(default_factory=dict)
+    # a copy pin's entries that the disk holds as they were: rel -> stamp (copywb/snapshot.py)
+    # of each entry its checkpoint wrote or found equal and that held still while it ran;
+    # None: not known, the next checkpoint looks at every entry (copywb/checkpoint.py)
+    entries: Mapping[str, Stamp] | None = None
 
     @classmethod
     def of(cls, found: Scan) -> Ledger:
@@ -145,7 +152,12 @@ class Ledger:
         """This ledger with the entries of each old name (value) under its new name (key): what
         the disk holds once those files were renamed there (renames.py)."""
         out = Ledger(
-            dict(self.digests), dict(self.sizes), dict(self.inodes), self.taken_ns, self.dirs
+            dict(self.digests),
+            dict(self.sizes),
+            dict(self.inodes),
+            self.taken_ns,
+            self.dirs,
+            self.entries,
         )
         for new, old in pairs.items():
             out.digests[new] = self.digests[old]
@@ -161,12 +173,18 @@ class Ledger:
         return sorted(with_links(found, out))
 
 
-def settled(found: Scan, root: str) -> Ledger:
+def settled(found: Scan, root: str, now: Mapping[str, tuple[object, ...]] | None = None) -> Ledger:
     """The ledger after a write-back that read `root` from the moment `found` was taken: files
     whose stamps moved since then are left out (they changed while being copied, or vanished
-    or changed type, which rsync reports and skips), so the next write-back copies them."""
+    or changed type, which rsync reports and skips), so the next write-back copies them.
+    `now`: the stamps of `root` taken after the write-back read it (copywb/snapshot.py:
+    kind, size, mtime, ctime, inode), instead of a stat of each file here."""
     out = Ledger()
     for rel, seen in found.items():
+        if now is not None:
+            if now.get(rel) == ("f", seen.size, seen.mtime_ns, seen.ctime_ns, seen.ino):
+                out.record(rel, seen.digest, seen.size, seen.ino)
+            continue
         try:
             st = os.lstat(os.path.join(root, rel))
         except OSError:

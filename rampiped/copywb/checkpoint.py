@@ -13,7 +13,7 @@ from functools import partial
 
 from rampiped import appends, mounts
 from rampiped.appends import append_grown, candidates, disk_prefix, still_prefix
-from rampiped.commands import CommandResult, exclude_pattern
+from rampiped.commands import CommandResult, exclude_pattern, files_from
 from rampiped.copywb.databases import databases_in, sqlite_uri, with_companions, write_databases
 from rampiped.copywb.renamed import rename_on_disk
 from rampiped.copywb.results import CheckpointIncomplete, CheckpointResult, CopyError, NotVerified
@@ -24,8 +24,8 @@ from rampiped.ledger import Ledger, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
 from rampiped.renames import renamed
-from rampiped.writeback import RSYNC_COPY as _RSYNC
 from rampiped.writeback import (
+    CLOCK_SLACK_NS,
     SCRATCH_NAME,
     Runner,
     SyncError,
@@ -37,6 +37,7 @@ from rampiped.writeback import (
     scratch_dir,
     source_churn_only,
 )
+from rampiped.writeback import RSYNC_COPY as _RSYNC
 
 _STAT_LABELS = {
     "files": "Number of regular files transferred",
@@ -94,6 +95,7 @@ def checkpoint(
     runner: Runner = run_command,
     stable_attempts: int = 3,
     ledger: Ledger | None = None,
+    full: bool = False,
 ) -> CheckpointResult:
     """Make `disk` equal `ram`/data while applications keep writing into it.
 
@@ -103,7 +105,14 @@ def checkpoint(
        the last checkpoint, or of the copy-in) says what the disk holds, and files whose
        content differs from it are copied even when rsync's quick check would skip them (a
        same-size rewrite that kept its mtime, stores through a shared mapping). Without a
-       ledger the pass compares every file's content (--checksum: reads the disk side);
+       ledger the pass compares every file's content (--checksum: reads the disk side).
+       When the ledger knows the entries the last checkpoint left equal on disk (their
+       stamps), and not `full`, the pass looks only at the entries whose stamp moved since
+       (any change of content, name, mode, owner, attributes or times moves the ctime; one
+       that came too close to that checkpoint's start is not known as equal) and at those
+       whose content differs: an entry gone from RAM is deleted on disk
+       (--delete-missing-args). A checkpoint of one change in 20,000 files then reads
+       nothing of the other 19,999 but their content in RAM;
     2. files whose stamp changed during the pass may be torn: copied again (only they), up to
        `stable_attempts` times; those that never held still are reported in `unstable`;
     3. each database through SQLite's backup API, settled and renamed into place;
@@ -115,8 +124,11 @@ def checkpoint(
     verify_source(ram, pin_id)
     verify_target(ram, disk)
     data = os.path.join(ram, DATA)
+    # entries whose ctime is this close to the start may change again with the same ctime
+    # (the kernel's coarse clock): not recorded as known equal
+    recent_ns = time.time_ns() - CLOCK_SLACK_NS
     before = snapshot(data)
-    found = ledger_scan(data)
+    found = ledger_scan(data, [rel for rel, stamp in before.items() if stamp[0] == "f"])
     databases = databases_in(data, before)
     excludes = [f"--exclude={exclude_pattern(p)}" for p in sorted(with_companions(databases))]
     # files renamed in RAM: renamed on disk (renames.py), and the ledger with them
@@ -153,7 +165,11 @@ def checkpoint(
     # the files to write whole: staged, synced once, renamed into place (staged.py); then
     # the main pass, which finds them in place (it compares by size and mtime now: what
     # --checksum found different is in place too)
-    argv = [*_RSYNC, "--delete", "--fsync", "--stats", *excludes, data + "/", disk + "/"]
+    listed = None
+    if ledger is not None and ledger.entries is not None and not full:
+        listed = sorted(set(differences(ledger.entries, before)) | set(ledger.changed(found)))
+    whole_tree = ["--delete"] if listed is None else ["--no-r", "--delete-missing-args", "--force"]
+    argv = [*_RSYNC, *whole_tree, "--fsync", "--stats", *excludes, data + "/", disk + "/"]
     with scratch_dir(disk) as scratch:
         staged_run = stage_files(
             runner,
@@ -171,11 +187,17 @@ def checkpoint(
         # left out of the main pass: a file that changed since it was staged is found below
         # (a hard-linked one is left to the pass, which links its names: rsync -H)
         left_out = [rel for rel in moved_in if _one_name(data, rel)]
-        with exclude_file(left_out) as exclude_from:
+        with exclude_file(left_out) as exclude_from, files_from(listed or []) as listing:
             if exclude_from is not None:
                 argv[-2:-2] = ["--from0", f"--exclude-from={exclude_from}"]
+            if listed is not None:
+                argv[-2:-2] = ["--from0", f"--files-from={listing}"]
             argv[-2:-2] = scratch
-            result = left_by_exclusion(run_pass(runner, argv), left_out)
+            result = (
+                left_by_exclusion(run_pass(runner, argv), left_out)
+                if listed is None or set(listed) - set(left_out)
+                else CommandResult(0, "", "")
+            )
     # 23/24 for files that vanished or changed while rsync read them: handled below
     if result.returncode != 0 and not source_churn_only(result):
         raise SyncError.from_command(f"checkpoint of {data} to {disk}", argv, result)
@@ -246,7 +268,13 @@ def checkpoint(
     written = write_databases(data, disk, sorted(databases), totals, failures, by_pages=True)
     mounts.syncfs(disk)
     skip = with_companions(databases)
-    held = settled({rel: seen for rel, seen in found.items() if rel not in skip}, data)
+    held = settled({rel: seen for rel, seen in found.items() if rel not in skip}, data, after)
+    # the entries the disk now holds as they were when this checkpoint began: those that held
+    # still while it ran, not too close to its start, and written if they were to be
+    during = set(differences(before, after)) | set(unstable)
+    held.entries = {
+        rel: stamp for rel, stamp in before.items() if rel not in during and stamp[3] < recent_ns
+    }
     redone = set(unstable) | (set(misses) - grew_on)
     for a in appended:
         if a.rel in grew_on or (a.rel in held.digests and a.rel not in redone):
@@ -347,7 +375,7 @@ def final_sync(
     that did not hold still or any difference between RAM and disk (type, mode, owner, size,
     mtime, link target; content, against what the checkpoint recorded; databases: a valid
     database on disk) raises NotVerified: the RAM copy must then not be dropped."""
-    result = checkpoint(ram, disk, pin_id=pin_id, runner=runner, ledger=ledger)
+    result = checkpoint(ram, disk, pin_id=pin_id, runner=runner, ledger=ledger, full=True)
     data = os.path.join(ram, DATA)
     databases = databases_in(data, snapshot(data))
     skip = with_companions(databases)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 
-from rampiped import osutil, tree
+from rampiped import ledger, osutil, tree
 
 # (type, size, mtime_ns, ctime_ns, inode): any write, truncate, chmod, chown, rename-over or
 # replacement changes at least one of them. Since Linux 6.13 ext4, xfs, btrfs and tmpfs use
 # multigrain timestamps: once a time was read by stat, the next change gets a distinct one, so
 # a same-size overwrite right after our stat cannot hide behind a coarse clock tick.
-Stamp = tuple[str, int, int, int, int]
+Stamp = ledger.Stamp
 Snapshot = Mapping[str, Stamp]
 
 
