@@ -65,8 +65,10 @@ class CommandResult:
 Runner = Callable[[list[str]], CommandResult]
 
 
-def run_command(argv: list[str]) -> CommandResult:
-    """Run a command to completion and capture its output (the default Runner)."""
+def run_command(argv: list[str], stop: Callable[[], str | None] | None = None) -> CommandResult:
+    """Run a command to completion and capture its output (the default Runner). `stop`: asked
+    every STOP_EVERY seconds while it runs; a reason it gives kills the command (STOPPED_EXIT,
+    the reason in stderr)."""
     try:
         proc = subprocess.Popen(
             argv,
@@ -80,7 +82,20 @@ def run_command(argv: list[str]) -> CommandResult:
         return CommandResult(127, "", f"{argv[0]}: command not found")
     except PermissionError as e:
         return CommandResult(126, "", f"{argv[0]}: {e.strerror}")
-    return communicate_watched(proc)
+    return communicate_watched(proc, stop)
+
+
+def guarded(runner: Runner, stop: Callable[[], str | None]) -> Runner:
+    """`runner` with `stop` asked before each command and, when it is run_command, while the
+    command runs: a reason it gives stops the work (STOPPED_EXIT, the reason in stderr)."""
+
+    def run(argv: list[str]) -> CommandResult:
+        reason = stop()
+        if reason is not None:
+            return CommandResult(STOPPED_EXIT, "", f"rampiped: not started: {reason}\n")
+        return run_command(argv, stop) if runner is run_command else runner(argv)
+
+    return run
 
 
 # rsync -H deadlocks now and then when the files of its source change under it (seen here: 6
@@ -100,9 +115,11 @@ _WAITING = ("poll", "select", "wait_for_partner")
 
 
 HUNG_EXIT = 30  # rsync's own code for "timeout in data send/receive"
+STOPPED_EXIT = 20  # rsync's own code for "received SIGUSR1 or SIGINT": stopped on request
 
 
 _WATCH_EVERY = 2.0
+STOP_EVERY = 0.02  # statvfs and the like: cheap
 
 
 def _tree(pid: int) -> list[int]:
@@ -138,16 +155,36 @@ def _waiting_and_io(pids: list[int]) -> tuple[bool, int]:
     return waiting, io
 
 
-def communicate_watched(proc: subprocess.Popen[str]) -> CommandResult:
-    """proc.communicate(), killing the command when it hangs (see HANG_AFTER)."""
+def _kill_tree(pids: list[int]) -> None:
+    for p in reversed(pids):  # the deepest first: none cleans up after the others
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+
+
+def communicate_watched(
+    proc: subprocess.Popen[str], stop: Callable[[], str | None] | None = None
+) -> CommandResult:
+    """proc.communicate(), killing the command when it hangs (see HANG_AFTER) or when `stop`,
+    asked every STOP_EVERY seconds, gives a reason."""
     stalled_since: float | None = None
     last_io = -1
+    watched = time.monotonic()
     while True:
         try:
-            out, err = proc.communicate(timeout=_WATCH_EVERY)
+            out, err = proc.communicate(timeout=_WATCH_EVERY if stop is None else STOP_EVERY)
             return CommandResult(proc.returncode, out, err)
         except subprocess.TimeoutExpired:
             pass
+        reason = None if stop is None else stop()
+        if reason is not None:
+            _kill_tree(_tree(proc.pid))
+            out, err = proc.communicate()
+            return CommandResult(
+                STOPPED_EXIT, out, (err or "") + f"\nrampiped: stopped: {reason}\n"
+            )
+        if time.monotonic() - watched < _WATCH_EVERY:
+            continue
+        watched = time.monotonic()
         pids = _tree(proc.pid)
         waiting, io = _waiting_and_io(pids)
         now = time.monotonic()
@@ -157,9 +194,7 @@ def communicate_watched(proc: subprocess.Popen[str]) -> CommandResult:
         if stalled_since is None:
             stalled_since = now
         elif now - stalled_since >= HANG_AFTER:
-            for p in reversed(pids):  # the deepest first: none cleans up after the others
-                with contextlib.suppress(OSError):
-                    os.kill(p, signal.SIGKILL)
+            _kill_tree(pids)
             out, err = proc.communicate()
             return CommandResult(
                 HUNG_EXIT,

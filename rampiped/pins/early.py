@@ -4,6 +4,7 @@ wrote, how to tell what changed since, and what a recovery leaves alone after it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import stat
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rampiped import tree, writeback
-from rampiped.osutil import read_json
-from rampiped.pins.model import EARLY_MARK, FINAL_MARK
+from rampiped.engine import format_bytes
+from rampiped.osutil import read_json, write_json_atomic
+from rampiped.pins.model import EARLY_MARK, FINAL_MARK, SOURCE_PREFIX, Pin
 
 if TYPE_CHECKING:
     from rampiped.pins.manager import PinManager
@@ -180,3 +182,103 @@ def changed_since(upper: str, since: int) -> bool:
     """Whether an entry of the layer (of any kind: a whiteout, a directory whose entries
     changed) changed at or after `since` (ns)."""
     return any(st.st_ctime_ns >= since for _rel, st in tree.walk(upper, tolerate=(OSError,)))
+
+
+class Room:
+    """The RAM area of an evicted pin written back before its unmount (`area`: a path on it),
+    whose writers go on writing into it meanwhile. They may take a quarter of the room it had
+    when the eviction began; the rest is theirs while the unmount comes first, as the whole of
+    it was when an eviction always unmounted first (TMPFS_HEADROOM)."""
+
+    # how long the writers are watched before the write-back begins, and the most of their
+    # quarter they may take in that time: writers that would take all of it within two seconds
+    # leave no time for a write-back (the unmount comes first at once)
+    WATCH = 0.1
+    QUIET = WATCH / 2.0
+
+    def __init__(self, area: str) -> None:
+        self.area = area
+        self.at_start, self.size = self._free()
+
+    def _free(self) -> tuple[int, int]:
+        st = os.statvfs(self.area)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def busy(self) -> str | None:
+        """Why not to begin (writers too fast for the room), watching them for WATCH s."""
+        time.sleep(self.WATCH)
+        taken = self.at_start - self._free()[0]
+        if self.at_start < self.size / 6 or taken > self.at_start / 4 * self.QUIET:
+            return (
+                f"its writers added {format_bytes(max(0, taken))} in {self.WATCH:g} s to its"
+                f" RAM area ({format_bytes(self.at_start)} of {format_bytes(self.size)} free)"
+            )
+        return None
+
+    def short(self) -> str | None:
+        """Why to stop: the writers took a quarter of the room."""
+        now = self._free()[0]
+        if self.at_start - now > self.at_start / 4:
+            return (
+                f"its RAM area has {format_bytes(now)} of {format_bytes(self.size)} free"
+                f" ({format_bytes(self.at_start)} when the eviction began)"
+            )
+        return None
+
+
+def write_passes(
+    m: PinManager,
+    pin: Pin,
+    link: Callable[[str], writeback.LinkRoute | None],
+    runner: writeback.Runner,
+    stop: Callable[[], str | None],
+) -> Early | None:
+    """OverlayMode.write_early's work, its commands run by `runner`; `stop` is asked before
+    each pass (a reason: no more passes)."""
+    upper, journal, disk = m.upper(pin.id), m.journal(pin.id), m.disk(pin.id)
+    try:
+        hides = stat.S_ISCHR(os.lstat(os.path.join(upper, writeback.SCRATCH_NAME)).st_mode)
+    except FileNotFoundError:
+        hides = False
+    since = m.ram_clock_ns(pin)
+    if not hides or stop() is not None or not m.free_soon(pin, SOURCE_PREFIX + pin.id, stop):
+        return None
+    res = writeback.checkpoint(upper, journal, runner=runner, ledger=pin.ledger, taken_ns=since)
+    pin.ledger = res.ledger
+    early: Early | None = None
+    with below_overlay(journal) as at_origins:
+        # the checkpoint just taken, then what was written meanwhile, the same way, until
+        # a pass finds nothing new: what is left for after the unmount is then what is
+        # written in its last moment
+        for n in range(1 + CATCH_UP_PASSES):
+            if early is not None:
+                if not changed_since(upper, early.since) or stop() is not None:
+                    break
+                since = m.ram_clock_ns(pin)
+                writeback.checkpoint(upper, journal, runner=runner, changed_since=early.since)
+                # this generation was taken by ctime: no ledger of it
+                pin.ledger = None
+            gen = writeback.latest_generation(journal)
+            view = None if gen is None else at_origins(gen)
+            if gen is None or view is None:
+                break  # renamed directories that cannot go to their origins first
+            applied = writeback.apply_layer(
+                view.path,
+                disk,
+                runner,
+                keep_plan=False,
+                unchanged=view.rels(early.unchanged_in(gen)) if early else frozenset(),
+                link=link(view.path),
+            )
+            early = Early.written(since, gen, applied, view.names is not None, early)
+            if n == 0:
+                writeback.pause_point("unpin:written-early")
+    if early is None:
+        return None  # nothing written: all of it after the unmount
+    # (the copy at the origins is gone: no unlink in the journal from here on)
+    early = dataclasses.replace(early, disk_since=disk_clock_after(disk, disk_clock(disk)))
+    write_json_atomic(
+        os.path.join(journal, EARLY_MARK),
+        {"generation": os.path.basename(early.generation), "since": early.since},
+    )
+    return early

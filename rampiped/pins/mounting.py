@@ -219,12 +219,15 @@ class Mounting(ManagerCore):
             holders.find_holders(pin.path, exclude_pids=self.exclude_pids(), mount_source=source),
         )
 
-    def free_soon(self, pin: Pin, source: str) -> bool:
+    def free_soon(
+        self, pin: Pin, source: str, stop: Callable[[], str | None] = lambda: None
+    ) -> bool:
         """Whether nothing holds the pin's mount now or within BUSY_GRACE (writers that hold a
-        file only while they write let go in moments)."""
+        file only while they write let go in moments); False at once when `stop` gives a
+        reason."""
         deadline = time.monotonic() + BUSY_GRACE
         while self.holders_of(pin, source):
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or stop() is not None:
                 return False
             time.sleep(BUSY_POLL)
         return True

@@ -4,7 +4,6 @@ back through the checkpoint journal (writeback/), and unpinned in steps (see `un
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import functools
 import logging
@@ -16,17 +15,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rampiped import handover, mounts, pause, writeback
+from rampiped.commands import guarded
 from rampiped.engine import format_bytes
 from rampiped.osutil import read_json, write_json_atomic
 from rampiped.pins.dirs import copy_root_attributes, largest_file
 from rampiped.pins.early import (
-    CATCH_UP_PASSES,
     Early,
-    below_overlay,
+    Room,
     changed_files,
     changed_since,
-    disk_clock,
-    disk_clock_after,
+    write_passes,
     written_early,
 )
 from rampiped.pins.handoff import Handoff
@@ -291,8 +289,12 @@ class OverlayMode(Mode):
         apply's scratch directory. After the unmount only what changed since is written, so
         the path shows its last state on disk moments after it stops showing RAM, not after a
         whole write-back. A power cut meanwhile finds a complete checkpoint in the journal, as
-        always. None (nothing done) when this cannot be: an eviction (RAM is short: the
-        unmount comes first), an older pin without the whiteout, a process that wrote the
+        always. An eviction (RAM is short) writes back early too, while the pin's RAM area
+        keeps room for what its writers add meanwhile (`Room`): once it does not, the
+        running command is stopped, and the unmount comes first, as it would have without
+        this (the directory below holds part of what was written, hidden by the layer, and
+        the write-back after the unmount writes all of it). None (nothing done) when this
+        cannot be: such an eviction, an older pin without the whiteout, a process that wrote the
         disk below the pin (late_bases), holders that stay (with a reopen command, the
         hand-over follows: it writes the layer while the overlay is mounted too), a file
         mapped (a store through a mapping made before now would change no stamp), or a
@@ -300,58 +302,32 @@ class OverlayMode(Mode):
         the origin, which the overlay reads, stays in place until the unmount, and what the
         layer holds of the directory is written into it, as hidden as the rest; the apply
         after the unmount then only moves it)."""
-        upper, journal, disk = self.m.upper(pin.id), self.m.journal(pin.id), self.m.disk(pin.id)
-        if pause.late_writeback_only() or pin.evicting or pin.late_bases:
+        if pause.late_writeback_only() or pin.late_bases:
             return None
+        short: list[str] = []  # why an eviction's early write-back stopped
+        room = Room(self.m.upper(pin.id)) if pin.evicting else None
+        if room is not None and (busy := room.busy()) is not None:
+            log.info("%s: evicted, and %s: the unmount comes first", pin.path, busy)
+            return None
+
+        def no_room() -> str | None:
+            if room is not None and not short and (reason := room.short()) is not None:
+                short.append(reason)
+            return short[0] if short else None
+
+        runner = guarded(self.m.runner, no_room) if room is not None else self.m.runner
         try:
-            hides = stat.S_ISCHR(os.lstat(os.path.join(upper, writeback.SCRATCH_NAME)).st_mode)
-        except FileNotFoundError:
-            hides = False
-        since = self.m.ram_clock_ns(pin)
-        if not hides or not self.m.free_soon(pin, SOURCE_PREFIX + pin.id):
-            return None
-        res = writeback.checkpoint(
-            upper, journal, runner=self.m.runner, ledger=pin.ledger, taken_ns=since
+            return write_passes(self.m, pin, link, runner, no_room)
+        except (writeback.SyncError, OSError):
+            if not short:
+                raise
+        log.warning(
+            "%s: evicted, and %s: the write-back before the unmount stops; the unmount"
+            " comes first, the rest is written after it",
+            pin.path,
+            short[0],
         )
-        pin.ledger = res.ledger
-        early: Early | None = None
-        with below_overlay(journal) as at_origins:
-            # the checkpoint just taken, then what was written meanwhile, the same way, until
-            # a pass finds nothing new: what is left for after the unmount is then what is
-            # written in its last moment
-            for n in range(1 + CATCH_UP_PASSES):
-                if early is not None:
-                    if not changed_since(upper, early.since):
-                        break
-                    since = self.m.ram_clock_ns(pin)
-                    writeback.checkpoint(
-                        upper, journal, runner=self.m.runner, changed_since=early.since
-                    )
-                    pin.ledger = None  # this generation was taken by ctime (see write_early)
-                gen = writeback.latest_generation(journal)
-                view = None if gen is None else at_origins(gen)
-                if gen is None or view is None:
-                    break  # renamed directories that cannot go to their origins first
-                applied = writeback.apply_layer(
-                    view.path,
-                    disk,
-                    self.m.runner,
-                    keep_plan=False,
-                    unchanged=view.rels(early.unchanged_in(gen)) if early else frozenset(),
-                    link=link(view.path),
-                )
-                early = Early.written(since, gen, applied, view.names is not None, early)
-                if n == 0:
-                    writeback.pause_point("unpin:written-early")
-        if early is None:
-            return None  # nothing written: all of it after the unmount
-        # (the copy at the origins is gone: no unlink in the journal from here on)
-        early = dataclasses.replace(early, disk_since=disk_clock_after(disk, disk_clock(disk)))
-        write_json_atomic(
-            os.path.join(journal, EARLY_MARK),
-            {"generation": os.path.basename(early.generation), "since": early.since},
-        )
-        return early
+        return None
 
     def write_rest(
         self,

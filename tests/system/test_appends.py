@@ -258,9 +258,13 @@ def test_a_rotation_in_a_copy_pin_is_renamed_on_disk(layout: Layout) -> None:
     assert contents(layout.orig) == contents(layout.data)
 
 
+@pytest.mark.parametrize("batched", [False, True])
 def test_a_power_cut_while_renaming_leaves_each_name_old_or_new(
-    layout: Layout, tmp_path: Path
+    layout: Layout, tmp_path: Path, batched: bool
 ) -> None:
+    """Each rename synced on its own: a cut after the links, each rename and the last. Batched
+    (a filesystem that commits in order, no fsync per rename): the journal may commit after
+    any rename (its timer), so the device is taken right after a commit there."""
     subprocess.run(["mount", "-o", "remount,commit=600", str(layout.loop.mountpoint)], check=True)
     seed_rotated(layout.orig)
     layout.copy_in()
@@ -271,24 +275,24 @@ def test_a_power_cut_while_renaming_leaves_each_name_old_or_new(
         old = contents(layout.disk)
         rotate(layout.orig)
         new = contents(layout.orig)
-        found = ledger_scan(str(layout.data))
-        pairs = renames.renamed(found, ledger, frozenset(), grown=True)
+        pairs = renames.renamed(ledger_scan(str(layout.data)), ledger, frozenset(), grown=True)
         assert pairs == {f"app.log.{k + 1}": f"app.log.{k}" if k else "app.log" for k in range(4)}
-        for n, stage in enumerate(["renames-linked", "renames-done"], 1):
+        # unbatched: after the links, each rename and the last (6 steps); batched: each rename
+        for n in range(1, len(pairs) + (1 if batched else 3)):
             syncfs_path(layout.loop.mountpoint)
-            with pytest.raises(Cut):
-                rename_on_disk(str(layout.disk), pairs, ledger, step=cut_at(n, []))
-            image = tmp_path / "after-cut.img"
-            subprocess.run(
-                ["cp", "--sparse=always", str(layout.loop.image), str(image)], check=True
+            step = (
+                commit_and_cut_at(n, [], layout.loop, "copy-checkpoint:renamed-one")
+                if batched
+                else cut_at(n, [])
             )
-            with make_loopfs_from(image, tmp_path / f"rebooted-{n}") as rebooted:
-                found_after = contents(rebooted / "pve-cluster")
-            image.unlink()
+            with pytest.raises(Cut):
+                rename_on_disk(str(layout.disk), pairs, ledger, step=step, batched=batched)
+            found = after_a_power_cut(layout, tmp_path, n, batched)
             for name in set(old) | set(new):
-                assert found_after.get(name) in (old.get(name), new.get(name)), (stage, name)
-            # back to the last checkpoint for the next cut
-            for name in os.listdir(layout.disk):
+                assert found.get(name) in (old.get(name), new.get(name)), (n, name)
+            if batched:  # committed: the renames made so far are there
+                assert sum(found.get(name) == new[name] != old.get(name) for name in new) >= 1
+            for name in os.listdir(layout.disk):  # back to the last checkpoint
                 if name != ".rampiped-tmp":
                     (layout.disk / name).unlink()
             for name, data in old.items():
@@ -529,47 +533,6 @@ def after_a_power_cut(layout: Layout, tmp_path: Path, n: int, committed: bool) -
             return contents(rebooted / "pve-cluster")
     finally:
         image.unlink()
-
-
-def test_a_power_cut_between_batched_renames_leaves_each_name_old_or_new(
-    layout: Layout, tmp_path: Path
-) -> None:
-    """No fsync per rename: the journal may commit after any of them (its timer); the device
-    after such a commit holds each name's old file or its new one."""
-    subprocess.run(["mount", "-o", "remount,commit=600", str(layout.loop.mountpoint)], check=True)
-    seed_rotated(layout.orig)
-    layout.copy_in()
-    layout.bind_over()
-    try:
-        ledger = layout.checkpoint().ledger
-        assert ledger is not None
-        old = contents(layout.disk)
-        rotate(layout.orig)
-        new = contents(layout.orig)
-        pairs = renames.renamed(ledger_scan(str(layout.data)), ledger, frozenset(), grown=True)
-        assert len(pairs) == 4
-        for n in range(1, len(pairs) + 1):
-            syncfs_path(layout.loop.mountpoint)
-            seen: list[str] = []
-            with pytest.raises(Cut):
-                rename_on_disk(
-                    str(layout.disk),
-                    pairs,
-                    ledger,
-                    step=commit_and_cut_at(n, seen, layout.loop, "copy-checkpoint:renamed-one"),
-                    batched=True,
-                )
-            found = after_a_power_cut(layout, tmp_path, n, True)
-            for name in set(old) | set(new):
-                assert found.get(name) in (old.get(name), new.get(name)), (n, name)
-            assert sum(found.get(name) == new.get(name) != old.get(name) for name in new) >= 1
-            for name in os.listdir(layout.disk):  # back to the last checkpoint
-                if name != ".rampiped-tmp":
-                    (layout.disk / name).unlink()
-            for name, data in old.items():
-                (layout.disk / name).write_bytes(data)
-    finally:
-        layout.unbind()
 
 
 def test_a_journal_generation_commits_a_few_times_however_many_files_grew(

@@ -14,6 +14,7 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import pytest
 from tests.system import safety
 from tests.system.daemon_harness import Env, make_env, running
 from tests.system.helpers import drop_caches, remount, tree, wait_for
+from tests.system.test_safety_budget import ALL_OF_THE_MEMORY, grow, pin_adaptively
 
 pytestmark = pytest.mark.system
 
@@ -93,6 +95,59 @@ class Appender(threading.Thread):
             self.stop.wait(0.02)
 
 
+def seed(d: Path) -> None:
+    d.mkdir()
+    (d / "state.json").write_text("0")
+    for i in range(BIG):
+        write_version(d / f"big{i}", 0)
+
+
+def write_into_ram(d: Path) -> None:
+    """All of the pinned directory to be written back: each big file, and the state file
+    rewritten 199 times (temporary file, rename)."""
+    for i in range(BIG):
+        write_version(d / f"big{i}", 1)
+    for n in range(1, 200):
+        tmp = d / "state.json.new"
+        tmp.write_text(str(n))
+        tmp.rename(d / "state.json")
+
+
+@contextlib.contextmanager
+def reading(env: Env, d: Path) -> Iterator[tuple[Reader, Appender]]:
+    """A Reader and an Appender on `d` while the body runs; then 20 more reads."""
+    reader, appender = Reader(env, d), Appender(d / "app.log")
+    reader.start()
+    appender.start()
+    try:
+        yield reader, appender
+        after = reader.reads  # the reader and the logger go on after the switch
+        wait_for(lambda: reader.reads > after + 20, 30, "reads after the unpin")
+    finally:
+        reader.stop.set()
+        appender.stop.set()
+        reader.join(10)
+        appender.join(10)
+
+
+def check_written_back(env: Env, d: Path, reader: Reader, appender: Appender) -> None:
+    """The reader saw no time travel; the disk, remounted, holds the last state."""
+    assert reader.reads > 50, reader.reads
+    assert reader.back == [], reader.back[:10]
+    assert reader.missing == [], reader.missing[:10]
+    assert reader.own_mounted == [], reader.own_mounted[:10]
+    remount(env.disk)
+    drop_caches()
+    assert (d / "state.json").read_text() == "199"
+    assert all(version(d / f"big{i}") == 1 for i in range(BIG))
+    # every line once. Their order holds up to the rename that puts RAM's version at the
+    # name: a line that lands in the replaced file after its tail was copied is carried
+    # after the lines the logger writes to the new file meanwhile (README, Known limits)
+    lines = (d / "app.log").read_text().splitlines()
+    assert sorted(lines) == sorted(f"line {i}" for i in range(appender.lines))
+    assert not [n for n in os.listdir(d) if OWN.match(n)]
+
+
 @pytest.mark.parametrize("mode", ["overlay", "copy"])
 def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path, mode: str) -> None:
     """A copy pin writes back while its copy covers the path too, and after its unmount what
@@ -100,55 +155,24 @@ def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path, mode: str)
     with make_env(tmp_path, disk_mb=1024) as env:
         env.write_config(adaptive={"enabled": False})
         d = env.data / "app"
-        d.mkdir()
-        (d / "state.json").write_text("0")
-        for i in range(BIG):
-            write_version(d / f"big{i}", 0)
+        seed(d)
         with running(env) as dm:
             env.ctl("pin", str(d), "--mode", mode, check=True)
             assert env.mounted_at(d) is not None
-            for i in range(BIG):  # into RAM: all of it is to be written back
-                write_version(d / f"big{i}", 1)
-            for n in range(1, 200):
-                tmp = d / "state.json.new"
-                tmp.write_text(str(n))
-                tmp.rename(d / "state.json")
-            reader, appender = Reader(env, d), Appender(d / "app.log")
-            reader.start()
-            appender.start()
-            try:
+            write_into_ram(d)
+            with reading(env, d) as (reader, appender):
                 started = time.monotonic()
                 done = env.ctl("unpin", str(d))
                 took = time.monotonic() - started
                 assert done.returncode == 0, (done.stdout, done.stderr, dm.log_text()[-3000:])
                 assert env.mounted_at(d) is None
-                after = reader.reads  # the reader and the logger go on after the switch
-                wait_for(lambda: reader.reads > after + 20, 30, "reads after the unpin")
-            finally:
-                reader.stop.set()
-                appender.stop.set()
-                reader.join(10)
-                appender.join(10)
             log = dm.log_text()
-        assert reader.reads > 50, reader.reads
-        assert reader.back == [], reader.back[:10]
-        assert reader.missing == [], reader.missing[:10]
-        assert reader.own_mounted == [], reader.own_mounted[:10]
         assert reader.own_seen == [], sorted(set(reader.own_seen))
         if mode == "overlay":
             found = re.search(r"written back before the unmount \(.*", log)
             assert found, log[-3000:]
             print(f"\nunpin {took:.2f} s; {found.group(0)}; reader: {reader.reads} reads")
-        remount(env.disk)
-        drop_caches()
-        assert (d / "state.json").read_text() == "199"
-        assert all(version(d / f"big{i}") == 1 for i in range(BIG))
-        # every line once. Their order holds up to the rename that puts RAM's version at the
-        # name: a line that lands in the replaced file after its tail was copied is carried
-        # after the lines the logger writes to the new file meanwhile (README, Known limits)
-        lines = (d / "app.log").read_text().splitlines()
-        assert sorted(lines) == sorted(f"line {i}" for i in range(appender.lines))
-        assert not [n for n in os.listdir(d) if OWN.match(n)]
+        check_written_back(env, d, reader, appender)
 
 
 class DirReader(threading.Thread):
@@ -454,3 +478,71 @@ def test_a_crash_while_writing_back_before_the_unmount(
         remount(env.disk)
         drop_caches()
         assert tree(d) == expected
+
+
+# -- evictions ----------------------------------------------------------------------------------
+
+
+def test_an_eviction_writes_back_before_the_unmount(tmp_path: Path) -> None:
+    """RAM is short (MemAvailable under min_free): the coldest adaptive pin is evicted, and
+    written back while it still serves the path, as an unpin is. The reader never sees it go
+    back in time or lose a file."""
+    with make_env(tmp_path, disk_mb=1024) as env:
+        env.write_config(ram={"max": "256M", "min_free": "64M"}, adaptive={"cool_for": "1h"})
+        d = env.data / "app"
+        seed(d)
+        with running(env) as dm:
+            pin_adaptively(env, d)
+            write_into_ram(d)
+            with reading(env, d) as (reader, appender):
+                env.write_config(
+                    ram={"max": "256M", "min_free": ALL_OF_THE_MEMORY}, adaptive={"cool_for": "1h"}
+                )
+                env.ctl("reload", check=True)
+                dm.wait_log(r"unpinned " + re.escape(str(d)) + r": evicted", timeout=60)
+            log = dm.log_text()
+            assert dm.stop() == 0, log[-3000:]
+        check_written_back(env, d, reader, appender)
+        assert re.search(re.escape(str(d)) + r": written back before the unmount", log), log[-3000:]
+        assert "the write-back before the unmount stops" not in log
+
+
+def test_an_eviction_whose_ram_runs_short_meanwhile_unmounts_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The evicted pin's writers fill its RAM area while it is written back before the
+    unmount: once they took a quarter of the room it had when the eviction began, the command
+    that runs is stopped (or the next one not started) and the unmount comes first, as before:
+    no write fails, and everything reaches the disk."""
+    marker = tmp_path / "paused"
+    with make_env(tmp_path, disk_mb=512) as env:
+        # a 48 MiB area; the early write-back stops once it holds 40 MiB
+        env.write_config(
+            ram={"max": "32M", "high_watermark": "90%", "min_free": "64M"},
+            adaptive={"cool_for": "1h"},
+            sync={"interval": 0},
+        )
+        d = env.data / "grow"
+        d.mkdir()
+        with safety.paused_daemon(env, monkeypatch, "checkpoint:copied", marker) as dm:
+            pin_adaptively(env, d)
+            first = grow(d, 64 << 20, 26 << 20, 1 << 20)
+            # past the watermark (28.8 MiB) at once, then quiet: evicted, and written back
+            # before the unmount; its first checkpoint pauses
+            push = grow(d / "push", 256 << 20, 4 << 20, 1 << 20)
+            safety.wait_paused(marker, "checkpoint:copied")
+            more = grow(d / "more", 64 << 20, 14 << 20, 1 << 20)  # 44 MiB: 4 MiB of room
+            safety.release(marker)
+            safety.wait_unpinned_releasing(dm, marker, d)
+            log = dm.log_text()
+            assert dm.stop() == 0, log[-3000:]
+        stopped = r": evicted, and its RAM area has .* free .*: the write-back before the unmount"
+        assert re.search(re.escape(str(d)) + stopped + " stops", log), log[-3000:]
+        assert [*first["failures"], *push["failures"], *more["failures"]] == []
+        assert not env.overlay_at(d)
+        remount(env.disk)
+        drop_caches()
+        expected = {name: 1 for name in first["written"]}
+        expected.update({f"push/{name}": 1 for name in push["written"]})
+        expected.update({f"more/{name}": 1 for name in more["written"]})
+        assert safety.check_tree(d, expected) == []

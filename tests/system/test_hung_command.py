@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rampiped import commands, writeback
+from tests.system.helpers import wait_for
 
 pytestmark = pytest.mark.system
 
@@ -98,3 +99,48 @@ def test_a_hung_pass_is_run_again(monkeypatch: pytest.MonkeyPatch) -> None:
         writeback.run_pass(lambda argv: writeback.CommandResult(11, "", ""), ["rsync"]).returncode
         == 11
     )
+
+
+# a parent and its child, both alive until killed; the child's pid printed
+TWO_SLEEPERS = r"""
+import os, time
+pid = os.fork()
+if pid == 0:
+    time.sleep(300)
+else:
+    print(pid, flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_command_is_stopped_when_its_caller_says_why(tmp_path: Path) -> None:
+    """A guarded runner (an eviction's write-back before its unmount, RAM running short): the
+    command is killed with its children once `stop` gives a reason, and the next one is not
+    started."""
+    asked = []
+
+    def stop() -> str | None:
+        asked.append(time.monotonic())
+        return "no room" if len(asked) > 3 else None
+
+    run = commands.guarded(commands.run_command, stop)
+    t = time.monotonic()
+    res = run([sys.executable, "-c", TWO_SLEEPERS])
+    took = time.monotonic() - t
+    assert res.returncode == commands.STOPPED_EXIT, res
+    assert "rampiped: stopped: no room" in res.stderr, res.stderr
+    assert took < 5, took
+    child = int(res.stdout.split()[0])
+
+    def dead() -> bool:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            return True
+        return state in ("Z", "X")
+
+    wait_for(dead, 5, "the command's child to be killed")
+    marker = tmp_path / "made"
+    res = run(["touch", str(marker)])
+    assert res.returncode == commands.STOPPED_EXIT and "not started: no room" in res.stderr
+    assert not marker.exists()
