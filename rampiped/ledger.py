@@ -173,7 +173,7 @@ class Ledger:
         return sorted(with_links(found, out))
 
 
-def settled(found: Scan, root: str, now: Mapping[str, tuple[object, ...]] | None = None) -> Ledger:
+def settled(found: Scan, root: str, now: Mapping[str, Stamp] | None = None) -> Ledger:
     """The ledger after a write-back that read `root` from the moment `found` was taken: files
     whose stamps moved since then are left out (they changed while being copied, or vanished
     or changed type, which rsync reports and skips), so the next write-back copies them.

@@ -199,6 +199,7 @@ class Room:
     def __init__(self, area: str) -> None:
         self.area = area
         self.at_start, self.size = self._free()
+        self.reason: str | None = None  # why it ran short, once it did (it stays so)
 
     def _free(self) -> tuple[int, int]:
         st = os.statvfs(self.area)
@@ -216,14 +217,15 @@ class Room:
         return None
 
     def short(self) -> str | None:
-        """Why to stop: the writers took a quarter of the room."""
-        now = self._free()[0]
-        if self.at_start - now > self.at_start / 4:
-            return (
-                f"its RAM area has {format_bytes(now)} of {format_bytes(self.size)} free"
-                f" ({format_bytes(self.at_start)} when the eviction began)"
-            )
-        return None
+        """Why to stop: the writers took a quarter of the room (now or at an earlier call)."""
+        if self.reason is None:
+            now = self._free()[0]
+            if self.at_start - now > self.at_start / 4:
+                self.reason = (
+                    f"its RAM area has {format_bytes(now)} of {format_bytes(self.size)} free"
+                    f" ({format_bytes(self.at_start)} when the eviction began)"
+                )
+        return self.reason
 
 
 def write_passes(

@@ -304,28 +304,22 @@ class OverlayMode(Mode):
         after the unmount then only moves it)."""
         if pause.late_writeback_only() or pin.late_bases:
             return None
-        short: list[str] = []  # why an eviction's early write-back stopped
         room = Room(self.m.upper(pin.id)) if pin.evicting else None
-        if room is not None and (busy := room.busy()) is not None:
+        if room is None:
+            return write_passes(self.m, pin, link, self.m.runner, lambda: None)
+        if (busy := room.busy()) is not None:
             log.info("%s: evicted, and %s: the unmount comes first", pin.path, busy)
             return None
-
-        def no_room() -> str | None:
-            if room is not None and not short and (reason := room.short()) is not None:
-                short.append(reason)
-            return short[0] if short else None
-
-        runner = guarded(self.m.runner, no_room) if room is not None else self.m.runner
         try:
-            return write_passes(self.m, pin, link, runner, no_room)
+            return write_passes(self.m, pin, link, guarded(self.m.runner, room.short), room.short)
         except (writeback.SyncError, OSError):
-            if not short:
+            if room.reason is None:
                 raise
         log.warning(
             "%s: evicted, and %s: the write-back before the unmount stops; the unmount"
             " comes first, the rest is written after it",
             pin.path,
-            short[0],
+            room.reason,
         )
         return None
 
