@@ -497,16 +497,14 @@ def fs_type(path: str) -> str:
 
 def commits_in_order(path: str) -> bool:
     """Whether the filesystem holding `path` makes its changes durable in the order they were
-    made, each commit whole or not at all: a journal (ext3 and ext4 with one, xfs, btrfs).
-    There a power cut leaves the state after some commit, so steps that only have to stay in
-    order (link aside, then rename; a tail, then others) need no fsync each: one sync where
-    one step must be durable before the next is made. Elsewhere (vfat, ext4 without a
-    journal, anything unknown) False: every step is synced on its own."""
+    made, each commit whole or not at all: ext3 or ext4 with its journal (jbd2), the one this
+    is tested on. There a power cut leaves the state after some commit, so steps that only
+    have to stay in order (link aside, then rename; a tail, then others) need no fsync each:
+    one sync where one step must be durable before the next is made. Elsewhere (vfat, ext4
+    without a journal, and xfs or btrfs, which are not tested so) False: every step is synced
+    on its own."""
     try:
-        fstype = fs_type(path)
-        if fstype in ("xfs", "btrfs"):
-            return True
-        if fstype not in ("ext3", "ext4"):
+        if fs_type(path) not in ("ext3", "ext4"):
             return False
         dev = os.stat(path).st_dev
         name = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
