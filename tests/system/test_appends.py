@@ -18,7 +18,9 @@ import pytest
 
 from rampiped import appends, mounts, renames, writeback
 from rampiped.commands import CommandResult, run_command
+from rampiped.copymode import CheckpointResult
 from rampiped.copywb.renamed import rename_on_disk
+from rampiped.ledger import Ledger
 from rampiped.ledger import scan as ledger_scan
 from tests.system.helpers import LoopFs, bytes_written, make_loopfs, syncfs_path
 from tests.system.test_copymode import Layout, layout, make_loopfs_from
@@ -96,16 +98,23 @@ def pinned_log(layout: Layout) -> Iterator[tuple[Path, Path]]:
         layout.unbind()
 
 
+def measured(
+    layout: Layout, ledger: Ledger | None, count: Callable[[LoopFs], int]
+) -> tuple[CheckpointResult, int]:
+    """A checkpoint, and how much `count` (of the disk's filesystem) grew while it ran."""
+    syncfs_path(layout.loop.mountpoint)
+    before = count(layout.loop)
+    res = layout.checkpoint(ledger=ledger)
+    return res, count(layout.loop) - before
+
+
 def test_a_file_that_only_grew_gets_its_tail_appended(layout: Layout) -> None:
     with pinned_log(layout) as (ram, disk):
         ledger = layout.checkpoint().ledger
         ino = disk.stat().st_ino
         for round_ in range(3):
             append(ram, lines(100, 20_000 + 100 * round_))  # about 5 KiB
-            syncfs_path(layout.loop.mountpoint)
-            before = bytes_written(layout.loop)
-            res = layout.checkpoint(ledger=ledger)
-            written = bytes_written(layout.loop) - before
+            res, written = measured(layout, ledger, bytes_written)
             ledger = res.ledger
             assert res.appended == 1 and res.files == 1, res
             assert res.bytes == 100 * len(lines(1)), res
@@ -432,10 +441,7 @@ def test_a_checkpoint_commits_a_few_times_however_many_files_grew_or_moved(
         ledger = layout.checkpoint().ledger
         for round_ in range(2):
             grow_and_rotate(layout.orig, 40, round_)
-            syncfs_path(layout.loop.mountpoint)
-            before = journal_commits(layout.loop)
-            res = layout.checkpoint(ledger=ledger)
-            commits = journal_commits(layout.loop) - before
+            res, commits = measured(layout, ledger, journal_commits)
             ledger = res.ledger
             assert res.appended == 40 and res.renamed == 4, res
             assert contents(layout.disk) == contents(layout.orig)

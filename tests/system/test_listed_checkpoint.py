@@ -5,7 +5,9 @@ kinds, links, modes, owners, times, extended attributes and ACLs, deletions of w
 
 from __future__ import annotations
 
+import mmap
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -118,3 +120,84 @@ def test_without_a_record_of_the_entries_the_pass_looks_at_all(layout: Layout) -
         assert passes == [["<all>"], ["<all>"]]
     finally:
         layout.unbind()
+
+
+def run(*argv: str | Path, cwd: Path | None = None) -> None:
+    subprocess.run([str(a) for a in argv], check=True, capture_output=True, cwd=cwd)
+
+
+def test_real_programs_between_two_listed_checkpoints(layout: Layout, tmp_path: Path) -> None:
+    """What real programs do to a directory between two checkpoints, the second one looking
+    only at what moved: cp -p and tar keep old mtimes on new content of the same size, rsync
+    -a renames over files, git writes objects and renames its index, a store through a shared
+    mapping changes no stamp, a rotation renames, touch -d moves a time back, setfattr and
+    chmod change only metadata."""
+    orig = layout.orig
+    (orig / "same.txt").write_text("A" * 100)
+    (orig / "mapped.bin").write_bytes(b"\0" * 8192)
+    (orig / "app.log").write_text("line 1\n")
+    (orig / "meta").write_text("meta")
+    run("git", "init", "-q", orig / "repo")
+    (orig / "repo" / "f").write_text("one\n")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "f", cwd=orig / "repo")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "1", cwd=orig / "repo")
+    src = tmp_path / "src"
+    (src / "tree").mkdir(parents=True)
+    (src / "same.txt").write_text("B" * 100)
+    (src / "tree" / "t.txt").write_text("from tar")
+    os.utime(src / "same.txt", (1_000_000_000, 1_000_000_000))
+    os.utime(src / "tree" / "t.txt", (1_000_000_000, 1_000_000_000))
+    run("tar", "-C", src, "-cf", tmp_path / "t.tar", "tree")
+    layout.copy_in()
+    layout.bind_over()
+    mapped = open(orig / "mapped.bin", "r+b")  # noqa: SIM115 (open across the checkpoints)
+    mapping = mmap.mmap(mapped.fileno(), 0)
+    try:
+        mapping[0:5] = b"first"  # the page is writable from now on: later stores move no stamp
+        mapping.flush()
+        settle(layout)
+        ledger = layout.checkpoint().ledger
+        settle(layout)
+        os.utime(orig / "same.txt", (1_000_000_000, 1_000_000_000))  # as cp -p will leave it
+        ledger = layout.checkpoint(ledger=ledger).ledger
+        settle(layout)
+        run("cp", "-p", src / "same.txt", orig / "same.txt")  # same size, same old mtime
+        run("tar", "-C", orig, "-xf", tmp_path / "t.tar")
+        run("rsync", "-a", src / "tree" / "", orig / "synced")
+        (orig / "repo" / "f").write_text("two\n")
+        run(
+            "git",
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qam",
+            "2",
+            cwd=orig / "repo",
+        )
+        stamp = (orig / "mapped.bin").stat().st_ctime_ns
+        mapping[100:105] = b"store"
+        mapping.flush()
+        assert (orig / "mapped.bin").stat().st_ctime_ns == stamp  # no stamp moved
+        os.rename(orig / "app.log", orig / "app.log.1")  # a rotation
+        (orig / "app.log").write_text("line 2\n")
+        run("touch", "-d", "2001-01-01", orig / "meta")
+        run("setfattr", "-n", "user.k", "-v", "v", orig / "meta")
+        os.chmod(orig / "meta", 0o600)
+        view = manifest(layout.data)
+        passes: list[list[str]] = []
+        res = layout.checkpoint(ledger=ledger, runner=main_passes(passes))
+        assert passes and passes[0] != ["<all>"], passes
+        assert diff_manifests(view, manifest(layout.disk)) == []
+        run("git", "fsck", "--strict", cwd=layout.disk / "repo")
+        mapping.close()
+        mapped.close()
+        layout.final_sync(ledger=res.ledger)
+    finally:
+        if not mapping.closed:
+            mapping.close()
+        mapped.close()
+        layout.unbind()
+    assert (orig / "same.txt").read_text() == "B" * 100
+    assert (orig / "mapped.bin").read_bytes()[100:105] == b"store"
