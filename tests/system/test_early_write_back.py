@@ -394,18 +394,7 @@ def test_real_programs_after_the_early_write_back(
                 m.flush()
             os.utime(d / "mapped.bin", ns=(OLD_NS, OLD_NS))
             (repo / "file").write_text("two\n")
-            run(
-                "git",
-                "-C",
-                repo,
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "commit",
-                "-qam",
-                "2",
-            )
+            commit(repo, "2", "-qam")
             run("sqlite3", d / "db.sqlite", "insert into t values (3);")
             expected = tree(d)
             safety.release(marker)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from rampiped.writeback import CLOCK_SLACK_NS
 from tests.system.changes import CHANGES, populate
 from tests.system.helpers import diff_manifests, manifest, small_files, wait_for
 from tests.system.test_copymode import Layout, layout
+from tests.system.test_early_write_back import commit, run
 
 pytestmark = pytest.mark.system
 
@@ -122,10 +122,6 @@ def test_without_a_record_of_the_entries_the_pass_looks_at_all(layout: Layout) -
         layout.unbind()
 
 
-def run(*argv: str | Path, cwd: Path | None = None) -> None:
-    subprocess.run([str(a) for a in argv], check=True, capture_output=True, cwd=cwd)
-
-
 def test_real_programs_between_two_listed_checkpoints(layout: Layout, tmp_path: Path) -> None:
     """What real programs do to a directory between two checkpoints, the second one looking
     only at what moved: cp -p and tar keep old mtimes on new content of the same size, rsync
@@ -139,8 +135,8 @@ def test_real_programs_between_two_listed_checkpoints(layout: Layout, tmp_path: 
     (orig / "meta").write_text("meta")
     run("git", "init", "-q", orig / "repo")
     (orig / "repo" / "f").write_text("one\n")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "f", cwd=orig / "repo")
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "1", cwd=orig / "repo")
+    run("git", "-C", orig / "repo", "add", "f")
+    commit(orig / "repo", "1", "-qm")
     src = tmp_path / "src"
     (src / "tree").mkdir(parents=True)
     (src / "same.txt").write_text("B" * 100)
@@ -165,17 +161,7 @@ def test_real_programs_between_two_listed_checkpoints(layout: Layout, tmp_path: 
         run("tar", "-C", orig, "-xf", tmp_path / "t.tar")
         run("rsync", "-a", src / "tree" / "", orig / "synced")
         (orig / "repo" / "f").write_text("two\n")
-        run(
-            "git",
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "commit",
-            "-qam",
-            "2",
-            cwd=orig / "repo",
-        )
+        commit(orig / "repo", "2", "-qam")
         stamp = (orig / "mapped.bin").stat().st_ctime_ns
         mapping[100:105] = b"store"
         mapping.flush()
@@ -190,7 +176,7 @@ def test_real_programs_between_two_listed_checkpoints(layout: Layout, tmp_path: 
         res = layout.checkpoint(ledger=ledger, runner=main_passes(passes))
         assert passes and passes[0] != ["<all>"], passes
         assert diff_manifests(view, manifest(layout.disk)) == []
-        run("git", "fsck", "--strict", cwd=layout.disk / "repo")
+        run("git", "-C", layout.disk / "repo", "fsck", "--strict")
         mapping.close()
         mapped.close()
         layout.final_sync(ledger=res.ledger)
