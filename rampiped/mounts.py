@@ -506,12 +506,87 @@ def commits_in_order(path: str) -> bool:
     try:
         if fs_type(path) not in ("ext3", "ext4"):
             return False
-        dev = os.stat(path).st_dev
-        name = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+        name = _block_name(path)
         # jbd2 names a journal after its device and the journal's inode: loop0-8, sda1-8
         return any(e.rpartition("-")[0] == name for e in os.listdir("/proc/fs/jbd2"))
     except (OSError, MountError):
         return False
+
+
+_EXT4_MAGIC = 0xEF53
+_FAST_COMMIT = 0x400  # s_feature_compat: ext4 fast commits (an fsync commits one inode only)
+
+
+def _block_name(path: str) -> str:
+    dev = os.stat(path).st_dev
+    return os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+
+
+def fsync_commits_all(path: str) -> bool:
+    """Whether an fsync on the filesystem holding `path` commits everything done before it, as
+    a syncfs would, without writing the metadata home at once: ext3 or ext4 with its journal
+    (`commits_in_order`), ordered or writeback data (with data=journal, writing a file out
+    does not put its data on the disk), and no fast commits (which commit the fsynced inode
+    only). Checked in the superblock through the device node; when it cannot be read, False.
+    Then `commit` may stand for `syncfs` once the data that must be durable was written out
+    (`write_out`)."""
+    if not commits_in_order(path):
+        return False
+    try:
+        name = _block_name(path)
+        with open(f"/proc/fs/ext4/{name}/options") as f:
+            options = f.read().split()
+        if "data=ordered" not in options and "data=writeback" not in options:
+            return False
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sb = os.pread(fd, 1024, 1024)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    if len(sb) < 0x60 or int.from_bytes(sb[0x38:0x3A], "little") != _EXT4_MAGIC:
+        return False
+    return not int.from_bytes(sb[0x5C:0x60], "little") & _FAST_COMMIT
+
+
+def write_out(paths: Iterable[str]) -> None:
+    """The dirty pages of each file at `paths` written to the device and waited for (no
+    journal commit: see `commit`). A path gone meanwhile is left out."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            osutil.write_out(fd)
+        except OSError as e:
+            err = e.errno or errno.EIO
+            raise MountError(err, f"cannot write out {path}: {_errno_text(err)}", path) from None
+        finally:
+            os.close(fd)
+
+
+def commit(directory: str) -> None:
+    """On a filesystem where `fsync_commits_all` holds: commit its journal with every change
+    made before this call. The times of `directory` (one of rampiped's own, or the top of a
+    pinned directory on disk, whose times the write-back sets anyway) are set again to what they
+    are, which puts its inode in the running transaction, and an fsync of it commits that
+    transaction and each one before it. Data is durable only where it was written out before
+    (`write_out`, an fsync, or `syncfs`); the metadata stays in the journal until the kernel
+    writes it home, merged with the next changes, where `syncfs` would write it at once."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.fsync(fd)
+    except OSError as e:
+        err = e.errno or errno.EIO
+        raise MountError(
+            err, f"cannot commit the filesystem of {directory}: {_errno_text(err)}", directory
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def syncfs(path: str) -> None:

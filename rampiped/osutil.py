@@ -1,5 +1,5 @@
 """Operating-system helpers that the rest of rampiped builds on: the one atomic, durable file
-writer, syncfs(2), and the name of the kind of an entry.
+writer, syncfs(2) and sync_file_range(2), and the name of the kind of an entry.
 
 A leaf: this module imports nothing from rampiped, so every other module may import it.
 """
@@ -16,6 +16,10 @@ from typing import Any
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syncfs.argtypes = [ctypes.c_int]
 _libc.syncfs.restype = ctypes.c_int
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_libc.sync_file_range.restype = ctypes.c_int
+# sync_file_range(2): wait for writeback already under way, start it, wait for it
+_WRITE_AND_WAIT = 1 | 2 | 4
 
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -75,6 +79,15 @@ def syncfs(fd: int) -> None:
     `fd`. It also reports writeback errors that filesystem met since `fd` was opened. Raises
     OSError with the errno."""
     if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def write_out(fd: int) -> None:
+    """sync_file_range(2) over the whole file `fd`: its dirty pages written to the device and
+    waited for, with the metadata that writeback changes (blocks allocated, size on disk) put in
+    the filesystem's running journal transaction, which this does not commit. Raises OSError."""
+    if _libc.sync_file_range(fd, 0, 0, _WRITE_AND_WAIT) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -19,7 +19,7 @@ from rampiped.copywb.renamed import rename_on_disk
 from rampiped.copywb.results import CheckpointIncomplete, CheckpointResult, CopyError, NotVerified
 from rampiped.copywb.sides import DATA, verify_source, verify_target
 from rampiped.copywb.snapshot import differences, kind_letter, snapshot
-from rampiped.copywb.staged import left_by_exclusion, move_staged, stage_files
+from rampiped.copywb.staged import left_by_exclusion, move_staged, stage_files, staged_files
 from rampiped.ledger import Ledger, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
@@ -116,7 +116,8 @@ def checkpoint(
     2. files whose stamp changed during the pass may be torn: copied again (only they), up to
        `stable_attempts` times; those that never held still are reported in `unstable`;
     3. each database through SQLite's backup API, settled and renamed into place;
-    4. syncfs on the disk's filesystem.
+    4. syncfs on the disk's filesystem, or where one journal commit takes every change made
+       before it (mounts.fsync_commits_all), that commit: every file written was fsynced.
     Raises UnsafeSource/UnsafeTarget before touching anything when a side is not what it must
     be, SyncError when rsync fails, CheckpointIncomplete when a database could not be
     written (everything else was)."""
@@ -136,6 +137,10 @@ def checkpoint(
     # durable by the syncfs after the stage, not by an fsync each: a few journal commits per
     # checkpoint, however many files
     batched = mounts.commits_in_order(disk)
+    # and where an fsync commits everything before it, the data is written out and the journal
+    # committed, without syncfs's writing of all the metadata to its place at once (it reaches
+    # its place later, merged over checkpoints: the stick takes fewer bytes)
+    by_commit = batched and mounts.fsync_commits_all(disk)
     moved: dict[str, str] = {}
     if ledger is not None:
         pairs = renamed(found, ledger, frozenset(with_companions(databases)), grown=True)
@@ -179,7 +184,15 @@ def checkpoint(
             [*compare, *excludes],
             only=None if ledger is None else ledger.changed(found),
         )
-        mounts.syncfs(disk)  # the stage, the tails and the renames
+        # the stage, the tails and the renames
+        if by_commit:
+            mounts.write_out(
+                [*staged_files(os.path.join(disk, SCRATCH_NAME)),
+                 *(os.path.join(disk, a.rel) for a in appended)]
+            )  # fmt: skip
+            mounts.commit(os.path.join(disk, SCRATCH_NAME))
+        else:
+            mounts.syncfs(disk)
         appends.set_times(disk, appended)
         pause_point("copy-checkpoint:staged")
         moved_in = move_staged(disk, os.path.join(disk, SCRATCH_NAME))
@@ -266,7 +279,12 @@ def checkpoint(
 
     failures: list[str] = []
     written = write_databases(data, disk, sorted(databases), totals, failures, by_pages=True)
-    mounts.syncfs(disk)
+    # the moves, the main pass's renames and deletions, the times: metadata (each file the
+    # passes wrote was fsynced, and so were the databases)
+    if by_commit:
+        mounts.commit(disk)
+    else:
+        mounts.syncfs(disk)
     skip = with_companions(databases)
     held = settled({rel: seen for rel, seen in found.items() if rel not in skip}, data, after)
     # the entries the disk now holds as they were when this checkpoint began: those that held

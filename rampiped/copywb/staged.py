@@ -1,12 +1,13 @@
 """A copy pin's checkpoint writes whole files with few journal commits: every file that is to
 be written whole is first copied into a stage (STAGE in the scratch directory, on the disk's
-filesystem, where no reader looks: the copy covers the path), without an fsync each; one
-syncfs makes them all durable; then each is renamed over its name, and the checkpoint's main
-rsync pass leaves them out (a file that changed since it was staged is the checkpoint's
-"changed meanwhile" case, as a file that changed while the pass copied it) and only deletes,
-makes directories, symlinks and links, and sets metadata. The renames are committed by the
-checkpoint's closing syncfs: the filesystem's journal commits a few times per checkpoint, not
-once per file.
+filesystem, where no reader looks: the copy covers the path), without an fsync each; one sync
+makes them all durable (syncfs, or where one journal commit takes everything before it, their
+data written out and that commit: mounts.commit); then each is renamed over its name, and the
+checkpoint's main rsync pass leaves them out (a file that changed since it was staged is the
+checkpoint's "changed meanwhile" case, as a file that changed while the pass copied it) and
+only deletes, makes directories, symlinks and links, and sets metadata. The renames are
+committed by the checkpoint's closing sync: the filesystem's journal commits a few times per
+checkpoint, not once per file.
 
 Why a power cut loses nothing: a name is renamed to a staged file only after that file's data
 is on disk, so each name shows its old file or its new one, whole, as with rsync's own
@@ -103,10 +104,20 @@ def left_by_exclusion(result: CommandResult, moved: list[str]) -> CommandResult:
     return CommandResult(result.returncode, result.stdout, "\n".join(kept))
 
 
+def staged_files(scratch: str) -> list[str]:
+    """The paths of the regular files in the stage of `scratch` (none when nothing was
+    staged): what must be written out before they are renamed into place."""
+    stage = os.path.join(scratch, STAGE)
+    if not os.path.isdir(stage):
+        return []
+    with opened_dir(stage) as fd:
+        return [os.path.join(stage, rel) for rel in _files_below_fd(fd, "")]
+
+
 def move_staged(disk: str, scratch: str) -> list[str]:
     """Rename each staged regular file over its name in `disk` (and a staged directory whose
     name `disk` does not have, whole); returns the regular files moved (those of a moved
-    directory too). Call after a syncfs of the disk's filesystem: the renames must not reach
+    directory too). Call once the stage is durable (see the checkpoint): the renames must not reach
     the disk before the data."""
     moved: list[str] = []
     with opened_dir(os.path.join(scratch, STAGE)) as stage_fd, opened_dir(disk) as disk_fd:
@@ -147,15 +158,19 @@ def _move_one(
 
 def _files_below(parent_fd: int, name: str, rel: str) -> list[str]:
     fd = open_dir_at(parent_fd, name)
-    out: list[str] = []
     try:
-        with os.scandir(fd) as it:
-            for entry in it:
-                child = join(rel, entry.name)
-                if entry.is_dir(follow_symlinks=False):
-                    out += _files_below(fd, entry.name, child)
-                elif entry.is_file(follow_symlinks=False):
-                    out.append(child)
+        return _files_below_fd(fd, rel)
     finally:
         os.close(fd)
+
+
+def _files_below_fd(fd: int, rel: str) -> list[str]:
+    out: list[str] = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            child = join(rel, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                out += _files_below(fd, entry.name, child)
+            elif entry.is_file(follow_symlinks=False):
+                out.append(child)
     return out

@@ -419,6 +419,32 @@ def test_only_a_filesystem_with_a_journal_commits_in_order(
     with make_loopfs(tmp_path / "nojournal", size_mb=32, features="^has_journal") as fs:
         assert mounts.fs_type(str(fs.mountpoint)) == "ext4"
         assert not mounts.commits_in_order(str(fs.mountpoint))
+        assert not mounts.fsync_commits_all(str(fs.mountpoint))
+
+
+def test_an_fsync_commits_everything_only_without_fast_commits(
+    loopfs: LoopFs, runtime_tmpfs: Path, tmp_path: Path
+) -> None:
+    """The copy checkpoint's `commit` (a touch and an fsync) stands for a syncfs only where one
+    journal commit takes every change made before it: not with fast commits (an fsync commits
+    that inode only), nor with data=journal."""
+    assert mounts.fsync_commits_all(str(loopfs.mountpoint))
+    assert not mounts.fsync_commits_all(str(runtime_tmpfs))
+    with make_loopfs(tmp_path / "fast", size_mb=32, features="fast_commit") as fs:
+        assert mounts.commits_in_order(str(fs.mountpoint))
+        assert not mounts.fsync_commits_all(str(fs.mountpoint))
+    with make_loopfs(tmp_path / "journalled", size_mb=32) as fs:
+        subprocess.run(
+            ["mount", "-o", "remount,data=journal", str(fs.mountpoint)], capture_output=True
+        )
+        options = Path(f"/proc/fs/ext4/{Path(fs.device).name}/options").read_text().split()
+        if "data=journal" not in options:  # remounting to data=journal is refused: mount anew
+            subprocess.run(["umount", str(fs.mountpoint)], check=True)
+            subprocess.run(
+                ["mount", "-o", "data=journal", fs.device, str(fs.mountpoint)], check=True
+            )
+        assert mounts.commits_in_order(str(fs.mountpoint))
+        assert not mounts.fsync_commits_all(str(fs.mountpoint))
 
 
 def grow_and_rotate(d: Path, logs: int, round_: int) -> None:
@@ -431,7 +457,7 @@ def test_a_checkpoint_commits_a_few_times_however_many_files_grew_or_moved(
     layout: Layout,
 ) -> None:
     """Forty tails and four renames: one journal commit each would be 44; the checkpoint
-    makes them durable with the syncfs after its stage, and its closing syncfs."""
+    makes them durable with the sync after its stage, and its closing sync."""
     seed_rotated(layout.orig)
     for i in range(40):
         (layout.orig / f"log{i}").write_bytes(lines(100, 10_000 * i))

@@ -1,5 +1,5 @@
 """A copy pin's checkpoint writes the files it writes whole with few journal commits: staged
-in the scratch directory without an fsync each, made durable by one syncfs, then renamed into
+in the scratch directory without an fsync each, made durable by one commit, then renamed into
 place (copywb/staged.py). The device's own counter shows what that spares; a power cut at each
 step (the device image copied, ext4 committing metadata only where rampiped syncs) leaves each
 name its old file or its new one, whole."""
@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from rampiped import mounts
 from rampiped.commands import CommandResult, run_command
+from rampiped.copywb import checkpoint as checkpoint_module
+from rampiped.copywb import staged
 from tests.system.helpers import bytes_written, small_files, syncfs_path, tree
 from tests.system.test_copymode import Layout, layout, make_loopfs_from
 
@@ -116,11 +119,19 @@ def contents(d: Path) -> dict[str, bytes]:
 
 
 def test_a_power_cut_at_each_step_leaves_each_name_old_or_new(
-    layout: Layout, tmp_path: Path
+    layout: Layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Cut before the stage is durable, after it is, after the moves, after the main pass and
+    after the checkpoint returned: each name shows its old file or its new one, a log that
+    only grew shows a prefix at least as long as its old content, and the last cut shows the
+    new state whole (the closing commit made it durable)."""
     subprocess.run(["mount", "-o", "remount,commit=600", str(layout.loop.mountpoint)], check=True)
+    # here the checkpoint commits by an fsync, not by syncfs: that is what is cut
+    assert mounts.fsync_commits_all(str(layout.disk))
     for i in range(30):
         (layout.orig / f"f{i}").write_bytes(os.urandom(3000 + 100 * i))
+    for i in range(4):
+        (layout.orig / f"log{i}").write_bytes(b"line\n" * (500 + 50 * i))
     layout.copy_in()
     layout.bind_over()
     try:
@@ -131,6 +142,9 @@ def test_a_power_cut_at_each_step_leaves_each_name_old_or_new(
         (layout.orig / "new").mkdir()
         for i in range(5):
             (layout.orig / "new" / f"n{i}").write_bytes(os.urandom(4000))
+        for i in range(4):
+            with open(layout.orig / f"log{i}", "ab") as f:
+                f.write(os.urandom(3000 + 1000 * i).hex().encode())
         new = contents(layout.data)
         images: list[tuple[str, Path]] = []
 
@@ -151,14 +165,31 @@ def test_a_power_cut_at_each_step_leaves_each_name_old_or_new(
             cut("main-pass-done" if main else "staged")
             return result
 
-        layout.checkpoint(ledger=ledger, runner=runner)
-        assert [label for label, _ in images] == ["staged", "staged-and-moved", "main-pass-done"]
+        def move_staged(disk: str, scratch: str) -> list[str]:
+            cut("stage-committed")
+            return staged.move_staged(disk, scratch)
+
+        monkeypatch.setattr(checkpoint_module, "move_staged", move_staged)
+        result = layout.checkpoint(ledger=ledger, runner=runner)
+        assert result.appended == 4, result
+        cut("returned")
+        assert [label for label, _ in images] == [
+            "staged", "stage-committed", "staged-and-moved", "main-pass-done", "returned",
+        ]  # fmt: skip
         for n, (label, image) in enumerate(images):
             with make_loopfs_from(image, tmp_path / f"rebooted-{n}") as rebooted:
                 found = contents(rebooted / "pve-cluster")
             image.unlink()
+            if label == "returned":
+                assert found == new
             for name in set(old) | set(new):
-                assert found.get(name) in (old.get(name), new.get(name)), (label, name)
+                if name.startswith("log"):  # only grew: a prefix, at least the old content
+                    assert new[name].startswith(found[name]), (label, name)
+                    assert found[name].startswith(old[name]), (label, name)
+                    if label != "staged":  # the tails were committed with the stage
+                        assert found[name] == new[name], (label, name)
+                else:
+                    assert found.get(name) in (old.get(name), new.get(name)), (label, name)
     finally:
         layout.unbind()
     assert contents(layout.disk) == new
