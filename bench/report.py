@@ -136,6 +136,29 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
         "ram.backend zram: RAM per stored byte, the larger of the log tree and the SQLite load",
     ),
     (
+        "zram_vs_tmpfs_logger_ratio",
+        None,
+        None,
+        "ram.backend zram: (a) in a static copy pin over a plain tmpfs",
+    ),
+    ("zram_vs_tmpfs_sqlite_ratio", None, None, "the same for (b)"),
+    ("zram_vs_tmpfs_small_files_ratio", None, None, "the same for (c)"),
+    ("zram_vs_tmpfs_large_seq_ratio", None, None, "the same for (d)"),
+    (
+        "zram_kernel_cpu_s_per_gb_large_seq",
+        None,
+        None,
+        "kernel CPU seconds per GB that (d) writes into the zram pin (compression included)",
+    ),
+    ("tmpfs_kernel_cpu_s_per_gb_large_seq", None, None, "the same on a plain tmpfs"),
+    (
+        "zram_daemon_cpu_pct",
+        None,
+        None,
+        "daemon CPU, % of one core, while (a)-(d) ran in its zram pin",
+    ),
+    ("tmpfs_pin_daemon_cpu_pct", None, None, "the same for a copy pin on tmpfs"),
+    (
         "daemon_rss_mb_100k_dirs",
         "<=",
         50.0,
@@ -749,11 +772,116 @@ def markdown(
             f" ({r.get('daemon_cpu_test_lost')} lost). Daemon memory: {r.get('daemon_rss_mb')}"
             f" MiB resident (peak {r.get('daemon_peak_rss_mb')} MiB).\n"
         )
+    if "zram_ram_per_stored_byte" in r or "zram_not_measured" in r:
+        md.append(zram_section(r, facts))
     if images:
         md.append("## Charts\n")
         for name in images:
             md.append(f"![{name}]({name})\n")
     return "\n".join(md)
+
+
+ZRAM_LABELS = {  # bench/zram.py's configurations
+    "tmpfs": "plain tmpfs",
+    "tmpfs_pin": "tmpfs copy pin",
+    "zram_area": "zram area alone",
+    "zram": "zram copy pin",
+}
+
+
+def zram_section(r: dict[str, Any], facts: dict[str, Any]) -> str:
+    md = ["## Compressed RAM (zram)\n"]
+    if "zram_not_measured" in r:
+        md.append(f"Not measured: {r['zram_not_measured']}\n")
+        return "\n".join(md)
+    md.append(
+        f"RAM per stored byte of a pin's area with `ram.backend: zram`, {r.get('zram_compression')}"
+        f" (ext4 on the device, made the way the daemon makes it): the log tree"
+        f" {_fmt(r.get('zram_ram_per_stored_byte_logs'))}, the SQLite database"
+        f" {_fmt(r.get('zram_ram_per_stored_byte_sqlite'))}, access logs without random tokens"
+        f" {_fmt(r.get('zram_ram_per_stored_byte_access_logs'))}.\n"
+    )
+    if "zram_ops_logger" not in r:
+        return "\n".join(md)
+    md.append(
+        "Throughput: (a)-(d) in a static copy pin of the real daemon with `ram.backend: zram`"
+        f" ({facts.get('zram_pin_mount', 'checked in /proc/self/mountinfo')}); in a copy pin"
+        " of a second daemon on the default tmpfs backend; in a zram area alone, made the way"
+        " the daemon makes one but with no daemon (what the backend costs without rampiped);"
+        " and in a plain tmpfs. Median of"
+        f" {r.get('zram_bench_rounds')} interleaved rounds of"
+        f" {_fmt(r.get('zram_bench_seconds_per_run'))} s each (the order rotates each round;"
+        f" largest max/min of a cell across rounds: {_fmt(r.get('zram_throughput_spread'))})."
+        " What reaches the compressor: (a) fio's buffers and (b), (d) random bytes (they do not"
+        " compress), (c) 2 KiB of one repeated byte (it does). On tmpfs an fsync writes"
+        " nothing; on a zram area it writes the file's pages (and its inode) through ext4 to"
+        " the device, which compresses them then: fsync-heavy work pays for every fsync.\n"
+    )
+    rows = []
+    for wl, label in WORKLOAD_LABELS.items():
+        if f"zram_ops_{wl}" not in r:
+            continue
+        rows.append(
+            [
+                label,
+                *[r.get(f"{c}_ops_{wl}") for c in ZRAM_LABELS],
+                r.get(f"zram_vs_tmpfs_{wl}_ratio"),
+                r.get(f"zram_vs_tmpfs_pin_{wl}_ratio"),
+                r.get(f"zram_area_vs_tmpfs_{wl}_ratio"),
+                " / ".join(_fmt(r.get(f"{c}_kernel_cpu_us_per_op_{wl}")) for c in ZRAM_LABELS),
+                " / ".join(_fmt(r.get(f"{c}_daemon_cpu_pct_{wl}")) for c in ("tmpfs_pin", "zram")),
+                r.get(f"zram_device_mb_per_run_{wl}"),
+            ]
+        )
+    md.append(
+        _table(
+            [
+                "workload",
+                *ZRAM_LABELS.values(),
+                "zram pin over tmpfs",
+                "zram pin over the tmpfs pin",
+                "zram area alone over tmpfs",
+                "kernel CPU, µs per op (per MB for (d)), in the order of the columns",
+                "daemon CPU, % of a core: tmpfs pin / zram pin",
+                "MB into the zram pin's device per run",
+            ],
+            rows,
+        )
+        + "\n"
+    )
+    per_run = "; ".join(
+        f"{label} {_fmt(r.get(f'{c}_kernel_cpu_s_logger'))} s counted,"
+        f" {_fmt(r.get(f'{c}_machine_kernel_cpu_s_logger'))} s on the machine"
+        for c, label in ZRAM_LABELS.items()
+    )
+    md.append(
+        "How the CPU is counted, for each run (the workload, then a syncfs of its filesystem,"
+        " so that what it left dirty is compressed in its own window): the kernel's CPU is the"
+        " workload process's system time (getrusage of the waited child), the CPU of every"
+        " kernel thread (children of kthreadd: kworkers, flushers; /proc/PID/stat) and the"
+        " benchmark's own system time (the syncfs). zram compresses in the task that submits a"
+        " write to the device: of the zram pin's kernel CPU, the writer's own system time was"
+        f" {_pct(r.get('zram_kernel_cpu_writer_share'))} and kernel threads"
+        f" {_pct(r.get('zram_kernel_cpu_kthread_share'))}. The figure includes everything the"
+        " writer's system calls cost, which plain tmpfs pays too, and on zram also ext4 and the"
+        " block layer, not compression alone: the columns side by side show what zram adds."
+        " Cross-check against the machine's system + irq + softirq time over the same windows"
+        f" (/proc/stat; it includes whatever else ran), (a) per run: {per_run}. The daemon's"
+        " CPU is its process's user + system time (its children's included) over the wall"
+        " time of the runs in its own pin, read with psutil in ticks of 10 ms; it compresses"
+        " nothing, it reads the pin's fanotify events. Over all runs: zram pin"
+        f" {_fmt(r.get('zram_daemon_cpu_pct'))} %, tmpfs pin"
+        f" {_fmt(r.get('tmpfs_pin_daemon_cpu_pct'))} % of a core. Kernel CPU per GB that (d)"
+        f" writes: plain tmpfs {_fmt(r.get('tmpfs_kernel_cpu_s_per_gb_large_seq'))} s, tmpfs"
+        f" pin {_fmt(r.get('tmpfs_pin_kernel_cpu_s_per_gb_large_seq'))} s, zram area alone"
+        f" {_fmt(r.get('zram_area_kernel_cpu_s_per_gb_large_seq'))} s, zram pin"
+        f" {_fmt(r.get('zram_kernel_cpu_s_per_gb_large_seq'))} s.\n"
+    )
+    return "\n".join(md)
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.0f} %"
 
 
 def _pair(r: dict[str, Any], key: str, other: str) -> str:

@@ -13,6 +13,8 @@ runs on are noisy, and absolute figures do not compare between runs. What runs, 
 6. bytes written back by (2) and (3) against a log2ram-style copy (4), same changes, same time;
 7. the monitor: lossless event rate, cost to the writer, daemon CPU and memory;
    and the daemon's memory after writes in 100,000 directories (bench/daemon_memory.py);
+   compressed RAM (bench/zram.py): RAM per stored byte, and (a)-(d) in a zram pin against
+   tmpfs, with the CPU of each run;
 8. the SQLite experiment ends; results go to bench/results/ (report.md, charts, summary.json).
 
 Configurations (2) and (3) are the real daemon (`rampiped --config ...`) on simulated sticks
@@ -47,11 +49,11 @@ from typing import Any
 
 import psutil
 
-from bench import monitor_capacity, report, workloads
+from bench import monitor_capacity, report, workloads, zram
 from bench.daemon_memory import daemon_memory
 from bench.stick import Stick, blkio_root, profile, stick, sweep_stale_rules
 from bench.tmpfscopy import TmpfsCopy
-from rampiped import control, ramarea
+from rampiped import control
 from rampiped.writeback import OVERLAY_FEATURES
 from tests.system.daemon_harness import Daemon, Env, FsyncLogger, Writer
 from tests.system.helpers import (
@@ -1244,42 +1246,6 @@ def monitor(b: Bench) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def zram_ratio(b: Bench) -> None:
-    """RAM used per stored byte with ram.backend zram (the area a pin gets, made the way the
-    daemon makes it): on the log tree (workloads.seed_logs) and on the SQLite load's database
-    (workloads.seed_db). The larger of the two is `zram_ram_per_stored_byte`; access logs
-    without random tokens (workloads.seed_access_logs) are reported beside it."""
-    compression = "lz4"
-    r = b.results
-    unusable = ramarea.check(ramarea.Backend("zram", compression))
-    if unusable is not None:
-        b.say(f"compressed RAM not measured: {unusable}")
-        r["zram_not_measured"] = unusable
-        return
-    for name, seed in (
-        ("logs", lambda d: workloads.seed_logs(d / "logs")),
-        ("sqlite", lambda d: workloads.seed_db(d / "db.sqlite")),
-        ("access_logs", lambda d: workloads.seed_access_logs(d / "logs")),
-    ):
-        area = b.tmp / f"zram-{name}"
-        area.mkdir()
-        backend = ramarea.Backend("zram", compression)
-        ramarea.mount(str(area), backend=backend, size=256 << 20, source="rp-bench-zram")
-        try:
-            seed(area)
-            os.sync()
-            u = ramarea.usage(str(area))
-        finally:
-            ramarea.unmount(str(area))
-        r[f"zram_ram_per_stored_byte_{name}"] = u.ratio
-        r[f"zram_stored_mb_{name}"] = round(u.stored / 1e6, 2)
-        r[f"zram_ram_mb_{name}"] = round(u.ram / 1e6, 2)
-    r["zram_compression"] = compression
-    r["zram_ram_per_stored_byte"] = max(
-        r["zram_ram_per_stored_byte_logs"], r["zram_ram_per_stored_byte_sqlite"]
-    )
-
-
 def machine() -> dict[str, Any]:
     mem = psutil.virtual_memory().total
     distro = ""
@@ -1356,7 +1322,8 @@ def run(plan: Plan, out: Path, parts: set[str] | None = None) -> dict[str, Any]:
         if want("busy"):
             steps.append(("pins of a busy logger", lambda: busy_pin(b)))
         if want("zram"):
-            steps.append(("compressed RAM (zram)", lambda: zram_ratio(b)))
+            steps.append(("compressed RAM (zram): RAM per byte", lambda: zram.ram_ratio(b)))
+            steps.append(("compressed RAM (zram): throughput, CPU", lambda: zram.throughput(b)))
         if want("checkpoints"):
             steps.append(("checkpoint cost by pin size", lambda: checkpoint_cost(b)))
         if sql is not None:
