@@ -551,15 +551,22 @@ def fsync_commits_all(path: str) -> bool:
 
 
 def write_out(paths: Iterable[str]) -> None:
-    """The dirty pages of each file at `paths` written to the device and waited for (no
-    journal commit: see `commit`). A path gone meanwhile is left out."""
+    """The dirty pages of each regular file at `paths` written to the device and waited for
+    (no journal commit: see `commit`). A path gone meanwhile, or not a regular file (a
+    whiteout, a fifo: not opened), is left out."""
     for path in paths:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
+        except OSError as e:
+            err = e.errno or errno.EIO
+            raise MountError(err, f"cannot write out {path}: {_errno_text(err)}", path) from None
         try:
-            osutil.write_out(fd)
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # not replaced since
+                osutil.write_out(fd)
         except OSError as e:
             err = e.errno or errno.EIO
             raise MountError(err, f"cannot write out {path}: {_errno_text(err)}", path) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 import subprocess
 import threading
 import time
@@ -445,6 +446,21 @@ def test_an_fsync_commits_everything_only_without_fast_commits(
             )
         assert mounts.commits_in_order(str(fs.mountpoint))
         assert not mounts.fsync_commits_all(str(fs.mountpoint))
+
+
+def test_write_out_writes_regular_files_and_leaves_the_rest(loopfs: LoopFs) -> None:
+    """What a checkpoint writes out before its commit may sit beside a fifo or an overlay
+    whiteout (a character device 0:0, which cannot be opened), or be gone: those are left
+    out, and the regular file's pages reach the device."""
+    d = loopfs.mountpoint / "out"
+    d.mkdir()
+    syncfs_path(loopfs.mountpoint)
+    (d / "data").write_bytes(os.urandom(1 << 20))
+    os.mkfifo(d / "fifo")
+    os.mknod(d / "whiteout", 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+    before = bytes_written(loopfs)
+    mounts.write_out([str(d / n) for n in ("fifo", "whiteout", "gone", "data")])
+    assert bytes_written(loopfs) - before >= 1 << 20
 
 
 def grow_and_rotate(d: Path, logs: int, round_: int) -> None:
