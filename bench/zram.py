@@ -51,16 +51,22 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _KTHREADD = 2  # the parent of every kernel thread
 
 
+def _usable(b: Bench, what: str) -> bool:
+    """Whether this kernel offers zram with COMPRESSION; if not, the reason is recorded."""
+    unusable = ramarea.check(ramarea.Backend("zram", COMPRESSION))
+    if unusable is not None:
+        b.say(f"{what} not measured: {unusable}")
+        b.results["zram_not_measured"] = unusable
+    return unusable is None
+
+
 def ram_ratio(b: Bench) -> None:
     """RAM used per stored byte with ram.backend zram (the area a pin gets, made the way the
     daemon makes it): on the log tree (workloads.seed_logs) and on the SQLite load's database
     (workloads.seed_db). The larger of the two is `zram_ram_per_stored_byte`; access logs
     without random tokens (workloads.seed_access_logs) are reported beside it."""
     r = b.results
-    unusable = ramarea.check(ramarea.Backend("zram", COMPRESSION))
-    if unusable is not None:
-        b.say(f"compressed RAM not measured: {unusable}")
-        r["zram_not_measured"] = unusable
+    if not _usable(b, "compressed RAM"):
         return
     seeds: tuple[tuple[str, Callable[[Path], None]], ...] = (
         ("logs", lambda d: workloads.seed_logs(d / "logs")),
@@ -235,10 +241,7 @@ def throughput(b: Bench) -> None:
     checkpoint is write-back, measured in the other parts, and would fall into some runs."""
     p = b.plan
     r = b.results
-    unusable = ramarea.check(ramarea.Backend("zram", COMPRESSION))
-    if unusable is not None:
-        b.say(f"zram throughput not measured: {unusable}")
-        r["zram_not_measured"] = unusable
+    if not _usable(b, "zram throughput"):
         return
     dirs = {"tmpfs": b.mount_tmpfs(b.tmp / "z-tmpfs") / "w"}
     area = b.tmp / "z-zram-area"
