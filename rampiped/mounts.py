@@ -528,9 +528,11 @@ def fsync_commits_all(path: str) -> bool:
     (`commits_in_order`), ordered or writeback data (with data=journal, writing a file out
     does not put its data on the disk), and no fast commits (which commit the fsynced inode
     only). Checked in the superblock through the device node; when it cannot be read, False.
-    Then `commit` may stand for `syncfs` once the data that must be durable was written out
-    (`write_out`)."""
-    if not commits_in_order(path):
+    And Linux 6.0 or later: before, the block of a long symlink (a target over 59 bytes) was
+    written through the page cache, like a file's data, where since it is journalled metadata
+    (ext4_init_symlink_block), which a commit takes with the rest. Then `commit` may stand for
+    `syncfs` once the data that must be durable was written out (`write_out`)."""
+    if not commits_in_order(path) or kernel_version() < (6, 0):
         return False
     try:
         name = _block_name(path)
@@ -548,6 +550,13 @@ def fsync_commits_all(path: str) -> bool:
     if len(sb) < 0x60 or int.from_bytes(sb[0x38:0x3A], "little") != _EXT4_MAGIC:
         return False
     return not int.from_bytes(sb[0x5C:0x60], "little") & _FAST_COMMIT
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of the running kernel, or of `release` ("6.1.0-18-amd64"); (0, 0) when
+    it cannot be read."""
+    found = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
 def write_out(paths: Iterable[str]) -> None:

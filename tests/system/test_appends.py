@@ -424,13 +424,20 @@ def test_only_a_filesystem_with_a_journal_commits_in_order(
 
 
 def test_an_fsync_commits_everything_only_without_fast_commits(
-    loopfs: LoopFs, runtime_tmpfs: Path, tmp_path: Path
+    loopfs: LoopFs, runtime_tmpfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The copy checkpoint's `commit` (a touch and an fsync) stands for a syncfs only where one
     journal commit takes every change made before it: not with fast commits (an fsync commits
-    that inode only), nor with data=journal."""
+    that inode only), nor with data=journal, nor before Linux 6.0 (a long symlink's block was
+    written like file data)."""
     assert mounts.fsync_commits_all(str(loopfs.mountpoint))
     assert not mounts.fsync_commits_all(str(runtime_tmpfs))
+    assert mounts.kernel_version("6.1.0-18-amd64") == (6, 1)
+    assert mounts.kernel_version("5.10.0-28-amd64") == (5, 10)
+    assert mounts.kernel_version("unknown") == (0, 0)
+    with monkeypatch.context() as m:
+        m.setattr(mounts, "kernel_version", lambda: (5, 10))
+        assert not mounts.fsync_commits_all(str(loopfs.mountpoint))
     with make_loopfs(tmp_path / "fast", size_mb=32, features="fast_commit") as fs:
         assert mounts.commits_in_order(str(fs.mountpoint))
         assert not mounts.fsync_commits_all(str(fs.mountpoint))
