@@ -9,7 +9,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-from rampiped import osutil
+from rampiped import mounts, osutil, tree
 from rampiped.commands import SyncError
 
 _T = TypeVar("_T")
@@ -178,6 +178,39 @@ def syncfs_checked(fd: int, path: str) -> None:
     except OSError as e:
         err = e.errno or errno.EIO  # always set by osutil.syncfs
         raise SyncError(f"syncfs on {path} failed: {os.strerror(err)} (errno {err})") from None
+
+
+def durable_at(dir_fd: int, name: str, label: str, *, written: Iterable[str] = ()) -> None:
+    """Make durable every change made so far on the filesystem of the directory `name` below
+    `dir_fd`, with the data of the regular files below it and at the paths `written`: where one
+    journal commit takes everything before it (mounts.fsync_commits_all), that data written out
+    and that commit, which leaves the metadata in the journal for the kernel to write to its
+    place later; elsewhere syncfs (`syncfs_checked`). `label` names the directory in errors."""
+    path = f"/proc/self/fd/{dir_fd}/{name}"
+    if mounts.fsync_commits_all(path):
+        files = (os.path.join(path, rel) for rel, st in tree.walk(path) if stat.S_ISREG(st.st_mode))
+        try:
+            mounts.write_out([*files, *written])
+            mounts.commit(name, dir_fd)
+        except mounts.MountError as e:
+            raise SyncError(f"cannot make {label} durable: {e}") from None
+        return
+    fd = open_dir_at(dir_fd, name)
+    try:
+        syncfs_checked(fd, label)
+    finally:
+        os.close(fd)
+
+
+def ordered_at(dir_fd: int, name: str, label: str) -> None:
+    """After changes of metadata only (renames, times, removals) below the directory `name` of
+    `dir_fd`, whose data was durable before: make sure they reach the disk before any change
+    made after this. On a filesystem that commits in order (mounts.commits_in_order) nothing
+    is needed, since a later commit takes them first; elsewhere syncfs (`syncfs_checked`).
+    `label` names the directory in errors."""
+    if mounts.commits_in_order(f"/proc/self/fd/{dir_fd}/{name}"):
+        return
+    syncfs_checked(dir_fd, label)
 
 
 def changed_since(dir_fd: int, name: str, newer_than: int) -> bool:

@@ -583,26 +583,28 @@ def write_out(paths: Iterable[str]) -> None:
             os.close(fd)
 
 
-def commit(directory: str) -> None:
+def commit(directory: str, dir_fd: int | None = None) -> None:
     """On a filesystem where `fsync_commits_all` holds: commit its journal with every change
     made before this call. The times of `directory` (one of rampiped's own, or the top of a
-    pinned directory on disk, whose times the write-back sets anyway) are set again to what they
-    are, which puts its inode in the running transaction, and an fsync of it commits that
-    transaction and each one before it. Data is durable only where it was written out before
-    (`write_out`, an fsync, or `syncfs`); the metadata stays in the journal until the kernel
-    writes it home, merged with the next changes, where `syncfs` would write it at once."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    pinned directory on disk, whose times the write-back sets anyway; relative to `dir_fd` when
+    given) are set again to what they are, which puts its inode in the running transaction, and
+    an fsync of it commits that transaction and each one before it. Data is durable only where
+    it was written out before (`write_out`, an fsync, or `syncfs`); the metadata stays in the
+    journal until the kernel writes it home, merged with the next changes, where `syncfs` would
+    write it at once."""
     try:
-        st = os.fstat(fd)
-        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-        os.fsync(fd)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         err = e.errno or errno.EIO
         raise MountError(
             err, f"cannot commit the filesystem of {directory}: {_errno_text(err)}", directory
         ) from None
-    finally:
-        os.close(fd)
 
 
 def syncfs(path: str) -> None:

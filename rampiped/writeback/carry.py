@@ -44,8 +44,8 @@ from rampiped.fsops import (
     lstat_at,
     open_rel,
     opened_dir,
+    ordered_at,
     remove_at,
-    syncfs_checked,
 )
 from rampiped.ledger import Ledger
 from rampiped.ledger import Scan as LedgerScan
@@ -208,7 +208,8 @@ def finish(jfd: int, name: str) -> None:
             src = os.path.join(name, rel) if rel else name
             dst = os.path.join(previous, rel) if rel else previous
             _copy_attrs(jfd, src, dst, tuple(plan["merged"][rel]))
-        syncfs_checked(jfd, previous)
+        # the moves before the rename (the new part's data was durable already)
+        ordered_at(jfd, previous, previous)
         os.rename(previous, gen, src_dir_fd=jfd, dst_dir_fd=jfd)
         _fsync_dir(jfd)
     elif lstat_at(jfd, gen) is None:

@@ -28,11 +28,10 @@ from rampiped.engine import format_bytes
 from rampiped.fsops import (
     DIR_FLAGS,
     _fsync_dir,
+    durable_at,
     lstat_at,
-    open_dir_at,
     opened_dir,
     remove_at,
-    syncfs_checked,
 )
 from rampiped.ledger import Ledger, scan_stamps, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
@@ -198,8 +197,8 @@ def checkpoint(
         if grown:
             assert ledger is not None
             previous = f"{journal}/{complete[latest]}"
-            # on a journal that commits in order, the tails are made durable by the syncfs
-            # below with the rest of the generation, not by an fsync each
+            # on a journal that commits in order, the tails are made durable with the rest of
+            # the generation below, not by an fsync each
             appended = appends.append_grown(
                 upper, previous, grown, ledger, batched=mounts.commits_in_order(journal)
             )
@@ -224,11 +223,13 @@ def checkpoint(
                 files += rsync_stat(redo.stdout, "Number of regular files transferred")
                 nbytes += rsync_stat(redo.stdout, "Total transferred file size")
         pause_point("checkpoint:copied")
-        tmp_fd = open_dir_at(jfd, tmp_name)
-        try:
-            syncfs_checked(tmp_fd, f"{journal}/{tmp_name}")
-        finally:
-            os.close(tmp_fd)
+        # the generation and the appended tails (in the last one, linked into this one)
+        durable_at(
+            jfd,
+            tmp_name,
+            f"{journal}/{tmp_name}",
+            written=[os.path.join(journal, complete[latest], a.rel) for a in appended],
+        )
         if appended:
             appends.set_times(f"{journal}/{complete[latest]}", appended)
         if carried:
