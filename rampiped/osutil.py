@@ -18,7 +18,9 @@ _libc.syncfs.argtypes = [ctypes.c_int]
 _libc.syncfs.restype = ctypes.c_int
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _libc.sync_file_range.restype = ctypes.c_int
-# sync_file_range(2): wait for writeback already under way, start it, wait for it
+# sync_file_range(2): start writeback of the dirty pages; and wait for any under way before,
+# and for it after
+_START = 2
 _WRITE_AND_WAIT = 1 | 2 | 4
 
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -83,11 +85,13 @@ def syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def write_out(fd: int) -> None:
+def write_out(fd: int, *, wait: bool = True) -> None:
     """sync_file_range(2) over the whole file `fd`: its dirty pages written to the device and
     waited for, with the metadata that writeback changes (blocks allocated, size on disk) put in
-    the filesystem's running journal transaction, which this does not commit. Raises OSError."""
-    if _libc.sync_file_range(fd, 0, 0, _WRITE_AND_WAIT) != 0:
+    the filesystem's running journal transaction, which this does not commit. Not `wait`: the
+    writeback only started (so that many files' writes are in flight at once; call again with
+    `wait` for each). Raises OSError."""
+    if _libc.sync_file_range(fd, 0, 0, _WRITE_AND_WAIT if wait else _START) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
