@@ -180,20 +180,22 @@ def syncfs_checked(fd: int, path: str) -> None:
         raise SyncError(f"syncfs on {path} failed: {os.strerror(err)} (errno {err})") from None
 
 
-def durable_at(dir_fd: int, name: str, label: str, *, written: Iterable[str] = ()) -> None:
-    """Make durable every change made so far on the filesystem of the directory `name` below
-    `dir_fd`, with the data of the regular files below it and at the paths `written`: where one
-    journal commit takes everything before it (mounts.fsync_commits_all), that data written out
-    and that commit, which leaves the metadata in the journal for the kernel to write to its
-    place later; elsewhere syncfs (`syncfs_checked`). `label` names the directory in errors."""
+def settle_at(dir_fd: int, name: str, label: str, *, written: Iterable[str] = ()) -> None:
+    """Make the data of the regular files below the directory `name` of `dir_fd`, and at the
+    paths `written`, reach the disk before any change made after this call (the rename that
+    shows them). Where one journal commit takes everything before it
+    (mounts.fsync_commits_all), that data is written out: on the device before any later
+    commit, which takes the metadata made so far with it, in order (the caller's next fsync, a
+    rename's, commits it all; the metadata then stays in the journal until the kernel writes it
+    to its place, merged with later changes). Elsewhere syncfs (`syncfs_checked`): everything
+    durable now. `label` names the directory in errors."""
     path = f"/proc/self/fd/{dir_fd}/{name}"
     if mounts.fsync_commits_all(path):
         files = (os.path.join(path, rel) for rel, st in tree.walk(path) if stat.S_ISREG(st.st_mode))
         try:
             mounts.write_out([*files, *written])
-            mounts.commit(name, dir_fd)
         except mounts.MountError as e:
-            raise SyncError(f"cannot make {label} durable: {e}") from None
+            raise SyncError(f"cannot write {label} out: {e}") from None
         return
     fd = open_dir_at(dir_fd, name)
     try:

@@ -138,8 +138,8 @@ def checkpoint(
     # checkpoint, however many files
     batched = mounts.commits_in_order(disk)
     # and where an fsync commits everything before it, the data is written out and the journal
-    # committed, without syncfs's writing of all the metadata to its place at once (it reaches
-    # its place later, merged over checkpoints: the stick takes fewer bytes)
+    # committed once, at the end, without syncfs's writing of all the metadata to its place at
+    # once (it reaches its place later, merged over checkpoints: the stick takes fewer bytes)
     by_commit = batched and mounts.fsync_commits_all(disk)
     moved: dict[str, str] = {}
     if ledger is not None:
@@ -184,13 +184,15 @@ def checkpoint(
             [*compare, *excludes],
             only=None if ledger is None else ledger.changed(found),
         )
-        # the stage, the tails and the renames
+        # the stage, the tails and the renames on disk before the names show them: where a
+        # commit takes everything before it, their data is written out (on the device before
+        # any later commit, which takes their metadata with it, in order: the closing commit
+        # below, or one of the kernel's); elsewhere synced now
         if by_commit:
             mounts.write_out(
                 [*staged_files(os.path.join(disk, SCRATCH_NAME)),
                  *(os.path.join(disk, a.rel) for a in appended)]
             )  # fmt: skip
-            mounts.commit(os.path.join(disk, SCRATCH_NAME))
         else:
             mounts.syncfs(disk)
         appends.set_times(disk, appended)

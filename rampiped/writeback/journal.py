@@ -28,10 +28,10 @@ from rampiped.engine import format_bytes
 from rampiped.fsops import (
     DIR_FLAGS,
     _fsync_dir,
-    durable_at,
     lstat_at,
     opened_dir,
     remove_at,
+    settle_at,
 )
 from rampiped.ledger import Ledger, scan_stamps, settled, with_links
 from rampiped.ledger import Scan as LedgerScan
@@ -223,8 +223,9 @@ def checkpoint(
                 files += rsync_stat(redo.stdout, "Number of regular files transferred")
                 nbytes += rsync_stat(redo.stdout, "Total transferred file size")
         pause_point("checkpoint:copied")
-        # the generation and the appended tails (in the last one, linked into this one)
-        durable_at(
+        # the generation and the appended tails (in the last one, linked into this one) on
+        # disk before the rename below shows them (which commits them, or the carry's plan)
+        settle_at(
             jfd,
             tmp_name,
             f"{journal}/{tmp_name}",

@@ -1,7 +1,7 @@
 """An overlay pin's checkpoint journal on a filesystem where one journal commit takes every
-change made before it (ext4 here): a generation is made durable by writing its files out and
-one commit (fsops.durable_at), not by syncfs, and a carried generation's moves are not synced
-before its rename (fsops.ordered_at): ext4 commits them in order. A power cut (the device
+change made before it (ext4 here): a generation's files are written out (fsops.settle_at) and
+committed with its rename, not synced with syncfs first, and a carried generation's moves are
+not synced before its rename (fsops.ordered_at): ext4 commits them in order. A power cut (the device
 image copied while ext4 commits only when asked: commit=600) after a checkpoint returned, or
 between its steps, leaves the journal's newest complete generation whole: the layer as the
 last checkpoint that returned read it, or the one after it once its generation was durable;
@@ -91,7 +91,7 @@ def test_a_power_cut_leaves_the_newest_generation_whole(
     (upper / "link2").symlink_to("another-target-too-long-for-the-inode/" * 3)
     two = tree_of(upper)
     monkeypatch.setattr(
-        journal_module, "durable_at", after(journal_module.durable_at, lambda: cut("durable"))
+        journal_module, "settle_at", after(journal_module.settle_at, lambda: cut("written"))
     )
     monkeypatch.setattr(carry, "ordered_at", after(carry.ordered_at, lambda: cut("carried")))
     second = writeback.checkpoint(
@@ -101,7 +101,7 @@ def test_a_power_cut_leaves_the_newest_generation_whole(
     monkeypatch.undo()  # reading a journal may carry out a plan: not cut again
     assert second.appended == 3, second
     assert [label for label, _ in images] == [
-        "first-returned", "durable", "carried", "second-returned",
+        "first-returned", "written", "carried", "second-returned",
     ]  # fmt: skip
 
     for label, image in images:
@@ -110,7 +110,7 @@ def test_a_power_cut_leaves_the_newest_generation_whole(
             assert gen is not None, label
             found = tree_of(Path(gen))
         image.unlink()
-        if label in ("first-returned", "durable"):  # gen-1, its logs perhaps longer
+        if label in ("first-returned", "written"):  # gen-1, its logs perhaps longer
             assert found.keys() == one.keys(), label
             for rel, content in one.items():
                 if rel.startswith("log"):

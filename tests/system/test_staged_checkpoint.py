@@ -121,12 +121,13 @@ def contents(d: Path) -> dict[str, bytes]:
 def test_a_power_cut_at_each_step_leaves_each_name_old_or_new(
     layout: Layout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Cut before the stage is durable, after it is, after the moves, after the main pass and
-    after the checkpoint returned: each name shows its old file or its new one, a log that
+    """Cut before the stage is written out, after it is, after the moves, after the main pass
+    and after the checkpoint returned: each name shows its old file or its new one, a log that
     only grew shows a prefix at least as long as its old content, and the last cut shows the
-    new state whole (the closing commit made it durable)."""
+    new state whole (the checkpoint's one commit, at its end, made it durable)."""
     subprocess.run(["mount", "-o", "remount,commit=600", str(layout.loop.mountpoint)], check=True)
-    # here the checkpoint commits by an fsync, not by syncfs: that is what is cut
+    # here the checkpoint writes its data out and commits once by an fsync, not by syncfs:
+    # that is what is cut
     assert mounts.fsync_commits_all(str(layout.disk))
     for i in range(30):
         (layout.orig / f"f{i}").write_bytes(os.urandom(3000 + 100 * i))
@@ -168,7 +169,7 @@ def test_a_power_cut_at_each_step_leaves_each_name_old_or_new(
             return result
 
         def move_staged(disk: str, scratch: str) -> list[str]:
-            cut("stage-committed")
+            cut("stage-written")
             return staged.move_staged(disk, scratch)
 
         monkeypatch.setattr(checkpoint_module, "move_staged", move_staged)
@@ -176,7 +177,7 @@ def test_a_power_cut_at_each_step_leaves_each_name_old_or_new(
         assert result.appended == 4, result
         cut("returned")
         assert [label for label, _ in images] == [
-            "staged", "stage-committed", "staged-and-moved", "main-pass-done", "returned",
+            "staged", "stage-written", "staged-and-moved", "main-pass-done", "returned",
         ]  # fmt: skip
         for n, (label, image) in enumerate(images):
             with make_loopfs_from(image, tmp_path / f"rebooted-{n}") as rebooted:
@@ -191,7 +192,7 @@ def test_a_power_cut_at_each_step_leaves_each_name_old_or_new(
                 if name.startswith("log"):  # only grew: a prefix, at least the old content
                     assert new[name].startswith(found[name]), (label, name)
                     assert found[name].startswith(old[name]), (label, name)
-                    if label != "staged":  # the tails were committed with the stage
+                    if label == "returned":
                         assert found[name] == new[name], (label, name)
                 else:
                     assert found.get(name) in (old.get(name), new.get(name)), (label, name)
