@@ -15,7 +15,7 @@ from rampiped import appends, mounts
 from rampiped.appends import append_grown, candidates, disk_prefix, still_prefix
 from rampiped.commands import CommandResult, exclude_pattern, files_from
 from rampiped.copywb.databases import databases_in, sqlite_uri, with_companions, write_databases
-from rampiped.copywb.renamed import rename_on_disk
+from rampiped.copywb.renamed import rename_on_disk, renamed_meanwhile
 from rampiped.copywb.results import CheckpointIncomplete, CheckpointResult, CopyError, NotVerified
 from rampiped.copywb.sides import DATA, verify_source, verify_target
 from rampiped.copywb.snapshot import differences, kind_letter, snapshot
@@ -230,6 +230,14 @@ def checkpoint(
     after = snapshot(data)
     changed = [p for p in differences(before, after) if p != "."]
     changed = sorted(set(changed) | set(misses))
+    # files renamed while the pass ran (a rotation that came just then): renamed on disk too,
+    # where the old name there holds what RAM holds at the new one (each change once)
+    moved_meanwhile = (
+        renamed_meanwhile(data, disk, before, after, changed, batched=batched)
+        if ledger is not None
+        else {}
+    )
+    changed = [p for p in changed if p not in moved_meanwhile]
     grew_on = {a.rel for a in appended if a.rel in changed and still_prefix(data, a)}
     # each change once: a file that only grew while it was copied is a prefix on disk, and the
     # next checkpoint appends the rest (the others may be torn: copied again, up to
@@ -302,6 +310,8 @@ def checkpoint(
     for rel, (digest, size) in prefixes.items():
         if rel in found and rel not in skip:  # (one new since the scan is copied next time)
             held.record(rel, digest, size, found[rel].ino)
+    for rel, (digest, size, ino) in moved_meanwhile.items():  # what the disk holds there now
+        held.record(rel, digest, size, ino)
     # what the copies made again hold, so that the next checkpoint does not take them for
     # content it cannot know (and copy them once more)
     settled_again = settled(
@@ -324,7 +334,7 @@ def checkpoint(
         databases=written,
         ledger=held,
         appended=len(appended),
-        renamed=len(moved),
+        renamed=len(moved) + len(moved_meanwhile),
         whole_bytes=appends.whole_bytes(totals["bytes"], appended, moved, found),
     )
     if failures:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from rampiped.appends import open_rel_path
 from rampiped.fsops import lstat_at
-from rampiped.ledger import Ledger
+from rampiped.ledger import Ledger, Stamp
+from rampiped.ledger import scan as ledger_scan
 from rampiped.writeback import SCRATCH_NAME, pause_point, scratch_dir
 
 
@@ -92,3 +93,63 @@ def _rename_new(disk: str, new: str, scratch: int, tmp: str, *, synced: bool) ->
         return True
     finally:
         os.close(fd)
+
+
+def renamed_meanwhile(
+    data: str,
+    disk: str,
+    before: Mapping[str, Stamp],
+    after: Mapping[str, Stamp],
+    changed: list[str],
+    *,
+    batched: bool,
+) -> dict[str, tuple[str, int, int]]:
+    """Files of `changed` renamed in RAM while a checkpoint's pass ran (a rotation that came
+    just then), renamed on disk too rather than copied again: a regular file now at a name that
+    held another file or none when the pass began, whose inode was then at another name that no
+    longer holds it, and whose old name on disk holds, by content (digest and size), mode,
+    owner, mtime and extended attributes, what RAM holds at the new name now. Returns new name
+    -> (digest, size, inode) of what the disk holds there now, for the ledger; what cannot be
+    proven so is left to the copy."""
+    was_at = {st[4]: rel for rel, st in before.items() if st[0] == "f"}
+    pairs: dict[str, str] = {}
+    for new in changed:
+        now = after.get(new)
+        if now is None or now[0] != "f":
+            continue
+        then = before.get(new)
+        old = was_at.get(now[4])
+        if old is None or old == new or (then is not None and then[4] == now[4]):
+            continue
+        still = after.get(old)
+        if still is not None and still[4] == now[4]:
+            continue  # a second name of the same file, not a rename
+        pairs[new] = old
+    if not pairs:
+        return {}
+    in_ram = ledger_scan(data, list(pairs))
+    on_disk = ledger_scan(disk, list(pairs.values()))
+    proven: dict[str, str] = {}
+    sizes = Ledger()
+    for new, old in pairs.items():
+        ram, there = in_ram.get(new), on_disk.get(old)
+        if ram is None or there is None or ram.nlink != 1 or there.nlink != 1:
+            continue
+        if (ram.digest, ram.size) != (there.digest, there.size):
+            continue
+        if _meta(os.path.join(data, new)) != _meta(os.path.join(disk, old)):
+            continue
+        proven[new] = old
+        sizes.sizes[old] = there.size
+    done = rename_on_disk(disk, proven, sizes, batched=batched) if proven else {}
+    return {new: (in_ram[new].digest, in_ram[new].size, in_ram[new].ino) for new in done}
+
+
+def _meta(path: str) -> tuple[object, ...] | None:
+    try:
+        st = os.lstat(path)
+        names = sorted(os.listxattr(path, follow_symlinks=False))
+        attrs = tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
+    except OSError:
+        return None
+    return (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, attrs)

@@ -23,7 +23,8 @@ from rampiped.copymode import CheckpointResult
 from rampiped.copywb.renamed import rename_on_disk
 from rampiped.ledger import Ledger
 from rampiped.ledger import scan as ledger_scan
-from tests.system.helpers import LoopFs, bytes_written, make_loopfs, syncfs_path
+from rampiped.writeback.stamps import CLOCK_SLACK_NS
+from tests.system.helpers import LoopFs, bytes_written, make_loopfs, syncfs_path, wait_for
 from tests.system.test_copymode import Layout, layout, make_loopfs_from
 from tests.system.test_sqlitepages import Cut, cut_at
 
@@ -263,6 +264,55 @@ def test_a_rotation_in_a_copy_pin_is_renamed_on_disk(layout: Layout) -> None:
         # about 1.7 MiB of rotated files: renamed, not written again
         assert written < 256 * KiB, written
         layout.final_sync(ledger=res.ledger)
+    finally:
+        layout.unbind()
+    assert contents(layout.orig) == contents(layout.data)
+
+
+def main_pass(argv: list[str]) -> bool:
+    """Whether `argv` is a copy checkpoint's main rsync pass (of the whole tree, or listed)."""
+    return "--delete" in argv or ("--delete-missing-args" in argv and "-I" not in argv)
+
+
+@pytest.mark.parametrize("also_rewritten", [False, True])
+def test_a_rotation_while_a_checkpoint_runs_is_renamed_on_disk(
+    layout: Layout, also_rewritten: bool
+) -> None:
+    """logrotate comes while the checkpoint's main pass runs: the pass looks at the names as
+    they were, and the rotated files show up as changed meanwhile. Those whose old name on disk
+    holds what RAM now holds at the new one are renamed there too, not copied again; one also
+    rewritten after the rename is copied. Either way the disk ends as RAM, and the next
+    checkpoint writes nothing of them."""
+    seed_rotated(layout.orig)
+    layout.copy_in()
+    layout.bind_over()
+    try:
+        # a checkpoint knows as equal only entries that did not change in the 100 ms before it
+        # began (CLOCK_SLACK_NS): these logs are older than that at a user's rotation
+        newest = max(p.stat().st_ctime_ns for p in layout.data.iterdir())
+        wait_for(lambda: time.time_ns() > newest + 2 * CLOCK_SLACK_NS, 5, "the clock")
+        ledger = layout.checkpoint().ledger
+        append(layout.orig / "app.log", lines(10, 500_000))  # its tail appended first
+
+        def runner(argv: list[str]) -> CommandResult:
+            if main_pass(argv):
+                rotate(layout.orig)
+                if also_rewritten:
+                    (layout.orig / "app.log.3").write_bytes(lines(8_000, 900_000))
+            return run_command(argv)
+
+        syncfs_path(layout.loop.mountpoint)
+        before = bytes_written(layout.loop)
+        res = layout.checkpoint(ledger=ledger, runner=runner)
+        written = bytes_written(layout.loop) - before
+        # app.log -> .1 -> .2 -> .3 -> .4; .3 rewritten after its rename: copied
+        assert res.renamed == (3 if also_rewritten else 4), res
+        assert contents(layout.disk) == contents(layout.orig)
+        if not also_rewritten:  # about 1.8 MiB of rotated files: renamed, not written again
+            assert written < 256 * KiB, written
+        again = layout.checkpoint(ledger=res.ledger)
+        assert again.bytes == 0 and again.files == 0, again
+        layout.final_sync(ledger=again.ledger)
     finally:
         layout.unbind()
     assert contents(layout.orig) == contents(layout.data)
