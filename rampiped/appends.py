@@ -15,7 +15,7 @@ prefix of what RAM held, never a torn middle and never garbage. Its mtime is set
 is durable; a cut before that leaves the new content with the old mtime, which the next
 start's copy-in reads as the file it is.
 
-Few commits: on a filesystem that commits in order (`batched`, mounts.commits_in_order) the
+Few commits: on a filesystem that commits in order (`batched`, durable.commits_in_order) the
 tails are not synced one by one. The caller syncs the filesystem once, with everything else
 the checkpoint wrote, and then sets the times (`set_times`): one journal commit for all the
 tails of a checkpoint, not one each. Elsewhere each tail is fsynced and its times set at once.

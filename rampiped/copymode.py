@@ -40,7 +40,7 @@ import os
 import stat
 import time
 
-from rampiped import mounts, tree
+from rampiped import durable, tree
 from rampiped.copywb.atomic import TMP_MARK, write_atomic
 from rampiped.copywb.checkpoint import checkpoint, final_sync
 from rampiped.copywb.databases import (
@@ -204,7 +204,7 @@ def copy_in(
     # what the pin starts from is durable on disk before writes go to RAM only: a file
     # written just before the pin may still be in the page cache, and a checkpoint commits
     # what it writes itself, not every dirty page of the filesystem
-    mounts.syncfs(src)
+    durable.syncfs(src)
     write_atomic(sentinel, json.dumps({"id": pin_id, "path": path or src}).encode())
     files = sum(1 for s in after.values() if s[0] == "f")
     size = sum({s[4]: s[1] for s in after.values() if s[0] in "fl"}.values())  # as dir_size

@@ -9,7 +9,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
-from rampiped import mounts, osutil, tree
+from rampiped import durable, mounts, osutil, tree
 from rampiped.commands import SyncError
 
 _T = TypeVar("_T")
@@ -184,16 +184,16 @@ def settle_at(dir_fd: int, name: str, label: str, *, written: Iterable[str] = ()
     """Make the data of the regular files below the directory `name` of `dir_fd`, and at the
     paths `written`, reach the disk before any change made after this call (the rename that
     shows them). Where one journal commit takes everything before it
-    (mounts.fsync_commits_all), that data is written out: on the device before any later
+    (durable.fsync_commits_all), that data is written out: on the device before any later
     commit, which takes the metadata made so far with it, in order (the caller's next fsync, a
     rename's, commits it all; the metadata then stays in the journal until the kernel writes it
     to its place, merged with later changes). Elsewhere syncfs (`syncfs_checked`): everything
     durable now. `label` names the directory in errors."""
     path = f"/proc/self/fd/{dir_fd}/{name}"
-    if mounts.fsync_commits_all(path):
+    if durable.fsync_commits_all(path):
         files = (os.path.join(path, rel) for rel, st in tree.walk(path) if stat.S_ISREG(st.st_mode))
         try:
-            mounts.write_out([*files, *written])
+            durable.write_out([*files, *written])
         except mounts.MountError as e:
             raise SyncError(f"cannot write {label} out: {e}") from None
         return
@@ -207,10 +207,10 @@ def settle_at(dir_fd: int, name: str, label: str, *, written: Iterable[str] = ()
 def ordered_at(dir_fd: int, name: str, label: str) -> None:
     """After changes of metadata only (renames, times, removals) below the directory `name` of
     `dir_fd`, whose data was durable before: make sure they reach the disk before any change
-    made after this. On a filesystem that commits in order (mounts.commits_in_order) nothing
+    made after this. On a filesystem that commits in order (durable.commits_in_order) nothing
     is needed, since a later commit takes them first; elsewhere syncfs (`syncfs_checked`).
     `label` names the directory in errors."""
-    if mounts.commits_in_order(f"/proc/self/fd/{dir_fd}/{name}"):
+    if durable.commits_in_order(f"/proc/self/fd/{dir_fd}/{name}"):
         return
     syncfs_checked(dir_fd, label)
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import IO
 
-from rampiped import holders, mounts, osutil, writeback
+from rampiped import durable, holders, mounts, osutil, writeback
 
 log = logging.getLogger("rampiped")
 
@@ -384,5 +384,5 @@ def merge_window(upper: str, disk: str, applied: dict[str, list[int]]) -> MergeR
             res.files += 1
             res.conflicts.append(os.path.relpath(conflict, disk))
     with contextlib.suppress(OSError):
-        mounts.syncfs(disk)
+        durable.syncfs(disk)
     return res

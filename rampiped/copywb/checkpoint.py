@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from functools import partial
 
-from rampiped import appends, mounts
+from rampiped import appends, durable
 from rampiped.appends import append_grown, candidates, disk_prefix, still_prefix
 from rampiped.commands import CommandResult, exclude_pattern, files_from
 from rampiped.copywb.databases import databases_in, sqlite_uri, with_companions, write_databases
@@ -117,7 +117,7 @@ def checkpoint(
        `stable_attempts` times; those that never held still are reported in `unstable`;
     3. each database through SQLite's backup API, settled and renamed into place;
     4. syncfs on the disk's filesystem, or where one journal commit takes every change made
-       before it (mounts.fsync_commits_all), that commit: every file written was fsynced.
+       before it (durable.fsync_commits_all), that commit: every file written was fsynced.
     Raises UnsafeSource/UnsafeTarget before touching anything when a side is not what it must
     be, SyncError when rsync fails, CheckpointIncomplete when a database could not be
     written (everything else was)."""
@@ -136,11 +136,11 @@ def checkpoint(
     # on a filesystem that commits in order, the renames and the appended tails are made
     # durable by the syncfs after the stage, not by an fsync each: a few journal commits per
     # checkpoint, however many files
-    batched = mounts.commits_in_order(disk)
+    batched = durable.commits_in_order(disk)
     # and where an fsync commits everything before it, the data is written out and the journal
     # committed once, at the end, without syncfs's writing of all the metadata to its place at
     # once (it reaches its place later, merged over checkpoints: the stick takes fewer bytes)
-    by_commit = batched and mounts.fsync_commits_all(disk)
+    by_commit = batched and durable.fsync_commits_all(disk)
     moved: dict[str, str] = {}
     if ledger is not None:
         pairs = renamed(found, ledger, frozenset(with_companions(databases)), grown=True)
@@ -189,12 +189,12 @@ def checkpoint(
         # any later commit, which takes their metadata with it, in order: the closing commit
         # below, or one of the kernel's); elsewhere synced now
         if by_commit:
-            mounts.write_out(
+            durable.write_out(
                 [*staged_files(os.path.join(disk, SCRATCH_NAME)),
                  *(os.path.join(disk, a.rel) for a in appended)]
             )  # fmt: skip
         else:
-            mounts.syncfs(disk)
+            durable.syncfs(disk)
         appends.set_times(disk, appended)
         pause_point("copy-checkpoint:staged")
         moved_in = move_staged(disk, os.path.join(disk, SCRATCH_NAME))
@@ -292,9 +292,9 @@ def checkpoint(
     # the moves, the main pass's renames and deletions, the times: metadata (each file the
     # passes wrote was fsynced, and so were the databases)
     if by_commit:
-        mounts.commit(disk)
+        durable.commit(disk)
     else:
-        mounts.syncfs(disk)
+        durable.syncfs(disk)
     skip = with_companions(databases)
     held = settled({rel: seen for rel, seen in found.items() if rel not in skip}, data, after)
     # the entries the disk now holds as they were when this checkpoint began: those that held

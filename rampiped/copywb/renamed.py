@@ -33,7 +33,7 @@ def rename_on_disk(
     the new name's directory exists; returns the pairs done. `step` is told after each phase
     (copy-checkpoint:renames-linked, copy-checkpoint:renames-done) and each rename
     (copy-checkpoint:renamed-one). `batched` (a filesystem that commits in order,
-    mounts.commits_in_order): no fsync after each rename; the links are made before the
+    durable.commits_in_order): no fsync after each rename; the links are made before the
     renames, so any commit leaves each name old or new, and the checkpoint's next syncfs
     makes them durable."""
     ready: dict[str, str] = {}

@@ -2,7 +2,7 @@
 be written whole is first copied into a stage (STAGE in the scratch directory, on the disk's
 filesystem, where no reader looks: the copy covers the path), without an fsync each; one sync
 makes them all durable (syncfs, or where one journal commit takes everything before it, their
-data written out and that commit: mounts.commit); then each is renamed over its name, and the
+data written out and that commit: durable.commit); then each is renamed over its name, and the
 checkpoint's main rsync pass leaves them out (a file that changed since it was staged is the
 checkpoint's "changed meanwhile" case, as a file that changed while the pass copied it) and
 only deletes, makes directories, symlinks and links, and sets metadata. The renames are

@@ -10,7 +10,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from rampiped import mounts
+from rampiped import durable
 from rampiped.copywb.checkpoint import copy_listed, rsync_stats
 from rampiped.copywb.databases import databases_in, with_companions, write_databases
 from rampiped.copywb.results import CheckpointResult, NotVerified
@@ -311,7 +311,7 @@ class WindowWriteBack:
             log.warning("%s: carrying the appends made meanwhile failed (%s); retried", disk, exc)
         pause_point("copy-window:written")
         written = write_databases(data, disk, self.databases, totals)
-        mounts.syncfs(disk)
+        durable.syncfs(disk)
         missing = []
         for rel in self.listed:
             try:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from rampiped import appends, mounts, tree
+from rampiped import appends, durable, tree
 from rampiped.appends import open_rel_path
 from rampiped.commands import (
     RSYNC_COPY,
@@ -200,7 +200,7 @@ def checkpoint(
             # on a journal that commits in order, the tails are made durable with the rest of
             # the generation below, not by an fsync each
             appended = appends.append_grown(
-                upper, previous, grown, ledger, batched=mounts.commits_in_order(journal)
+                upper, previous, grown, ledger, batched=durable.commits_in_order(journal)
             )
             _link_into(previous, f"{journal}/{tmp_name}", {a.rel: a.rel for a in appended})
             files += len(appended)

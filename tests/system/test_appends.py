@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rampiped import appends, mounts, renames, writeback
+from rampiped import appends, durable, mounts, renames, writeback
 from rampiped.commands import CommandResult, run_command
 from rampiped.copymode import CheckpointResult
 from rampiped.copywb.renamed import rename_on_disk
@@ -465,12 +465,12 @@ def journal_commits(fs: LoopFs) -> int:
 def test_only_a_filesystem_with_a_journal_commits_in_order(
     loopfs: LoopFs, runtime_tmpfs: Path, tmp_path: Path
 ) -> None:
-    assert mounts.commits_in_order(str(loopfs.mountpoint))
-    assert not mounts.commits_in_order(str(runtime_tmpfs))
+    assert durable.commits_in_order(str(loopfs.mountpoint))
+    assert not durable.commits_in_order(str(runtime_tmpfs))
     with make_loopfs(tmp_path / "nojournal", size_mb=32, features="^has_journal") as fs:
         assert mounts.fs_type(str(fs.mountpoint)) == "ext4"
-        assert not mounts.commits_in_order(str(fs.mountpoint))
-        assert not mounts.fsync_commits_all(str(fs.mountpoint))
+        assert not durable.commits_in_order(str(fs.mountpoint))
+        assert not durable.fsync_commits_all(str(fs.mountpoint))
 
 
 def test_an_fsync_commits_everything_only_without_fast_commits(
@@ -480,17 +480,17 @@ def test_an_fsync_commits_everything_only_without_fast_commits(
     journal commit takes every change made before it: not with fast commits (an fsync commits
     that inode only), nor with data=journal, nor before Linux 6.0 (a long symlink's block was
     written like file data)."""
-    assert mounts.fsync_commits_all(str(loopfs.mountpoint))
-    assert not mounts.fsync_commits_all(str(runtime_tmpfs))
-    assert mounts.kernel_version("6.1.0-18-amd64") == (6, 1)
-    assert mounts.kernel_version("5.10.0-28-amd64") == (5, 10)
-    assert mounts.kernel_version("unknown") == (0, 0)
+    assert durable.fsync_commits_all(str(loopfs.mountpoint))
+    assert not durable.fsync_commits_all(str(runtime_tmpfs))
+    assert durable.kernel_version("6.1.0-18-amd64") == (6, 1)
+    assert durable.kernel_version("5.10.0-28-amd64") == (5, 10)
+    assert durable.kernel_version("unknown") == (0, 0)
     with monkeypatch.context() as m:
-        m.setattr(mounts, "kernel_version", lambda: (5, 10))
-        assert not mounts.fsync_commits_all(str(loopfs.mountpoint))
+        m.setattr(durable, "kernel_version", lambda: (5, 10))
+        assert not durable.fsync_commits_all(str(loopfs.mountpoint))
     with make_loopfs(tmp_path / "fast", size_mb=32, features="fast_commit") as fs:
-        assert mounts.commits_in_order(str(fs.mountpoint))
-        assert not mounts.fsync_commits_all(str(fs.mountpoint))
+        assert durable.commits_in_order(str(fs.mountpoint))
+        assert not durable.fsync_commits_all(str(fs.mountpoint))
     with make_loopfs(tmp_path / "journalled", size_mb=32) as fs:
         subprocess.run(
             ["mount", "-o", "remount,data=journal", str(fs.mountpoint)], capture_output=True
@@ -501,8 +501,8 @@ def test_an_fsync_commits_everything_only_without_fast_commits(
             subprocess.run(
                 ["mount", "-o", "data=journal", fs.device, str(fs.mountpoint)], check=True
             )
-        assert mounts.commits_in_order(str(fs.mountpoint))
-        assert not mounts.fsync_commits_all(str(fs.mountpoint))
+        assert durable.commits_in_order(str(fs.mountpoint))
+        assert not durable.fsync_commits_all(str(fs.mountpoint))
 
 
 def test_write_out_writes_regular_files_and_leaves_the_rest(loopfs: LoopFs) -> None:
@@ -516,7 +516,7 @@ def test_write_out_writes_regular_files_and_leaves_the_rest(loopfs: LoopFs) -> N
     os.mkfifo(d / "fifo")
     os.mknod(d / "whiteout", 0o600 | stat.S_IFCHR, os.makedev(0, 0))
     before = bytes_written(loopfs)
-    mounts.write_out([str(d / n) for n in ("fifo", "whiteout", "gone", "data")])
+    durable.write_out([str(d / n) for n in ("fifo", "whiteout", "gone", "data")])
     assert bytes_written(loopfs) - before >= 1 << 20
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from rampiped import mounts, writeback
+from rampiped import durable, writeback
 from rampiped.writeback import carry
 from rampiped.writeback import journal as journal_module
 from tests.system.helpers import LoopFs
@@ -58,7 +58,7 @@ def test_a_power_cut_leaves_the_newest_generation_whole(
     loopfs: LoopFs, runtime_tmpfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     subprocess.run(["mount", "-o", "remount,commit=600", str(loopfs.mountpoint)], check=True)
-    assert mounts.fsync_commits_all(str(loopfs.mountpoint))  # what this cuts
+    assert durable.fsync_commits_all(str(loopfs.mountpoint))  # what this cuts
     upper = runtime_tmpfs / "upper"
     (upper / "kept").mkdir(parents=True)
     for i in range(10):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rampiped import mounts
+from rampiped import durable, mounts
 from rampiped.mounts import MountBusy, MountError
 from tests.system.helpers import LoopFs, unmount_tree
 
@@ -415,7 +415,7 @@ def test_syncfs_writes_the_filesystem_out(loopfs: LoopFs) -> None:
     before = written_sectors()
     with open(loopfs.mountpoint / "data", "wb") as f:
         f.write(os.urandom(MiB))
-    mounts.syncfs(str(loopfs.mountpoint))
+    durable.syncfs(str(loopfs.mountpoint))
     assert written_sectors() - before >= MiB // 512
     with pytest.raises(FileNotFoundError):
-        mounts.syncfs(str(loopfs.mountpoint / "missing"))
+        durable.syncfs(str(loopfs.mountpoint / "missing"))

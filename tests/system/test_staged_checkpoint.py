@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rampiped import mounts
+from rampiped import durable
 from rampiped.commands import CommandResult, run_command
 from rampiped.copywb import checkpoint as checkpoint_module
 from rampiped.copywb import staged
@@ -128,7 +128,7 @@ def test_a_power_cut_at_each_step_leaves_each_name_old_or_new(
     subprocess.run(["mount", "-o", "remount,commit=600", str(layout.loop.mountpoint)], check=True)
     # here the checkpoint writes its data out and commits once by an fsync, not by syncfs:
     # that is what is cut
-    assert mounts.fsync_commits_all(str(layout.disk))
+    assert durable.fsync_commits_all(str(layout.disk))
     for i in range(30):
         (layout.orig / f"f{i}").write_bytes(os.urandom(3000 + 100 * i))
     for i in range(4):
