@@ -13,7 +13,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from rampiped import osutil
 from rampiped.mounts import MountError, _errno_text, fs_type
@@ -177,3 +177,26 @@ def syncfs(path: str) -> None:
         ) from None
     finally:
         os.close(fd)
+
+
+def settle(path: str, files: Callable[[], Iterable[str]]) -> None:
+    """Make the data of the regular `files` (asked for only when needed) on the filesystem of
+    `path` reach the disk before any change made after this call (the rename that shows them).
+    Where one journal commit takes everything before it (`fsync_commits_all`) they are written
+    out: on the device before any later commit, which takes the metadata made so far with it,
+    in order. Elsewhere syncfs: everything durable now. Raises MountError."""
+    if fsync_commits_all(path):
+        write_out(files())
+    else:
+        syncfs(path)
+
+
+def sync(path: str) -> None:
+    """Make every change made so far on the filesystem of `path` (a directory of rampiped's
+    own, or the top of a pinned directory on disk: see `commit`) durable, where the data was
+    written out or fsynced before: one journal commit where that takes everything, else
+    syncfs. Raises MountError."""
+    if fsync_commits_all(path):
+        commit(path)
+    else:
+        syncfs(path)

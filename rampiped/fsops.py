@@ -190,18 +190,15 @@ def settle_at(dir_fd: int, name: str, label: str, *, written: Iterable[str] = ()
     to its place, merged with later changes). Elsewhere syncfs (`syncfs_checked`): everything
     durable now. `label` names the directory in errors."""
     path = f"/proc/self/fd/{dir_fd}/{name}"
-    if durable.fsync_commits_all(path):
-        files = (os.path.join(path, rel) for rel, st in tree.walk(path) if stat.S_ISREG(st.st_mode))
-        try:
-            durable.write_out([*files, *written])
-        except mounts.MountError as e:
-            raise SyncError(f"cannot write {label} out: {e}") from None
-        return
-    fd = open_dir_at(dir_fd, name)
+
+    def files() -> list[str]:
+        below = [rel for rel, st in tree.walk(path) if stat.S_ISREG(st.st_mode)]
+        return [*(os.path.join(path, rel) for rel in below), *written]
+
     try:
-        syncfs_checked(fd, label)
-    finally:
-        os.close(fd)
+        durable.settle(path, files)
+    except mounts.MountError as e:
+        raise SyncError(f"cannot make {label} durable: {e}") from None
 
 
 def ordered_at(dir_fd: int, name: str, label: str) -> None:

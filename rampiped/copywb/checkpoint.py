@@ -134,13 +134,12 @@ def checkpoint(
     excludes = [f"--exclude={exclude_pattern(p)}" for p in sorted(with_companions(databases))]
     # files renamed in RAM: renamed on disk (renames.py), and the ledger with them
     # on a filesystem that commits in order, the renames and the appended tails are made
-    # durable by the syncfs after the stage, not by an fsync each: a few journal commits per
+    # durable by the sync after the stage, not by an fsync each: a few journal commits per
     # checkpoint, however many files
+    # (and where one commit takes everything before it, the data is written out and the
+    # journal committed once, at the end, without syncfs's writing of all the metadata to its
+    # place at once: it reaches its place later, merged over checkpoints, durable.py)
     batched = durable.commits_in_order(disk)
-    # and where an fsync commits everything before it, the data is written out and the journal
-    # committed once, at the end, without syncfs's writing of all the metadata to its place at
-    # once (it reaches its place later, merged over checkpoints: the stick takes fewer bytes)
-    by_commit = batched and durable.fsync_commits_all(disk)
     moved: dict[str, str] = {}
     if ledger is not None:
         pairs = renamed(found, ledger, frozenset(with_companions(databases)), grown=True)
@@ -184,17 +183,12 @@ def checkpoint(
             [*compare, *excludes],
             only=None if ledger is None else ledger.changed(found),
         )
-        # the stage, the tails and the renames on disk before the names show them: where a
-        # commit takes everything before it, their data is written out (on the device before
-        # any later commit, which takes their metadata with it, in order: the closing commit
-        # below, or one of the kernel's); elsewhere synced now
-        if by_commit:
-            durable.write_out(
-                [*staged_files(os.path.join(disk, SCRATCH_NAME)),
-                 *(os.path.join(disk, a.rel) for a in appended)]
-            )  # fmt: skip
-        else:
-            durable.syncfs(disk)
+        # the stage, the tails and the renames on disk before the names show them
+        durable.settle(
+            disk,
+            lambda: [*staged_files(os.path.join(disk, SCRATCH_NAME)),
+                     *(os.path.join(disk, a.rel) for a in appended)],
+        )  # fmt: skip
         appends.set_times(disk, appended)
         pause_point("copy-checkpoint:staged")
         moved_in = move_staged(disk, os.path.join(disk, SCRATCH_NAME))
@@ -291,10 +285,7 @@ def checkpoint(
     written = write_databases(data, disk, sorted(databases), totals, failures, by_pages=True)
     # the moves, the main pass's renames and deletions, the times: metadata (each file the
     # passes wrote was fsynced, and so were the databases)
-    if by_commit:
-        durable.commit(disk)
-    else:
-        durable.syncfs(disk)
+    durable.sync(disk)
     skip = with_companions(databases)
     held = settled({rel: seen for rel, seen in found.items() if rel not in skip}, data, after)
     # the entries the disk now holds as they were when this checkpoint began: those that held
