@@ -274,9 +274,11 @@ def main_pass(argv: list[str]) -> bool:
     return "--delete" in argv or ("--delete-missing-args" in argv and "-I" not in argv)
 
 
-@pytest.mark.parametrize("also_rewritten", [False, True])
+@pytest.mark.parametrize(
+    ("rotator", "also_rewritten"), [("ours", False), ("ours", True), ("logrotate", False)]
+)
 def test_a_rotation_while_a_checkpoint_runs_is_renamed_on_disk(
-    layout: Layout, also_rewritten: bool
+    layout: Layout, tmp_path: Path, rotator: str, also_rewritten: bool
 ) -> None:
     """logrotate comes while the checkpoint's main pass runs: the pass looks at the names as
     they were, and the rotated files show up as changed meanwhile. Those whose old name on disk
@@ -294,9 +296,17 @@ def test_a_rotation_while_a_checkpoint_runs_is_renamed_on_disk(
         ledger = layout.checkpoint().ledger
         append(layout.orig / "app.log", lines(10, 500_000))  # its tail appended first
 
+        conf = tmp_path / "logrotate.conf"  # what logrotate itself does: rename, create
+        conf.write_text(f"{layout.orig / 'app.log'} {{\n  rotate 4\n  create 0644 root root\n}}\n")
+
         def runner(argv: list[str]) -> CommandResult:
             if main_pass(argv):
-                rotate(layout.orig)
+                if rotator == "logrotate":
+                    subprocess.run(
+                        ["logrotate", "-f", "-s", str(tmp_path / "state"), str(conf)], check=True
+                    )
+                else:
+                    rotate(layout.orig)
                 if also_rewritten:
                     (layout.orig / "app.log.3").write_bytes(lines(8_000, 900_000))
             return run_command(argv)
