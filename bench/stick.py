@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rampiped.mounts import syncfs
+from rampiped.durable import syncfs
 from tests.system.helpers import mountinfo, unmount_tree
 
 MiB = 1024 * 1024
