@@ -973,6 +973,8 @@ def writeback_bytes(b: Bench) -> None:
         cwd=Path(__file__).resolve().parent.parent,
     )
     expected = manifest(dirs["overlay"], times=False)
+    for k, s in sticks.items():  # written before the final write-back (not synced: as it came)
+        b.results[f"wb_{k}_device_bytes_before_final"] = s.bytes_written() - base[k]
     file_bytes = {}
     for mode in ("overlay", "copy"):
         file_bytes[mode] = command(envs[mode], "unpin", dirs[mode])["bytes"]
@@ -1004,7 +1006,10 @@ def writeback_bytes(b: Bench) -> None:
         r[f"wb_{mode}_unpin_file_bytes"] = file_bytes[mode]
         r[f"wb_{mode}_checkpoints"] = 0
         for line in daemons[mode].lines:
-            if "checkpoint of" in line or "unpinned" in line or "copying again" in line:
+            if any(
+                w in line
+                for w in ("checkpoint of", "unpinned", "copying again", "before the unmount")
+            ):
                 b.facts.setdefault("wb_log", []).append(f"({mode}) {line}")
                 r[f"wb_{mode}_checkpoints"] += "checkpoint of" in line
     b.series["writeback_device_mb"] = b.sampler.series["writeback"]

@@ -83,15 +83,20 @@ def append_grown(
     step: Callable[[str], None] = lambda _name: None,
     *,
     batched: bool = False,
+    names: Mapping[str, int] | None = None,
 ) -> list[Appended]:
     """Append to the disk copy below `disk` the tail of each file of `grown` (rel -> size
     on disk) that only grew in `data`; the others are left for the copy. `step` is told
     after each step of each file (tail:written, tail:synced, times:set). `batched`: no fsync
     and no times (no tail:synced, times:set): the caller syncs the filesystem, then calls
-    set_times."""
+    set_times. `names`: rel -> how many names its disk copy has, where the caller knows
+    them all to be its own (writeback/fromlower.py); one elsewhere."""
     out = []
     for rel in sorted(grown):
-        done = _append_one(data, disk, rel, grown[rel], ledger.digests.get(rel), step, batched)
+        links = 1 if names is None else names.get(rel, 1)
+        done = _append_one(
+            data, disk, rel, grown[rel], ledger.digests.get(rel), step, batched, links
+        )
         if done is not None:
             out.append(done)
     return out
@@ -133,6 +138,7 @@ def _append_one(
     want: str | None,
     step: Callable[[str], None],
     batched: bool,
+    links: int = 1,
 ) -> Appended | None:
     parent, _, name = rel.rpartition("/")
     found = open_file(data, rel)
@@ -144,14 +150,14 @@ def _append_one(
         if dst_dir is None:
             return None
         try:
-            dst = _open_disk_copy(dst_dir, name, src, sst, old)
+            dst = _open_disk_copy(dst_dir, name, src, sst, old, links)
         finally:
             os.close(dst_dir)
         if dst is None:
             return None
         try:
             h = hashlib.sha256()
-            if not _hash_range(src, 0, old, h) or h.hexdigest() != want:
+            if not hash_range(src, 0, old, h) or h.hexdigest() != want:
                 return None  # the old part changed: a new copy
             end = old
             while chunk := os.pread(src, _CHUNK, end):
@@ -177,10 +183,11 @@ def _append_one(
 
 
 def _open_disk_copy(
-    dir_fd: int, name: str, ram_fd: int, ram: os.stat_result, old: int
+    dir_fd: int, name: str, ram_fd: int, ram: os.stat_result, old: int, links: int = 1
 ) -> int | None:
-    """The disk copy, open for writing, when it is a regular file of one name, the size the
-    ledger says, with RAM's mode and owner, and the same extended attributes; else None."""
+    """The disk copy, open for writing, when it is a regular file of `links` names (one, but
+    where the caller knows them all), the size the ledger says, with RAM's mode and owner,
+    and the same extended attributes; else None."""
     flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(name, flags, dir_fd=dir_fd)
@@ -189,10 +196,10 @@ def _open_disk_copy(
     st = os.fstat(fd)
     same = (
         stat.S_ISREG(st.st_mode)
-        and st.st_nlink == 1
+        and st.st_nlink == links
         and st.st_size == old
         and (st.st_mode, st.st_uid, st.st_gid) == (ram.st_mode, ram.st_uid, ram.st_gid)
-        and _xattrs(ram_fd) == _xattrs(fd)
+        and xattrs(ram_fd) == xattrs(fd)
     )
     if not same:
         os.close(fd)
@@ -200,10 +207,16 @@ def _open_disk_copy(
     return fd
 
 
-def _xattrs(fd: int) -> dict[str, bytes] | None:
-    """The extended attributes rsync -X carries (labels aside); None when unreadable."""
+def xattrs(fd: int) -> dict[str, bytes] | None:
+    """The extended attributes that are the file's own: what rsync -X carries, but labels and
+    the overlay's own (trusted.overlay.*: a file of the layer has them, the disk file it was
+    copied up from has not; an apply drops them, links.py); None when unreadable."""
     try:
-        return {k: os.getxattr(fd, k) for k in os.listxattr(fd) if not k.startswith("security.")}
+        return {
+            k: os.getxattr(fd, k)
+            for k in os.listxattr(fd)
+            if not k.startswith(("security.", "trusted.overlay."))
+        }
     except OSError:
         return None
 
@@ -218,12 +231,12 @@ def still_prefix(data: str, done: Appended) -> bool:
     fd, _st = found
     try:
         h = hashlib.sha256()
-        return _hash_range(fd, 0, done.new_size, h) and h.hexdigest() == done.digest
+        return hash_range(fd, 0, done.new_size, h) and h.hexdigest() == done.digest
     finally:
         os.close(fd)
 
 
-def _hash_range(fd: int, start: int, end: int, h: Any) -> bool:
+def hash_range(fd: int, start: int, end: int, h: Any) -> bool:
     """Feed bytes [start, end) of `fd` to `h`; False when the file is shorter now."""
     at = start
     while at < end:
@@ -274,7 +287,7 @@ def disk_prefix(data: str, disk: str, rel: str) -> tuple[str, int] | None:
         disk_fd, ram_fd = opened
         size = os.fstat(disk_fd).st_size
         on_disk, in_ram = hashlib.sha256(), hashlib.sha256()
-        if not _hash_range(disk_fd, 0, size, on_disk) or not _hash_range(ram_fd, 0, size, in_ram):
+        if not hash_range(disk_fd, 0, size, on_disk) or not hash_range(ram_fd, 0, size, in_ram):
             return None
         digest = on_disk.hexdigest()
         return (digest, size) if digest == in_ram.hexdigest() else None

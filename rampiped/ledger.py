@@ -132,6 +132,9 @@ class Ledger:
     # of each entry its checkpoint wrote or found equal and that held still while it ran;
     # None: not known, the next checkpoint looks at every entry (copywb/checkpoint.py)
     entries: Mapping[str, Stamp] | None = None
+    # an overlay journal's files that are the disk's own file below the overlay: rel -> its
+    # name there (writeback/fromlower.py)
+    below: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, found: Scan) -> Ledger:
@@ -158,6 +161,7 @@ class Ledger:
             self.taken_ns,
             self.dirs,
             self.entries,
+            dict(self.below),
         )
         for new, old in pairs.items():
             out.digests[new] = self.digests[old]

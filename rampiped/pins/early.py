@@ -228,6 +228,20 @@ class Room:
         return self.reason
 
 
+def disk_below(
+    pin: Pin, link: Callable[[str], writeback.LinkRoute | None], journal: str, disk: str
+) -> writeback.Below | None:
+    """Where a checkpoint of the mounted overlay `pin` finds the disk files below it, to take
+    them into the journal rather than copy them again (writeback/fromlower.py): through the
+    private copy of the mount the journal shares with the directory (`link`), which must reach
+    the journal and the directory below the overlay (`disk`, the staging bind). None when
+    the journal is on another mount, and for a pin that a process wrote below (late_bases)
+    or that was adopted (a crash may have left such writers unknown)."""
+    if pin.late_bases or pin.adopted:
+        return None
+    return writeback.reached(link(os.path.join(journal, "gen-0")), journal, disk)
+
+
 def write_passes(
     m: PinManager,
     pin: Pin,
@@ -245,7 +259,14 @@ def write_passes(
     since = m.ram_clock_ns(pin)
     if not hides or stop() is not None or not m.free_soon(pin, SOURCE_PREFIX + pin.id, stop):
         return None
-    res = writeback.checkpoint(upper, journal, runner=runner, ledger=pin.ledger, taken_ns=since)
+    res = writeback.checkpoint(
+        upper,
+        journal,
+        runner=runner,
+        ledger=pin.ledger,
+        taken_ns=since,
+        below=disk_below(pin, link, journal, disk),
+    )
     pin.ledger = res.ledger
     early: Early | None = None
     with below_overlay(journal) as at_origins:

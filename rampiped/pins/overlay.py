@@ -24,6 +24,7 @@ from rampiped.pins.early import (
     Room,
     changed_files,
     changed_since,
+    disk_below,
     write_passes,
     written_early,
 )
@@ -201,14 +202,17 @@ class OverlayMode(Mode):
     def write_checkpoint(self, pin: Pin) -> Written:
         taken = self.m.ram_clock_ns(pin)  # before the layer is read (see writeback/carry.py)
         need = self.check_room(pin, "checkpoint")  # deferred, loudly, if it won't fit
-        res = writeback.checkpoint(
-            self.m.upper(pin.id),
-            self.m.journal(pin.id),
-            runner=self.m.runner,
-            ledger=pin.ledger,
-            found=need.found,  # read just now: once per checkpoint
-            taken_ns=taken,
-        )
+        journal = self.m.journal(pin.id)
+        with self.m.journal_links(pin.id, pin.path) as link:
+            res = writeback.checkpoint(
+                self.m.upper(pin.id),
+                journal,
+                runner=self.m.runner,
+                ledger=pin.ledger,
+                found=need.found,  # read just now: once per checkpoint
+                taken_ns=taken,
+                below=disk_below(pin, link, journal, self.m.disk(pin.id)),
+            )
         return Written(res.files, res.bytes, res.ledger, res.whole_bytes)
 
     # -- unpin -------------------------------------------------------------------------------------

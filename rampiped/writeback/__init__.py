@@ -29,7 +29,8 @@ The package, from the bottom up (each module imports only those before it): `nam
 its renamed directories where the disk holds them below the overlay), `scratch` (rsync's
 temporary names), `moves` (renamed directories), `stamps` and `held` (the write-back
 window), `verify`, `links` (a generation linked into place), `apply`, `carry` (a generation made
-of the last one with what changed replaced), `journal`. Below it,
+of the last one with what changed replaced), `fromlower` (a generation's files that are the
+disk's own below the overlay, with their tails appended), `journal`. Below it,
 imported by it and importing nothing above: `rampiped.commands`, `rampiped.fsops`,
 `rampiped.osutil`, `rampiped.pause`.
 """
@@ -51,6 +52,7 @@ from rampiped.commands import (
 )
 from rampiped.pause import PAUSE_ENV, PAUSE_FILE_ENV, pause_point
 from rampiped.writeback.apply import ApplyResult, apply_layer, apply_upper
+from rampiped.writeback.fromlower import Below, reached
 from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.holdplace import JOURNAL_HOLD, HoldPlace
 from rampiped.writeback.journal import (
@@ -102,6 +104,7 @@ __all__ = [
     "STASH_NAME",
     "ApplyResult",
     "AtOrigins",
+    "Below",
     "CheckpointResult",
     "CommandResult",
     "HeldFiles",
@@ -126,6 +129,7 @@ __all__ = [
     "is_prefix",
     "latest_generation",
     "pause_point",
+    "reached",
     "renamed_dirs",
     "rsync_stat",
     "run_command",

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rampiped import osutil
+from rampiped import durable, osutil
 from rampiped.commands import Runner, SyncError, exclude_file, rsync_has_fsync, run_command
 from rampiped.fsops import (
     join,
@@ -22,6 +22,7 @@ from rampiped.fsops import (
     syncfs_checked,
     walk_fds,
 )
+from rampiped.mounts import MountError
 from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.layer import Layer, UpperDir, first_ten, renamed_dirs, scan_layer
 from rampiped.writeback.links import LinkRoute, link_files, linkable, same_dir
@@ -135,6 +136,23 @@ def _set_times(layer: Layer, target_fd: int) -> None:
     finally:
         for _, fd in stack:
             os.close(fd)
+
+
+def _make_durable(target_fd: int, target: str, fsync: bool) -> None:
+    """Everything the apply changed below `target`, durable. Where one journal commit takes
+    every change before it (durable.fsync_commits_all) and every file written was synced
+    already (rsync's --fsync, HeldFiles.write_own; a file linked from the journal was durable
+    before), that one commit: the metadata stays in the journal until the kernel writes it
+    home, merged with later changes, where syncfs would write all of it at once (the
+    directory's times, which the apply has just set, are set again to what they are).
+    Elsewhere syncfs."""
+    if fsync and durable.fsync_commits_all(target):
+        try:
+            durable.commit(".", dir_fd=target_fd)
+        except MountError as e:
+            raise SyncError(f"cannot make {target} durable: {e}") from None
+    else:
+        syncfs_checked(target_fd, target)
 
 
 def _rsync_apply_argv(
@@ -341,7 +359,7 @@ def apply_layer(
                     f"write-back of {upper} into {target}: setting the times of "
                     f"{e.filename or 'a directory'} failed: {e.strerror}"
                 ) from e
-            syncfs_checked(target_fd, target)
+            _make_durable(target_fd, target, fsync)
             problems = verify_applied(upper, target, newer_than=keep_newer_than)
             if problems:
                 raise SyncError(

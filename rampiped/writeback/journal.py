@@ -38,7 +38,7 @@ from rampiped.ledger import Scan as LedgerScan
 from rampiped.ledger import scan as ledger_scan
 from rampiped.pause import pause_point
 from rampiped.renames import renamed
-from rampiped.writeback import carry
+from rampiped.writeback import carry, fromlower
 from rampiped.writeback.apply import ApplyResult, apply_layer, at_or_below
 from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.links import LinkRoute
@@ -94,6 +94,7 @@ def checkpoint(
     changed_since: int | None = None,
     keep_older: bool = False,
     taken_ns: int = 0,
+    below: fromlower.Below | None = None,
 ) -> CheckpointResult:
     """Copy the upper layer of a mounted overlay (whiteouts, trusted.overlay.* attributes and
     all: a faithful copy of the layer) into a new generation of `journal`, on disk outside the
@@ -118,6 +119,12 @@ def checkpoint(
     `taken_ns`: the RAM side's clock now, before anything is read (kept in the result's
     ledger): the next checkpoint with that ledger makes its generation of this one, with
     only what changed since replaced, rather than linking every file again (carry.py).
+
+    `below`: where the directory below the mounted overlay and this journal are, on one mount:
+    a file of the layer that the disk file below it holds the first part of (copied up by an
+    append, or renamed) is that disk file, linked into the generation, with the rest appended
+    (fromlower.py). Only while the overlay is mounted, and with no process writing the disk
+    below it.
 
     `keep_older`: the older generations stay until the journal is discarded. An unpin that
     linked a generation's files into the directory (links.py) keeps it, so that no unlink in
@@ -162,6 +169,11 @@ def checkpoint(
         moved = renamed(found, ledger, frozenset(), grown=False) if known and ledger else {}
         grown = appends.candidates(found, ledger, moved) if known and ledger else {}
         argv += [f"--exclude={exclude_pattern(rel)}" for rel in sorted(grown) + sorted(moved)]
+        picked: dict[str, fromlower.Source] = {}
+        if below is not None and changed_since is None:
+            new = set(found) if ledger is None else set(ledger.changed(found))
+            picked = fromlower.pick(upper, found, new - set(grown) - set(moved), below)
+            argv += [f"--exclude={exclude_pattern(rel)}" for rel in sorted(picked)]
         carried, dir_inodes = (
             carry.survey(
                 upper,
@@ -173,6 +185,15 @@ def checkpoint(
             else ([], {})
         )
         argv += [f"--exclude={exclude_pattern(rel)}" for rel in carried]
+        # files that are the disk's own below the overlay and did not change: linked from
+        # the last generation by name (rsync's --link-dest would copy them, their overlay
+        # attributes being the layer's only)
+        kept = (
+            fromlower.unchanged(ledger, found, carried, set(grown) | set(moved))
+            if known and ledger
+            else {}
+        )
+        argv += [f"--exclude={exclude_pattern(rel)}" for rel in sorted(kept)]
         if linked:
             argv.append(f"--link-dest={journal}/{complete[latest]}")
         argv += [upper + "/", f"{journal}/{tmp_name}/"]
@@ -188,6 +209,22 @@ def checkpoint(
         files = rsync_stat(result.stdout, "Number of regular files transferred")
         nbytes = rsync_stat(result.stdout, "Total transferred file size")
         appended: list[appends.Appended] = []
+        if kept:
+            left = _link_into(f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}", kept)
+            if left:  # not there as the ledger says: copied whole
+                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, left, found)
+                files += rsync_stat(redo.stdout, "Number of regular files transferred")
+                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
+        taken: list[appends.Appended] = []  # files of the disk below, linked in (fromlower.py)
+        if picked:
+            assert below is not None
+            taken, left = fromlower.take(upper, f"{journal}/{tmp_name}", tmp_name, below, picked)
+            files += len(taken)
+            nbytes += sum(a.new_size - a.old_size for a in taken)
+            if left:  # not there as read, or not only grown after all: copied whole
+                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, left, found)
+                files += rsync_stat(redo.stdout, "Number of regular files transferred")
+                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
         if moved:
             left = _link_into(f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}", moved)
             if left:  # not there as the ledger says: copied whole
@@ -199,8 +236,18 @@ def checkpoint(
             previous = f"{journal}/{complete[latest]}"
             # on a journal that commits in order, the tails are made durable with the rest of
             # the generation below, not by an fsync each
+            shared = {rel: ledger.below[rel] for rel in grown if rel in ledger.below}
+            if shared and below is not None:  # the disk file and the last generation's name
+                names = dict.fromkeys(fromlower.still_shared(below, complete[latest], shared), 2)
+            else:
+                names = None
             appended = appends.append_grown(
-                upper, previous, grown, ledger, batched=durable.commits_in_order(journal)
+                upper,
+                previous,
+                grown,
+                ledger,
+                batched=durable.commits_in_order(journal),
+                names=names,
             )
             _link_into(previous, f"{journal}/{tmp_name}", {a.rel: a.rel for a in appended})
             files += len(appended)
@@ -215,7 +262,7 @@ def checkpoint(
                 changed = [rel for rel, seen in found.items() if seen.ctime_ns >= changed_since]
             else:
                 assert ledger is not None
-                done = {a.rel for a in appended} | set(moved)
+                done = {a.rel for a in [*appended, *taken]} | set(moved) | set(kept)
                 changed = [rel for rel in ledger.changed(found) if rel not in done]
             stale = _linked_stale(changed, f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}")
             if stale:
@@ -233,6 +280,8 @@ def checkpoint(
         )
         if appended:
             appends.set_times(f"{journal}/{complete[latest]}", appended)
+        if taken:
+            appends.set_times(f"{journal}/{tmp_name}", taken)
         if carried:
             carry.commit(jfd, tmp_name, f"gen-{gen}", complete.pop(latest), carried)
         else:
@@ -248,7 +297,7 @@ def checkpoint(
     held = None if changed_since is not None else settled(found, upper)
     if held is not None:
         held.taken_ns, held.dirs = taken_ns, dir_inodes
-        for a in appended:
+        for a in [*appended, *taken]:
             if a.rel in held.digests or appends.still_prefix(upper, a):
                 held.record(a.rel, a.digest, a.new_size, found[a.rel].ino)  # the generation now
         # a file that grew while it was copied is in the generation as a prefix of what the
@@ -258,6 +307,10 @@ def checkpoint(
             prefix = appends.disk_prefix(upper, f"{journal}/gen-{gen}", rel)
             if prefix is not None:
                 held.record(rel, prefix[0], prefix[1], found[rel].ino)
+        if below is not None:
+            held.below = fromlower.still_below(
+                below, f"gen-{gen}", held, ledger, moved, picked, taken
+            )
     return CheckpointResult(
         gen,
         files,

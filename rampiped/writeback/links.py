@@ -82,12 +82,12 @@ def link_files(route: LinkRoute, rels: list[str]) -> tuple[int, int]:
     files = nbytes = 0
     seen: set[int] = set()
     with (
-        _opened(route.root_fd, route.source) as src_root,
-        _opened(route.root_fd, route.target) as dst_root,
+        opened_at(route.root_fd, route.source) as src_root,
+        opened_at(route.root_fd, route.target) as dst_root,
         _scratch(route, dst_root) as scratch,
     ):
         for parent, names in _by_parent(sorted(rels)):
-            with _opened(src_root, parent) as sfd, _opened(dst_root, parent) as dfd:
+            with opened_at(src_root, parent) as sfd, opened_at(dst_root, parent) as dfd:
                 for name in names:
                     st = _link_one(sfd, dfd, scratch, name)
                     if not files:
@@ -107,15 +107,15 @@ def _scratch(route: LinkRoute, dst_root: int) -> Iterator[int]:
     the top of the copy of the mount."""
     parent = os.path.dirname(route.source)
     if not route.source or parent == route.source:
-        with _opened(dst_root, SCRATCH_NAME) as fd:
+        with opened_at(dst_root, SCRATCH_NAME) as fd:
             yield fd
         return
-    with _opened(route.root_fd, parent) as pfd:
+    with opened_at(route.root_fd, parent) as pfd:
         if lstat_at(pfd, LINK_SCRATCH) is not None:
             remove_at(pfd, LINK_SCRATCH)  # left by a crash: extra names of generation files
         os.mkdir(LINK_SCRATCH, 0o700, dir_fd=pfd)
         try:
-            with _opened(pfd, LINK_SCRATCH) as fd:
+            with opened_at(pfd, LINK_SCRATCH) as fd:
                 yield fd
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -160,7 +160,7 @@ def _by_parent(rels: list[str]) -> Iterator[tuple[str, list[str]]]:
 
 
 @contextlib.contextmanager
-def _opened(root_fd: int, rel: str) -> Iterator[int]:
+def opened_at(root_fd: int, rel: str) -> Iterator[int]:
     fd = open_rel(root_fd, rel) if rel else os.dup(root_fd)
     if fd is None:
         raise FileNotFoundError(f"{rel}: missing or not a directory below the mount's copy")
