@@ -200,3 +200,16 @@ def sync(path: str) -> None:
         commit(path)
     else:
         syncfs(path)
+
+
+def write_json(path: str, doc: object) -> None:
+    """osutil.write_json_atomic, with one journal commit where that takes every change before
+    it (`fsync_commits_all`: the file written out, then the directory's fsync), else two."""
+    osutil.write_json_atomic(path, doc, ordered=fsync_commits_all(os.path.dirname(path) or "."))
+
+
+def write_at(dir_fd: int, name: str, data: bytes, *, tmp: str | None = None, mode: int) -> None:
+    """osutil.write_atomic_at, with one journal commit where that takes every change before
+    it (see `write_json`)."""
+    ordered = fsync_commits_all(f"/proc/self/fd/{dir_fd}")
+    osutil.write_atomic_at(dir_fd, name, data, tmp=tmp, mode=mode, ordered=ordered)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import IO
 
-from rampiped import durable, holders, mounts, osutil, writeback
+from rampiped import durable, holders, mounts, writeback
 
 log = logging.getLogger("rampiped")
 
@@ -246,7 +246,7 @@ def after_apply(files: dict[str, list[int]], disk: str) -> dict[str, list[int]]:
 
 
 def write_marker(journal: str, doc: dict[str, object]) -> None:
-    osutil.write_json_atomic(os.path.join(journal, MARKER), doc)
+    durable.write_json(os.path.join(journal, MARKER), doc)
 
 
 def read_marker(journal: str) -> dict[str, object] | None:

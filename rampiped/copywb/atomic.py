@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 
-from rampiped import osutil
+from rampiped import durable, osutil
 
 # Temporary names of databases being written on disk; a crash can leave one behind, and the
 # next checkpoint's --delete removes it (it does not exist in RAM).
@@ -31,5 +31,7 @@ def tmp_path(path: str) -> str:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """osutil.write_atomic by way of a temporary name marked as rampiped's (tmp_path)."""
-    osutil.write_atomic(path, data, tmp=os.path.basename(tmp_path(path)))
+    """osutil.write_atomic by way of a temporary name marked as rampiped's (tmp_path), with one
+    journal commit where that takes every change before it (durable.fsync_commits_all)."""
+    ordered = durable.fsync_commits_all(os.path.dirname(path) or ".")
+    osutil.write_atomic(path, data, tmp=os.path.basename(tmp_path(path)), ordered=ordered)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from rampiped import mounts, ramarea, writeback
+from rampiped import durable, mounts, ramarea, writeback
 from rampiped.osutil import write_json_atomic
 from rampiped.pins.model import STATE_VERSION, TMPFS_HEADROOM, Pin, Stranded
 
@@ -149,7 +149,7 @@ class ManagerCore:
         """Record a pin about to be made: its recovery record on disk first (`pin.json`, which
         names the directory of a journal found after a power cut), then the runtime state."""
         os.makedirs(self.journal(pin.id), exist_ok=True)
-        write_json_atomic(os.path.join(self.journal(pin.id), "pin.json"), meta)
+        durable.write_json(os.path.join(self.journal(pin.id), "pin.json"), meta)
         with self.lock:
             self.pins[pin.path] = pin
         self.save_state()

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rampiped import tree, writeback
+from rampiped import durable, tree, writeback
 from rampiped.engine import format_bytes
-from rampiped.osutil import read_json, write_json_atomic
+from rampiped.osutil import read_json
 from rampiped.pins.model import EARLY_MARK, FINAL_MARK, SOURCE_PREFIX, Pin
 
 if TYPE_CHECKING:
@@ -300,7 +300,7 @@ def write_passes(
         return None  # nothing written: all of it after the unmount
     # (the copy at the origins is gone: no unlink in the journal from here on)
     early = dataclasses.replace(early, disk_since=disk_clock_after(disk, disk_clock(disk)))
-    write_json_atomic(
+    durable.write_json(
         os.path.join(journal, EARLY_MARK),
         {"generation": os.path.basename(early.generation), "since": early.since},
     )

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from rampiped import handover, mounts, pause, writeback
+from rampiped import durable, handover, mounts, pause, writeback
 from rampiped.commands import guarded
 from rampiped.engine import format_bytes
-from rampiped.osutil import read_json, write_json_atomic
+from rampiped.osutil import read_json
 from rampiped.pins.dirs import copy_root_attributes, largest_file
 from rampiped.pins.early import (
     Early,
@@ -440,7 +440,7 @@ class OverlayMode(Mode):
         unchanged = early.unchanged_after_unmount(gen, upper) if early else None
         # from here on the journal, not the RAM layer, is what gets applied: applying the layer
         # a second time after this apply moved renamed directories would find their origins gone
-        write_json_atomic(
+        durable.write_json(
             os.path.join(journal, FINAL_MARK),
             {"final": True, "unchanged": sorted(unchanged or ())},
         )

@@ -35,7 +35,7 @@ import os
 import re
 import stat
 
-from rampiped import osutil, tree
+from rampiped import durable, osutil, tree
 from rampiped.commands import SyncError
 from rampiped.fsops import (
     _fsync_dir,
@@ -112,7 +112,11 @@ def commit(jfd: int, tmp: str, gen: str, previous: str, kept: list[str]) -> None
         st = os.stat(os.path.join(tmp, rel) if rel else tmp, dir_fd=jfd)
         times[rel] = [st.st_atime_ns, st.st_mtime_ns]
     doc = {"from": previous, "ops": ops, "merged": times}
-    osutil.write_atomic_at(jfd, _list_name(gen), json.dumps(doc).encode(), mode=0o600)
+    # where the journal commits in order, the plan's rename is committed with the one below:
+    # never the renamed generation without its plan
+    ordered = durable.fsync_commits_all(f"/proc/self/fd/{jfd}")
+    data = json.dumps(doc).encode()
+    osutil.write_atomic_at(jfd, _list_name(gen), data, mode=0o600, ordered=ordered, commit=False)
     os.rename(tmp, f"{gen}.carry", src_dir_fd=jfd, dst_dir_fd=jfd)
     _fsync_dir(jfd)
     pause_point("checkpoint:carrying")

@@ -38,8 +38,8 @@ from rampiped.appends import hash_range, xattrs
 from rampiped.fsops import lstat_at, open_rel
 from rampiped.ledger import Ledger, Seen, open_regular
 from rampiped.writeback.links import LinkRoute, opened_at, same_dir
+from rampiped.writeback.origins import REDIRECT_XATTR
 
-REDIRECT_XATTR = "trusted.overlay.redirect"
 # to find the disk file a file renamed in the layer was: at most LOOKS others of its directory
 # have their first HEAD bytes compared, and TRIES of those are read whole
 LOOKS = 64

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rampiped import osutil
+from rampiped import durable
 from rampiped.commands import SyncError
 from rampiped.fsops import (
     _fsync_dir,
@@ -75,10 +75,10 @@ def _read_plan(stash_fd: int) -> dict[str, object] | None:
 
 
 def write_json_at(dir_fd: int, name: str, doc: object) -> None:
-    """Write `name` below `dir_fd` atomically and durably (osutil.write_atomic_at), by way of
+    """Write `name` below `dir_fd` atomically and durably (durable.write_at), by way of
     NAME.tmp (which the stash's cleanup knows), readable by root only."""
     data = json.dumps(doc, sort_keys=True).encode()
-    osutil.write_atomic_at(dir_fd, name, data, tmp=name + ".tmp", mode=0o600)
+    durable.write_at(dir_fd, name, data, tmp=name + ".tmp", mode=0o600)
 
 
 def _write_plan(stash_fd: int, plan: dict[str, object]) -> None:
