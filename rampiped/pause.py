@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 # "pin:layers", "pin:overlay-mounted", "pin:bound", "pin:mounted", "checkpoint:copied",
 # "checkpoint:renamed", "copy-checkpoint:renames-linked", "copy-checkpoint:staged",
 # "copy-checkpoint:moved", "copy-checkpoint:copied",
-# "unpin:copy-synced", "unpin:written-early", "apply:linked-one", "unpin:unmounted",
+# "unpin:copy-synced", "evict:begin", "unpin:written-early", "apply:linked-one", "unpin:unmounted",
 # "copy-window:written", "unpin:journaled", "unpin:applied", "held:appended"), the thread
 # that reaches it writes the stage into RAMPIPED_TEST_PAUSE_FILE and blocks until that file is
 # removed, so that a test can kill -9 the daemon, drop its RAM, or play a hostile user at

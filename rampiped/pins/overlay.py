@@ -308,6 +308,8 @@ class OverlayMode(Mode):
         after the unmount then only moves it)."""
         if pause.late_writeback_only() or pin.late_bases:
             return None
+        if pin.evicting:
+            writeback.pause_point("evict:begin")
         room = Room(self.m.upper(pin.id)) if pin.evicting else None
         if room is None:
             return write_passes(self.m, pin, link, self.m.runner, lambda: None)

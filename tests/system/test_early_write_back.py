@@ -513,12 +513,18 @@ def test_an_eviction_whose_ram_runs_short_meanwhile_unmounts_first(
         )
         d = env.data / "grow"
         d.mkdir()
-        with safety.paused_daemon(env, monkeypatch, "checkpoint:copied", marker) as dm:
+        stages = "evict:begin,checkpoint:copied"
+        with safety.paused_daemon(env, monkeypatch, stages, marker) as dm:
             pin_adaptively(env, d)
             first = grow(d, 64 << 20, 26 << 20, 1 << 20)
             # past the watermark (28.8 MiB) at once, then quiet: evicted, and written back
-            # before the unmount; its first checkpoint pauses
+            # before the unmount; its first checkpoint pauses. (The eviction may be decided
+            # while these writes still run, the growth foretelling the watermark: it waits
+            # at its beginning until they end, so that its writers are quiet when it watches
+            # them, as this test means them to be.)
             push = grow(d / "push", 256 << 20, 4 << 20, 1 << 20)
+            safety.wait_paused(marker, "evict:begin")
+            safety.release(marker)
             safety.wait_paused(marker, "checkpoint:copied")
             more = grow(d / "more", 64 << 20, 14 << 20, 1 << 20)  # 44 MiB: 4 MiB of room
             safety.release(marker)
