@@ -208,8 +208,11 @@ def write_json(path: str, doc: object) -> None:
     osutil.write_json_atomic(path, doc, ordered=fsync_commits_all(os.path.dirname(path) or "."))
 
 
-def write_at(dir_fd: int, name: str, data: bytes, *, tmp: str | None = None, mode: int) -> None:
+def write_at(
+    dir_fd: int, name: str, data: bytes, *, tmp: str | None = None, mode: int, commit: bool = True
+) -> None:
     """osutil.write_atomic_at, with one journal commit where that takes every change before
-    it (see `write_json`)."""
+    it (see `write_json`); not even that when not `commit` (the caller commits later: there
+    only, elsewhere the file and the directory are synced as always)."""
     ordered = fsync_commits_all(f"/proc/self/fd/{dir_fd}")
-    osutil.write_atomic_at(dir_fd, name, data, tmp=tmp, mode=mode, ordered=ordered)
+    osutil.write_atomic_at(dir_fd, name, data, tmp=tmp, mode=mode, ordered=ordered, commit=commit)

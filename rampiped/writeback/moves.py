@@ -74,15 +74,16 @@ def _read_plan(stash_fd: int) -> dict[str, object] | None:
     return plan if isinstance(plan, dict) and plan.get("version") == _PLAN_VERSION else None
 
 
-def write_json_at(dir_fd: int, name: str, doc: object) -> None:
+def write_json_at(dir_fd: int, name: str, doc: object, *, commit: bool = True) -> None:
     """Write `name` below `dir_fd` atomically and durably (durable.write_at), by way of
-    NAME.tmp (which the stash's cleanup knows), readable by root only."""
+    NAME.tmp (which the stash's cleanup knows), readable by root only. Not `commit`: durable
+    with the next commit only, where the filesystem commits in order (durable.write_at)."""
     data = json.dumps(doc, sort_keys=True).encode()
-    durable.write_at(dir_fd, name, data, tmp=name + ".tmp", mode=0o600)
+    durable.write_at(dir_fd, name, data, tmp=name + ".tmp", mode=0o600, commit=commit)
 
 
-def _write_plan(stash_fd: int, plan: dict[str, object]) -> None:
-    write_json_at(stash_fd, _PLAN_NAME, plan)
+def _write_plan(stash_fd: int, plan: dict[str, object], *, commit: bool = True) -> None:
+    write_json_at(stash_fd, _PLAN_NAME, plan, commit=commit)
 
 
 _PLAN_FILES = (_PLAN_NAME, _PLAN_NAME + ".tmp")
@@ -180,8 +181,21 @@ def _move_renamed_dirs(
 ) -> tuple[int, bool]:
     """Stash every origin, then place each at its destination. Returns (entries deleted,
     whether a stash directory exists now). Resumes a plan left by an interrupted apply of the
-    same layer; refuses one left by another layer."""
+    same layer; refuses one left by another layer.
+
+    Each step is synced before the next where a power cut could otherwise keep a later step
+    and lose an earlier one. Where one journal commit takes every change before it, in order
+    (durable.fsync_commits_all), none is: a cut keeps the steps up to some point, which is
+    what the plan resumes from, and the apply's closing commit makes them all durable. On a
+    slow stick that shortens the moment in which a renamed directory is missing from its new
+    name from one commit per step to the renames themselves."""
     identity = _layer_identity(upper)
+    each = not durable.fsync_commits_all(f"/proc/self/fd/{target_fd}")
+
+    def sync_dir(fd: int) -> None:
+        if each:
+            _fsync_dir(fd)
+
     encoded = [[o, d] for o, d in moves]
     deleted = 0
     st = stash.lstat()
@@ -220,10 +234,10 @@ def _move_renamed_dirs(
         plan = {"version": _PLAN_VERSION, "layer": identity, "moves": encoded, "phase": "stash"}
         stash_fd = stash.open()
         try:
-            _write_plan(stash_fd, plan)
+            _write_plan(stash_fd, plan, commit=each)
         finally:
             os.close(stash_fd)
-        _fsync_dir(stash.parent_fd)
+        sync_dir(stash.parent_fd)
 
     stash_fd = stash.open()
     try:
@@ -235,10 +249,10 @@ def _move_renamed_dirs(
                 with _parent_of(target_fd, origin, gone) as (pfd, name):
                     log.debug("stashing %s/%s", target, origin)
                     os.rename(name, str(i), src_dir_fd=pfd, dst_dir_fd=stash_fd)
-                    _fsync_dir(pfd)
-            _fsync_dir(stash_fd)
+                    sync_dir(pfd)
+            sync_dir(stash_fd)
             plan["phase"] = "place"
-            _write_plan(stash_fd, plan)
+            _write_plan(stash_fd, plan, commit=each)
         if plan["phase"] == "place":
             for i in _placement_order(moves):
                 if lstat_at(stash_fd, str(i)) is None:
@@ -252,11 +266,11 @@ def _move_renamed_dirs(
                         deleted += remove_at(pfd, name)
                     log.debug("placing %s at %s/%s", moves[i][0], target, dest)
                     os.rename(str(i), name, src_dir_fd=stash_fd, dst_dir_fd=pfd)
-                    _fsync_dir(pfd)
+                    sync_dir(pfd)
                 finally:
                     os.close(pfd)
             plan["phase"] = "placed"
-            _write_plan(stash_fd, plan)
+            _write_plan(stash_fd, plan, commit=each)
     finally:
         os.close(stash_fd)
     return deleted, True
