@@ -7,6 +7,9 @@ the directory are on one mount, the checkpoint links the disk's own file into th
 instead (its inode: no data written) and appends the tail the layer added to it, the way a
 file that only grew since the last generation gets its tail (appends.py).
 
+Which files: those the journal holds no copy of yet and that the overlay copied up from the
+disk (they carry its origin attribute; a file made through the overlay has none).
+
 Why the directory's view does not change: the disk file is taken only where the layer holds an
 entry at its name (the file itself, another file or a whiteout), so the overlay never shows it
 again while mounted, and only when no directory of the layer is redirected (a renamed
@@ -40,9 +43,10 @@ from rampiped.ledger import Ledger, Seen, open_regular
 from rampiped.writeback.links import LinkRoute, opened_at, same_dir
 from rampiped.writeback.origins import REDIRECT_XATTR
 
+ORIGIN_XATTR = "trusted.overlay.origin"
 # to find the disk file a file renamed in the layer was: at most LOOKS others of its directory
 # have their first HEAD bytes compared, and TRIES of those are read whole
-LOOKS = 64
+LOOKS = 16
 TRIES = 4
 HEAD = 4096
 
@@ -86,7 +90,11 @@ def pick(
     module's rules), that file: at the same name, whose content is its first part; else
     one at another name of the same directory, covered by the layer, with its whole content
     and times. Reads the disk files compared."""
-    wanted = sorted(rel for rel in rels if rel in found and found[rel].nlink == 1)
+    wanted = sorted(
+        rel
+        for rel in rels
+        if rel in found and found[rel].nlink == 1 and _copied_up(os.path.join(upper, rel))
+    )
     if not wanted or _redirected(upper):
         return {}
     out: dict[str, Source] = {}
@@ -126,6 +134,8 @@ class _Look:
         try:
             if (ram.st_ino, ram.st_size) != (seen.ino, seen.size):
                 return None  # changed since the scan: copied
+            if not _copied_up(ram_fd):
+                return None  # made in the layer: the disk has nothing of it
             ram_attrs = xattrs(ram_fd)
             head = os.pread(ram_fd, HEAD, 0)
             for n in self.names(parent, name, seen.size, lower_dir, head):
@@ -371,6 +381,20 @@ def _lstat_rel(root_fd: int, rel: str) -> os.stat_result | None:
         return lstat_at(fd, name)
     finally:
         os.close(fd)
+
+
+def _copied_up(file: int | str) -> bool:
+    """Whether the layer's file (an fd, or a path: no symlink followed) was copied up from
+    the disk below (the overlay records its origin then; a file made through the overlay has
+    none)."""
+    try:
+        if isinstance(file, int):
+            os.getxattr(file, ORIGIN_XATTR)
+        else:
+            os.getxattr(file, ORIGIN_XATTR, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def _covered(upper: str, parent: str, name: str) -> bool:

@@ -171,7 +171,8 @@ def checkpoint(
         argv += [f"--exclude={exclude_pattern(rel)}" for rel in sorted(grown) + sorted(moved)]
         picked: dict[str, fromlower.Source] = {}
         if below is not None and changed_since is None:
-            new = set(found) if ledger is None else set(ledger.changed(found))
+            # files the journal holds no copy of: copied up (or renamed) since it last looked
+            new = set(found) if ledger is None else set(found) - set(ledger.digests)
             picked = fromlower.pick(upper, found, new - set(grown) - set(moved), below)
             argv += [f"--exclude={exclude_pattern(rel)}" for rel in sorted(picked)]
         carried, dir_inodes = (

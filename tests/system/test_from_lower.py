@@ -122,7 +122,17 @@ def _hard_link_below(path: Path) -> None:
     append(path, lines(5, 80_000))
 
 
-@pytest.mark.parametrize("change", ["same-size rewrite", "another mode", "two names below"])
+def _made_anew(path: Path) -> None:
+    """The same bytes and more in a file made through the overlay: not the disk's file (no
+    origin), so not read from the disk at all."""
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data + lines(5, 80_000))
+
+
+@pytest.mark.parametrize(
+    "change", ["same-size rewrite", "another mode", "two names below", "made anew"]
+)
 def test_a_disk_file_that_is_not_a_prefix_is_not_taken(
     loopfs: LoopFs, pin: Pin, change: str
 ) -> None:
@@ -131,8 +141,9 @@ def test_a_disk_file_that_is_not_a_prefix_is_not_taken(
         os.link(pin.disk / "state", pin.disk / "state.bak")
     old = (pin.disk / "state").read_bytes()
     pin.mount()
-    {"same-size rewrite": _rewrite_same_size, "another mode": _chmod,
-     "two names below": _hard_link_below}[change](pin.disk / "state")  # fmt: skip
+    how = {"same-size rewrite": _rewrite_same_size, "another mode": _chmod,
+           "two names below": _hard_link_below, "made anew": _made_anew}  # fmt: skip
+    how[change](pin.disk / "state")
     shown = view(pin.disk)
     res, _written, gen = checkpoint(loopfs, pin)
     assert contents(gen) == contents(pin.upper)
