@@ -30,6 +30,9 @@ from rampiped.writeback import LinkRoute
 
 log = logging.getLogger("rampiped")
 
+# the directories whose mount could not be copied, said once each (mounts.clone_mount)
+_NO_CLONE_TOLD: set[str] = set()
+
 T = TypeVar("T")
 
 
@@ -118,12 +121,15 @@ class Mounting(ManagerCore):
         try:
             return mountpoint, mounts.clone_mount(mountpoint)
         except OSError as e:
-            log.info(
-                "%s: no private copy of its mount (%s): the journal is copied into place, not"
-                " linked, and a write-back holds the files it replaces inside the directory",
-                path,
-                e,
-            )
+            if path not in _NO_CLONE_TOLD:  # once: checkpoints ask for it too
+                _NO_CLONE_TOLD.add(path)
+                log.info(
+                    "%s: no private copy of its mount (%s): the journal is copied into place,"
+                    " not linked, a write-back holds the files it replaces inside the"
+                    " directory, and a checkpoint copies files copied up from the disk whole",
+                    path,
+                    e,
+                )
             return None
 
     def hold_place(self, pid: str, path: str) -> writeback.HoldPlace:
