@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from rampiped.ledger import Ledger
 from rampiped.ledger import scan as ledger_scan
 from rampiped.writeback import fromlower
 from rampiped.writeback import journal as journal_module
+from tests.system.daemon_harness import journal_on_another_mount, make_env, running
 from tests.system.helpers import LoopFs, bytes_written, drop_caches, syncfs_path
 from tests.system.test_appends import append, contents, lines, rotate, seed_rotated
 from tests.system.test_copymode import make_loopfs_from
@@ -294,3 +296,46 @@ def test_a_power_cut_after_an_apply_returned_leaves_it_whole(
     subprocess.run(["cp", "--sparse=always", str(loopfs.image), str(image)], check=True)
     with make_loopfs_from(image, tmp_path / "rebooted") as rebooted:
         assert tree_of(rebooted / "data") == shown
+
+
+# -- the daemon ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("journal", ["on the directory's mount", "on another mount"])
+def test_a_pins_checkpoint_takes_its_logs_from_the_disk(tmp_path: Path, journal: str) -> None:
+    """The daemon's overlay pin: the first checkpoint after a log on disk got a line writes
+    the line, not the log; with the journal on another mount (no link possible) the log is
+    copied whole, as before."""
+    with make_env(tmp_path) as base:
+        env = base if journal == "on the directory's mount" else journal_on_another_mount(base)
+        d = env.data / "logs"
+        d.mkdir()
+        (d / "app.log").write_bytes(lines(20_000))  # about 1.1 MiB
+        ino = (d / "app.log").stat().st_ino
+        env.write_config(adaptive={"enabled": False}, pins=[{"path": str(d), "mode": "overlay"}])
+        with running(env) as dm:
+            dm.wait_log("pinned " + re.escape(str(d)), timeout=30)
+            append(d / "app.log", lines(10, 20_000))
+            syncfs_path(env.disk.mountpoint)
+            before = bytes_written(env.disk)
+            env.ctl("sync", str(d), check=True)
+            syncfs_path(env.disk.mountpoint)
+            written = bytes_written(env.disk) - before
+            line = dm.wait_log(
+                r"checkpoint of " + re.escape(str(d)) + r".*: 1 files, ([^ ]+ [^ ]+)"
+            )
+            gens = list(env.journal.glob("*/gen-*/app.log"))
+            assert len(gens) == 1, gens
+            shown = (d / "app.log").read_bytes()
+            assert gens[0].read_bytes() == shown
+            if journal == "on the directory's mount":
+                assert gens[0].stat().st_ino == ino
+                tail = len(lines(10, 20_000))
+                assert line.group(1) == f"{tail} B", line.group(0)  # the ten lines
+                assert written < 256 * KiB, written
+            else:
+                assert gens[0].stat().st_ino != ino
+                assert written > len(shown), written
+            assert dm.stop() == 0
+        drop_caches()
+        assert (d / "app.log").read_bytes() == shown
