@@ -206,13 +206,20 @@ class _Look:
         return self.by_size[parent]
 
 
-def _begins(dir_fd: int, name: str, head: bytes) -> bool:
-    """Whether the disk file `name` begins as `head` does (as far as either goes)."""
+def _open_read(dir_fd: int, name: str) -> int | None:
+    """The disk file `name` open for reading, no symlink followed; None when it cannot be."""
     try:
-        fd = os.open(
+        return os.open(
             name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd
         )
     except OSError:
+        return None
+
+
+def _begins(dir_fd: int, name: str, head: bytes) -> bool:
+    """Whether the disk file `name` begins as `head` does (as far as either goes)."""
+    fd = _open_read(dir_fd, name)
+    if fd is None:
         return False
     try:
         got = os.pread(fd, len(head), 0)
@@ -233,11 +240,8 @@ def _read(
 ) -> tuple[str, int] | None:
     """(sha256, size) of the disk file `name` when it is still the inode `st` and has the
     extended attributes `ram_attrs`; else None."""
-    try:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd
-        )
-    except OSError:
+    fd = _open_read(dir_fd, name)
+    if fd is None:
         return None
     try:
         now = os.fstat(fd)

@@ -213,9 +213,8 @@ def checkpoint(
         if kept:
             left = _link_into(f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}", kept)
             if left:  # not there as the ledger says: copied whole
-                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, left, found)
-                files += rsync_stat(redo.stdout, "Number of regular files transferred")
-                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
+                more = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, left, found)
+                files, nbytes = files + more[0], nbytes + more[1]
         taken: list[appends.Appended] = []  # files of the disk below, linked in (fromlower.py)
         if picked:
             assert below is not None
@@ -223,15 +222,13 @@ def checkpoint(
             files += len(taken)
             nbytes += sum(a.new_size - a.old_size for a in taken)
             if left:  # not there as read, or not only grown after all: copied whole
-                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, left, found)
-                files += rsync_stat(redo.stdout, "Number of regular files transferred")
-                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
+                more = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, left, found)
+                files, nbytes = files + more[0], nbytes + more[1]
         if moved:
             left = _link_into(f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}", moved)
             if left:  # not there as the ledger says: copied whole
-                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, left, found)
-                files += rsync_stat(redo.stdout, "Number of regular files transferred")
-                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
+                more = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, left, found)
+                files, nbytes = files + more[0], nbytes + more[1]
         if grown:
             assert ledger is not None
             previous = f"{journal}/{complete[latest]}"
@@ -255,9 +252,8 @@ def checkpoint(
             nbytes += sum(a.new_size - a.old_size for a in appended)
             whole = sorted(set(grown) - {a.rel for a in appended})
             if whole:  # not only grown after all: copied whole
-                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, whole, found)
-                files += rsync_stat(redo.stdout, "Number of regular files transferred")
-                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
+                more = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, whole, found)
+                files, nbytes = files + more[0], nbytes + more[1]
         if linked:
             if changed_since is not None:
                 changed = [rel for rel, seen in found.items() if seen.ctime_ns >= changed_since]
@@ -267,9 +263,8 @@ def checkpoint(
                 changed = [rel for rel in ledger.changed(found) if rel not in done]
             stale = _linked_stale(changed, f"{journal}/{complete[latest]}", f"{journal}/{tmp_name}")
             if stale:
-                redo = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, stale, found)
-                files += rsync_stat(redo.stdout, "Number of regular files transferred")
-                nbytes += rsync_stat(redo.stdout, "Total transferred file size")
+                more = _copy_listed(runner, upper, f"{journal}/{tmp_name}", journal, stale, found)
+                files, nbytes = files + more[0], nbytes + more[1]
         pause_point("checkpoint:copied")
         # the generation and the appended tails (in the last one, linked into this one) on
         # disk before the rename below shows them (which commits them, or the carry's plan)
@@ -494,11 +489,11 @@ def _linked_stale(changed: list[str], previous: str, new: str) -> list[str]:
 
 def _copy_listed(
     runner: Runner, src: str, dst: str, list_dir: str, rels: list[str], found: LedgerScan
-) -> CommandResult:
+) -> tuple[int, int]:
     """Copy exactly the files `rels` (with the other names of their hard-link groups) from
     `src` to `dst`, even when size and mtime look equal (-I): a new file renamed over each
     name, which breaks a hard link to an older copy. A file gone meanwhile is skipped (24).
-    The list is written into `list_dir`, outside both trees."""
+    The list is written into `list_dir`, outside both trees. Returns (files, bytes) copied."""
     listed = sorted(with_links(found, rels))
     listing = os.path.join(list_dir, ".rampiped-copy-list")
     with open(listing, "wb") as f:
@@ -516,7 +511,10 @@ def _copy_listed(
         raise SyncError.from_command(
             f"checkpoint of {src} into {dst} (changed files)", argv, result
         )
-    return result
+    return (
+        rsync_stat(result.stdout, "Number of regular files transferred"),
+        rsync_stat(result.stdout, "Total transferred file size"),
+    )
 
 
 # rsync replacing a destination entry by one of another type: "could not make way for new
