@@ -21,12 +21,14 @@ from rampiped.ledger import Ledger
 from rampiped.ledger import scan as ledger_scan
 from rampiped.writeback import fromlower
 from rampiped.writeback import journal as journal_module
+from tests.system import safety
 from tests.system.daemon_harness import journal_on_another_mount, make_env, running
 from tests.system.helpers import LoopFs, bytes_written, drop_caches, syncfs_path
 from tests.system.test_appends import append, contents, lines, rotate, seed_rotated
 from tests.system.test_copymode import make_loopfs_from
 from tests.system.test_journal_power_cut import after
 from tests.system.test_sync_overlay import Pin, pin
+from tests.system.test_write_window import paused_unpin
 
 pytestmark = pytest.mark.system
 
@@ -339,3 +341,34 @@ def test_a_pins_checkpoint_takes_its_logs_from_the_disk(tmp_path: Path, journal:
             assert dm.stop() == 0
         drop_caches()
         assert (d / "app.log").read_bytes() == shown
+
+
+def test_a_log_taken_from_the_disk_keeps_what_is_appended_after_the_unmount(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal's copy of a log is the disk file itself; the unpin writes back after its
+    unmount (as with a renamed directory or a mapped file), and a logger appends on disk
+    right then: the log ends with RAM's lines, then the logger's, and no conflict copy."""
+    monkeypatch.setenv("RAMPIPED_TEST_LATE_WRITEBACK", "1")
+    marker = tmp_path / "paused"
+    with make_env(tmp_path) as env:
+        d = env.data / "logs"
+        d.mkdir()
+        (d / "app.log").write_bytes(lines(20_000))
+        env.write_config(adaptive={"enabled": False}, pins=[{"path": str(d), "mode": "overlay"}])
+        with safety.paused_daemon(env, monkeypatch, "unpin:unmounted", marker) as dm:
+            dm.wait_log("pinned " + re.escape(str(d)), timeout=30)
+            append(d / "app.log", lines(10, 20_000))
+            env.ctl("sync", str(d), check=True)
+            gen = next(env.journal.glob("*/gen-*/app.log"))
+            assert gen.stat().st_nlink == 2  # the disk's file, taken
+            append(d / "app.log", lines(10, 30_000))
+            ram = (d / "app.log").read_bytes()
+            with paused_unpin(env, dm, d, marker):
+                append(d / "app.log", b"written on disk in the window\n")
+            log = dm.log_text()
+            assert dm.stop() == 0, log[-3000:]
+        drop_caches()
+        assert (d / "app.log").read_bytes() == ram + b"written on disk in the window\n"
+        assert sorted(os.listdir(d)) == ["app.log"]
+        assert "conflict" not in log, log[-3000:]
