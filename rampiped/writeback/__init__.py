@@ -16,7 +16,8 @@ that the directory then holds what the merged view showed:
 3. delete what whiteouts, opaque directories and type changes removed, fd-relative and without
    following symlinks;
 4. copy everything else with rsync (no --delete anywhere: an empty layer deletes nothing);
-5. syncfs, then verify that the disk shows every entry of the layer.
+5. make it durable (syncfs, or one journal commit where that takes every change before it:
+   durable.fsync_commits_all), then verify that the disk shows every entry of the layer.
 
 A real device node in a pinned tree is not supported: the layer is refused.
 
