@@ -31,7 +31,8 @@ its renamed directories where the disk holds them below the overlay), `scratch` 
 temporary names), `moves` (renamed directories), `stamps` and `held` (the write-back
 window), `verify`, `links` (a generation linked into place), `apply`, `carry` (a generation made
 of the last one with what changed replaced), `fromlower` (a generation's files that are the
-disk's own below the overlay, with their tails appended), `journal`. Below it,
+disk's own below the overlay, with their tails appended), `space` (whether a checkpoint and
+its apply fit on the disk), `journal`. Below it,
 imported by it and importing nothing above: `rampiped.commands`, `rampiped.fsops`,
 `rampiped.osutil`, `rampiped.pause`.
 """
@@ -58,15 +59,11 @@ from rampiped.writeback.held import HeldFiles
 from rampiped.writeback.holdplace import JOURNAL_HOLD, HoldPlace
 from rampiped.writeback.journal import (
     CheckpointResult,
-    NoSpace,
-    SpaceNeed,
     apply_journal,
-    check_space,
     checkpoint,
     discard_journal,
     latest_generation,
     rsync_stat,
-    space_need,
 )
 from rampiped.writeback.layer import OVERLAY_FEATURES, renamed_dirs, scan_layer
 from rampiped.writeback.links import LinkRoute
@@ -80,6 +77,7 @@ from rampiped.writeback.names import (
 )
 from rampiped.writeback.origins import AtOrigins, at_origins
 from rampiped.writeback.scratch import scratch_dir, scrub_leftovers
+from rampiped.writeback.space import NoSpace, SpaceNeed, check_space, space_need
 from rampiped.writeback.stamps import (
     CLOCK_SLACK_NS,
     Stamp,
