@@ -179,11 +179,8 @@ def file_inodes(gen: str) -> dict[str, int]:
 
 
 def changed_since(upper: str, since: int) -> bool:
-    """Whether the layer's root or an entry of it (of any kind: a whiteout, a directory whose
-    entries changed) changed at or after `since` (ns)."""
-    with contextlib.suppress(OSError):
-        if os.lstat(upper).st_ctime_ns >= since:
-            return True
+    """Whether an entry of the layer (of any kind: a whiteout, a directory whose entries
+    changed) changed at or after `since` (ns)."""
     return any(st.st_ctime_ns >= since for _rel, st in tree.walk(upper, tolerate=(OSError,)))
 
 
@@ -262,21 +259,15 @@ def write_passes(
     since = m.ram_clock_ns(pin)
     if not hides or stop() is not None or not m.free_soon(pin, SOURCE_PREFIX + pin.id, stop):
         return None
-    last = pin.ledger.taken_ns if pin.ledger is not None else 0
-    if last and writeback.latest_generation(journal) is not None and not changed_since(upper, last):
-        # nothing changed since the last checkpoint read the layer: its generation is the
-        # layer (no file is mapped, or this path is not taken: see write_early)
-        since = last
-    else:
-        res = writeback.checkpoint(
-            upper,
-            journal,
-            runner=runner,
-            ledger=pin.ledger,
-            taken_ns=since,
-            below=disk_below(pin, link, journal, disk),
-        )
-        pin.ledger = res.ledger
+    res = writeback.checkpoint(
+        upper,
+        journal,
+        runner=runner,
+        ledger=pin.ledger,
+        taken_ns=since,
+        below=disk_below(pin, link, journal, disk),
+    )
+    pin.ledger = res.ledger
     early: Early | None = None
     with below_overlay(journal) as at_origins:
         # the checkpoint just taken, then what was written meanwhile, the same way, until

@@ -541,36 +541,3 @@ def test_an_eviction_whose_ram_runs_short_meanwhile_unmounts_first(
         expected.update({f"push/{name}": 1 for name in push["written"]})
         expected.update({f"more/{name}": 1 for name in more["written"]})
         assert safety.check_tree(d, expected) == []
-
-
-@pytest.mark.parametrize("changed", [False, True])
-def test_an_unpin_after_a_checkpoint_of_everything_writes_no_new_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changed: bool
-) -> None:
-    """Nothing changed in RAM since the last checkpoint read the layer: the unpin writes that
-    checkpoint's generation into the directory before its unmount, without a new one (its
-    first pause point is the write-back's, not a checkpoint's). A change since: a new one."""
-    marker = tmp_path / "paused"
-    stages = "checkpoint:renamed,unpin:written-early"
-    with make_env(tmp_path) as env:
-        d = env.data / "app"
-        seed(d)
-        env.write_config(adaptive={"enabled": False}, pins=[{"path": str(d), "mode": "overlay"}])
-        with safety.paused_daemon(env, monkeypatch, stages, marker) as dm:
-            dm.wait_log("pinned " + re.escape(str(d)), timeout=30)
-            write_version(d / "state.json", 7)
-            sync = safety.ctl_async(env, "sync", str(d))
-            safety.wait_paused(marker, "checkpoint:renamed")
-            safety.release(marker)
-            assert sync.wait(60) == 0
-            if changed:
-                write_version(d / "state.json", 8)
-            unpin = safety.ctl_async(env, "unpin", str(d))
-            wait_for(marker.exists, 60, "the unpin to reach a pause point")
-            first = marker.read_text().strip()
-            safety.wait_unpinned_releasing(dm, marker, d)
-            assert unpin.wait(60) == 0
-            assert dm.stop() == 0
-        assert first == ("checkpoint:renamed" if changed else "unpin:written-early")
-        drop_caches()
-        assert version(d / "state.json") == (8 if changed else 7)
