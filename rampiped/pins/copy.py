@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rampiped import copymode, mounts, writeback
 from rampiped import ledger as ledger_mod
@@ -24,6 +24,9 @@ from rampiped.pins.model import (
     SyncRecord,
     Written,
 )
+
+if TYPE_CHECKING:
+    from rampiped.pins.manager import PinManager
 
 log = logging.getLogger("rampiped")
 
@@ -40,6 +43,12 @@ class _Synced:
 
 class CopyMode(Mode):
     name = "copy"
+
+    def __init__(self, manager: PinManager) -> None:
+        super().__init__(manager)
+        # pin id -> the disk as its copy-in read it, RAM's clock then and what the disk held
+        # by content, until the pin has settled (`settled`)
+        self._copied: dict[str, tuple[copymode.Snapshot, float, ledger_mod.Ledger]] = {}
 
     def ram_side(self, pin: Pin) -> str:
         return self.m.data(pin.id)
@@ -63,9 +72,22 @@ class CopyMode(Mode):
         mounts.bind(self.m.data(pin.id), f"/proc/self/fd/{dir_fd}", private=False)
         undo.append(lambda: self.m.unmount_placed(pin))
         writeback.pause_point("pin:bound")
+        self._copied[pin.id] = (copied.snapshot, pin.last_ok_wall, pin.ledger)
+        self._raced(pin, undo)
+
+    def settled(self, pin: Pin, undo: Undo) -> None:
+        # looked at again now that no process holds a file on disk: a logger that opened its
+        # file just before the bind may write into it just after, and the look right after the
+        # bind could come before that write (a logger's line was lost so in a test run)
+        self._raced(pin, undo)
+        self._copied.pop(pin.id, None)
+
+    def _raced(self, pin: Pin, undo: Undo) -> None:
         # a write that reached the disk between the end of the copy and the bind would be
         # overwritten by the first checkpoint: roll back and let the pin be tried again
-        raced = copymode.changed_since(disk, copied.snapshot)
+        snapshot, clock, ledger = self._copied[pin.id]
+        disk = self.m.disk(pin.id)
+        raced = copymode.changed_since(disk, snapshot)
         if raced:
             refusal = (
                 f"cannot pin {pin.path}: written on disk during the pin ("
@@ -73,10 +95,10 @@ class CopyMode(Mode):
                 + ")"
             )
             window = copymode.Window(
-                copied.snapshot,
-                pin.last_ok_wall,
+                snapshot,
+                clock,
                 time.time_ns() - writeback.CLOCK_SLACK_NS,
-                forced=frozenset(pin.ledger.changed(ledger_mod.scan(self.m.data(pin.id)))),
+                forced=frozenset(ledger.changed(ledger_mod.scan(self.m.data(pin.id)))),
             )
             self.write_back_rolled(pin, undo, window, refusal)
             raise PinRefused(refusal)

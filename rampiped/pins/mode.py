@@ -127,6 +127,7 @@ class Mode:
                     pin, late, f"cannot pin {path}: {how}" + holder_list(late), undo
                 )
             else:
+                self.settled(pin, undo)
                 writeback.pause_point("pin:mounted")
         except BaseException as exc:
             m.roll_back(pin, undo, keep=isinstance(exc, StillDraining))
@@ -159,6 +160,11 @@ class Mode:
         """Processes that opened files on disk in the moment between the check and the mount:
         their writes would bypass RAM."""
         return self.m.disk_holders(pin)
+
+    def settled(self, pin: Pin, undo: Undo) -> None:
+        """The mounted pin once no process holds a file on disk below it (late_holders found
+        none): every write begun before the mount has ended. Raise PinRefused (rolled back)
+        when one of them must not be lost that way."""
 
     def refuse_late(self, pin: Pin, late: list[handover.HeldFile], refusal: str, undo: Undo) -> str:
         """A mounted pin with `late` holders on disk: raise PinRefused (rolled back), or
