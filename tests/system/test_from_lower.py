@@ -8,6 +8,7 @@ directory) is copied as before."""
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import re
 import subprocess
@@ -372,3 +373,56 @@ def test_a_log_taken_from_the_disk_keeps_what_is_appended_after_the_unmount(
         assert (d / "app.log").read_bytes() == ram + b"written on disk in the window\n"
         assert sorted(os.listdir(d)) == ["app.log"]
         assert "conflict" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "cp -p of another prefix",
+        "store through a shared mapping",
+        "tar over it",
+        "rsync -a over it",
+    ],
+)
+def test_a_taken_file_changed_by_a_real_program_is_copied(
+    loopfs: LoopFs, pin: Pin, tmp_path: Path, change: str
+) -> None:
+    """A log taken from the disk (its disk file now the journal's copy), then changed by a
+    real program in a way its stamps may not show: the next checkpoint holds what the view
+    shows, and so does the disk after a power cut and the journal's apply."""
+    (pin.disk / "app.log").write_bytes(lines(2_000))
+    pin.mount()
+    log = pin.disk / "app.log"
+    append(log, lines(10, 50_000))
+    first, _written, _gen = checkpoint(loopfs, pin)
+    assert first.ledger is not None and first.ledger.below == {"app.log": "app.log"}
+    st = log.stat()
+    other = tmp_path / "other"
+    other.write_bytes(b"X" + log.read_bytes()[1:] + lines(5, 60_000))
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if change == "cp -p of another prefix":
+        subprocess.run(["cp", "-p", str(other), str(log)], check=True)
+    elif change == "store through a shared mapping":
+        with open(log, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            m[0] = ord("M")
+            m.flush()
+        os.utime(log, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif change == "tar over it":
+        src = tmp_path / "src"
+        src.mkdir()
+        os.replace(other, src / "app.log")
+        subprocess.run(
+            ["tar", "-C", str(src), "-cf", str(tmp_path / "t.tar"), "app.log"], check=True
+        )
+        subprocess.run(["tar", "-C", str(pin.disk), "-xf", str(tmp_path / "t.tar")], check=True)
+    else:
+        src = tmp_path / "src"
+        src.mkdir()
+        os.replace(other, src / "app.log")
+        subprocess.run(["rsync", "-a", f"{src}/", f"{pin.disk}/"], check=True)
+    shown = view(pin.disk)
+    _second, _written, gen2 = checkpoint(loopfs, pin, first.ledger)
+    assert contents(gen2) == shown
+    pin.power_cut()
+    writeback.apply_journal(str(loopfs.mountpoint / "journal"), str(pin.disk))
+    assert view(pin.disk) == shown
