@@ -76,6 +76,88 @@ def seed_db(path: Path, rows: int = DB_ROWS, blob: int = DB_BLOB) -> None:
         con.close()
 
 
+def _vm_config(rng: random.Random, vmid: int) -> str:
+    mac = ":".join(f"{rng.randrange(256):02X}" for _ in range(3))
+    return (
+        f"boot: order=scsi0;ide2;net0\ncores: {rng.choice((1, 2, 4, 8))}\ncpu: x86-64-v2-AES\n"
+        f"ide2: local:iso/debian-12.{rng.randrange(10)}.0-amd64-netinst.iso,media=cdrom,size=628M\n"
+        f"memory: {rng.choice((1024, 2048, 4096, 8192))}\nmeta: creation-qemu=9.0.2,"
+        f"ctime={1_700_000_000 + rng.randrange(10**7)}\nname: vm{vmid}\n"
+        f"net0: virtio=BC:24:11:{mac},bridge=vmbr0,firewall=1\nnuma: 0\nostype: l26\n"
+        f"scsi0: local-lvm:vm-{vmid}-disk-0,iothread=1,size={rng.choice((8, 16, 32, 64))}G\n"
+        f"scsihw: virtio-scsi-single\nsmbios1: uuid={rng.getrandbits(128):032x}\n"
+        f"sockets: 1\nvmgenid: {rng.getrandbits(128):032x}\n"
+    )
+
+
+def _status_json(rng: random.Random, node: str) -> str:
+    return (
+        f'{{"mode":"active","node":"{node}","results":{{}},"state":"active","timestamp":'
+        f"{1_733_500_000 + rng.randrange(10**5)}}}"
+    )
+
+
+def seed_text_db(path: Path, vms: int = 2000) -> None:
+    """A database holding what a Proxmox cluster's configuration database holds: text files
+    (guest configurations, the cluster and storage configurations, users, status records, a
+    certificate), one row each, in pmxcfs's table layout; about the size of seed_db's. For the
+    RAM a compressed area takes for such data: seed_db's rows are random blobs."""
+    rng = random.Random(5)
+    nodes = ("pve1", "pve2", "pve3")
+    files: list[tuple[str, str]] = [
+        (
+            "corosync.conf",
+            "totem {\n  cluster_name: lab\n  config_version: 7\n  version: 2\n}\n"
+            + "".join(
+                f"node {{\n  name: {n}\n  nodeid: {i + 1}\n  quorum_votes: 1\n"
+                f"  ring0_addr: 10.0.0.{i + 11}\n}}\n"
+                for i, n in enumerate(nodes)
+            ),
+        ),
+        (
+            "storage.cfg",
+            "dir: local\n\tpath /var/lib/vz\n\tcontent iso,vztmpl,backup\n\n"
+            "lvmthin: local-lvm\n\tthinpool data\n\tvgname pve\n\tcontent rootdir,images\n",
+        ),
+        (
+            "user.cfg",
+            "".join(
+                f"user:user{i}@pve:1:0:First{i}:Last{i}:user{i}@example.com:::\n" for i in range(40)
+            ),
+        ),
+        ("datacenter.cfg", "keyboard: en-us\nmigration: secure,network=10.0.0.0/24\n"),
+        (
+            "pve-root-ca.pem",
+            "-----BEGIN CERTIFICATE-----\n"
+            + "".join(rng.randbytes(48).hex()[:64] + "\n" for _ in range(28))
+            + "-----END CERTIFICATE-----\n",
+        ),
+    ]
+    for i in range(vms):
+        files.append((f"nodes/{nodes[i % 3]}/qemu-server/{100 + i}.conf", _vm_config(rng, 100 + i)))
+    for n in nodes:
+        files.append((f"nodes/{n}/lrm_status", _status_json(rng, n)))
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS tree (inode INTEGER PRIMARY KEY NOT NULL, parent INTEGER"
+            " NOT NULL, version INTEGER NOT NULL, writer INTEGER NOT NULL, mtime INTEGER NOT NULL,"
+            " type INTEGER NOT NULL, name TEXT NOT NULL, data BLOB)"
+        )
+        con.executemany(
+            "INSERT OR REPLACE INTO tree VALUES (?, 0, ?, 1, ?, 8, ?, ?)",
+            (
+                (i + 1, i + 1, 1_733_500_000 + i, name, text.encode())
+                for i, (name, text) in enumerate(files)
+            ),
+        )
+        con.commit()
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        con.close()
+
+
 def _image(path: Path) -> bytes:
     """The database at `path` as SQLite would write it whole (backup into memory)."""
     src = sqlite3.connect(path)

@@ -63,8 +63,10 @@ def _usable(b: Bench, what: str) -> bool:
 def ram_ratio(b: Bench) -> None:
     """RAM used per stored byte with ram.backend zram (the area a pin gets, made the way the
     daemon makes it): on the log tree (workloads.seed_logs) and on the SQLite load's database
-    (workloads.seed_db). The larger of the two is `zram_ram_per_stored_byte`; access logs
-    without random tokens (workloads.seed_access_logs) are reported beside it."""
+    (workloads.seed_db). The larger of the two is `zram_ram_per_stored_byte`. Beside it, the
+    same for text that holds no random tokens: access logs (workloads.seed_access_logs) and a
+    database of configuration files in pmxcfs's layout (workloads.seed_text_db); the larger
+    of those two is `zram_ram_per_stored_byte_text`."""
     r = b.results
     if not _usable(b, "compressed RAM"):
         return
@@ -72,6 +74,7 @@ def ram_ratio(b: Bench) -> None:
         ("logs", lambda d: workloads.seed_logs(d / "logs")),
         ("sqlite", lambda d: workloads.seed_db(d / "db.sqlite")),
         ("access_logs", lambda d: workloads.seed_access_logs(d / "logs")),
+        ("text_db", lambda d: workloads.seed_text_db(d / "config.db")),
     )
     for name, seed in seeds:
         area = b.tmp / f"zram-{name}"
@@ -90,6 +93,9 @@ def ram_ratio(b: Bench) -> None:
     r["zram_compression"] = COMPRESSION
     r["zram_ram_per_stored_byte"] = max(
         r["zram_ram_per_stored_byte_logs"], r["zram_ram_per_stored_byte_sqlite"]
+    )
+    r["zram_ram_per_stored_byte_text"] = max(
+        r["zram_ram_per_stored_byte_access_logs"], r["zram_ram_per_stored_byte_text_db"]
     )
 
 
