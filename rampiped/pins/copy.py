@@ -73,6 +73,7 @@ class CopyMode(Mode):
         undo.append(lambda: self.m.unmount_placed(pin))
         writeback.pause_point("pin:bound")
         self._copied[pin.id] = (copied.snapshot, pin.last_ok_wall, pin.ledger)
+        undo.append(lambda: self._copied.pop(pin.id, None))
         self._raced(pin, undo)
 
     def settled(self, pin: Pin, undo: Undo) -> None:
@@ -89,6 +90,7 @@ class CopyMode(Mode):
         disk = self.m.disk(pin.id)
         raced = copymode.changed_since(disk, snapshot)
         if raced:
+            self._copied.pop(pin.id, None)  # the roll-back may keep its undo steps (draining)
             refusal = (
                 f"cannot pin {pin.path}: written on disk during the pin ("
                 + ", ".join(raced[:5])
