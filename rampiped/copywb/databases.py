@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import sqlite3
 import stat
@@ -18,6 +19,9 @@ from rampiped import sqlitepages
 from rampiped.copywb.atomic import fsync_dir, fsync_path, tmp_path
 from rampiped.copywb.results import CopyError
 from rampiped.copywb.snapshot import Snapshot
+from rampiped.fsops import open_rel
+from rampiped.pause import pause_point
+from rampiped.writeback.holdplace import HoldPlace, Staging
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +176,19 @@ def settle_database(path: str) -> list[str]:
     return present
 
 
-def _checkpoint_database(data: str, disk: str, rel: str, *, by_pages: bool = False) -> int | None:
+def _checkpoint_database(
+    data: str,
+    disk: str,
+    rel: str,
+    *,
+    by_pages: bool = False,
+    staging: Staging | None = None,
+) -> int | None:
     """Write RAM's database `rel` to disk; the bytes written, or None when it vanished.
-    `by_pages`: its changed pages in place when it can (sqlitepages), else whole."""
+    `by_pages`: its changed pages in place when it can (sqlitepages), else whole. `staging`
+    (HoldPlace.staging): the whole file is made in the hold directory and renamed into place
+    from there, so that no reader of the directory sees its temporary name; else it is made
+    next to its name (tmp_path)."""
     src = os.path.join(data, rel)
     dst = os.path.join(disk, rel)
     try:
@@ -185,7 +199,15 @@ def _checkpoint_database(data: str, disk: str, rel: str, *, by_pages: bool = Fal
         _copy_metadata(src, st, dst)
         return done.bytes
     directory = os.path.dirname(dst)
-    tmp = tmp_path(dst)
+    parent_fd = None
+    if staging is not None:
+        parent_fd = open_rel(staging.target_fd, os.path.dirname(rel))
+        if parent_fd is None:
+            raise CopyError(f"cannot checkpoint the database {src}: {directory} is gone")
+        name = f"db-{secrets.token_hex(4)}"
+        tmp = os.path.join(staging.hold_path, name)
+    else:
+        tmp = tmp_path(dst)
     try:
         try:
             _backup(src, tmp)
@@ -198,11 +220,17 @@ def _checkpoint_database(data: str, disk: str, rel: str, *, by_pages: bool = Fal
         settle_database(dst)
         if os.path.isdir(dst) and not os.path.islink(dst):
             shutil.rmtree(dst)  # RAM replaced a directory by this database
-        os.rename(tmp, dst)
+        pause_point("database:staged")
+        if staging is not None and parent_fd is not None:
+            os.rename(name, os.path.basename(rel), src_dir_fd=staging.hold_fd, dst_dir_fd=parent_fd)
+        else:
+            os.rename(tmp, dst)
     finally:
         for leftover in (tmp, *(tmp + s for s in DB_COMPANIONS)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+        if parent_fd is not None:
+            os.close(parent_fd)
     fsync_dir(directory)
     return os.stat(dst).st_size
 
@@ -215,26 +243,29 @@ def write_databases(
     failures: list[str] | None = None,
     *,
     by_pages: bool = False,
+    place: HoldPlace | None = None,
 ) -> list[str]:
     """Write RAM's databases `rels` to disk one by one (_checkpoint_database), counting each in
     `totals` ("files", "bytes"), then put RAM's directory times back; returns those written (a
     database gone from RAM meanwhile is not). A database that cannot be written raises, or,
     given `failures`, is recorded there while the others are still written. `by_pages`: as
     in _checkpoint_database (the write-back after an unmount writes whole files: it holds the
-    disk files it replaces)."""
+    disk files it replaces). `place`: where that write-back holds them; with its hold
+    directory outside the directory, each database is made there (HoldPlace.staging)."""
     written: list[str] = []
-    for rel in rels:
-        try:
-            size = _checkpoint_database(data, disk, rel, by_pages=by_pages)
-        except (CopyError, OSError, sqlite3.Error) as exc:
-            if failures is None:
-                raise
-            failures.append(str(exc))
-            continue
-        if size is not None:
-            written.append(rel)
-            totals["files"] += 1
-            totals["bytes"] += size
+    with place.staging() if place is not None else contextlib.nullcontext() as staging:
+        for rel in rels:
+            try:
+                size = _checkpoint_database(data, disk, rel, by_pages=by_pages, staging=staging)
+            except (CopyError, OSError, sqlite3.Error) as exc:
+                if failures is None:
+                    raise
+                failures.append(str(exc))
+                continue
+            if size is not None:
+                written.append(rel)
+                totals["files"] += 1
+                totals["bytes"] += size
     _restore_dir_times(data, disk, written)
     return written
 

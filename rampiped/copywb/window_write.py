@@ -310,7 +310,7 @@ class WindowWriteBack:
         except (OSError, SyncError) as exc:
             log.warning("%s: carrying the appends made meanwhile failed (%s); retried", disk, exc)
         pause_point("copy-window:written")
-        written = write_databases(data, disk, self.databases, totals)
+        written = write_databases(data, disk, self.databases, totals, place=self.held.place)
         durable.syncfs(disk)
         missing = []
         for rel in self.listed:

@@ -73,7 +73,7 @@ class CopyMode(Mode):
         undo.append(lambda: self.m.unmount_placed(pin))
         writeback.pause_point("pin:bound")
         self._copied[pin.id] = (copied.snapshot, pin.last_ok_wall, pin.ledger)
-        undo.append(lambda: self._copied.pop(pin.id, None))
+        undo.append(lambda: self._forget(pin.id))
         self._raced(pin, undo)
 
     def settled(self, pin: Pin, undo: Undo) -> None:
@@ -83,6 +83,9 @@ class CopyMode(Mode):
         self._raced(pin, undo)
         self._copied.pop(pin.id, None)
 
+    def _forget(self, pin_id: str) -> None:
+        self._copied.pop(pin_id, None)
+
     def _raced(self, pin: Pin, undo: Undo) -> None:
         # a write that reached the disk between the end of the copy and the bind would be
         # overwritten by the first checkpoint: roll back and let the pin be tried again
@@ -90,7 +93,7 @@ class CopyMode(Mode):
         disk = self.m.disk(pin.id)
         raced = copymode.changed_since(disk, snapshot)
         if raced:
-            self._copied.pop(pin.id, None)  # the roll-back may keep its undo steps (draining)
+            self._forget(pin.id)  # the roll-back may keep its undo steps (draining)
             refusal = (
                 f"cannot pin {pin.path}: written on disk during the pin ("
                 + ", ".join(raced[:5])

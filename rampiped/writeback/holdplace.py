@@ -20,13 +20,26 @@ import logging
 import os
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-from rampiped.fsops import DIR_FLAGS, _fsync_dir, lstat_at, open_rel
+from rampiped.fsops import DIR_FLAGS, _fsync_dir, lstat_at, open_dir_at, open_rel
 from rampiped.writeback.names import HOLD_NAME
 
 log = logging.getLogger(__name__)
 
 JOURNAL_HOLD = "held"  # the hold directory's name in a pin's journal
+
+
+@dataclass(frozen=True)
+class Staging:
+    """The hold directory and the directory, both through the private copy of their mount
+    (`hold_fd`, `target_fd`: a rename from one to the other stays on one mount), and the hold
+    directory's own path (`hold_path`, in the journal: root's, for a program that takes a
+    path, such as SQLite, which resolves /proc/self/fd links to paths the copy does not have)."""
+
+    hold_fd: int
+    target_fd: int
+    hold_path: str
 
 
 class HoldPlace:
@@ -88,6 +101,29 @@ class HoldPlace:
             yield fd, name
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Staging | None]:
+        """Where a file written whole can be made so that no reader of the directory sees it
+        until it is renamed into place (Staging); None when the hold directory is inside the
+        directory, or either is gone. Its descriptors are closed when the block ends."""
+        if self.root_fd is None:
+            yield None
+            return
+        target_fd = self.open_target()
+        hold_fd = None
+        try:
+            with self.hold_parent() as parent:
+                if parent is not None and lstat_at(parent[0], parent[1]) is not None:
+                    hold_fd = open_dir_at(parent[0], parent[1])
+            if target_fd is None or hold_fd is None:
+                yield None
+            else:
+                yield Staging(hold_fd, target_fd, self.shown)
+        finally:
+            for fd in (hold_fd, target_fd):
+                if fd is not None:
+                    os.close(fd)
 
     def reaches(self, target: str, hold_parent: str) -> bool:
         """Whether the copy of the mount reaches the directory `target` and the hold

@@ -783,6 +783,47 @@ def test_write_back_after_the_unmount(
         assert "carrying the writes made during the write-back failed" not in log_text
 
 
+def test_a_database_written_after_the_unmount_is_never_seen_under_another_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Databases changed during the write-back before the unmount are written whole after it,
+    through SQLite's backup API: the new file is made in the hold directory (in the journal)
+    and renamed into place, so a reader of the directory never meets its temporary name.
+    Fails when the file is made next to its name."""
+    marker = tmp_path / "paused"
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "copy"
+        d.mkdir()
+        seed_dbs(d)
+        names = sorted(os.listdir(d))
+        with safety.paused_daemon(
+            env, monkeypatch, f"{SYNCED},{UNMOUNTED},database:staged", marker
+        ) as dm:
+            env.ctl("pin", "--mode", "copy", str(d), check=True)
+            ctl = safety.ctl_async(env, "unpin", str(d))
+            try:
+                safety.wait_paused(marker, SYNCED)
+                ram_dbs(d)
+                release(marker)
+                safety.wait_paused(marker, UNMOUNTED)
+                release(marker)
+                seen = []
+                for _ in range(2):  # wal.sqlite and plain.sqlite, in either order
+                    safety.wait_paused(marker, "database:staged")
+                    seen.append(sorted(os.listdir(d)))
+                    release(marker)
+                out, err = ctl.communicate(timeout=120)
+                assert ctl.returncode == 0, (out, err, dm.log_text()[-3000:])
+            finally:
+                release(marker)
+                if ctl.poll() is None:
+                    ctl.kill()
+                    ctl.communicate()
+        assert seen == [names, names], seen
+        check_dbs(d)
+        assert leftovers(d) == []
+
+
 # -- a pin rolled back after its bind ---------------------------------------------------------
 
 
