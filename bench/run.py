@@ -878,6 +878,67 @@ def switch(b: Bench) -> None:
             b.results[f"{key}_files_after"] = int(found[-1].group(1))
             b.results[f"{key}_unpin_s"] = round(took, 2)
             b.say(f"switch {label}{' with a writer' if with_writer else ''}: {found[-1].group(0)}")
+        if label == b.plan.switch_sizes[0][0]:
+            switch_renamed(b, env, d, s.mountpoint / "data" / "switch-renamed", mb)
+
+
+def switch_renamed(b: Bench, env: Env, d: Daemon, where: Path, mb: int) -> None:
+    """The same unpin with a directory renamed through the pin (the overlay follows a redirect
+    to its origin on disk): what the layer holds of it is written into the origin before the
+    unmount, and it is moved to its new name after it, in which moment a reader finds that
+    name missing: `switch_ms_renamed`, all that the unpin does after the unmount, the moves
+    among it, and `switch_ms_renamed_missing`, the longest time a reader that looks without
+    pause found the new name missing (the stick throttled)."""
+    old = where / "old"
+    old.mkdir(parents=True)
+    for i in range(64):
+        (old / f"f{i}").write_bytes(os.urandom(4096))
+    os.sync()
+    command(env, "pin", where)
+    files = max(1, mb // 16)
+    _write_large(where / "big", files, mb // files)
+    (where / "old").rename(where / "new")
+    (where / "new" / "f0").write_bytes(b"changed after the rename")
+    seen = len(d.lines)
+    stop = threading.Event()
+    missing: list[float] = [0.0]  # the longest time the new name was missing, in seconds
+
+    def look() -> None:
+        since = None
+        while not stop.is_set():
+            now = time.perf_counter()
+            if (where / "new" / "f0").exists():
+                if since is not None:
+                    missing[0] = max(missing[0], now - since)
+                since = None
+            elif since is None:
+                since = now
+        if since is not None:
+            missing[0] = max(missing[0], time.perf_counter() - since)
+
+    reader = threading.Thread(target=look, daemon=True)
+    reader.start()
+    t0 = time.perf_counter()
+    try:
+        command(env, "unpin", where)
+    finally:
+        took = time.perf_counter() - t0
+        stop.set()
+        reader.join()
+    found = [m for m in map(_SWITCH_LINE.search, d.lines[seen:]) if m]
+    if not found:
+        raise RuntimeError("no write-back before the unmount:\n" + "\n".join(d.lines[-20:]))
+    if (where / "old").exists() or (
+        where / "new" / "f0"
+    ).read_bytes() != b"changed after the rename":
+        raise RuntimeError(f"{where}: the renamed directory is not where the pin showed it")
+    b.results["switch_ms_renamed"] = int(found[-1].group(2))
+    b.results["switch_ms_renamed_missing"] = round(missing[0] * 1000)
+    b.results["switch_ms_renamed_unpin_s"] = round(took, 2)
+    b.say(
+        f"switch with a renamed directory: {found[-1].group(0)}; a reader found the new name"
+        f" missing for {missing[0] * 1000:.0f} ms"
+    )
 
 
 def checkpoint_cost(b: Bench) -> None:

@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable, Iterable
 
 from rampiped import osutil
-from rampiped.mounts import MountError, _errno_text, fs_type
+from rampiped.mounts import MountError, _errno_text, mountinfo
 
 
 def commits_in_order(path: str) -> bool:
@@ -28,13 +28,20 @@ def commits_in_order(path: str) -> bool:
     without a journal, and xfs or btrfs, which are not tested so) False: every step is synced
     on its own."""
     try:
-        if fs_type(path) not in ("ext3", "ext4"):
+        if _fs_type_of_dev(os.stat(path).st_dev) not in ("ext3", "ext4"):
             return False
         name = _block_name(path)
         # jbd2 names a journal after its device and the journal's inode: loop0-8, sda1-8
         return any(e.rpartition("-")[0] == name for e in os.listdir("/proc/fs/jbd2"))
     except (OSError, MountError):
         return False
+
+
+def _fs_type_of_dev(dev: int) -> str | None:
+    """The type of the filesystem whose device number is `dev`, from any mount of it: also
+    for a path that no mount table line leads to, such as /proc/self/fd/N of a directory in a
+    private copy of a mount (open_tree), which the write-back reaches the disk through."""
+    return next((e.fstype for e in mountinfo() if e.dev == dev), None)
 
 
 _EXT4_MAGIC = 0xEF53

@@ -228,11 +228,14 @@ class HeldFiles:
                         if base is not None:
                             entries.append(_Held(rel, link, base))
                     held = cls(place, threshold, entries)
-                    held._save(hold_fd)
-                    _fsync_dir(hold_fd)
+                    # holding nothing, it protects nothing from a power cut: no commit then
+                    held._save(hold_fd, commit=bool(entries))
+                    if entries:
+                        _fsync_dir(hold_fd)
                 finally:
                     os.close(hold_fd)
-                _fsync_dir(parent[0])
+                if entries:
+                    _fsync_dir(parent[0])
         finally:
             os.close(target_fd)
         return held
@@ -277,7 +280,7 @@ class HeldFiles:
         ]
         return cls(place, int(doc.get("threshold", 0)), entries)
 
-    def _save(self, hold_fd: int) -> None:
+    def _save(self, hold_fd: int, *, commit: bool = True) -> None:
         doc = {
             "version": _HELD_VERSION,
             "threshold": self.threshold,
@@ -295,7 +298,7 @@ class HeldFiles:
         }
         # durable on return: a recorded append (_Append) must be on disk before the append it
         # announces is
-        write_json_at(hold_fd, _HELD_INDEX, doc)
+        write_json_at(hold_fd, _HELD_INDEX, doc, commit=commit)
 
     @contextlib.contextmanager
     def _hold_dir(self) -> Iterator[int | None]:

@@ -477,6 +477,14 @@ def test_only_a_filesystem_with_a_journal_commits_in_order(
 ) -> None:
     assert durable.commits_in_order(str(loopfs.mountpoint))
     assert not durable.commits_in_order(str(runtime_tmpfs))
+    # the same filesystem reached through a private copy of its mount, which no line of the
+    # mount table names (the write-back's moves and held files are reached so)
+    clone = mounts.clone_mount(str(loopfs.mountpoint))
+    try:
+        assert durable.commits_in_order(f"/proc/self/fd/{clone}")
+        assert durable.fsync_commits_all(f"/proc/self/fd/{clone}")
+    finally:
+        os.close(clone)
     with make_loopfs(tmp_path / "nojournal", size_mb=32, features="^has_journal") as fs:
         assert mounts.fs_type(str(fs.mountpoint)) == "ext4"
         assert not durable.commits_in_order(str(fs.mountpoint))
