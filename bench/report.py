@@ -201,6 +201,12 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
     ("switch_ms_64m_writer", None, None, "64 MiB, with a logger appending through the unpin"),
     ("switch_ms_1g_writer", None, None, "1 GiB, with that logger"),
     (
+        "switch_ms_renamed_missing",
+        None,
+        None,
+        "64 MiB with a directory renamed through the pin: the new name missing",
+    ),
+    (
         "ledger_s_per_10k_small_files",
         None,
         None,
