@@ -209,10 +209,16 @@ def sync(path: str) -> None:
         syncfs(path)
 
 
-def write_json(path: str, doc: object) -> None:
+def write_json(path: str, doc: object, *, commit: bool = True) -> None:
     """osutil.write_json_atomic, with one journal commit where that takes every change before
-    it (`fsync_commits_all`: the file written out, then the directory's fsync), else two."""
-    osutil.write_json_atomic(path, doc, ordered=fsync_commits_all(os.path.dirname(path) or "."))
+    it (`fsync_commits_all`: the file written out, then the directory's fsync), else two; not
+    even that when not `commit` (see `write_at`)."""
+    directory, name = os.path.split(path)
+    dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_at(dir_fd, name, osutil.json_bytes(doc), mode=0o666, commit=commit)
+    finally:
+        os.close(dir_fd)
 
 
 def write_at(

@@ -199,13 +199,13 @@ def _checkpoint_database(
         _copy_metadata(src, st, dst)
         return done.bytes
     directory = os.path.dirname(dst)
-    parent_fd = None
+    staged = None  # (hold directory, parent directory, name in the hold directory)
     if staging is not None:
         parent_fd = open_rel(staging.target_fd, os.path.dirname(rel))
         if parent_fd is None:
             raise CopyError(f"cannot checkpoint the database {src}: {directory} is gone")
-        name = f"db-{secrets.token_hex(4)}"
-        tmp = os.path.join(staging.hold_path, name)
+        staged = (staging.hold_fd, parent_fd, f"db-{secrets.token_hex(4)}")
+        tmp = os.path.join(staging.hold_path, staged[2])
     else:
         tmp = tmp_path(dst)
     try:
@@ -221,16 +221,17 @@ def _checkpoint_database(
         if os.path.isdir(dst) and not os.path.islink(dst):
             shutil.rmtree(dst)  # RAM replaced a directory by this database
         pause_point("database:staged")
-        if staging is not None and parent_fd is not None:
-            os.rename(name, os.path.basename(rel), src_dir_fd=staging.hold_fd, dst_dir_fd=parent_fd)
+        if staged is not None:
+            hold_fd, parent_fd, name = staged
+            os.rename(name, os.path.basename(rel), src_dir_fd=hold_fd, dst_dir_fd=parent_fd)
         else:
             os.rename(tmp, dst)
     finally:
         for leftover in (tmp, *(tmp + s for s in DB_COMPANIONS)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
-        if parent_fd is not None:
-            os.close(parent_fd)
+        if staged is not None:
+            os.close(staged[1])
     fsync_dir(directory)
     return os.stat(dst).st_size
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from rampiped import durable, handover, mounts, osutil, pause, writeback
+from rampiped import durable, handover, mounts, pause, writeback
 from rampiped.commands import guarded
 from rampiped.engine import format_bytes
 from rampiped.osutil import read_json
@@ -442,22 +442,16 @@ class OverlayMode(Mode):
         unchanged = early.unchanged_after_unmount(gen, upper) if early else None
         # from here on the journal, not the RAM layer, is what gets applied: applying the layer
         # a second time after this apply moved renamed directories would find their origins gone
-        # Read only by a start after a crash of the daemon, whose RAM layer is still there
-        # (after a power cut the journal is applied whatever it holds): where the filesystem
-        # commits in order it is made durable by the apply's commits, not one of its own
-        # before them, which on a slow stick lengthened the moment in which a renamed
-        # directory is missing from its new name.
-        jfd = os.open(journal, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            durable.write_at(
-                jfd,
-                FINAL_MARK,
-                osutil.json_bytes({"final": True, "unchanged": sorted(unchanged or ())}),
-                mode=0o644,
-                commit=False,
-            )
-        finally:
-            os.close(jfd)
+        # No commit of its own where the filesystem commits in order: the apply's commits take
+        # it (on a slow stick a renamed directory was missing from its new name for one more
+        # commit). A start after a crash of the daemon finds it in the page cache; after a
+        # power cut it may be absent, and the early mark says which files the directory
+        # holds already (pins.early.written_early; test_final_mark_power_cut.py).
+        durable.write_json(
+            os.path.join(journal, FINAL_MARK),
+            {"final": True, "unchanged": sorted(unchanged or ())},
+            commit=False,
+        )
         writeback.pause_point("unpin:journaled")
         res = writeback.apply_journal(
             journal,

@@ -228,14 +228,12 @@ class HeldFiles:
                         if base is not None:
                             entries.append(_Held(rel, link, base))
                     held = cls(place, threshold, entries)
-                    # holding nothing, it protects nothing from a power cut: no commit then
-                    held._save(hold_fd, commit=bool(entries))
+                    held._save(hold_fd, commit=bool(entries))  # holding nothing: nothing to keep
                     if entries:
                         _fsync_dir(hold_fd)
+                        _fsync_dir(parent[0])
                 finally:
                     os.close(hold_fd)
-                if entries:
-                    _fsync_dir(parent[0])
         finally:
             os.close(target_fd)
         return held
@@ -296,8 +294,7 @@ class HeldFiles:
                 for e in self.entries
             ],
         }
-        # durable on return: a recorded append (_Append) must be on disk before the append it
-        # announces is
+        # durable on return (commit): a recorded _Append is on disk before the append it announces
         write_json_at(hold_fd, _HELD_INDEX, doc, commit=commit)
 
     @contextlib.contextmanager

@@ -59,7 +59,9 @@ class HoldPlace:
         self.root_fd = root_fd  # a private copy of the mount holding both, or None
         self.target_rel = target_rel  # the directory, below root_fd
         self.hold_rel = hold_rel  # the hold directory, below root_fd
-        self.shown = shown or os.path.join(self.target, HOLD_NAME)  # for messages
+        # the hold directory by path: for messages, and with root_fd its own path in the
+        # journal (root's), for a program that takes a path (Staging.hold_path)
+        self.shown = shown or os.path.join(self.target, HOLD_NAME)
         self._close = weakref.finalize(self, os.close, root_fd) if root_fd is not None else None
 
     @classmethod
