@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from rampiped import durable
 from rampiped.copywb.checkpoint import copy_listed, rsync_stats
 from rampiped.copywb.databases import databases_in, with_companions, write_databases
+from rampiped.copywb.placed import place_in_hold
 from rampiped.copywb.results import CheckpointResult, NotVerified
 from rampiped.copywb.sides import DATA, verify_source, verify_target
 from rampiped.copywb.snapshot import Snapshot, Stamp, entry_stamp, kind_letter, snapshot
@@ -276,6 +277,10 @@ class WindowWriteBack:
         totals = {"files": 0, "bytes": 0, "deleted": deleted}
         own = self.own_writes()
         rest = [rel for rel in self.listed if rel not in own]
+        placed = place_in_hold(data, self.held.place, rest, self.in_ram)
+        totals["files"] += placed.files
+        totals["bytes"] += placed.bytes
+        rest = [rel for rel in rest if rel not in placed.rels]
         if rest:
             # no --delete: deletions were done above
             argv, result = copy_listed(

@@ -28,6 +28,7 @@ from rampiped.writeback.names import SCRATCH_NAME
 
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
 LINK_SCRATCH = "linking"  # beside the generations in the journal (see _scratch)
+LINKED_KINDS = ("file", "symlink")
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,11 @@ class LinkRoute:
 
 
 def linkable(layer: Layer, left_out: Iterable[str]) -> list[str]:
-    """The regular files of `layer` to link into place: all but `left_out` (written some other
-    way, or already in place), and but the hard-link groups that `left_out` splits (rsync
-    writes those, keeping the group one inode)."""
+    """The regular files and symlinks of `layer` to link into place: all but `left_out`
+    (written some other way, or already in place), and but the hard-link groups that
+    `left_out` splits (rsync writes those, keeping the group one inode). A symlink is linked
+    too: rsync replaces one by a symlink at a temporary name beside it (`.NAME.PID`), which a
+    reader of the directory would see."""
     skip = set(left_out)
     for group in layer.link_groups:
         if any(rel in skip for rel in group):
@@ -51,7 +54,7 @@ def linkable(layer: Layer, left_out: Iterable[str]) -> list[str]:
         rel
         for d in layer.dirs.values()
         for name, kind in d.children.items()
-        if kind == "file" and (rel := f"{d.rel}/{name}" if d.rel else name) not in skip
+        if kind in LINKED_KINDS and (rel := f"{d.rel}/{name}" if d.rel else name) not in skip
     ]
 
 
@@ -74,11 +77,12 @@ def same_dir(route: LinkRoute, source: str, target: str) -> bool:
 
 
 def link_files(route: LinkRoute, rels: list[str]) -> tuple[int, int]:
-    """Put each regular file `rels` of the generation in place in the directory, as the same
-    inode: linked in a scratch directory beside the generation (_scratch), then renamed
-    over its name. The trusted.overlay.* attributes the generation copied from the layer are
-    removed first (they must not reach the disk). Returns (files linked, their bytes); a name
-    that shows the generation's inode already is left alone. Raises OSError."""
+    """Put each regular file and symlink `rels` of the generation in place in the directory,
+    as the same inode: linked in a scratch directory beside the generation (_scratch), then
+    renamed over its name. The trusted.overlay.* attributes the generation copied from the
+    layer are removed first (they must not reach the disk). Returns (regular files linked,
+    their bytes); a name that shows the generation's inode already is left alone. Raises
+    OSError."""
     files = nbytes = 0
     seen: set[int] = set()
     with (
@@ -90,6 +94,8 @@ def link_files(route: LinkRoute, rels: list[str]) -> tuple[int, int]:
             with opened_at(src_root, parent) as sfd, opened_at(dst_root, parent) as dfd:
                 for name in names:
                     st = _link_one(sfd, dfd, scratch, name)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
                     if not files:
                         pause_point("apply:linked-one")  # the rest still to link
                     files += 1
@@ -125,8 +131,8 @@ def _scratch(route: LinkRoute, dst_root: int) -> Iterator[int]:
 def _link_one(sfd: int, dfd: int, scratch: int, name: str) -> os.stat_result:
     """Put the generation's file `name` (below `sfd`) in place below `dfd`; its stat."""
     st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
-    if not stat.S_ISREG(st.st_mode):
-        raise OSError(f"{name}: not a regular file in the generation")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise OSError(f"{name}: neither a regular file nor a symlink in the generation")
     have = lstat_at(dfd, name)
     if have is not None and (have.st_dev, have.st_ino) == (st.st_dev, st.st_ino):
         return st  # linked by an apply before this one
@@ -140,14 +146,12 @@ def _link_one(sfd: int, dfd: int, scratch: int, name: str) -> os.stat_result:
 
 
 def _drop_overlay_xattrs(dir_fd: int, name: str) -> None:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
-    try:
-        for key in os.listxattr(fd):
-            if key.startswith(OVERLAY_XATTR_PREFIX):
-                with contextlib.suppress(OSError):
-                    os.removexattr(fd, key)
-    finally:
-        os.close(fd)
+    # by the descriptor's /proc link, not opened: a symlink cannot be opened for its xattrs
+    path = f"/proc/self/fd/{dir_fd}/{name}"
+    for key in os.listxattr(path, follow_symlinks=False):
+        if key.startswith(OVERLAY_XATTR_PREFIX):
+            with contextlib.suppress(OSError):
+                os.removexattr(path, key, follow_symlinks=False)
 
 
 def _by_parent(rels: list[str]) -> Iterator[tuple[str, list[str]]]:

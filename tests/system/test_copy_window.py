@@ -262,8 +262,10 @@ def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
 
             def in_ram() -> None:
                 change_in_ram(d)
-                # a symlink: what rsync writes after the unmount (regular files are written
-                # by rampiped itself, through the hold directory in the journal)
+                # a directory: what rsync writes after the unmount (regular files, symlinks
+                # and hard links are made by rampiped itself, in the hold directory in the
+                # journal, and renamed into place)
+                os.mkdir(d / "made-dir")
                 os.symlink("a.log", d / "made-link")
 
             def disk_writes_then_rsync_fails() -> None:
@@ -296,6 +298,7 @@ def test_a_failed_write_back_after_the_unmount_brings_disk_writes_into_ram(
         assert (d / "made-in-ram").read_text() == "ram\n"
         assert not (d / "gone").exists()
         assert os.readlink(d / "made-link") == "a.log"
+        assert (d / "made-dir").is_dir()
 
 
 def test_a_pin_rolled_back_after_its_bind_writes_back_what_reached_ram(

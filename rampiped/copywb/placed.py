@@ -1,0 +1,160 @@
+"""The entries of a copy pin's write-back after the unmount that rsync would make under a
+temporary name in the directory, made in the hold directory instead and renamed into place
+through the private copy of the mount (HoldPlace.staging): a reader of the directory sees the
+old entry or the new one at its name, never another name.
+
+rsync makes such names for a symlink it replaces (`.NAME.PID` beside it) and for a regular file
+it writes (in its --temp-dir, the scratch directory at the directory's top). The files with
+one name are the write-back's own already (HeldFiles.write_own); this takes the symlinks and
+the hard-link groups. The rest is left to rsync, as is everything when the hold directory is
+inside the directory (the journal on another mount)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from rampiped.copywb.snapshot import Snapshot
+from rampiped.fsops import lstat_at, open_rel
+from rampiped.writeback.holdplace import HoldPlace, Staging
+
+
+@dataclass
+class Placed:
+    rels: set[str] = field(default_factory=set)  # entries put in place
+    files: int = 0  # regular files among them, by name
+    bytes: int = 0  # their data, each inode once
+
+
+def place_in_hold(data: str, place: HoldPlace, rels: list[str], in_ram: Snapshot) -> Placed:
+    """Put in place, from RAM (`data`, its snapshot `in_ram`), the symlinks of `rels` and the
+    hard-link groups all of whose names are in `rels`, where the disk holds no directory at
+    any of their names and has their parent directories; what is placed rsync must leave out.
+    Each is synced before its rename (rsync's --fsync). Raises OSError."""
+    done = Placed()
+    wanted = set(rels)
+    groups: dict[int, list[str]] = {}
+    for rel, st in in_ram.items():
+        if st[0] == "f":
+            groups.setdefault(st[4], []).append(rel)
+    with place.staging() as staging:
+        if staging is None:
+            return done
+        for rel in rels:
+            if in_ram.get(rel, ("",))[0] == "l" and _place_symlink(staging, data, rel):
+                done.rels.add(rel)
+        for names in groups.values():
+            if len(names) > 1 and wanted.issuperset(names):
+                size = _place_group(staging, data, sorted(names))
+                if size is not None:
+                    done.rels.update(names)
+                    done.files += len(names)
+                    done.bytes += size
+    return done
+
+
+@contextlib.contextmanager
+def _parents(staging: Staging, rels: list[str]) -> Iterator[dict[str, int] | None]:
+    """The disk's parent directory of each of `rels` (by rel), through the copy of the mount;
+    None when one is missing or a name there is a directory."""
+    fds: dict[str, int] = {}
+    try:
+        for rel in rels:
+            fd = open_rel(staging.target_fd, os.path.dirname(rel))
+            if fd is None:
+                yield None
+                return
+            fds[rel] = fd
+            have = lstat_at(fd, os.path.basename(rel))
+            if have is not None and stat.S_ISDIR(have.st_mode):
+                yield None
+                return
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _tmp_name() -> str:
+    return f"placed-{secrets.token_hex(4)}"
+
+
+def _rename_in(staging: Staging, tmp: str, parent_fd: int, rel: str) -> None:
+    os.rename(tmp, os.path.basename(rel), src_dir_fd=staging.hold_fd, dst_dir_fd=parent_fd)
+
+
+def _place_symlink(staging: Staging, data: str, rel: str) -> bool:
+    """A symlink of RAM without xattrs (rsync -X copies those), as it is there."""
+    src = os.path.join(data, rel)
+    try:
+        st = os.lstat(src)
+        if not stat.S_ISLNK(st.st_mode) or os.listxattr(src, follow_symlinks=False):
+            return False
+        points_to = os.readlink(src)
+    except OSError:
+        return False  # gone from RAM meanwhile: rsync's --ignore-missing-args
+    with _parents(staging, [rel]) as parents:
+        if parents is None:
+            return False
+        tmp = _tmp_name()
+        hold = staging.hold_fd
+        os.symlink(points_to, tmp, dir_fd=hold)
+        try:
+            os.chown(tmp, st.st_uid, st.st_gid, dir_fd=hold, follow_symlinks=False)
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=hold, follow_symlinks=False)
+            _rename_in(staging, tmp, parents[rel], rel)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=hold)
+            raise
+    return True
+
+
+def _place_group(staging: Staging, data: str, names: list[str]) -> int | None:
+    """A hard-link group of RAM, as one new inode at each of its names (rsync -H keeps it
+    one): its size, or None when it cannot be placed this way."""
+    src = os.path.join(data, names[0])
+    with _parents(staging, names) as parents:
+        if parents is None:
+            return None
+        hold = staging.hold_fd
+        tmp = _tmp_name()
+        made: list[str] = []
+        try:
+            try:
+                fin = open(src, "rb")  # noqa: SIM115 - closed below
+            except OSError:
+                return None  # gone from RAM meanwhile
+            with fin:
+                st = os.fstat(fin.fileno())
+                fd = os.open(
+                    tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=hold
+                )
+                made.append(tmp)
+                with os.fdopen(fd, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+                    fout.flush()
+                    for key in os.listxattr(fin.fileno()):
+                        os.setxattr(fout.fileno(), key, os.getxattr(fin.fileno(), key))
+                    os.fchown(fout.fileno(), st.st_uid, st.st_gid)
+                    os.fchmod(fout.fileno(), stat.S_IMODE(st.st_mode))
+                    os.utime(fout.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+                    os.fsync(fout.fileno())
+            for rel in names:
+                # a name of its own in the hold directory for each rename: the first rename
+                # would take the one name away from the next
+                extra = _tmp_name()
+                os.link(tmp, extra, src_dir_fd=hold, dst_dir_fd=hold, follow_symlinks=False)
+                made.append(extra)
+                _rename_in(staging, extra, parents[rel], rel)
+                made.remove(extra)
+        finally:
+            for name in made:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=hold)
+        return st.st_size

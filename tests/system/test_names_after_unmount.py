@@ -1,0 +1,93 @@
+"""What an unpin writes after its unmount (what changed in the instant before it) makes no name
+in the directory that the directory does not show in the end: no temporary name of rsync's or
+rampiped's, however briefly. inotify sees every name made, so this does not depend on a
+reader's luck. The case that made one before: a symlink replaced in that instant, which
+rsync replaces by way of `.NAME.PID` beside it, and, in a copy pin, a hard-linked file, which
+rsync writes in its scratch directory at the directory's top."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.system import safety
+from tests.system.helpers import drop_caches, remount, tree
+from tests.system.namewatch import NameWatch
+
+pytestmark = pytest.mark.system
+
+# the last pause before the unmount: the write-back before it is done
+BEFORE_UNMOUNT = {"overlay": "unpin:recorded", "copy": "unpin:copy-synced"}
+
+
+def replace_symlink(path: Path, points_to: str) -> None:
+    """As `ln -sfn` does: a symlink at a new name, renamed over the old one."""
+    tmp = path.with_name(path.name + ".new")
+    os.symlink(points_to, tmp)
+    os.rename(tmp, path)
+
+
+def same_inode(a: Path, b: Path) -> bool:
+    return os.lstat(a).st_ino == os.lstat(b).st_ino
+
+
+@pytest.mark.parametrize("mode", ["overlay", "copy"])
+def test_the_write_back_after_the_unmount_makes_no_name_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    marker = tmp_path / "paused"
+    stage = BEFORE_UNMOUNT[mode]
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "app"
+        (d / "sub").mkdir(parents=True)
+        os.symlink("v0", d / "current")
+        os.symlink("x0", d / "sub/link")
+        os.symlink("kept", d / "untouched")
+        (d / "state.txt").write_text("0\n")
+        (d / "app.log").write_text("line 0\n")
+        (d / "linked-a").write_text("a0\n")
+        os.link(d / "linked-a", d / "sub/linked-b")
+        watch = NameWatch(d)  # the disk directory's inodes, below the pin too
+        try:
+            with safety.paused_daemon(env, monkeypatch, stage, marker) as dm:
+                env.ctl("pin", "--mode", mode, str(d), check=True)
+                replace_symlink(d / "current", "v1")  # written back before the unmount
+                (d / "state.txt").write_text("1\n")
+                unpin = safety.ctl_async(env, "unpin", str(d))
+                try:
+                    safety.wait_paused(marker, stage)
+                    # the instant before the unmount: left for the write-back after it
+                    replace_symlink(d / "current", "v2")
+                    replace_symlink(d / "sub/link", "x1")
+                    os.symlink("y", d / "sub/new-link")
+                    tmp = d / "state.txt.tmp"
+                    tmp.write_text("2\n")
+                    tmp.rename(d / "state.txt")
+                    (d / "new.txt").write_text("new\n")
+                    with open(d / "app.log", "a") as f:
+                        f.write("line 1\n")
+                    with open(d / "linked-a", "a") as f:
+                        f.write("a1\n")
+                    expected = tree(d)
+                    one_inode = same_inode(d / "linked-a", d / "sub/linked-b")
+                    watch.take()  # what the write-back before the unmount made, hidden
+                    safety.release(marker)
+                    out, err = unpin.communicate(timeout=120)
+                    assert unpin.returncode == 0, (out, err, dm.log_text()[-3000:])
+                finally:
+                    safety.release(marker)
+                    if unpin.poll() is None:
+                        unpin.kill()
+                        unpin.communicate()
+            made = watch.made()
+        finally:
+            watch.close()
+        assert not env.mounted_at(d)
+        assert sorted(made - set(expected)) == []
+        remount(env.disk)
+        drop_caches()
+        assert tree(d) == expected
+        # a hard-link group written back is one inode again, as the view showed it
+        assert same_inode(d / "linked-a", d / "sub/linked-b") == one_inode
