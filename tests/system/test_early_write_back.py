@@ -175,6 +175,51 @@ def test_a_reader_never_sees_an_unpin_go_back_in_time(tmp_path: Path, mode: str)
         check_written_back(env, d, reader, appender)
 
 
+@pytest.mark.parametrize("mode", ["overlay", "copy"])
+def test_a_reader_never_sees_a_pin_a_checkpoint_or_a_stop_go_back_in_time(
+    tmp_path: Path, mode: str
+) -> None:
+    """The reader runs from before the pin, through the writes (each file replaced by a
+    rename, so that a plain disk would never show it half written), a checkpoint (`rampipectl
+    sync`) and the stop, which writes every pin back the way an unpin does, to after the
+    daemon's exit. The logger starts once the pin is made (a copy pin refuses a directory
+    written while it is copied into RAM)."""
+    with make_env(tmp_path, disk_mb=1024) as env:
+        env.write_config(adaptive={"enabled": False})
+        d = env.data / "app"
+        seed(d)
+        reader, appender = Reader(env, d), Appender(d / "app.log")
+        reader.start()
+        try:
+            with running(env) as dm:
+                wait_for(lambda: reader.reads > 20, 30, "reads before the pin")
+                env.ctl("pin", str(d), "--mode", mode, check=True)
+                assert env.mounted_at(d) is not None
+                appender.start()
+                for i in range(BIG):
+                    write_version(d / f"big{i}.new", 1)
+                    os.rename(d / f"big{i}.new", d / f"big{i}")
+                for n in range(1, 200):
+                    (d / "state.json.new").write_text(str(n))
+                    (d / "state.json.new").rename(d / "state.json")
+                env.ctl("sync", str(d), check=True)
+                assert dm.stop() == 0, dm.log_text()[-3000:]
+                assert env.mounted_at(d) is None
+                log = dm.log_text()
+            after = reader.reads
+            wait_for(lambda: reader.reads > after + 20, 30, "reads after the stop")
+        finally:
+            reader.stop.set()
+            appender.stop.set()
+            reader.join(10)
+            appender.join(10)
+        assert reader.own_seen == [], sorted(set(reader.own_seen))
+        assert re.search(r"checkpoint of " + re.escape(str(d)), log), log[-3000:]
+        if mode == "overlay":
+            assert re.search(re.escape(str(d)) + r": written back before the unmount", log), log
+        check_written_back(env, d, reader, appender)
+
+
 class DirReader(threading.Thread):
     """Reads the files of one directory in a loop: none may go back to an older version; it
     counts the reads that found one missing and the names of rampiped's it saw."""
