@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from rampiped.copywb.snapshot import Snapshot
 from rampiped.fsops import lstat_at, open_rel
+from rampiped.pause import pause_point
 from rampiped.writeback.holdplace import HoldPlace, Staging
 
 
@@ -153,6 +154,7 @@ def _place_group(staging: Staging, data: str, names: list[str]) -> int | None:
                 made.append(extra)
                 _rename_in(staging, extra, parents[rel], rel)
                 made.remove(extra)
+                pause_point("placed:one")  # the group's other names still the old file
         finally:
             for name in made:
                 with contextlib.suppress(FileNotFoundError):

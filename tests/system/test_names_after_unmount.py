@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.system import safety
+from tests.system.daemon_harness import running
 from tests.system.helpers import drop_caches, remount, tree
 from tests.system.namewatch import NameWatch
 
@@ -91,3 +92,61 @@ def test_the_write_back_after_the_unmount_makes_no_name_of_its_own(
         assert tree(d) == expected
         # a hard-link group written back is one inode again, as the view showed it
         assert same_inode(d / "linked-a", d / "sub/linked-b") == one_inode
+
+
+@pytest.mark.parametrize("fault", ["kill", "power"])
+def test_a_crash_between_the_names_of_a_hard_link_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """A copy pin's hard-link group is placed name by name (each rename atomic): a kill of
+    the daemon after the first name, or a power cut there, loses nothing. After a kill the
+    next start finishes the write-back and the directory shows the view; after a power cut
+    (RAM lost) each name holds one of the versions the pin showed, whole: the group may be
+    split then, as with rsync -H, which places a group name by name too."""
+    marker = tmp_path / "paused"
+    synced = BEFORE_UNMOUNT["copy"]
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "app"
+        d.mkdir()
+        (d / "a").write_text("v0\n")
+        os.link(d / "a", d / "b")
+        os.symlink("t0", d / "l")
+        with safety.paused_daemon(env, monkeypatch, f"{synced},placed:one", marker) as dm:
+            env.ctl("pin", "--mode", "copy", str(d), check=True)
+            with open(d / "a", "a") as f:
+                f.write("v1\n")  # written back before the unmount
+            unpin = safety.ctl_async(env, "unpin", str(d))
+            try:
+                safety.wait_paused(marker, synced)
+                with open(d / "a", "a") as f:
+                    f.write("v2\n")  # left for after the unmount
+                replace_symlink(d / "l", "t1")
+                view = tree(d)
+                safety.release(marker)
+                safety.wait_paused(marker, "placed:one")
+                safety.count("crash points" if fault == "kill" else "power cuts")
+                safety.fault(fault, env, dm)
+                unpin.communicate(timeout=60)
+            finally:
+                safety.release(marker)
+                if unpin.poll() is None:
+                    unpin.kill()
+                    unpin.communicate()
+        with running(env) as again:
+            again.wait_log(
+                r"finished an interrupted draining" if fault == "kill" else r"RAM copy lost"
+            )
+            assert env.status()["pins"] == []
+            log = again.log_text()
+            assert again.stop() == 0, log[-3000:]
+        remount(env.disk)
+        drop_caches()
+        got = tree(d)
+        assert not [n for n in os.listdir(d) if "rampiped" in n], os.listdir(d)
+        if fault == "kill":
+            assert got == view, log[-3000:]
+        else:
+            assert got["a"] in (b"v0\nv1\n", b"v0\nv1\nv2\n"), got
+            assert got["b"] in (b"v0\nv1\n", b"v0\nv1\nv2\n"), got
+            assert got["l"] in ("-> t0", "-> t1"), got
+            print(f"\nafter the power cut: {got}")
