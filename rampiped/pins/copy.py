@@ -17,6 +17,8 @@ from rampiped.engine import format_bytes
 from rampiped.pins.mode import Mode, Undo
 from rampiped.pins.model import (
     COPY_WINDOW,
+    HOLD_POLL,
+    HOLD_WAIT,
     SOURCE_PREFIX,
     Pin,
     PinRefused,
@@ -26,9 +28,16 @@ from rampiped.pins.model import (
 )
 
 if TYPE_CHECKING:
+    from rampiped import handover
     from rampiped.pins.manager import PinManager
 
 log = logging.getLogger("rampiped")
+
+
+def _only_reading(held: list[handover.HeldFile]) -> bool:
+    """Every holding is a descriptor open for reading only (not a mapping, a working or a
+    root directory)."""
+    return all(h.what.startswith("fd ") and not h.writable for h in held)
 
 
 @dataclass
@@ -75,6 +84,23 @@ class CopyMode(Mode):
         self._copied[pin.id] = (copied.snapshot, pin.last_ok_wall, pin.ledger)
         undo.append(lambda: self._forget(pin.id))
         self._raced(pin, undo)
+
+    def late_holders(self, pin: Pin) -> list[handover.HeldFile]:
+        """As for any pin, but processes that opened files on disk for reading only, in the
+        moment between the check and the bind, are waited out (up to HOLD_WAIT): they read
+        what the copy holds and cannot write through those files, and once they let go
+        `settled` looks for writes on disk again. A reader that keeps its file longer is
+        refused, as before (it would go on reading the disk, not RAM's copy); so is any
+        other holder at once."""
+        late = self.m.disk_holders(pin)
+        if not late or not _only_reading(late):
+            return late
+        writeback.pause_point("pin:late-readers")
+        deadline = time.monotonic() + HOLD_WAIT
+        while late and _only_reading(late) and time.monotonic() < deadline:
+            time.sleep(HOLD_POLL)
+            late = self.m.disk_holders(pin)
+        return late
 
     def settled(self, pin: Pin, undo: Undo) -> None:
         # looked at again now that no process holds a file on disk: a logger that opened its

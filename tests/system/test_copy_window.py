@@ -485,3 +485,70 @@ def test_a_late_writer_behind_ram_copy_of_its_file_refuses_the_pin_and_loses_not
             assert (d / "late.log").read_text() == "late 1\nram 2\nlate 2\n"
             assert safety.no_leftover_mounts(env.runtime) == []
             assert "could not write back" not in dm.log_text()
+
+
+def test_a_reader_that_opened_a_file_during_a_copy_pin_is_waited_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process opens a file on disk for reading in the moment between the check and the
+    bind (a reader of the directory): it cannot write through it, so the pin waits until it
+    lets go instead of refusing (it was refused: "opened on disk during the pin"), and
+    RAM's copy is what the directory shows then."""
+    marker = tmp_path / "paused"
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "copy"
+        seed(d)
+        with safety.paused_daemon(env, monkeypatch, "pin:layers,pin:late-readers", marker) as dm:
+            ctl = safety.ctl_async(env, "pin", "--mode", "copy", str(d))
+            reader = None
+            try:
+                safety.wait_paused(marker, "pin:layers")
+                reader = open(d / "a.log")  # noqa: SIM115 (closed below)
+                release(marker)
+                safety.wait_paused(marker, "pin:late-readers")
+                assert reader.read() == "disk 1\n"
+                reader.close()
+                release(marker)
+                out, err = ctl.communicate(timeout=60)
+                assert ctl.returncode == 0, (out, err, dm.log_text()[-3000:])
+            finally:
+                release(marker)
+                if reader is not None:
+                    reader.close()
+                if ctl.poll() is None:
+                    ctl.kill()
+                    ctl.communicate()
+            assert env.mounted_at(d) is not None
+            append(d / "a.log", "ram 2\n")
+            assert env.ctl("unpin", str(d)).returncode == 0, dm.log_text()[-3000:]
+        assert (d / "a.log").read_text() == "disk 1\nram 2\n"
+
+
+def test_a_reader_that_keeps_a_file_opened_during_a_copy_pin_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same reader keeps its file open: it would go on reading the disk, not RAM's copy,
+    so the pin is refused once the wait ends, and nothing is left mounted."""
+    marker = tmp_path / "paused"
+    with safety.manual_env(tmp_path) as env:
+        d = env.data / "copy"
+        seed(d)
+        with safety.paused_daemon(env, monkeypatch, "pin:layers", marker):
+            ctl = safety.ctl_async(env, "pin", "--mode", "copy", str(d))
+            reader = None
+            try:
+                safety.wait_paused(marker, "pin:layers")
+                reader = open(d / "a.log")  # noqa: SIM115 (closed below)
+                release(marker)
+                out, err = ctl.communicate(timeout=60)
+            finally:
+                release(marker)
+                if reader is not None:
+                    reader.close()
+                if ctl.poll() is None:
+                    ctl.kill()
+                    ctl.communicate()
+        assert ctl.returncode == 1, (out, err)
+        assert "opened on disk during the pin" in err, err
+        assert env.mounted_at(d) is None
+        assert (d / "a.log").read_text() == "disk 1\n"
