@@ -239,6 +239,7 @@ def test_a_leftover_of_another_layer_is_refused(pin: Pin, outside: Path, tmp_pat
     populate(pin.disk, outside)
     pin.mount()
     changes.ch_swap(pin.disk)
+    (pin.disk / "made").mkdir()  # something rsync writes: the cut comes when it starts
     pin.unmount_overlay()
 
     with pytest.raises(PowerCut):
@@ -348,6 +349,58 @@ def test_empty_layer_changes_nothing(pin: Pin, outside: Path) -> None:
     result = apply_upper(str(pin.upper), str(pin.disk))
     assert (result.files, result.bytes, result.deleted) == (0, 0, 0)
     assert diff_manifests(before, manifest(pin.disk, dir_times=True)) == []
+
+
+def _by_layer(path: Path) -> None:
+    (path / "sub").chmod(0o700)
+
+
+def _new_xattr(path: Path) -> None:
+    os.setxattr(path / "sub", "user.note", b"set in RAM")
+
+
+APPLY_CASES: dict[str, tuple[Callable[[Path], None], bool]] = {
+    # what is changed through the overlay, and whether rsync has work then
+    "file-deleted": (lambda p: (p / "sub" / "a").unlink(), False),
+    "directory-deleted": (lambda p: shutil.rmtree(p / "gone"), False),
+    "directory-mode": (_by_layer, True),
+    "directory-xattr": (_new_xattr, True),
+    "directory-made": (lambda p: (p / "new").mkdir(), True),
+    "fifo-made": (lambda p: os.mkfifo(p / "pipe"), True),
+    "file-written": (lambda p: (p / "sub" / "a").write_text("changed\n"), True),
+    # an xattr of the top directory on disk that the view's does not have (the layer's top
+    # directory is the view's), and a deletion
+    "top-xattr": (lambda p: (p / "sub" / "a").unlink(), True),
+}
+
+
+@pytest.mark.parametrize("case", APPLY_CASES)
+def test_rsync_is_started_only_when_it_has_work(pin: Pin, case: str) -> None:
+    """Changes that leave rsync nothing to write (deletions, whose directories the disk
+    holds as the layer does) are applied without starting it; any other change starts it.
+    Either way the disk shows the view."""
+    (pin.disk / "sub").mkdir()
+    (pin.disk / "sub" / "a").write_text("a\n")
+    (pin.disk / "gone").mkdir()
+    (pin.disk / "gone" / "x").write_text("x\n")
+    if case == "top-xattr":
+        os.setxattr(pin.disk, "user.top", b"disk")
+    pin.mount()
+    change, has_work = APPLY_CASES[case]
+    change(pin.disk)
+    view = manifest(pin.disk, dir_times=True)
+    pin.unmount_overlay()
+    started: list[list[str]] = []
+
+    def runner(argv: list[str]) -> CommandResult:
+        if argv[0] == "rsync" and "--version" not in argv:
+            started.append(argv)
+        return run_command(argv)
+
+    apply_upper(str(pin.upper), str(pin.disk), runner=runner)
+    assert (len(started) == 1) == has_work, started
+    drop_caches()
+    assert diff_manifests(view, manifest(pin.disk, dir_times=True)) == []
 
 
 def test_missing_or_odd_layer_is_refused(pin: Pin, outside: Path, tmp_path: Path) -> None:
@@ -568,6 +621,7 @@ def test_interrupted_journal_apply_resumes(
     changes.ch_swap(pin.disk)
     changes.ch_rename_renamed(pin.disk)
     changes.ch_delete_in_renamed(pin.disk)
+    (pin.disk / "made").mkdir()  # something rsync writes: the cut comes when it starts
     checkpoint(str(pin.upper), str(journal))
     at_checkpoint = oracle(pin.disk)
     pin.power_cut()
