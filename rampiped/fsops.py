@@ -271,3 +271,26 @@ def copy_dir_attrs(
     os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
     if times is not None:
         os.utime(dst_fd, ns=times)
+
+
+def append_from(src_fd: int, dst_fd: int, offset: int) -> int:
+    """Append src_fd's bytes from `offset` to its current end onto dst_fd; returns the count."""
+    n = 0
+    while chunk := os.pread(src_fd, 1 << 20, offset + n):
+        view = memoryview(chunk)
+        while view:
+            written = os.write(dst_fd, view)
+            view = view[written:]
+        n += len(chunk)
+    return n
+
+
+def copy_attributes(src: str, fd: int) -> None:
+    """Owner, mode and xattrs (ACLs included; not security labels nor overlay's) of `src`."""
+    st = os.lstat(src)
+    os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    for name in os.listxattr(src, follow_symlinks=False):
+        if name.startswith(("security.", "trusted.overlay.")):
+            continue
+        os.setxattr(fd, name, os.getxattr(src, name, follow_symlinks=False))

@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from rampiped.copywb.snapshot import Snapshot
-from rampiped.fsops import lstat_at, open_rel
+from rampiped.fsops import append_from, copy_attributes, lstat_at, open_rel
 from rampiped.pause import pause_point
 from rampiped.writeback.holdplace import HoldPlace, Staging
 
@@ -128,24 +127,23 @@ def _place_group(staging: Staging, data: str, names: list[str]) -> int | None:
         made: list[str] = []
         try:
             try:
-                fin = open(src, "rb")  # noqa: SIM115 - closed below
+                fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:
                 return None  # gone from RAM meanwhile
-            with fin:
-                st = os.fstat(fin.fileno())
-                fd = os.open(
-                    tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=hold
-                )
+            try:
+                st = os.fstat(fin)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                out = os.open(tmp, flags, 0o600, dir_fd=hold)
                 made.append(tmp)
-                with os.fdopen(fd, "wb") as fout:
-                    shutil.copyfileobj(fin, fout, 1 << 20)
-                    fout.flush()
-                    for key in os.listxattr(fin.fileno()):
-                        os.setxattr(fout.fileno(), key, os.getxattr(fin.fileno(), key))
-                    os.fchown(fout.fileno(), st.st_uid, st.st_gid)
-                    os.fchmod(fout.fileno(), stat.S_IMODE(st.st_mode))
-                    os.utime(fout.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
-                    os.fsync(fout.fileno())
+                try:
+                    append_from(fin, out, 0)
+                    copy_attributes(src, out)  # as HeldFiles.write_own gives its files
+                    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    os.fsync(out)
+                finally:
+                    os.close(out)
+            finally:
+                os.close(fin)
             for rel in names:
                 # a name of its own in the hold directory for each rename: the first rename
                 # would take the one name away from the next

@@ -16,7 +16,9 @@ from rampiped.fsops import (
     _PAGE,
     _fsync_dir,
     _make_dirs_rel,
+    append_from,
     common_prefix,
+    copy_attributes,
     join,
     lstat_at,
     open_dir_at,
@@ -67,11 +69,9 @@ class _Append:
 # One write of carried bytes at most (each is recorded in the index before it is made).
 _APPEND_CHUNK = 1 << 20
 
-
 # After a crash, how far past the recorded size the whole write is looked for: bytes other
 # processes appended by name between the record and the write come before it.
 _APPEND_SLACK = 64 << 10
-
 
 _MIN_PARTIAL = 512
 
@@ -88,29 +88,6 @@ def _landed(planned: bytes, tail: bytes, start: int) -> int:
         return len(planned)
     cut = (start + common_prefix(planned, tail)) // _PAGE * _PAGE - start
     return cut if cut >= _MIN_PARTIAL else 0
-
-
-def _copy_fd(src_fd: int, dst_fd: int, offset: int) -> int:
-    """Append src_fd's bytes from `offset` to its current end onto dst_fd; returns the count."""
-    n = 0
-    while chunk := os.pread(src_fd, 1 << 20, offset + n):
-        view = memoryview(chunk)
-        while view:
-            written = os.write(dst_fd, view)
-            view = view[written:]
-        n += len(chunk)
-    return n
-
-
-def _copy_attributes(src: str, fd: int) -> None:
-    """Owner, mode and xattrs (ACLs included; not security labels nor overlay's) of `src`."""
-    st = os.lstat(src)
-    os.fchown(fd, st.st_uid, st.st_gid)
-    os.fchmod(fd, stat.S_IMODE(st.st_mode))
-    for name in os.listxattr(src, follow_symlinks=False):
-        if name.startswith(("security.", "trusted.overlay.")):
-            continue
-        os.setxattr(fd, name, os.getxattr(src, name, follow_symlinks=False))
 
 
 def _place(target: str | HoldPlace) -> HoldPlace:
@@ -399,13 +376,13 @@ class HeldFiles:
             )
             try:
                 with open(src, "rb") as f:
-                    _copy_fd(f.fileno(), out, 0)
-                _copy_attributes(src, out)
+                    append_from(f.fileno(), out, 0)
+                copy_attributes(src, out)
                 ust = os.lstat(src)
                 os.utime(out, ns=(ust.st_atime_ns, ust.st_mtime_ns))
                 appended = e is not None and self._appended(e, held_fd)
                 if e is not None and appended:
-                    e.done = e.base.size + _copy_fd(held_fd, out, e.base.size)
+                    e.done = e.base.size + append_from(held_fd, out, e.base.size)
                 os.fsync(out)
             finally:
                 os.close(out)
