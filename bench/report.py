@@ -201,6 +201,13 @@ TARGETS: list[tuple[str, str | None, float | str | None, str]] = [
     ("switch_ms_64m_writer", None, None, "64 MiB, with a logger appending through the unpin"),
     ("switch_ms_1g_writer", None, None, "1 GiB, with that logger"),
     (
+        "switch_ms_64m_writer_behind",
+        None,
+        None,
+        "64 MiB with that logger: the longest time a reader found its log shorter than before",
+    ),
+    ("switch_ms_1g_writer_behind", None, None, "the same for 1 GiB"),
+    (
         "switch_ms_renamed_missing",
         None,
         None,

@@ -863,11 +863,14 @@ def switch(b: Bench) -> None:
             _write_large(where / "big", files, mb // files)
             # a logger: open, append a line, fsync, close, 50 times a second
             writer = FsyncLogger(where / "app.log", rate=50) if with_writer else None
+            behind = ShorterWatch(where / "app.log") if with_writer else None
             try:
                 t0 = time.perf_counter()
                 command(env, "unpin", where)
                 took = time.perf_counter() - t0
             finally:
+                if behind is not None:
+                    behind.finish()
                 if writer is not None:
                     writer.stop()
             found = [m for m in map(_SWITCH_LINE.search, d.lines) if m]
@@ -877,9 +880,54 @@ def switch(b: Bench) -> None:
             b.results[key] = int(found[-1].group(2))
             b.results[f"{key}_files_after"] = int(found[-1].group(1))
             b.results[f"{key}_unpin_s"] = round(took, 2)
-            b.say(f"switch {label}{' with a writer' if with_writer else ''}: {found[-1].group(0)}")
+            shorter = ""
+            if behind is not None:
+                b.results[f"{key}_behind"] = round(behind.longest * 1000)
+                shorter = (
+                    "; a reader found the log shorter than before for"
+                    f" {behind.longest * 1000:.0f} ms"
+                )
+            b.say(
+                f"switch {label}{' with a writer' if with_writer else ''}: {found[-1].group(0)}"
+                + shorter
+            )
         if label == b.plan.switch_sizes[0][0]:
             switch_renamed(b, env, d, s.mountpoint / "data" / "switch-renamed", mb)
+
+
+class ShorterWatch:
+    """A reader of `path` (every millisecond) from now until `finish`: `longest`, the
+    longest time in seconds that it found the file shorter than it had found it before (the
+    path showing an older version of a file that is only appended to)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        most, since = 0, None
+        while not self._stop.wait(0.001):
+            now = time.perf_counter()
+            try:
+                size = self.path.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            if size >= most:
+                most = size
+                if since is not None:
+                    self.longest = max(self.longest, now - since)
+                since = None
+            elif since is None:
+                since = now
+        if since is not None:
+            self.longest = max(self.longest, time.perf_counter() - since)
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def switch_renamed(b: Bench, env: Env, d: Daemon, where: Path, mb: int) -> None:

@@ -209,23 +209,48 @@ def sync(path: str) -> None:
         syncfs(path)
 
 
-def write_json(path: str, doc: object, *, commit: bool = True) -> None:
+def write_json(path: str, doc: object, *, commit: bool = True, written_out: bool = True) -> None:
     """osutil.write_json_atomic, with one journal commit where that takes every change before
     it (`fsync_commits_all`: the file written out, then the directory's fsync), else two; not
-    even that when not `commit` (see `write_at`)."""
+    even that when not `commit`, nor the write-out when not `written_out` (see `write_at`)."""
     directory, name = os.path.split(path)
     dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        write_at(dir_fd, name, osutil.json_bytes(doc), mode=0o666, commit=commit)
+        write_at(
+            dir_fd,
+            name,
+            osutil.json_bytes(doc),
+            mode=0o666,
+            commit=commit,
+            written_out=written_out,
+        )
     finally:
         os.close(dir_fd)
 
 
 def write_at(
-    dir_fd: int, name: str, data: bytes, *, tmp: str | None = None, mode: int, commit: bool = True
+    dir_fd: int,
+    name: str,
+    data: bytes,
+    *,
+    tmp: str | None = None,
+    mode: int,
+    commit: bool = True,
+    written_out: bool = True,
 ) -> None:
     """osutil.write_atomic_at, with one journal commit where that takes every change before
     it (see `write_json`); not even that when not `commit` (the caller commits later: there
-    only, elsewhere the file and the directory are synced as always)."""
+    only, elsewhere the file and the directory are synced as always), and without the data's
+    write-out when not `written_out` either (osutil.write_atomic_at: a power cut may leave
+    the name empty)."""
     ordered = fsync_commits_all(f"/proc/self/fd/{dir_fd}")
-    osutil.write_atomic_at(dir_fd, name, data, tmp=tmp, mode=mode, ordered=ordered, commit=commit)
+    osutil.write_atomic_at(
+        dir_fd,
+        name,
+        data,
+        tmp=tmp,
+        mode=mode,
+        ordered=ordered,
+        commit=commit,
+        written_out=written_out,
+    )

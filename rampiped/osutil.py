@@ -35,6 +35,7 @@ def write_atomic_at(
     mode: int = 0o666,
     ordered: bool = False,
     commit: bool = True,
+    written_out: bool = True,
 ) -> None:
     """Replace `name` in the directory `dir_fd` by a file holding `data`, atomically and
     durably: write a temporary file in the same directory (`tmp`, a name; NAME.tmp.PID unless
@@ -46,7 +47,10 @@ def write_atomic_at(
     made before it (durable.fsync_commits_all): the temporary file's data is written out
     (`write_out`) instead of fsynced, and the directory's fsync commits it with the rename:
     one journal commit instead of two. Not `commit` (with `ordered` only): not even that; the
-    caller's next fsync on that filesystem commits it, in order, before what it made after."""
+    caller's next fsync on that filesystem commits it, in order, before what it made after.
+    Not `written_out` either: the data is left to the kernel's writeback too, so a power cut
+    after a commit may leave `name` empty (ext4 commits the rename, and the data has no blocks
+    yet): only for a file whose readers take an empty or unreadable one for none at all."""
     tmp = tmp if tmp is not None else f"{name}.tmp.{os.getpid()}"
     fd = os.open(tmp, _TMP_FLAGS, mode, dir_fd=dir_fd)
     try:
@@ -54,7 +58,8 @@ def write_atomic_at(
             f.write(data)
             f.flush()
             if ordered:
-                write_out(f.fileno())
+                if commit or written_out:
+                    write_out(f.fileno())
             else:
                 os.fsync(f.fileno())
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

@@ -442,15 +442,18 @@ class OverlayMode(Mode):
         unchanged = early.unchanged_after_unmount(gen, upper) if early else None
         # from here on the journal, not the RAM layer, is what gets applied: applying the layer
         # a second time after this apply moved renamed directories would find their origins gone
-        # No commit of its own where the filesystem commits in order: the apply's commits take
-        # it (on a slow stick a renamed directory was missing from its new name for one more
-        # commit). A start after a crash of the daemon finds it in the page cache; after a
-        # power cut it may be absent, and the early mark says which files the directory
-        # holds already (pins.early.written_early; test_final_mark_power_cut.py).
+        # No commit of its own where the filesystem commits in order, and no write-out: the
+        # apply's commits take its name (on a slow stick a renamed directory was missing from
+        # its new name for one more commit; a file written in the last moment showed its older
+        # version for the write-out's 90 ms more). A start after a crash of the daemon finds it
+        # in the page cache; after a power cut it may be absent or empty, and the early mark
+        # says which files the directory holds already (pins.early.written_early, which takes
+        # an empty mark for none; test_final_mark_power_cut.py).
         durable.write_json(
             os.path.join(journal, FINAL_MARK),
             {"final": True, "unchanged": sorted(unchanged or ())},
             commit=False,
+            written_out=False,
         )
         writeback.pause_point("unpin:journaled")
         res = writeback.apply_journal(

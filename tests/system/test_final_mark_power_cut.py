@@ -1,6 +1,7 @@
 """A power cut during an overlay unpin, right after its final mark and before the apply:
 the mark has no journal commit of its own where ext4 commits in order (the apply's commits
-take it), so the device keeps it or not. Either way the next start applies the journal and
+take it), and its data is not even written out, so the device keeps it, or keeps it empty, or
+not at all. Either way the next start applies the journal and
 the directory shows what the pin showed, the renamed directory at its new name. The device
 image is copied at that moment while ext4 commits only when asked (commit=600): what the page
 cache held and no commit took is lost, as in a power cut."""
@@ -20,13 +21,19 @@ from tests.system.helpers import drop_caches, tree
 pytestmark = pytest.mark.system
 
 
-@pytest.mark.parametrize("changed_after_early", [False, True], ids=["moves-only", "changed"])
+@pytest.mark.parametrize(
+    ("changed_after_early", "committed"),
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["moves-only", "changed", "moves-only-empty-mark", "changed-empty-mark"],
+)
 def test_a_power_cut_right_after_the_final_mark_loses_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changed_after_early: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changed_after_early: bool, committed: bool
 ) -> None:
     """`changed_after_early`: a file changed after the write-back before the unmount (the
     overlay still mounted), so the final generation is a new one (else the one written early,
-    with only the moves left)."""
+    with only the moves left). `committed`: a journal commit takes the mark's name before the
+    cut (an fsync of its directory, as the apply's first commit would): the mark is not
+    written out, so the device holds it empty."""
     marker = tmp_path / "paused"
     saved = tmp_path / "cut.img"
     with safety.manual_env(tmp_path) as env:
@@ -55,6 +62,13 @@ def test_a_power_cut_right_after_the_final_mark_loses_nothing(
                 view = tree(d)
                 safety.release(marker)
                 safety.wait_paused(marker, "unpin:journaled")
+                if committed:
+                    (mark,) = env.journal.glob("*/final.json")
+                    fd = os.open(mark.parent, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
                 subprocess.run(["cp", "--sparse=always", str(disk.image), str(saved)], check=True)
                 safety.fault("power", env, dm)
             finally:
@@ -69,8 +83,13 @@ def test_a_power_cut_right_after_the_final_mark_loses_nothing(
         try:
             subprocess.run(["mount", device, str(disk.mountpoint)], check=True)
             try:
-                # what this test is about: no commit took the final mark before the cut
-                assert not list(env.journal.glob("*/final.json"))
+                # what this test is about: no commit took the final mark before the cut, or
+                # one took its name but not its data
+                marks = list(env.journal.glob("*/final.json"))
+                if committed:
+                    assert [m.stat().st_size for m in marks] == [0]
+                else:
+                    assert marks == []
                 with running(env) as dm2:
                     dm2.wait_log(r"applied the checkpoint journal left by a power cut")
                     assert env.status()["pins"] == []
