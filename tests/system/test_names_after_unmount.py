@@ -124,7 +124,6 @@ def test_a_crash_between_the_names_of_a_hard_link_group(
                 view = tree(d)
                 safety.release(marker)
                 safety.wait_paused(marker, "placed:one")
-                safety.count("crash points" if fault == "kill" else "power cuts")
                 safety.fault(fault, env, dm)
                 unpin.communicate(timeout=60)
             finally:
