@@ -258,17 +258,18 @@ def ctl_async(env: Env, *args: str) -> subprocess.Popen[str]:
 
 @contextlib.contextmanager
 def pin_with_late_writer(
-    env: Env, marker: Path, args: Sequence[str], late_path: Path, mounted: str
+    env: Env, marker: Path, args: Sequence[str], late_path: Path, mounted: str, how: str = "a"
 ) -> Iterator[tuple[subprocess.Popen[str], IO[str]]]:
     """`rampipectl pin ARGS` in the background against a daemon paused at pin:layers and then
     at `mounted`: at pin:layers (after the holder check) a process opens `late_path` on disk
-    for appending; the body runs at `mounted` with rampipectl and that open file. Afterwards
-    the daemon goes on, the file is closed, and rampipectl is killed if it still runs."""
+    for appending (or as `how` says: "r", a reader); the body runs at `mounted` with
+    rampipectl and that open file. Afterwards the daemon goes on, the file is closed, and
+    rampipectl is killed if it still runs."""
     ctl = ctl_async(env, "pin", *args)
     late = None
     try:
         wait_paused(marker, "pin:layers")
-        late = open(late_path, "a")  # noqa: SIM115 (closed below, after the body)
+        late = open(late_path, how)  # noqa: SIM115 (closed below, after the body)
         release(marker)
         wait_paused(marker, mounted)
         yield ctl, late

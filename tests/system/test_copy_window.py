@@ -495,29 +495,19 @@ def test_a_reader_that_opened_a_file_during_a_copy_pin_is_waited_out(
     lets go instead of refusing (it was refused: "opened on disk during the pin"), and
     RAM's copy is what the directory shows then."""
     marker = tmp_path / "paused"
+    stages = "pin:layers,pin:late-readers"
     with safety.manual_env(tmp_path) as env:
         d = env.data / "copy"
         seed(d)
-        with safety.paused_daemon(env, monkeypatch, "pin:layers,pin:late-readers", marker) as dm:
-            ctl = safety.ctl_async(env, "pin", "--mode", "copy", str(d))
-            reader = None
-            try:
-                safety.wait_paused(marker, "pin:layers")
-                reader = open(d / "a.log")  # noqa: SIM115 (closed below)
-                release(marker)
-                safety.wait_paused(marker, "pin:late-readers")
+        with safety.paused_daemon(env, monkeypatch, stages, marker) as dm:
+            with safety.pin_with_late_writer(
+                env, marker, ["--mode", "copy", str(d)], d / "a.log", "pin:late-readers", "r"
+            ) as (ctl, reader):
                 assert reader.read() == "disk 1\n"
                 reader.close()
                 release(marker)
                 out, err = ctl.communicate(timeout=60)
                 assert ctl.returncode == 0, (out, err, dm.log_text()[-3000:])
-            finally:
-                release(marker)
-                if reader is not None:
-                    reader.close()
-                if ctl.poll() is None:
-                    ctl.kill()
-                    ctl.communicate()
             assert env.mounted_at(d) is not None
             append(d / "a.log", "ram 2\n")
             assert env.ctl("unpin", str(d)).returncode == 0, dm.log_text()[-3000:]
@@ -530,24 +520,19 @@ def test_a_reader_that_keeps_a_file_opened_during_a_copy_pin_is_refused(
     """The same reader keeps its file open: it would go on reading the disk, not RAM's copy,
     so the pin is refused once the wait ends, and nothing is left mounted."""
     marker = tmp_path / "paused"
+    stages = "pin:layers,pin:late-readers"
     with safety.manual_env(tmp_path) as env:
         d = env.data / "copy"
         seed(d)
-        with safety.paused_daemon(env, monkeypatch, "pin:layers", marker):
-            ctl = safety.ctl_async(env, "pin", "--mode", "copy", str(d))
-            reader = None
-            try:
-                safety.wait_paused(marker, "pin:layers")
-                reader = open(d / "a.log")  # noqa: SIM115 (closed below)
-                release(marker)
-                out, err = ctl.communicate(timeout=60)
-            finally:
-                release(marker)
-                if reader is not None:
-                    reader.close()
-                if ctl.poll() is None:
-                    ctl.kill()
-                    ctl.communicate()
+        args = ["--mode", "copy", str(d)]
+        with (
+            safety.paused_daemon(env, monkeypatch, stages, marker),
+            safety.pin_with_late_writer(
+                env, marker, args, d / "a.log", "pin:late-readers", "r"
+            ) as (ctl, _reader),
+        ):
+            release(marker)
+            out, err = ctl.communicate(timeout=60)
         assert ctl.returncode == 1, (out, err)
         assert "opened on disk during the pin" in err, err
         assert env.mounted_at(d) is None
