@@ -74,12 +74,23 @@ def _read_plan(stash_fd: int) -> dict[str, object] | None:
     return plan if isinstance(plan, dict) and plan.get("version") == _PLAN_VERSION else None
 
 
-def write_json_at(dir_fd: int, name: str, doc: object, *, commit: bool = True) -> None:
+def write_json_at(
+    dir_fd: int, name: str, doc: object, *, commit: bool = True, written_out: bool = True
+) -> None:
     """Write `name` below `dir_fd` atomically and durably (durable.write_at), by way of
     NAME.tmp (which the stash's cleanup knows), readable by root only. Not `commit`: durable
-    with the next commit only, where the filesystem commits in order (durable.write_at)."""
+    with the next commit only, where the filesystem commits in order (durable.write_at); nor
+    `written_out`: a power cut may then leave it empty."""
     data = json.dumps(doc, sort_keys=True).encode()
-    durable.write_at(dir_fd, name, data, tmp=name + ".tmp", mode=0o600, commit=commit)
+    durable.write_at(
+        dir_fd,
+        name,
+        data,
+        tmp=name + ".tmp",
+        mode=0o600,
+        commit=commit,
+        written_out=written_out,
+    )
 
 
 def _write_plan(stash_fd: int, plan: dict[str, object], *, commit: bool = True) -> None:
