@@ -17,8 +17,6 @@ from rampiped.engine import format_bytes
 from rampiped.pins.mode import Mode, Undo
 from rampiped.pins.model import (
     COPY_WINDOW,
-    HOLD_POLL,
-    HOLD_WAIT,
     SOURCE_PREFIX,
     Pin,
     PinRefused,
@@ -95,12 +93,7 @@ class CopyMode(Mode):
         late = self.m.disk_holders(pin)
         if not late or not _only_reading(late):
             return late
-        writeback.pause_point("pin:late-readers")
-        deadline = time.monotonic() + HOLD_WAIT
-        while late and _only_reading(late) and time.monotonic() < deadline:
-            time.sleep(HOLD_POLL)
-            late = self.m.disk_holders(pin)
-        return late
+        return self.m.disk_holders_waited(pin, "pin:late-readers", late, _only_reading)
 
     def settled(self, pin: Pin, undo: Undo) -> None:
         # looked at again now that no process holds a file on disk: a logger that opened its

@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Callable
 
 from rampiped import copymode, handover, holders, mounts, ramarea, tree, writeback
 from rampiped.backoff import RETRY
@@ -150,6 +151,24 @@ class PinManager(Recovery):
         if top is None or top.source != SOURCE_PREFIX + pin.id:
             return handover.describe(found)
         return handover.not_on(found, top.mount_id)
+
+    def disk_holders_waited(
+        self,
+        pin: Pin,
+        stage: str,
+        late: list[handover.HeldFile],
+        waiting: Callable[[list[handover.HeldFile]], bool] = bool,
+    ) -> list[handover.HeldFile]:
+        """The `late` disk holders (disk_holders) looked at again every HOLD_POLL while
+        `waiting` says so of them, for up to HOLD_WAIT: holders that let go within moments are
+        waited out. What holds at the end ([] once all let go). The daemon's test pause point
+        `stage` comes first."""
+        writeback.pause_point(stage)
+        deadline = time.monotonic() + HOLD_WAIT
+        while late and waiting(late) and time.monotonic() < deadline:
+            time.sleep(HOLD_POLL)
+            late = self.disk_holders(pin)
+        return late
 
     # -- checkpoints and unpins --------------------------------------------------------------
 

@@ -33,8 +33,6 @@ from rampiped.pins.mode import Mode, Undo
 from rampiped.pins.model import (
     EARLY_MARK,
     FINAL_MARK,
-    HOLD_POLL,
-    HOLD_WAIT,
     SOURCE_PREFIX,
     Pin,
     StillDraining,
@@ -97,12 +95,8 @@ class OverlayMode(Mode):
         shows. It is, for a file not copied up (the overlay reads the disk file), and for one
         whose disk content is a prefix of its copy in RAM (copied up after their last write,
         or appended to since): the write-back then carries every byte of it."""
-        writeback.pause_point("pin:late-holders")
-        deadline = time.monotonic() + HOLD_WAIT
-        while self.m.disk_holders(pin):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(HOLD_POLL)
+        if self.m.disk_holders_waited(pin, "pin:late-holders", late):
+            return False
         held, only_files = held_files(pin.path, late)
         if not only_files:
             return False  # a working directory or a mapping: writes may still come
