@@ -88,10 +88,10 @@ def json_bytes(doc: object) -> bytes:
     return json.dumps(doc, indent=1, sort_keys=True).encode()
 
 
-def write_json_atomic(path: str, doc: object, *, ordered: bool = False) -> None:
+def write_json_atomic(path: str, doc: object) -> None:
     """`doc` as JSON (`json_bytes`) at `path`, written with `write_atomic`: the runtime state
-    and the records in a pin's journal directory."""
-    write_atomic(path, json_bytes(doc), ordered=ordered)
+    (durable.write_json writes the records in a pin's journal directory)."""
+    write_atomic(path, json_bytes(doc))
 
 
 def read_json(path: str) -> dict[str, Any] | None:

@@ -35,7 +35,8 @@ def place_in_hold(data: str, place: HoldPlace, rels: list[str], in_ram: Snapshot
     """Put in place, from RAM (`data`, its snapshot `in_ram`), the symlinks of `rels` and the
     hard-link groups all of whose names are in `rels`, where the disk holds no directory at
     any of their names and has their parent directories; what is placed rsync must leave out.
-    Each is synced before its rename (rsync's --fsync). Raises OSError."""
+    A group's file is synced before its renames (rsync's --fsync); the caller's syncfs makes
+    the rest durable. Raises OSError."""
     done = Placed()
     wanted = set(rels)
     groups: dict[int, list[str]] = {}

@@ -309,7 +309,6 @@ def _rsync_has_work(layer: Layer, excluded: list[str], target_fd: int) -> bool:
             have.st_gid,
         ):
             return True
-        # (the root by "/.": the descriptor's link itself, not followed, has no xattrs)
         # (the top by "/.": the descriptor's link itself, not followed, has no xattrs)
         on_disk = f"/proc/self/fd/{target_fd}/{d.rel or '.'}"
         try:
