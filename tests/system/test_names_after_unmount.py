@@ -8,6 +8,7 @@ rsync writes in its scratch directory at the directory's top."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,13 @@ def test_the_write_back_after_the_unmount_makes_no_name_of_its_own(
         (d / "app.log").write_text("line 0\n")
         (d / "linked-a").write_text("a0\n")
         os.link(d / "linked-a", d / "sub/linked-b")
+        archive = tmp_path / "unpacked.tar"
+        packed = tmp_path / "packed"
+        (packed / "sub").mkdir(parents=True)
+        (packed / "sub/t-a").write_text("tar\n")
+        os.link(packed / "sub/t-a", packed / "sub/t-b")
+        os.symlink("t-a", packed / "sub/t-link")
+        subprocess.run(["tar", "-cf", str(archive), "-C", str(packed), "sub"], check=True)
         watch = NameWatch(d)  # the disk directory's inodes, below the pin too
         try:
             with safety.paused_daemon(env, monkeypatch, stage, marker) as dm:
@@ -61,14 +69,21 @@ def test_the_write_back_after_the_unmount_makes_no_name_of_its_own(
                     safety.wait_paused(marker, stage)
                     # the instant before the unmount: left for the write-back after it
                     replace_symlink(d / "current", "v2")
-                    replace_symlink(d / "sub/link", "x1")
+                    # real programs too: ln -sfn replaces a symlink, tar makes a hard-link
+                    # pair and a symlink, cp -p rewrites a file in place
+                    subprocess.run(["ln", "-sfn", "x1", str(d / "sub/link")], check=True)
                     os.symlink("y", d / "sub/new-link")
+                    subprocess.run(["tar", "-xf", str(archive), "-C", str(d)], check=True)
                     tmp = d / "state.txt.tmp"
                     tmp.write_text("2\n")
                     tmp.rename(d / "state.txt")
                     (d / "new.txt").write_text("new\n")
                     with open(d / "app.log", "a") as f:
                         f.write("line 1\n")
+                    (tmp_path / "copied").write_text("line 0\ncopied\n")
+                    subprocess.run(
+                        ["cp", "-p", str(tmp_path / "copied"), str(d / "cp.log")], check=True
+                    )
                     with open(d / "linked-a", "a") as f:
                         f.write("a1\n")
                     expected = tree(d)
@@ -92,6 +107,7 @@ def test_the_write_back_after_the_unmount_makes_no_name_of_its_own(
         assert tree(d) == expected
         # a hard-link group written back is one inode again, as the view showed it
         assert same_inode(d / "linked-a", d / "sub/linked-b") == one_inode
+        assert same_inode(d / "sub/t-a", d / "sub/t-b")
 
 
 @pytest.mark.parametrize("fault", ["kill", "power"])
