@@ -42,6 +42,9 @@ class Figures:
     used: int  # bytes all pins take in RAM
     available: int  # MemAvailable, bytes
     total: int  # physical RAM, bytes
+    # bytes that fill the pins' RAM areas, where more than `used` (files on a compressed
+    # area, engine.PinInfo.fill_bytes): what a fast writer fills up, so what is projected
+    filled: int | None = None
 
     @property
     def max_bytes(self) -> int:
@@ -61,12 +64,14 @@ class Figures:
         `growth` bytes/s within EVICT_LEAD; MemAvailable below `ram.min_free`."""
         why = []
         used, mark = self.used, f"high watermark {self._mark()}"
+        filled = max(used, self.filled or 0)
         if used > self.high:
             why.append(f"RAM used by pins {format_bytes(used)} above {mark}")
-        elif used + growth * EVICT_LEAD > self.high:
+        elif growth > 0 and filled + growth * EVICT_LEAD > self.high:
+            files = "" if filled == used else f" (their files {format_bytes(filled)})"
             why.append(
-                f"RAM used by pins {format_bytes(used)}, growing {format_bytes(growth)}/s, would"
-                f" pass {mark} within {format_threshold(EVICT_LEAD)}s"
+                f"RAM used by pins {format_bytes(used)}{files}, growing {format_bytes(growth)}/s,"
+                f" would pass {mark} within {format_threshold(EVICT_LEAD)}s"
             )
         if self.available < self.ram.min_free:
             why.append(

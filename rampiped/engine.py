@@ -125,6 +125,14 @@ class PinInfo:
     last_sync: float | None = None
     sync_interval: float | None = None  # None -> sync.interval
     busy: bool = False  # an operation (pin, checkpoint, unpin) is running on it
+    # what fills its RAM area, which a write that does not fit finds full (ENOSPC): its files'
+    # bytes on a compressed area (ram.backend zram), where ram_bytes counts far less until
+    # they near the area's size (ramarea.Usage.counted); None: ram_bytes
+    fill_bytes: int | None = None
+
+    @property
+    def filling(self) -> int:
+        return self.ram_bytes if self.fill_bytes is None else self.fill_bytes
 
 
 @dataclass(frozen=True)
@@ -215,9 +223,13 @@ class Engine:
         self._track_backoff(rates, by_path)
 
         used = sum(info.ram_bytes for info in by_path.values())
-        figures = budget.Figures(self._ram, used, memory.available, memory.total)
+        filled = sum(max(info.ram_bytes, info.filling) for info in by_path.values())
+        figures = budget.Figures(self._ram, used, memory.available, memory.total, filled)
+        # How fast the pins' areas fill, not their RAM: a compressed area's RAM grows slowly,
+        # then its count jumps to its files' bytes once they near its size (too late for
+        # EVICT_LEAD to evict it before a fast writer fills it)
         growth = self._growth.rate(
-            now, {p: i.ram_bytes for p, i in by_path.items() if i.state == "pinned"}
+            now, {p: i.filling for p, i in by_path.items() if i.state == "pinned"}
         )
 
         acted: set[str] = set()

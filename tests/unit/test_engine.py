@@ -88,8 +88,9 @@ def pinned(
     last_sync: float | None = None,
     sync_interval: float | None = None,
     busy: bool = False,
+    fill: int | None = None,
 ) -> PinInfo:
-    return PinInfo(path, static, state, ram, at, last_sync, sync_interval, busy)
+    return PinInfo(path, static, state, ram, at, last_sync, sync_interval, busy, fill)
 
 
 def pins_of(*infos: PinInfo) -> dict[str, PinInfo]:
@@ -357,6 +358,35 @@ def test_a_fast_growing_pin_is_evicted_before_it_passes_the_watermark() -> None:
             " (90% of 100.0 MiB) within 1s; coldest pin at 10.0 events/s",
         )
     ]
+
+
+def test_a_compressed_pin_filling_fast_is_evicted_before_its_area_is_full() -> None:
+    # ram.backend zram: 1 MiB of RAM holds 40, then 70 MiB of files; the budget counts the RAM
+    # until the files near the area's size, but the area fills as a tmpfs would (ENOSPC)
+    e = make()
+    rates = {NGINX: 20.0, APACHE: 10.0}
+    at_40 = pins_of(pinned(NGINX, ram=MiB), pinned(APACHE, ram=MiB, fill=40 * MiB))
+    assert run(e, 10.0, rates, at_40) == []
+    at_70 = pins_of(pinned(NGINX, ram=MiB), pinned(APACHE, ram=2 * MiB, fill=70 * MiB))
+    assert run(e, 10.5, rates, at_70) == [
+        Evict(
+            APACHE,
+            10.0,
+            "RAM used by pins 3.0 MiB (their files 71.0 MiB), growing 60.0 MiB/s, would pass"
+            " high watermark 90.0 MiB"
+            " (90% of 100.0 MiB) within 1s; coldest pin at 10.0 events/s",
+        )
+    ]
+
+
+def test_a_compressed_pin_whose_count_jumps_to_its_files_is_not_evicted_for_the_jump() -> None:
+    # a slow writer's files reach the area's AREA_FULL: what the budget counts jumps from the
+    # RAM (2 MiB) to the files (76 MiB), which is not growth
+    e = make()
+    rates = {APACHE: 10.0}
+    assert run(e, 10.0, rates, pins_of(pinned(APACHE, ram=2 * MiB, fill=74 * MiB))) == []
+    assert run(e, 10.5, rates, pins_of(pinned(APACHE, ram=76 * MiB, fill=76 * MiB))) == []
+    assert e.pressure is None
 
 
 def test_slow_growth_and_pins_being_made_do_not_evict_early() -> None:
