@@ -34,9 +34,10 @@ class Placed:
 def place_in_hold(data: str, place: HoldPlace, rels: list[str], in_ram: Snapshot) -> Placed:
     """Put in place, from RAM (`data`, its snapshot `in_ram`), the symlinks of `rels` and the
     hard-link groups all of whose names are in `rels`, where the disk holds no directory at
-    any of their names and has their parent directories; what is placed rsync must leave out.
-    A group's file is synced before its renames (rsync's --fsync); the caller's syncfs makes
-    the rest durable. Raises OSError."""
+    any of their names; what is placed rsync must leave out. A parent directory the disk does
+    not have yet is made first, with RAM's mode and owner (rsync, which is given it too, then
+    gives it the rest, and its times once its entries are in). A group's file is synced before
+    its renames (rsync's --fsync); the caller's syncfs makes the rest durable. Raises OSError."""
     done = Placed()
     wanted = set(rels)
     groups: dict[int, list[str]] = {}
@@ -46,12 +47,13 @@ def place_in_hold(data: str, place: HoldPlace, rels: list[str], in_ram: Snapshot
     with place.staging() as staging:
         if staging is None:
             return done
+        dirs = _Parents(staging, data, in_ram, wanted)
         for rel in rels:
-            if in_ram.get(rel, ("",))[0] == "l" and _place_symlink(staging, data, rel):
+            if in_ram.get(rel, ("",))[0] == "l" and _place_symlink(staging, dirs, data, rel):
                 done.rels.add(rel)
         for names in groups.values():
             if len(names) > 1 and wanted.issuperset(names):
-                size = _place_group(staging, data, sorted(names))
+                size = _place_group(staging, dirs, data, sorted(names))
                 if size is not None:
                     done.rels.update(names)
                     done.files += len(names)
@@ -59,13 +61,52 @@ def place_in_hold(data: str, place: HoldPlace, rels: list[str], in_ram: Snapshot
     return done
 
 
+class _Parents:
+    """Makes a directory of RAM's that the disk does not have yet, through the copy of the
+    mount, where rsync is to write it too (it is among the entries written back)."""
+
+    def __init__(self, staging: Staging, data: str, in_ram: Snapshot, wanted: set[str]) -> None:
+        self.staging, self.data, self.in_ram, self.wanted = staging, data, in_ram, wanted
+
+    def make(self, rel: str) -> None:
+        """Make the missing directories of `rel` (a directory's path), top down; a name on the
+        disk that is not a directory, or one not to be written, is left to rsync."""
+        parts = rel.split("/") if rel else []
+        for n in range(1, len(parts) + 1):
+            sub = "/".join(parts[:n])
+            parent = open_rel(self.staging.target_fd, "/".join(parts[: n - 1]))
+            if parent is None:
+                return
+            try:
+                if lstat_at(parent, parts[n - 1]) is not None:
+                    continue
+                if sub not in self.wanted or self.in_ram.get(sub, ("",))[0] != "d":
+                    return
+                try:
+                    st = os.lstat(os.path.join(self.data, sub))
+                except OSError:
+                    return  # gone from RAM meanwhile
+                if not stat.S_ISDIR(st.st_mode):
+                    return
+                try:
+                    os.mkdir(parts[n - 1], 0o700, dir_fd=parent)
+                except FileExistsError:
+                    continue  # made on the disk meanwhile: the next look judges it
+                os.chown(parts[n - 1], st.st_uid, st.st_gid, dir_fd=parent, follow_symlinks=False)
+                os.chmod(parts[n - 1], stat.S_IMODE(st.st_mode), dir_fd=parent)
+            finally:
+                os.close(parent)
+
+
 @contextlib.contextmanager
-def _parents(staging: Staging, rels: list[str]) -> Iterator[dict[str, int] | None]:
-    """The disk's parent directory of each of `rels` (by rel), through the copy of the mount;
-    None when one is missing or a name there is a directory."""
+def _parents(staging: Staging, dirs: _Parents, rels: list[str]) -> Iterator[dict[str, int] | None]:
+    """The disk's parent directory of each of `rels` (by rel), through the copy of the mount,
+    made when RAM has it and the disk not yet; None when one is missing still or a name there
+    is a directory."""
     fds: dict[str, int] = {}
     try:
         for rel in rels:
+            dirs.make(os.path.dirname(rel))
             fd = open_rel(staging.target_fd, os.path.dirname(rel))
             if fd is None:
                 yield None
@@ -89,7 +130,7 @@ def _rename_in(staging: Staging, tmp: str, parent_fd: int, rel: str) -> None:
     os.rename(tmp, os.path.basename(rel), src_dir_fd=staging.hold_fd, dst_dir_fd=parent_fd)
 
 
-def _place_symlink(staging: Staging, data: str, rel: str) -> bool:
+def _place_symlink(staging: Staging, dirs: _Parents, data: str, rel: str) -> bool:
     """A symlink of RAM without xattrs (rsync -X copies those), as it is there."""
     src = os.path.join(data, rel)
     try:
@@ -99,7 +140,7 @@ def _place_symlink(staging: Staging, data: str, rel: str) -> bool:
         points_to = os.readlink(src)
     except OSError:
         return False  # gone from RAM meanwhile: rsync's --ignore-missing-args
-    with _parents(staging, [rel]) as parents:
+    with _parents(staging, dirs, [rel]) as parents:
         if parents is None:
             return False
         tmp = _tmp_name()
@@ -116,11 +157,11 @@ def _place_symlink(staging: Staging, data: str, rel: str) -> bool:
     return True
 
 
-def _place_group(staging: Staging, data: str, names: list[str]) -> int | None:
+def _place_group(staging: Staging, dirs: _Parents, data: str, names: list[str]) -> int | None:
     """A hard-link group of RAM, as one new inode at each of its names (rsync -H keeps it
     one): its size, or None when it cannot be placed this way."""
     src = os.path.join(data, names[0])
-    with _parents(staging, names) as parents:
+    with _parents(staging, dirs, names) as parents:
         if parents is None:
             return None
         hold = staging.hold_fd

@@ -31,6 +31,11 @@ def replace_symlink(path: Path, points_to: str) -> None:
     os.rename(tmp, path)
 
 
+def stamp(path: Path) -> tuple[int, int, int, int]:
+    st = os.lstat(path)
+    return st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
+
+
 def same_inode(a: Path, b: Path) -> bool:
     return os.lstat(a).st_ino == os.lstat(b).st_ino
 
@@ -74,6 +79,10 @@ def test_the_write_back_after_the_unmount_makes_no_name_of_its_own(
                     subprocess.run(["ln", "-sfn", "x1", str(d / "sub/link")], check=True)
                     os.symlink("y", d / "sub/new-link")
                     subprocess.run(["tar", "-xf", str(archive), "-C", str(d)], check=True)
+                    # and into a directory the disk does not have yet: the pair's parents are
+                    # made before it is placed
+                    (d / "fresh").mkdir(mode=0o750)
+                    subprocess.run(["tar", "-xf", str(archive), "-C", str(d / "fresh")], check=True)
                     tmp = d / "state.txt.tmp"
                     tmp.write_text("2\n")
                     tmp.rename(d / "state.txt")
@@ -87,6 +96,7 @@ def test_the_write_back_after_the_unmount_makes_no_name_of_its_own(
                     with open(d / "linked-a", "a") as f:
                         f.write("a1\n")
                     expected = tree(d)
+                    fresh = {rel: stamp(d / rel) for rel in ("fresh", "fresh/sub")}
                     one_inode = same_inode(d / "linked-a", d / "sub/linked-b")
                     watch.take()  # what the write-back before the unmount made, hidden
                     safety.release(marker)
@@ -108,6 +118,8 @@ def test_the_write_back_after_the_unmount_makes_no_name_of_its_own(
         # a hard-link group written back is one inode again, as the view showed it
         assert same_inode(d / "linked-a", d / "sub/linked-b") == one_inode
         assert same_inode(d / "sub/t-a", d / "sub/t-b")
+        assert same_inode(d / "fresh/sub/t-a", d / "fresh/sub/t-b")
+        assert {rel: stamp(d / rel) for rel in fresh} == fresh
 
 
 @pytest.mark.parametrize("fault", ["kill", "power"])
