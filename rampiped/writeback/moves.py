@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -30,6 +31,17 @@ _PLAN_NAME = "plan.json"
 
 
 _PLAN_VERSION = 1
+# Where one journal commit takes every change before it, in order (durable.fsync_commits_all),
+# the plan is kept in this attribute of the stash directory: metadata, durable in order with
+# the renames after it, where a file's content would have to be written out first (a write
+# that waits behind every other on a busy stick, while the renamed directory is missing from
+# its new name: from the unmount to its placement). A plan too large for it is a file.
+_PLAN_XATTR = "trusted.rampiped.plan"
+_PLAN_XATTR_MOST = 3000  # bytes: within one ext4 block beside the directory's other attributes
+# The phases of a plan, in order. Past "stash" a phase is an empty file in the stash
+# (PHASE_MARK + phase) rather than a new plan, for the same reason: a name is metadata.
+_PHASES = ("stash", "place", "placed", "done")
+_PHASE_MARK = "phase-"
 
 
 @dataclass(frozen=True)
@@ -62,16 +74,45 @@ def _layer_identity(upper: str) -> str:
 
 def _read_plan(stash_fd: int) -> dict[str, object] | None:
     try:
-        fd = os.open(_PLAN_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stash_fd)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        data = f.read()
+        data = os.getxattr(stash_fd, _PLAN_XATTR)
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+            raise
+        try:
+            fd = os.open(_PLAN_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stash_fd)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
     try:
         plan = json.loads(data)
     except ValueError:
         return None
-    return plan if isinstance(plan, dict) and plan.get("version") == _PLAN_VERSION else None
+    if (
+        not isinstance(plan, dict)
+        or plan.get("version") != _PLAN_VERSION
+        or plan.get("phase") not in _PHASES
+    ):
+        return None
+    for phase in _PHASES[_PHASES.index(plan["phase"]) + 1 :]:
+        if lstat_at(stash_fd, _PHASE_MARK + phase) is not None:
+            plan["phase"] = phase
+    return plan
+
+
+def _set_phase(stash_fd: int, plan: dict[str, object], phase: str, each: bool) -> None:
+    """Move the plan on to `phase`: its empty file in the stash (see _PHASES), committed
+    with it where `each` step is (the filesystem does not commit in order)."""
+    fd = os.open(
+        _PHASE_MARK + phase,
+        os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=stash_fd,
+    )
+    os.close(fd)
+    if each:
+        _fsync_dir(stash_fd)
+    plan["phase"] = phase
 
 
 def write_json_at(
@@ -94,10 +135,20 @@ def write_json_at(
 
 
 def _write_plan(stash_fd: int, plan: dict[str, object], *, commit: bool = True) -> None:
+    """The plan of a new stash: in its attribute where that needs no commit (see _PLAN_XATTR),
+    else in its file."""
+    data = json.dumps(plan, sort_keys=True).encode()
+    if not commit and len(data) <= _PLAN_XATTR_MOST:
+        try:
+            os.setxattr(stash_fd, _PLAN_XATTR, data)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.ENOSPC, errno.E2BIG, errno.EPERM):
+                raise
     write_json_at(stash_fd, _PLAN_NAME, plan, commit=commit)
 
 
-_PLAN_FILES = (_PLAN_NAME, _PLAN_NAME + ".tmp")
+_PLAN_FILES = (_PLAN_NAME, _PLAN_NAME + ".tmp", *(_PHASE_MARK + p for p in _PHASES))
 
 
 def _stashed(stash_fd: int) -> list[str]:
@@ -262,8 +313,7 @@ def _move_renamed_dirs(
                     os.rename(name, str(i), src_dir_fd=pfd, dst_dir_fd=stash_fd)
                     sync_dir(pfd)
             sync_dir(stash_fd)
-            plan["phase"] = "place"
-            _write_plan(stash_fd, plan, commit=each)
+            _set_phase(stash_fd, plan, "place", each)
         if plan["phase"] == "place":
             for i in _placement_order(moves):
                 if lstat_at(stash_fd, str(i)) is None:
@@ -280,8 +330,7 @@ def _move_renamed_dirs(
                     sync_dir(pfd)
                 finally:
                     os.close(pfd)
-            plan["phase"] = "placed"
-            _write_plan(stash_fd, plan, commit=each)
+            _set_phase(stash_fd, plan, "placed", each)
     finally:
         os.close(stash_fd)
     return deleted, True
@@ -332,7 +381,6 @@ def _mark_stash_done(stash: Stash) -> None:
     try:
         plan = _read_plan(stash_fd)
         if plan is not None:
-            plan["phase"] = "done"
-            _write_plan(stash_fd, plan)
+            _set_phase(stash_fd, plan, "done", True)
     finally:
         os.close(stash_fd)

@@ -7,6 +7,7 @@ on the rebooted disk resumes from the plan it finds, and the disk then shows the
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -26,12 +27,21 @@ pytestmark = pytest.mark.system
 __all__ = ["pin"]  # the fixture, used by name
 
 
+@pytest.mark.parametrize("plan_in", ["xattr", "file"])
 @pytest.mark.parametrize("committed", [False, True])
 def test_a_power_cut_during_the_moves_is_resumed(
-    loopfs: LoopFs, pin: Pin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, committed: bool
+    loopfs: LoopFs,
+    pin: Pin,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    committed: bool,
+    plan_in: str,
 ) -> None:
     """`committed`: a journal commit (another file's fsync) just before each cut, which takes
-    every step made so far."""
+    every step made so far. `plan_in`: where the plan is kept, the stash's attribute, or its
+    file (a plan too large for the attribute)."""
+    if plan_in == "file":
+        monkeypatch.setattr(moves, "_PLAN_XATTR_MOST", 0)
     subprocess.run(["mount", "-o", "remount,commit=600", str(loopfs.mountpoint)], check=True)
     assert durable.fsync_commits_all(str(loopfs.mountpoint))
     outside = tmp_path / "outside"
@@ -48,6 +58,10 @@ def test_a_power_cut_during_the_moves_is_resumed(
     other.mkdir()
 
     def cut(label: str) -> None:
+        if label == "planned":
+            stash = pin.disk / writeback.STASH_NAME
+            assert (plan_in == "xattr") == (moves._PLAN_XATTR in os.listxattr(stash)), label
+            assert (plan_in == "file") == (stash / "plan.json").exists(), label
         if committed:
             durable.commit(str(other))
         image = tmp_path / f"{len(images)}-{label}.img"
@@ -56,6 +70,8 @@ def test_a_power_cut_during_the_moves_is_resumed(
 
     steps = iter(["planned", "stashed", "placed", "done"])
     monkeypatch.setattr(moves, "_write_plan", after(moves._write_plan, lambda: cut(next(steps))))
+    # past "stash", a phase is an empty file of its own (no write-out between the renames)
+    monkeypatch.setattr(moves, "_set_phase", after(moves._set_phase, lambda: cut(next(steps))))
     writeback.apply_upper(str(pin.upper), str(pin.disk))
     cut("returned")
     monkeypatch.undo()
