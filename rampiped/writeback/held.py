@@ -27,6 +27,7 @@ from rampiped.fsops import (
     remove_at,
 )
 from rampiped.pause import pause_point
+from rampiped.writeback import attrdoc
 from rampiped.writeback.holdplace import HoldPlace
 from rampiped.writeback.layer import Layer, scan_layer
 from rampiped.writeback.moves import write_json_at
@@ -35,8 +36,10 @@ from rampiped.writeback.stamps import (
     _HELD_INDEX,
     _HELD_VERSION,
     CLOCK_SLACK_NS,
+    INDEX_ATTRIBUTE,
     Stamp,
     _digest_fd,
+    _read_index,
     _replaced_files,
     _stamp_at,
     _with_layer_digests,
@@ -92,16 +95,6 @@ def _landed(planned: bytes, tail: bytes, start: int) -> int:
 
 def _place(target: str | HoldPlace) -> HoldPlace:
     return target if isinstance(target, HoldPlace) else HoldPlace.inside(target)
-
-
-def _read_index(parent_fd: int, name: str) -> bytes:
-    hold_fd = open_dir_at(parent_fd, name)
-    try:
-        fd = os.open(_HELD_INDEX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=hold_fd)
-    finally:
-        os.close(hold_fd)
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
 
 
 def _hold_one(
@@ -205,10 +198,10 @@ class HeldFiles:
                         if base is not None:
                             entries.append(_Held(rel, link, base))
                     held = cls(place, threshold, entries)
-                    # holding nothing: nothing to keep, not even written out (on a slow stick
-                    # that took 56 ms of a renamed directory's missing moment); after a power
-                    # cut `load` takes an empty index for none
-                    held._save(hold_fd, commit=bool(entries), written_out=bool(entries))
+                    # holding nothing: nothing to keep, not committed (on a slow stick that
+                    # took 56 ms of a renamed directory's missing moment); after a power cut
+                    # `load` takes an empty or missing index for none
+                    held._save(hold_fd, commit=bool(entries), written_out=bool(entries), first=True)
                     if entries:
                         _fsync_dir(hold_fd)
                         _fsync_dir(parent[0])
@@ -261,7 +254,12 @@ class HeldFiles:
         ]
         return cls(place, int(doc.get("threshold", 0)), entries)
 
-    def _save(self, hold_fd: int, *, commit: bool = True, written_out: bool = True) -> None:
+    def _save(
+        self, hold_fd: int, *, commit: bool = True, written_out: bool = True, first: bool = False
+    ) -> None:
+        """Durable on return (`commit`; the caller commits a `first` save). The `first`, right
+        after the unmount and before the apply, goes to the hold directory's attribute where
+        it fits: no write-out of data to wait for there (attrdoc)."""
         doc = {
             "version": _HELD_VERSION,
             "threshold": self.threshold,
@@ -277,6 +275,8 @@ class HeldFiles:
                 for e in self.entries
             ],
         }
+        if first and attrdoc.put(hold_fd, INDEX_ATTRIBUTE, doc):
+            return
         # durable on return (commit): a recorded _Append is on disk before the append it announces
         write_json_at(hold_fd, _HELD_INDEX, doc, commit=commit, written_out=written_out)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from rampiped.fsops import (
     opened_dir,
     remove_at,
 )
+from rampiped.writeback import attrdoc
 from rampiped.writeback.names import STASH_NAME
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ _PLAN_VERSION = 1
 # that waits behind every other on a busy stick, while the renamed directory is missing from
 # its new name: from the unmount to its placement). A plan too large for it is a file.
 _PLAN_XATTR = "trusted.rampiped.plan"
-_PLAN_XATTR_MOST = 3000  # bytes: within one ext4 block beside the directory's other attributes
 # The phases of a plan, in order. Past "stash" a phase is an empty file in the stash
 # (PHASE_MARK + phase) rather than a new plan, for the same reason: a name is metadata.
 _PHASES = ("stash", "place", "placed", "done")
@@ -73,11 +72,8 @@ def _layer_identity(upper: str) -> str:
 
 
 def _read_plan(stash_fd: int) -> dict[str, object] | None:
-    try:
-        data = os.getxattr(stash_fd, _PLAN_XATTR)
-    except OSError as e:
-        if e.errno not in (errno.ENODATA, errno.ENOTSUP):
-            raise
+    data = attrdoc.get(stash_fd, _PLAN_XATTR)
+    if data is None:
         try:
             fd = os.open(_PLAN_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stash_fd)
         except FileNotFoundError:
@@ -137,14 +133,8 @@ def write_json_at(
 def _write_plan(stash_fd: int, plan: dict[str, object], *, commit: bool = True) -> None:
     """The plan of a new stash: in its attribute where that needs no commit (see _PLAN_XATTR),
     else in its file."""
-    data = json.dumps(plan, sort_keys=True).encode()
-    if not commit and len(data) <= _PLAN_XATTR_MOST:
-        try:
-            os.setxattr(stash_fd, _PLAN_XATTR, data)
-            return
-        except OSError as e:
-            if e.errno not in (errno.ENOTSUP, errno.ENOSPC, errno.E2BIG, errno.EPERM):
-                raise
+    if not commit and attrdoc.put(stash_fd, _PLAN_XATTR, plan):
+        return
     write_json_at(stash_fd, _PLAN_NAME, plan, commit=commit)
 
 

@@ -9,11 +9,23 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from rampiped.fsops import at_rel, common_prefix, join, lstat_at, open_rel, opened_dir, read_at
+from rampiped.fsops import (
+    at_rel,
+    common_prefix,
+    join,
+    lstat_at,
+    open_dir_at,
+    open_rel,
+    opened_dir,
+    read_at,
+)
 from rampiped.ledger import open_regular
+from rampiped.writeback import attrdoc
 from rampiped.writeback.layer import Layer, scan_layer
 
 _HELD_INDEX = "held.json"
+# the first save of a hold's index (HeldFiles._save)
+INDEX_ATTRIBUTE = "trusted.rampiped.held"
 
 
 _HELD_VERSION = 1
@@ -234,3 +246,24 @@ def _with_layer_digests(
             finally:
                 os.close(fd)
     return out
+
+
+def _read_index(parent_fd: int, name: str) -> bytes:
+    """The hold's index: its file, written by every save but the first, else the first,
+    in the hold directory's attribute (INDEX_ATTRIBUTE); FileNotFoundError without either."""
+    hold_fd = open_dir_at(parent_fd, name)
+    try:
+        try:
+            fd = os.open(_HELD_INDEX, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=hold_fd)
+        except FileNotFoundError:
+            data = None
+        else:
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+        if not data:
+            data = attrdoc.get(hold_fd, INDEX_ATTRIBUTE) or data
+    finally:
+        os.close(hold_fd)
+    if data is None:
+        raise FileNotFoundError(_HELD_INDEX)
+    return data

@@ -19,6 +19,7 @@ from typing import Any
 
 from rampiped.osutil import syncfs
 from rampiped.sqlitepages import PENDING_BYTE
+from rampiped.writeback.stamps import INDEX_ATTRIBUTE
 
 
 @dataclass
@@ -335,6 +336,17 @@ def syncfs_path(path: Path) -> None:
         syncfs(fd)
     finally:
         os.close(fd)
+
+
+def held_index(hold: Path) -> bytes | None:
+    """The index of a hold directory: its file, else its first save, in the directory's
+    attribute (rampiped.writeback.stamps.INDEX_ATTRIBUTE); None without either."""
+    index = hold / "held.json"
+    data = index.read_bytes() if index.exists() else None
+    if not data:
+        with contextlib.suppress(OSError):
+            data = os.getxattr(hold, INDEX_ATTRIBUTE)
+    return data
 
 
 def small_files(where: Path, n: int, tag: str, dirs: int = 100) -> None:

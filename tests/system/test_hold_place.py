@@ -16,7 +16,7 @@ import pytest
 
 from rampiped import mounts, pins
 from rampiped.writeback import HOLD_NAME, JOURNAL_STASH, HeldFiles, HoldPlace, holds_stashed
-from tests.system.helpers import make_loopfs
+from tests.system.helpers import held_index, make_loopfs
 
 pytestmark = pytest.mark.system
 
@@ -58,7 +58,7 @@ def test_the_hold_is_in_the_journal_and_carries_what_was_written(tmp_path: Path)
         assert place.reaches(str(d), str(journal))
         held = HeldFiles.hold_paths(place, ["a.log"], {}, time.time_ns())
         assert os.listdir(d) == ["a.log"]  # nothing of ours in the directory
-        assert (journal / "held" / "held.json").exists()
+        assert held_index(journal / "held")
         replace_and_append(d, journal / "held" / "0")
         assert held.merge() == []
         held.finish()
@@ -75,7 +75,7 @@ def test_a_hold_left_in_the_journal_is_moved_into_the_directory_not_removed(
         replace_and_append(d, journal / "held" / "0")
         assert place.rescue()
         assert not (journal / "held").exists()
-        assert (d / HOLD_NAME / "held.json").exists()
+        assert held_index(d / HOLD_NAME)
         # where the next start or unpin finds it: both places are looked at
         left = HeldFiles.left(place)
         assert [h.place.outside for h in left] == [False]
@@ -90,7 +90,7 @@ def test_a_hold_is_not_moved_over_one_already_in_the_directory(tmp_path: Path) -
         HeldFiles.hold_paths(place, ["a.log"], {}, time.time_ns())
         (d / HOLD_NAME).mkdir()
         assert not place.rescue()
-        assert (journal / "held" / "held.json").exists()  # kept, not lost
+        assert held_index(journal / "held")  # kept, not lost
 
 
 def test_a_directory_with_a_mount_of_its_own_is_not_reached_through_the_copy(

@@ -41,7 +41,7 @@ def test_a_power_cut_during_the_moves_is_resumed(
     every step made so far. `plan_in`: where the plan is kept, the stash's attribute, or its
     file (a plan too large for the attribute)."""
     if plan_in == "file":
-        monkeypatch.setattr(moves, "_PLAN_XATTR_MOST", 0)
+        monkeypatch.setattr(moves.attrdoc, "MOST", 0)
     subprocess.run(["mount", "-o", "remount,commit=600", str(loopfs.mountpoint)], check=True)
     assert durable.fsync_commits_all(str(loopfs.mountpoint))
     outside = tmp_path / "outside"
