@@ -17,20 +17,28 @@ EVICT_LEAD = 1.0
 
 
 class Growth:
-    """Bytes per second by which the pinned pins grew between two measurements."""
+    """Bytes per second by which the pinned pins grew since each was last measured."""
 
     def __init__(self) -> None:
-        self._last: tuple[float, Mapping[str, int]] | None = None  # (when, bytes per pin)
+        self._last: dict[str, tuple[float, int]] = {}  # pin -> (when, bytes)
+
+    def made(self, path: str, now: float, size: int) -> None:
+        """A pin just made holds `size` bytes: its first measurement, so that the next one
+        tells how fast it grows (a writer hot enough to be pinned may fill it within a second
+        of its pin, and without this it counted from the second tick after the pin on)."""
+        self._last[path] = (now, size)
 
     def rate(self, now: float, sizes: Mapping[str, int]) -> float:
         """`sizes`: the RAM bytes of each pinned pin at `now` (pins being made or drained do
         not count: their RAM moves for reasons of their own). A pin counts from its second
-        measurement on; shrinking counts as no growth."""
-        last, self._last = self._last, (now, sizes)
-        if last is None or now <= last[0]:
-            return 0.0
-        grown = sum(max(0, n - last[1][p]) for p, n in sizes.items() if p in last[1])
-        return grown / (now - last[0])
+        measurement on (the one `made` gave counts); shrinking counts as no growth."""
+        grown = 0.0
+        for path, n in sizes.items():
+            last = self._last.get(path)
+            if last is not None and now > last[0]:
+                grown += max(0, n - last[1]) / (now - last[0])
+        self._last = {path: (now, n) for path, n in sizes.items()}
+        return grown
 
 
 @dataclass(frozen=True)

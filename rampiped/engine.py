@@ -483,6 +483,11 @@ class Engine:
 
     # ------------------------------------------------------------------ feedback and queries
 
+    def made(self, path: str, now: float, filling: int) -> None:
+        """The pin of `path` was made at `now`, its RAM area filled by `filling` bytes
+        (PinInfo.filling): how fast it grows is known from the next `decide` on."""
+        self._growth.made(normalize(path), now, filling)
+
     def refused(self, path: str, now: float, reason: str) -> None:
         """An attempted pin of `path` failed at `now` (e.g. a process holds a file open).
         The next attempt waits 5 s, then 10 s, 20 s, ... at most 5 min; the count starts again

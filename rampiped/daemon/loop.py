@@ -164,13 +164,13 @@ class Daemon(Requests, Stop):
     def _pin_infos(self, now: float) -> dict[str, engine.PinInfo]:
         infos: dict[str, engine.PinInfo] = {}
         for pin in list(self.pinmgr.pins.values()):
-            usage = self.pinmgr.ram_usage(pin)
+            ram_bytes, fill_bytes = self.pinmgr.budget_bytes(pin)
             infos[pin.path] = engine.PinInfo(
                 path=pin.path,
                 static=pin.static,
                 state=pin.state,
-                ram_bytes=usage.counted(self.pinmgr.ram_limit),
-                fill_bytes=usage.stored if usage.backend == "zram" else None,
+                ram_bytes=ram_bytes,
+                fill_bytes=fill_bytes,
                 pinned_at=pin.pinned_at,
                 last_sync=pin.last_sync_mono,
                 sync_interval=pin.sync_interval,

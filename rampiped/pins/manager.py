@@ -222,6 +222,12 @@ class PinManager(Recovery):
         """What the RAM budget counts for the pin (ramarea.Usage.counted)."""
         return self.ram_usage(pin).counted(self.ram_limit)
 
+    def budget_bytes(self, pin: Pin) -> tuple[int, int | None]:
+        """What the RAM budget counts for the pin, and what fills its RAM area where that is
+        more (a compressed area's files: engine.PinInfo.fill_bytes), else None."""
+        usage = self.ram_usage(pin)
+        return usage.counted(self.ram_limit), usage.stored if usage.backend == "zram" else None
+
     def ram_usage(self, pin: Pin) -> ramarea.Usage:
         return ramarea.usage(self.mode(pin).ram_mount(pin))
 

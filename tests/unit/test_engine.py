@@ -360,6 +360,31 @@ def test_a_fast_growing_pin_is_evicted_before_it_passes_the_watermark() -> None:
     ]
 
 
+def test_a_pin_filled_fast_right_after_it_was_made_is_evicted_at_the_first_decide() -> None:
+    # made empty at 10.0 s, 70 MiB half a second later: the first decide after the pin knows
+    # how fast it grows (without `made`, only the second one would)
+    e = make()
+    rates = {APACHE: 10.0}
+    e.made(APACHE, 10.0, 0)
+    assert run(e, 10.5, rates, pins_of(pinned(APACHE, ram=70 * MiB))) == [
+        Evict(
+            APACHE,
+            10.0,
+            "RAM used by pins 70.0 MiB, growing 140.0 MiB/s, would pass high watermark"
+            " 90.0 MiB (90% of 100.0 MiB) within 1s; coldest pin at 10.0 events/s",
+        )
+    ]
+
+
+def test_a_pin_made_with_its_copy_does_not_count_the_copy_as_growth() -> None:
+    # a copy pin holds its copy from the start: growth is measured from there
+    e = make()
+    rates = {APACHE: 10.0}
+    e.made(APACHE, 10.0, 60 * MiB)
+    assert run(e, 10.5, rates, pins_of(pinned(APACHE, ram=61 * MiB))) == []
+    assert e.pressure is None
+
+
 def test_a_compressed_pin_filling_fast_is_evicted_before_its_area_is_full() -> None:
     # ram.backend zram: 1 MiB of RAM holds 40, then 70 MiB of files; the budget counts the RAM
     # until the files near the area's size, but the area fills as a tmpfs would (ENOSPC)
