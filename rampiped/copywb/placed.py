@@ -69,33 +69,41 @@ class _Parents:
         self.staging, self.data, self.in_ram, self.wanted = staging, data, in_ram, wanted
 
     def make(self, rel: str) -> None:
-        """Make the missing directories of `rel` (a directory's path), top down; a name on the
-        disk that is not a directory, or one not to be written, is left to rsync."""
-        parts = rel.split("/") if rel else []
-        for n in range(1, len(parts) + 1):
-            sub = "/".join(parts[:n])
-            parent = open_rel(self.staging.target_fd, "/".join(parts[: n - 1]))
-            if parent is None:
-                return
-            try:
-                if lstat_at(parent, parts[n - 1]) is not None:
-                    continue
-                if sub not in self.wanted or self.in_ram.get(sub, ("",))[0] != "d":
+        """Make the missing directories of `rel` (a directory's path), top down, walking
+        down fd by fd (as fsops._make_dirs_rel, which replaces what is in the way: here that
+        is left to rsync, as is a directory not to be written)."""
+        fd = os.dup(self.staging.target_fd)
+        try:
+            parts: list[str] = []
+            for part in rel.split("/") if rel else []:
+                parts.append(part)
+                if lstat_at(fd, part) is None and not self._mkdir(fd, part, "/".join(parts)):
                     return
-                try:
-                    st = os.lstat(os.path.join(self.data, sub))
-                except OSError:
-                    return  # gone from RAM meanwhile
-                if not stat.S_ISDIR(st.st_mode):
+                below = open_rel(fd, part)  # None: not a real directory
+                if below is None:
                     return
-                try:
-                    os.mkdir(parts[n - 1], 0o700, dir_fd=parent)
-                except FileExistsError:
-                    continue  # made on the disk meanwhile: the next look judges it
-                os.chown(parts[n - 1], st.st_uid, st.st_gid, dir_fd=parent, follow_symlinks=False)
-                os.chmod(parts[n - 1], stat.S_IMODE(st.st_mode), dir_fd=parent)
-            finally:
-                os.close(parent)
+                os.close(fd)
+                fd = below
+        finally:
+            os.close(fd)
+
+    def _mkdir(self, parent_fd: int, name: str, rel: str) -> bool:
+        """Make `rel` (at `name` in `parent_fd`) as RAM has it: whether it is there now."""
+        if rel not in self.wanted or self.in_ram.get(rel, ("",))[0] != "d":
+            return False
+        try:
+            st = os.lstat(os.path.join(self.data, rel))
+        except OSError:
+            return False  # gone from RAM meanwhile
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+        except FileExistsError:
+            return True  # made on the disk meanwhile: open_rel judges it
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=parent_fd, follow_symlinks=False)
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=parent_fd)
+        return True
 
 
 @contextlib.contextmanager
