@@ -132,7 +132,12 @@ class PinInfo:
 
     @property
     def filling(self) -> int:
-        return self.ram_bytes if self.fill_bytes is None else self.fill_bytes
+        return filling(self.ram_bytes, self.fill_bytes)
+
+
+def filling(ram_bytes: int, fill_bytes: int | None) -> int:
+    """What fills a pin's RAM area (PinInfo.fill_bytes), its RAM where nothing else does."""
+    return ram_bytes if fill_bytes is None else fill_bytes
 
 
 @dataclass(frozen=True)
@@ -483,10 +488,10 @@ class Engine:
 
     # ------------------------------------------------------------------ feedback and queries
 
-    def made(self, path: str, now: float, filling: int) -> None:
-        """The pin of `path` was made at `now`, its RAM area filled by `filling` bytes
-        (PinInfo.filling): how fast it grows is known from the next `decide` on."""
-        self._growth.made(normalize(path), now, filling)
+    def made(self, path: str, now: float, ram_bytes: int, fill_bytes: int | None = None) -> None:
+        """The pin of `path` was made at `now`, with these bytes (as PinInfo has them): how
+        fast it grows is known from the next `decide` on."""
+        self._growth.made(normalize(path), now, filling(ram_bytes, fill_bytes))
 
     def refused(self, path: str, now: float, reason: str) -> None:
         """An attempted pin of `path` failed at `now` (e.g. a process holds a file open).

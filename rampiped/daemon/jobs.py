@@ -131,8 +131,7 @@ class Jobs(DaemonState):
         if exc is None:
             pin = result
             self._watch_pin(pin)
-            ram_bytes, fill_bytes = self.pinmgr.budget_bytes(pin)
-            self.engine.made(pin.path, now, ram_bytes if fill_bytes is None else fill_bytes)
+            self.engine.made(pin.path, now, *self.pinmgr.budget_bytes(pin))
             self.last_refusal.pop(job.path, None)
             self.static_retry.pop(job.path, None)
             log.info("pinned %s: %s (%s)", job.path, job.reason, pin.mode)
