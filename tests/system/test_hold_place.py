@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from rampiped import mounts, pins
-from rampiped.writeback import HOLD_NAME, JOURNAL_STASH, HeldFiles, HoldPlace, holds_stashed
+from rampiped.writeback import (
+    HOLD_NAME,
+    JOURNAL_STASH,
+    HeldFiles,
+    HoldPlace,
+    attrdoc,
+    holds_stashed,
+)
 from tests.system.helpers import held_index, make_loopfs
 
 pytestmark = pytest.mark.system
@@ -67,11 +74,17 @@ def test_the_hold_is_in_the_journal_and_carries_what_was_written(tmp_path: Path)
         assert os.listdir(d) == ["a.log"]
 
 
+@pytest.mark.parametrize("index_in", ["attribute", "file"])
 def test_a_hold_left_in_the_journal_is_moved_into_the_directory_not_removed(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, index_in: str
 ) -> None:
+    """`index_in`: where the hold's first index is, the hold directory's attribute, or its
+    file (an index too large for the attribute)."""
+    if index_in == "file":
+        monkeypatch.setattr(attrdoc, "MOST", 0)
     with journal_place(tmp_path) as (d, journal, place):
         HeldFiles.hold_paths(place, ["a.log"], {}, time.time_ns())
+        assert (journal / "held" / "held.json").exists() == (index_in == "file")
         replace_and_append(d, journal / "held" / "0")
         assert place.rescue()
         assert not (journal / "held").exists()
